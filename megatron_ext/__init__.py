@@ -1,0 +1,3 @@
+"""megatron-ext: Megatron-style pretraining on megatron-core."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-ext",
+    version="0.1.0",
+    description="Megatron-style LLM pretraining on megatron-core: TP/PP/SP/DP, varlen attention, "
+    "Megatron-compatible data shards and checkpoints.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
+    py_modules=["preprocess_data", "pretrain_gpt", "convert_ckpt"],
+    install_requires=[
+        # Loose on purpose: a pre-installed torch (e.g. the 2.13.0 CPU build) must be kept,
+        # a tighter pin would pull several GB of CUDA wheels.
+        "torch>=2.6",
+        "megatron-core>=0.16,<0.17",
+        "numpy",
+        "sentencepiece",
+    ],
+    extras_require={
+        "hf": ["tokenizers", "transformers", "safetensors"],
+        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors"],
+    },
+)
