@@ -1,0 +1,132 @@
+"""Split a full (TP=1, PP=1) GPTModel state dict into tp/pp shards, and merge shards back.
+
+Names follow megatron-core's GPTModel with our layer spec. How each tensor is split across TP
+ranks mirrors megatron-core's tensor-parallel layers:
+- vocab-parallel embedding and output layer: rows (the padded vocabulary);
+- column-parallel linears (fused QKV, in megatron-core's per-query-group layout, and fc1): rows;
+  SwiGLU's fc1 is ``[gate; up]`` and every rank holds ``[gate_r; up_r]`` (stride 2);
+- row-parallel linears (attention projection, fc2): columns; their bias is replicated;
+- norms and position embeddings: replicated.
+Pipeline stage ``s`` of ``pp`` holds layers ``[s*L/pp, (s+1)*L/pp)`` renumbered from 0, the
+embedding on the first stage and the final norm and output layer on the last one.
+"""
+
+import re
+from typing import Dict, Mapping, Optional
+
+import torch
+
+StateDict = Dict[str, torch.Tensor]
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+_VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _tp_rule(name: str, swiglu: bool):
+    """(dim, stride) along which ``name`` is split across TP ranks, or None if replicated."""
+    if name in _VOCAB:
+        return 0, 1
+    if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+        return 0, 1
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+        return 0, 2 if swiglu else 1
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return 1, 1
+    return None
+
+
+def _split(tensor: torch.Tensor, dim: int, stride: int, size: int) -> list:
+    chunks = torch.chunk(tensor, size * stride, dim=dim)
+    return [torch.cat(chunks[rank::size], dim=dim) for rank in range(size)]
+
+
+def _merge(tensors: list, dim: int, stride: int) -> torch.Tensor:
+    size = len(tensors)
+    pieces = [torch.chunk(t, stride, dim=dim) for t in tensors]
+    return torch.cat([pieces[rank][s] for s in range(stride) for rank in range(size)], dim=dim)
+
+
+def resize_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad with zero rows or drop padding rows, so the vocabulary fits the target TP padding."""
+    if tensor.size(0) >= rows:
+        return tensor[:rows].clone()
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
+
+
+def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int) -> Optional[str]:
+    """The name of ``name`` on stage ``pp_rank``, or None if that stage does not hold it."""
+    per_stage = num_layers // pp_size
+    match = _LAYER.match(name)
+    if match:
+        layer = int(match.group(1))
+        if layer // per_stage != pp_rank:
+            return None
+        return f"decoder.layers.{layer % per_stage}.{match.group(2)}"
+    first, last = pp_rank == 0, pp_rank == pp_size - 1
+    if name.startswith("embedding."):
+        return name if first else None
+    if name.startswith(("decoder.final_layernorm.", "output_layer.")):
+        return name if last else None
+    return name
+
+
+def shard_state_dict(
+    full: Mapping[str, torch.Tensor],
+    *,
+    num_layers: int,
+    swiglu: bool,
+    tied_embeddings: bool,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int,
+    pp_size: int,
+    vocab_rows: Optional[int] = None,
+) -> StateDict:
+    """The state dict of rank (tp_rank, pp_rank). ``vocab_rows``: padded vocabulary to use."""
+    full = dict(full)
+    if tied_embeddings and pp_size > 1 and "output_layer.weight" not in full:
+        # megatron-core keeps a copy of the tied embedding on the last stage.
+        full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
+    shard = {}
+    for name, tensor in full.items():
+        if tensor is None or name.endswith("._extra_state"):
+            continue
+        local = _stage_name(name, num_layers, pp_rank, pp_size)
+        if local is None:
+            continue
+        if name in _VOCAB and vocab_rows is not None:
+            tensor = resize_vocab(tensor, vocab_rows)
+        rule = _tp_rule(name, swiglu)
+        if rule is not None and tp_size > 1:
+            tensor = _split(tensor, *rule, tp_size)[tp_rank]
+        shard[local] = tensor.clone()
+    return shard
+
+
+def merge_state_dicts(
+    shards: Mapping[tuple, Mapping[str, torch.Tensor]],
+    *,
+    num_layers: int,
+    swiglu: bool,
+    tied_embeddings: bool,
+) -> StateDict:
+    """Inverse of ``shard_state_dict``: ``shards[(tp_rank, pp_rank)]`` -> one full state dict."""
+    tp_size = 1 + max(tp for tp, _ in shards)
+    pp_size = 1 + max(pp for _, pp in shards)
+    per_stage = num_layers // pp_size
+    full = {}
+    for pp_rank in range(pp_size):
+        names = [n for n, t in shards[(0, pp_rank)].items()
+                 if t is not None and not n.endswith("._extra_state")]
+        for local in names:
+            match = _LAYER.match(local)
+            name = (f"decoder.layers.{pp_rank * per_stage + int(match.group(1))}.{match.group(2)}"
+                    if match else local)
+            if name in full:  # the tied output layer copy on the last stage
+                continue
+            parts = [shards[(tp, pp_rank)][local] for tp in range(tp_size)]
+            rule = _tp_rule(name, swiglu)
+            full[name] = _merge(parts, *rule) if rule is not None and tp_size > 1 else parts[0]
+    if tied_embeddings:
+        full.pop("output_layer.weight", None)
+    return full

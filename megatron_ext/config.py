@@ -1,0 +1,304 @@
+"""Typed configuration built from Megatron-LM flag names, validated in one place.
+
+Every component gets its own dataclass; ``parse_args`` builds them from argparse and
+``validate`` checks them together (and against the world size) so that a bad flag is reported
+on every rank, naming the flag, before any process group exists.
+"""
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+
+class ConfigError(ValueError):
+    """A flag value (or combination) that cannot work; the message names the flag to change."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    distributed_backend: Optional[str] = None  # None: nccl with a GPU, gloo without
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: int = 4
+    group_query_attention: bool = False
+    num_query_groups: Optional[int] = None
+    kv_channels: Optional[int] = None
+    seq_length: int = 128
+    max_position_embeddings: Optional[int] = None
+    position_embedding_type: str = "learned_absolute"
+    rotary_base: int = 10000
+    normalization: str = "LayerNorm"
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    untie_embeddings_and_output_weights: bool = False
+    disable_bias_linear: bool = False
+    attention_dropout: float = 0.1
+    hidden_dropout: float = 0.1
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    attention_backend: str = "auto"
+    recompute_granularity: Optional[str] = None
+    recompute_method: Optional[str] = None
+    recompute_num_layers: Optional[int] = None
+    bf16: bool = False
+    fp16: bool = False
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None
+    train_iters: int = 10
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "linear"
+    lr_warmup_iters: int = 0
+    lr_warmup_fraction: Optional[float] = None
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    initial_loss_scale: float = 2.0**32
+    seed: int = 1234
+
+
+@dataclass
+class DataConfig:
+    data_path: List[str] = field(default_factory=list)
+    split: str = "969,30,1"
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    vocab_size: Optional[int] = None
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    mock_data: bool = False
+    data_cache_path: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 100
+    eval_interval: int = 1000
+    eval_iters: int = 100
+    tensorboard_dir: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    load: Optional[str] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    finetune: bool = False
+    save_total_limit: Optional[int] = None
+
+
+@dataclass
+class Config:
+    parallel: ParallelConfig
+    model: ModelConfig
+    training: TrainingConfig
+    data: DataConfig
+    logging: LoggingConfig
+    checkpoint: CheckpointConfig
+
+    @property
+    def varlen(self) -> bool:
+        """Packed documents attend only to themselves (MindSpeed-LLM's reading of both flags)."""
+        return self.data.reset_position_ids or self.data.reset_attention_mask
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, **overrides) -> None:
+    group = parser.add_argument_group(title)
+    for f in fields(cls):
+        # None means "not given": the dataclass default applies (see config_from_namespace).
+        kwargs = dict(dest=f.name, default=None)
+        kwargs.update(overrides.get(f.name, {}))
+        if f.type in (bool, "bool"):
+            kwargs.setdefault("action", "store_true")
+        elif "type" not in kwargs and "nargs" not in kwargs:
+            kwargs["type"] = _scalar_type(f.type)
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def _scalar_type(annotation):
+    for typ in (int, float):
+        if annotation in (typ, Optional[typ]):
+            return typ
+    return str
+
+
+def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Megatron-style GPT pretraining on megatron-core", allow_abbrev=False
+    )
+    _add_dataclass_flags(
+        parser, ParallelConfig, "parallelism",
+        distributed_backend={"choices": ["nccl", "gloo"]},
+    )
+    _add_dataclass_flags(
+        parser, ModelConfig, "model",
+        position_embedding_type={"choices": ["rope", "learned_absolute"]},
+        normalization={"choices": ["RMSNorm", "LayerNorm"]},
+        attention_backend={"choices": ["auto", "flash", "te", "torch", "sdpa"]},
+        recompute_granularity={"choices": ["full", "selective"]},
+        recompute_method={"choices": ["uniform", "block"]},
+    )
+    _add_dataclass_flags(
+        parser, TrainingConfig, "training",
+        lr_decay_style={"choices": ["constant", "linear", "cosine"]},
+    )
+    _add_dataclass_flags(parser, DataConfig, "data", data_path={"nargs": "+"})
+    _add_dataclass_flags(parser, LoggingConfig, "logging and evaluation")
+    _add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    return parser
+
+
+def config_from_namespace(args: argparse.Namespace) -> Config:
+    def make(cls):
+        values = {}
+        for f in fields(cls):
+            value = getattr(args, f.name)
+            if value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+    return Config(
+        parallel=make(ParallelConfig),
+        model=make(ModelConfig),
+        training=make(TrainingConfig),
+        data=make(DataConfig),
+        logging=make(LoggingConfig),
+        checkpoint=make(CheckpointConfig),
+    )
+
+
+def parse_args(argv=None, world_size: Optional[int] = None) -> Config:
+    """Parse Megatron-style flags into a validated ``Config`` (world size from torchrun's env)."""
+    args = build_parser().parse_args(argv)
+    config = config_from_namespace(args)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate(config, world_size)
+    return config
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Check every flag and fill derived defaults (Megatron's rules), naming the flag to change."""
+    p, m, t, d = config.parallel, config.model, config.training, config.data
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and "
+             "--pipeline-model-parallel-size must be >= 1")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+             f"--pipeline-model-parallel-size {pp}; change them or --nproc-per-node")
+    dp = world_size // (tp * pp)
+    _require(not p.sequence_parallel or tp > 1,
+             "--sequence-parallel needs --tensor-model-parallel-size > 1")
+
+    _require(m.num_attention_heads % tp == 0,
+             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    if m.group_query_attention:
+        _require(m.num_query_groups is not None,
+                 "--group-query-attention needs --num-query-groups")
+    else:
+        _require(m.num_query_groups is None,
+                 "--num-query-groups needs --group-query-attention")
+        m.num_query_groups = m.num_attention_heads
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+             f"--num-query-groups {m.num_query_groups}")
+    _require(m.num_query_groups % tp == 0,
+             f"--num-query-groups {m.num_query_groups} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    _require(m.num_layers % pp == 0,
+             f"--num-layers {m.num_layers} is not divisible by "
+             f"--pipeline-model-parallel-size {pp}")
+    if m.kv_channels is None:
+        _require(m.hidden_size % m.num_attention_heads == 0,
+                 f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                 f"{m.num_attention_heads}; set --kv-channels")
+        m.kv_channels = m.hidden_size // m.num_attention_heads
+    if m.ffn_hidden_size is None:
+        # Megatron-LM's defaults: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU.
+        m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    _require(m.position_embedding_type == "rope" or m.seq_length <= m.max_position_embeddings,
+             f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+             f"{m.max_position_embeddings}")
+    _require(not (m.bf16 and m.fp16), "--bf16 and --fp16 are exclusive; pick one")
+    if m.recompute_granularity == "full":
+        _require(m.recompute_method is not None,
+                 "--recompute-granularity full needs --recompute-method uniform|block")
+        if m.recompute_num_layers is None:
+            m.recompute_num_layers = 1
+
+    _require(t.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"--global-batch-size {t.global_batch_size} is not divisible by "
+             f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+    _require(not (t.lr_warmup_fraction is not None and t.lr_warmup_iters),
+             "--lr-warmup-fraction and --lr-warmup-iters are exclusive; pick one")
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = t.train_iters
+    _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
+
+    _require(bool(d.data_path) != d.mock_data,
+             "give exactly one of --data-path PREFIX... and --mock-data")
+    if d.data_path and len(d.data_path) > 1:
+        _require(len(d.data_path) % 2 == 0,
+                 "--data-path with several datasets takes weight/prefix pairs: 0.3 A 0.7 B")
+        for weight in d.data_path[0::2]:
+            try:
+                float(weight)
+            except ValueError:
+                raise ConfigError(
+                    f"--data-path: {weight!r} is not a weight; use 0.3 A 0.7 B") from None
+    split = d.split.replace("/", ",").split(",")
+    _require(all(s.strip().replace(".", "", 1).isdigit() for s in split) and len(split) <= 3,
+             f"--split {d.split!r}: expected up to three numbers like 949,50,1")
+    _require(d.tokenizer_type is not None, "--tokenizer-type is required")
+    if d.tokenizer_type == "NullTokenizer":
+        _require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+    else:
+        _require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
+                 f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+
+    c = config.checkpoint
+    _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
+    _require(c.save_total_limit is None or c.save_total_limit >= 1,
+             "--save-total-limit must be >= 1")
+
+
+def data_parallel_size(config: Config, world_size: int) -> int:
+    p = config.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)

@@ -1,0 +1,212 @@
+"""Adapts megatron-core to a machine without CUDA (CPU tensors, gloo process groups).
+
+megatron-core assumes a CUDA device in a handful of places; the training path itself is
+device-agnostic. Every adaptation lives here, is applied only when CUDA is unavailable, and is
+checked against the megatron-core series it was written for. On a GPU nothing here runs and
+megatron-core is used unchanged.
+
+1. Namespace shim: the megatron-core modules below allocate buffers with ``device="cuda"`` or
+   ``torch.cuda.current_device()`` and call ``torch.cuda.synchronize()``; their module-global
+   ``torch`` is replaced by a proxy that maps those to the CPU. Other modules see real torch.
+2. Tensor-type checks: the optimizer, distributed optimizer and grad clipping accept only
+   ``torch.cuda.*Tensor`` parameters, and the tied-embedding setup moves the weight with
+   ``.cuda()``; these functions run with CPU tensors reporting their CUDA type names and
+   ``.cuda()`` a no-op, for the duration of the call only.
+3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
+   recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
+"""
+
+import contextlib
+import functools
+import importlib
+import types
+
+import torch
+from packaging.version import Version
+
+_SUPPORTED = (Version("0.16.0"), Version("0.17.0"))
+
+_SHIMMED_MODULES = (
+    "megatron.core.utils",
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+)
+
+_applied = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
+def default_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+class _CpuCuda:
+    """Stands in for ``torch.cuda`` inside shimmed megatron-core modules."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*_args, **_kwargs):
+        pass
+
+    empty_cache = synchronize
+
+
+def _on_cpu(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+            kwargs.pop("pin_memory", None)
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+class _CpuTorch(types.ModuleType):
+    """Stands in for ``torch`` inside shimmed megatron-core modules."""
+
+    cuda = _CpuCuda()
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand"):
+            setattr(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _cuda_tensor_names():
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    def type_(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if args or kwargs or self.is_cuda:
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    def cuda(self, *_args, **_kwargs):
+        return self
+
+    torch.Tensor.type, torch.Tensor.cuda = type_, cuda
+    try:
+        yield
+    finally:
+        torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda
+
+
+def _with_cuda_tensor_names(owner, name: str) -> None:
+    raw = owner.__dict__[name]
+    is_classmethod = isinstance(raw, classmethod)
+    fn = raw.__func__ if is_classmethod else raw
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _cuda_tensor_names():
+            return fn(*args, **kwargs)
+
+    setattr(owner, name, classmethod(wrapper) if is_classmethod else wrapper)
+
+
+class CpuRNGStatesTracker:
+    """Mixin body for megatron-core's ``CudaRNGStatesTracker`` keeping CPU generator states."""
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        current = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(current)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"rng state {name} is not added")
+        current = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(current)
+
+
+def apply() -> None:
+    """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
+    global _applied
+    if _applied or cuda_available():
+        return
+    import megatron.core
+
+    version = Version(megatron.core.__version__)
+    if not _SUPPORTED[0] <= version < _SUPPORTED[1]:
+        raise RuntimeError(
+            f"megatron_ext.platform adapts megatron-core {_SUPPORTED[0]}..<{_SUPPORTED[1]} to CPU; "
+            f"found {version}. Install megatron-core 0.16.x or check the adaptations."
+        )
+    proxy = _CpuTorch()
+    for module_name in _SHIMMED_MODULES:
+        importlib.import_module(module_name).torch = proxy
+
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel import random
+
+    for owner, name in (
+        (DistributedOptimizer, "_build_model_and_main_param_groups"),
+        (DistributedOptimizer, "__init__"),
+        (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
+        (LanguageModule, "setup_embeddings_and_output_layer"),
+    ):
+        _with_cuda_tensor_names(owner, name)
+    _with_cuda_tensor_names(clip_grads, "clip_grad_by_total_norm_fp32")
+    # optimizer.py imported the function by name before the wrap.
+    optimizer.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+
+    # Activation recomputation saves and restores the "CUDA" RNG state around the recomputed
+    # forward; on CPU that is the CPU generator.
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    random.CudaRNGStatesTracker.add = CpuRNGStatesTracker.add
+    random.CudaRNGStatesTracker.fork = CpuRNGStatesTracker.fork
+    _applied = True
+
+
+def manual_seed(seed: int) -> None:
+    """Seed torch and megatron-core's model-parallel RNG tracker (CPU or CUDA)."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
