@@ -103,6 +103,9 @@ class _CpuTorch(types.ModuleType):
 
 @contextlib.contextmanager
 def _cuda_tensor_names():
+    if getattr(torch.Tensor.type, "_megatron_ext_cpu", False):  # already inside a wrapped call
+        yield
+        return
     original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
 
     def type_(self, *args, **kwargs):
@@ -114,6 +117,7 @@ def _cuda_tensor_names():
     def cuda(self, *_args, **_kwargs):
         return self
 
+    type_._megatron_ext_cpu = True
     torch.Tensor.type, torch.Tensor.cuda = type_, cuda
     try:
         yield

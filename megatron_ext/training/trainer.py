@@ -1,0 +1,213 @@
+"""The training loop: megatron-core model, DDP, optimizer, schedules, evaluation and logging.
+
+``Trainer.__init__`` is the recipe, in order; ``train`` runs it. The entry script supplies the
+forward step (batch -> model -> loss function), as in Megatron-LM's ``pretrain_gpt.py``.
+"""
+
+import functools
+import logging
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_ext import platform
+from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
+from megatron_ext.config import Config
+from megatron_ext.model.gpt import build_model, padded_vocab_size
+from megatron_ext.parallel import ParallelTopology
+from megatron_ext.tokenizer import build_tokenizer
+from megatron_ext.training import data
+from megatron_ext.training.metrics import MetricsLogger
+
+logger = logging.getLogger("megatron_ext")
+
+ForwardStep = Callable  # (config, eod, data_iterator, model) -> (output_tensor, loss_func)
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: Config,
+        forward_step: ForwardStep,
+        world_size: Optional[int] = None,
+        init_state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    ):
+        self.config = config
+        world_size = world_size or int(__import__("os").environ.get("WORLD_SIZE", "1"))
+        # 1. Topology and process groups (flags were validated before this point).
+        self.topology = ParallelTopology.from_config(config.parallel, world_size)
+        self.topology.initialize(config.parallel.distributed_backend)
+        platform.manual_seed(config.training.seed)
+        # 2. Tokenizer: its EOD delimits documents, its size fixes the embedding.
+        d = config.data
+        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
+        self.vocab_size = self.tokenizer.vocab_size
+        # 3. Model chunk of this stage, on the device, wrapped in megatron-core DDP.
+        module = build_model(config, self.vocab_size).to(platform.device())
+        if init_state_dict is not None:
+            self._load_full_state_dict(module, init_state_dict)
+        self.model_config = module.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        )
+        self.model = [DistributedDataParallel(self.model_config, ddp_config, module)]
+        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples).
+        t, m = config.training, config.model
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                clip_grad=t.clip_grad, bf16=m.bf16, fp16=m.fp16,
+                params_dtype=self.model_config.params_dtype,
+                initial_loss_scale=t.initial_loss_scale,
+                use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        train_samples = t.train_iters * t.global_batch_size
+        warmup_iters = (int(t.lr_warmup_fraction * t.lr_decay_iters)
+                        if t.lr_warmup_fraction is not None else t.lr_warmup_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=warmup_iters * t.global_batch_size,
+            lr_decay_steps=t.lr_decay_iters * t.global_batch_size,
+            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+            wd_incr_steps=train_samples, wd_incr_style="constant",
+        )
+        # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
+        self.model_config.no_sync_func = self.model[0].no_sync
+        self.model_config.finalize_model_grads_func = finalize_model_grads
+        self.model_config.grad_scale_func = self.optimizer.scale_loss
+        # 6. Data, sharded over data-parallel ranks.
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.topology.data_parallel)
+        l = config.logging
+        evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_iters else 0
+        self.train_ds, self.valid_ds, _ = data.build_datasets(
+            config, self.tokenizer.eod, self.vocab_size,
+            [train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
+        )
+        self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
+        self.metrics = MetricsLogger(config, self.vocab_size, world_size,
+                                     enabled=dist.get_rank() == world_size - 1)
+        self.history: List[Dict[str, float]] = []
+
+    # -- weights -----------------------------------------------------------------------------
+    def _shard_args(self) -> dict:
+        m = self.config.model
+        return dict(num_layers=m.num_layers, swiglu=m.swiglu,
+                    tied_embeddings=not m.untie_embeddings_and_output_weights)
+
+    def _load_full_state_dict(self, module, full: Dict[str, torch.Tensor]) -> None:
+        topo = self.topology
+        shard = shard_state_dict(
+            full, **self._shard_args(), tp_rank=topo.tp_rank, tp_size=topo.tensor_parallel,
+            pp_rank=topo.pp_rank, pp_size=topo.pipeline_parallel,
+            vocab_rows=padded_vocab_size(self.vocab_size, self.config.model.make_vocab_size_divisible_by,
+                                         topo.tensor_parallel),
+        )
+        missing, unexpected = module.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise ValueError(f"state dict does not fit the model: missing {missing}, "
+                             f"unexpected {unexpected}")
+
+    def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
+        """All TP/PP shards gathered and merged (TP1/PP1 names) on global rank 0, else None."""
+        topo = self.topology
+        local = None
+        if topo.dp_rank == 0:
+            local = ((topo.tp_rank, topo.pp_rank),
+                     {k: v.detach().cpu() for k, v in self.model[0].module.state_dict().items()
+                      if isinstance(v, torch.Tensor)})
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        if dist.get_rank() != 0:
+            return None
+        return merge_state_dicts(dict(g for g in gathered if g is not None), **self._shard_args())
+
+    # -- steps -------------------------------------------------------------------------------
+    def _forward_backward(self, iterator, forward_only: bool) -> Optional[float]:
+        """Runs the schedule over one global batch; the mean per-token loss on every rank."""
+        t, m = self.config.training, self.config.model
+        losses = get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=m.seq_length,
+            micro_batch_size=t.micro_batch_size, decoder_seq_length=m.seq_length,
+            forward_only=forward_only,
+        )
+        # [loss sum, token count] summed over micro-batches on the last stage, then over DP;
+        # shared with the whole pipeline so that every rank can report it.
+        total = torch.zeros(2, dtype=torch.float64, device=platform.device())
+        for entry in losses:
+            total += entry["lm loss"].to(total)
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self, iterator) -> Dict[str, float]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._forward_backward(iterator, forward_only=False)
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=self.config.training.global_batch_size)
+        self.iteration += 1
+        self.consumed_samples += self.config.training.global_batch_size
+        return {
+            "iteration": self.iteration, "consumed_samples": self.consumed_samples,
+            "lm loss": loss, "grad_norm": float(grad_norm or 0.0),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "loss_scale": float(self.optimizer.get_loss_scale()), "skipped": not update_ok,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.valid_ds is None or not self.config.logging.eval_iters:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        t = self.config.training
+        iterator = data.cyclic_iterator(self.valid_ds, t.micro_batch_size,
+                                        self.topology.dp_rank, self.topology.data_parallel)
+        losses = [self._forward_backward(iterator, forward_only=True)
+                  for _ in range(self.config.logging.eval_iters)]
+        for chunk in self.model:
+            chunk.train()
+        loss = sum(losses) / len(losses)
+        self.metrics.log_eval(self.iteration, loss)
+        return loss
+
+    def train(self) -> List[Dict[str, float]]:
+        t, l = self.config.training, self.config.logging
+        iterator = data.data_iterator(self.train_ds, self.consumed_samples, t.micro_batch_size,
+                                      self.topology.dp_rank, self.topology.data_parallel)
+        for chunk in self.model:
+            chunk.train()
+        window_start = time.perf_counter()
+        while self.iteration < t.train_iters:
+            stats = self.train_step(iterator)
+            self.history.append(stats)
+            if self.iteration % l.log_interval == 0 or self.iteration == t.train_iters:
+                elapsed = time.perf_counter() - window_start
+                steps = (self.iteration - 1) % l.log_interval + 1
+                self.metrics.log_train(self.iteration, stats, elapsed / steps)
+                window_start = time.perf_counter()
+            if l.eval_interval and self.iteration % l.eval_interval == 0:
+                self.evaluate()
+        return self.history
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.topology.destroy()

@@ -1,0 +1,55 @@
+"""Pretrain a GPT (Llama-style) model with megatron-core: the batch, forward and loss hooks.
+
+    torchrun --nproc_per_node N pretrain_gpt.py <Megatron-LM flags>
+
+See examples/ for complete launch scripts.
+"""
+
+from functools import partial
+
+import torch
+
+from megatron_ext import platform
+from megatron_ext.config import Config
+
+
+def get_batch(config: Config, eod: int, data_iterator) -> dict:
+    """The next micro-batch on this rank's device; packed (THD) when documents are isolated."""
+    batch = {k: v.to(platform.device(), non_blocking=True) for k, v in next(data_iterator).items()}
+    batch["packed_seq_params"] = None
+    if config.varlen:
+        from megatron_ext.data.packing import packed_seq_params
+
+        # megatron-core's THD path takes one row: flatten (b, s) in that order; the document
+        # boundaries in packed_seq_params keep rows (and documents) apart.
+        batch["packed_seq_params"] = packed_seq_params(batch["tokens"], eod)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            batch[key] = batch[key].reshape(1, -1)
+    return batch
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed per-token loss and its token count: megatron-core divides by the global count."""
+    loss_mask = loss_mask.float()
+    loss_sum = torch.sum(output_tensor.float() * loss_mask)
+    num_tokens = loss_mask.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def forward_step(config: Config, eod: int, data_iterator, model):
+    batch = get_batch(config, eod, data_iterator)
+    output_tensor = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+        packed_seq_params=batch["packed_seq_params"],
+    )
+    return output_tensor, partial(loss_func, batch["loss_mask"])
+
+
+def main(argv=None):
+    from megatron_ext.training import pretrain
+
+    pretrain(forward_step, argv)
+
+
+if __name__ == "__main__":
+    main()

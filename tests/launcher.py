@@ -1,0 +1,68 @@
+"""Run a function on N gloo ranks in forked processes and collect what each rank returns.
+
+Forking keeps torch and megatron-core imported once (the parent's), which is most of a rank's
+start-up on a 2-core machine. Each rank gets torchrun's environment variables, so library code
+initializes exactly as under torchrun.
+"""
+
+import os
+import pickle
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        # Plain pickle: tensors travel as bytes, not as shared memory owned by an exiting process.
+        queue.put((rank, "ok", pickle.dumps(result)))
+    except BaseException:  # report every failure, including SystemExit from arg checks
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
+    """``[fn(*args) on rank r for r in range(world_size)]``; raises if any rank fails."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        for rank in range(world_size)
+    ]
+    for proc in procs:
+        proc.start()
+    results, errors = {}, []
+    try:
+        for _ in range(world_size):
+            rank, status, payload = queue.get(timeout=timeout)
+            if status == "error":
+                errors.append(f"rank {rank}:\n{payload}")
+                break
+            results[rank] = pickle.loads(payload)
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if errors else timeout)
+            if proc.is_alive():
+                proc.kill()
+    if errors:
+        raise RuntimeError("distributed test failed on " + "\n".join(errors))
+    return [results[rank] for rank in range(world_size)]
