@@ -1,0 +1,199 @@
+"""Megatron's indexed dataset format (`PREFIX.bin` + `PREFIX.idx`), without torch.
+
+`.idx` layout, little-endian: magic `MMIDIDX\\x00\\x00`, u64 version (1), u8 dtype code,
+u64 sequence count S, u64 document count D+1, int32[S] sequence lengths, int64[S] byte offsets
+into `.bin`, int64[D+1] document boundaries as sequence indices (leading 0). `.bin` is the
+tokens back to back. megatron-core's `IndexedDataset` reads what this module writes.
+"""
+
+import os
+import shutil
+import struct
+import uuid
+from array import array
+
+import numpy as np
+
+_MAGIC = b"MMIDIDX\x00\x00"
+_VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequences, documents + 1
+_CODE_TO_DTYPE = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64,
+                  6: np.float64, 7: np.float32, 8: np.uint16}
+_DTYPE_TO_CODE = {np.dtype(t): code for code, t in _CODE_TO_DTYPE.items()}
+
+
+def best_dtype(vocab_size: int):
+    """Megatron's choice: uint16 while every id fits with margin, else int32."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def bin_path(path_prefix: str) -> str:
+    return path_prefix + ".bin"
+
+
+def idx_path(path_prefix: str) -> str:
+    return path_prefix + ".idx"
+
+
+def as_token_array(tokens, dtype, where: str = "") -> np.ndarray:
+    """`tokens` as a flat array of `dtype`; an id that does not fit is an error, where
+    `astype` would silently wrap it (70000 becomes 4464 in uint16)."""
+    dtype = np.dtype(dtype)
+    values = np.asarray(tokens)
+    if values.dtype == dtype:
+        return values.ravel()
+    if values.size and values.dtype.kind in "iub" and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise ValueError(f"token id {high if high > info.max else low} does not fit "
+                             f"{dtype}{' in ' + where if where else ''}")
+    return values.astype(dtype).ravel()
+
+
+class IndexedDatasetWriter:
+    """Writes one indexed dataset; the files appear only when it is complete.
+
+    Data goes to temporary files beside the targets; `finalize()` renames `.bin` then `.idx`
+    (after removing any old `.idx`), so an `.idx` never sits next to an incomplete `.bin`.
+    Leaving the `with` block through an exception deletes the temporary files instead.
+    Generic over dtype so that aligned datasets (token ids, loss masks) use the same writer.
+    """
+
+    def __init__(self, path_prefix: str, dtype):
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in _DTYPE_TO_CODE:
+            raise ValueError(f"dtype {self.dtype} has no code in Megatron's index format")
+        self.path_prefix = path_prefix
+        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tmp_bin = bin_path(path_prefix) + tag
+        self._tmp_idx = idx_path(path_prefix) + tag
+        self._lengths = array("i")  # int32, as the format stores them
+        self._doc_ends = array("q", [0])
+        self._bin = open(self._tmp_bin, "wb")
+        self._done = False
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            if not self._done:
+                self.finalize()
+        else:
+            self.abort()
+
+    @property
+    def num_documents(self) -> int:
+        return len(self._doc_ends) - 1
+
+    def add_document(self, tokens) -> None:
+        """Append one document stored as one sequence (may be empty)."""
+        values = as_token_array(tokens, self.dtype, self.path_prefix)
+        self._bin.write(values.tobytes())
+        self._lengths.append(values.size)
+        self._doc_ends.append(len(self._lengths))
+
+    def add_documents(self, tokens, lengths) -> None:
+        """Append many documents at once: `tokens` concatenated, `lengths[i]` tokens each."""
+        values = as_token_array(tokens, self.dtype, self.path_prefix)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if int(lengths.sum()) != values.size:
+            raise ValueError(f"lengths add up to {int(lengths.sum())}, not {values.size} tokens")
+        self._bin.write(values.tobytes())
+        start = len(self._lengths)
+        self._lengths.frombytes(lengths.astype(np.int32).tobytes())
+        self._doc_ends.frombytes(np.arange(start + 1, start + 1 + lengths.size,
+                                           dtype=np.int64).tobytes())
+
+    def append_dataset(self, path_prefix: str) -> None:
+        """Append every document of an existing dataset of the same dtype (for merging)."""
+        other = IndexedDatasetReader(path_prefix)
+        if other.dtype != self.dtype:
+            raise ValueError(f"{path_prefix} holds {other.dtype}, not {self.dtype}: datasets "
+                             "of different dtypes cannot be merged (same tokenizer needed)")
+        offset = len(self._lengths)
+        self._lengths.frombytes(np.asarray(other.sequence_lengths, np.int32).tobytes())
+        self._doc_ends.frombytes((np.asarray(other.document_indices[1:]) + offset).tobytes())
+        with open(bin_path(path_prefix), "rb") as f:
+            shutil.copyfileobj(f, self._bin, 16 << 20)
+
+    def finalize(self) -> None:
+        self._bin.close()
+        lengths = np.frombuffer(self._lengths, dtype=np.int32)
+        pointers = np.zeros(lengths.size, dtype=np.int64)
+        np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        with open(self._tmp_idx, "wb") as f:
+            f.write(_HEADER.pack(_MAGIC, _VERSION, _DTYPE_TO_CODE[self.dtype],
+                                 lengths.size, len(self._doc_ends)))
+            f.write(lengths.tobytes())
+            f.write(pointers.tobytes())
+            f.write(np.frombuffer(self._doc_ends, dtype=np.int64).tobytes())
+        if os.path.exists(idx_path(self.path_prefix)):
+            os.remove(idx_path(self.path_prefix))
+        os.replace(self._tmp_bin, bin_path(self.path_prefix))
+        os.replace(self._tmp_idx, idx_path(self.path_prefix))
+        self._done = True
+
+    def abort(self) -> None:
+        self._bin.close()
+        for path in (self._tmp_bin, self._tmp_idx):
+            if os.path.exists(path):
+                os.remove(path)
+        self._done = True
+
+
+class IndexedDatasetReader:
+    """A small memory-mapped reader for inspection and merging (training uses
+    megatron-core's `IndexedDataset`). Checks that `.idx` and `.bin` sizes agree."""
+
+    def __init__(self, path_prefix: str):
+        self.path_prefix = path_prefix
+        path = idx_path(path_prefix)
+        if not os.path.isfile(path) or not os.path.isfile(bin_path(path_prefix)):
+            raise FileNotFoundError(f"{path_prefix}: needs both {path} and {bin_path(path_prefix)}")
+        with open(path, "rb") as f:
+            header = f.read(_HEADER.size)
+        if len(header) < _HEADER.size or header[:9] != _MAGIC:
+            raise ValueError(f"{path} is not a Megatron index file (bad magic)")
+        _, version, code, sequences, documents = _HEADER.unpack(header)
+        if version != _VERSION or code not in _CODE_TO_DTYPE:
+            raise ValueError(f"{path}: unsupported version {version} or dtype code {code}")
+        self.dtype = np.dtype(_CODE_TO_DTYPE[code])
+        expected = _HEADER.size + sequences * 12 + documents * 8
+        if os.path.getsize(path) < expected:
+            raise ValueError(f"{path} is truncated ({os.path.getsize(path)} < {expected} bytes)")
+        offset = _HEADER.size
+        self.sequence_lengths = np.memmap(path, np.int32, "r", offset, (sequences,))
+        offset += sequences * 4
+        self.sequence_pointers = np.memmap(path, np.int64, "r", offset, (sequences,))
+        offset += sequences * 8
+        self.document_indices = np.memmap(path, np.int64, "r", offset, (documents,))
+
+        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
+        size = os.path.getsize(bin_path(path_prefix))
+        if size != self.num_tokens * self.dtype.itemsize:
+            raise ValueError(f"{bin_path(path_prefix)} has {size} bytes, the index describes "
+                             f"{self.num_tokens * self.dtype.itemsize}")
+        # numpy cannot map an empty file.
+        self._tokens = (np.memmap(bin_path(path_prefix), self.dtype, "r") if size
+                        else np.zeros(0, self.dtype))
+
+    def __len__(self) -> int:
+        return self.sequence_lengths.size
+
+    @property
+    def num_documents(self) -> int:
+        return self.document_indices.size - 1
+
+    def get(self, index: int) -> np.ndarray:
+        """Sequence `index` as an array."""
+        start = self.sequence_pointers[index] // self.dtype.itemsize
+        return np.asarray(self._tokens[start:start + self.sequence_lengths[index]])
+
+    def document(self, index: int) -> np.ndarray:
+        """Document `index`: its sequences concatenated."""
+        first, last = self.document_indices[index], self.document_indices[index + 1]
+        return np.concatenate([self.get(i) for i in range(first, last)] or
+                              [np.zeros(0, self.dtype)])

@@ -1,0 +1,206 @@
+"""Input files to chunks of records, and chunks to per-record texts.
+
+The main process only splits files into chunks (cheap: raw lines, no JSON parsing); the
+workers parse them with `chunk_texts`, so parsing is parallel too. Every record carries its
+position ("FILE, line N"; "element N" for a JSON array, "row N" for Parquet) for errors.
+
+Formats: `.jsonl` (JSON lines), `.json` (JSON lines, or one JSON array when the file starts
+with `[`), `.txt` (one document per line, the line's newline removed), each optionally `.gz`,
+and `.parquet` (one string column per key). Blank lines in JSON-lines files are not records.
+"""
+
+import glob
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz", ".parquet")
+# Small enough that progress is smooth and workers stay busy, large enough that a chunk's
+# pickling and hand-off cost little next to tokenizing it.
+CHUNK_RECORDS = 2048
+CHUNK_BYTES = 1 << 20
+
+
+class InputError(ValueError):
+    """Bad input data; the message names the file and record."""
+
+
+@dataclass
+class Chunk:
+    path: str
+    unit: str  # "line", "element" or "row": what `first` counts
+    first: int  # 1-based number of items[0]
+    kind: str  # "jsonl" and "txt": raw lines; "objects": parsed JSON; "rows": value tuples
+    items: list
+    nbytes: int  # input bytes the chunk stands for, for MB/s
+
+
+def _format(path: str) -> Optional[str]:
+    name = path[:-3] if path.endswith(".gz") else path
+    for suffix in (".jsonl", ".json", ".txt", ".parquet"):
+        if name.endswith(suffix) and not (suffix == ".parquet" and path.endswith(".gz")):
+            return suffix[1:]
+    return None
+
+
+def expand_inputs(inputs: Sequence[str]) -> List[str]:
+    """Files for `--input` values: files, directories (recursive) and globs, in the order
+    given, each directory or glob sorted. Unsupported files named outright are an error."""
+    files = []
+    for pattern in inputs:
+        if os.path.isfile(pattern):
+            if _format(pattern) is None:
+                raise InputError(f"--input {pattern}: unsupported file type; expected one of "
+                                 f"{', '.join(SUFFIXES)}")
+            files.append(pattern)
+            continue
+        if os.path.isdir(pattern):
+            found = sorted(os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names)
+        else:
+            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        matched = [p for p in found if _format(p) is not None]
+        if not matched:
+            raise InputError(f"--input {pattern}: no {', '.join(SUFFIXES)} files found")
+        files.extend(matched)
+    return files
+
+
+def check_keys_fit(files: Sequence[str], keys: Sequence[str]) -> None:
+    if len(keys) > 1 and any(_format(p) == "txt" for p in files):
+        raise InputError("--json-keys: .txt input has one text per line, give a single key")
+
+
+def _lines(path: str) -> Iterator[Chunk]:
+    kind = "txt" if _format(path) == "txt" else "jsonl"
+    opener = gzip.open if path.endswith(".gz") else open
+    items, nbytes, first = [], 0, 1
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line in f:
+                line_no += 1
+                items.append(line)
+                nbytes += len(line)
+                if len(items) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
+                    yield Chunk(path, "line", first, kind, items, nbytes)
+                    items, nbytes, first = [], 0, line_no + 1
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise InputError(f"{path}: unreadable after line {line_no}: {e}")
+    if items:
+        yield Chunk(path, "line", first, kind, items, nbytes)
+
+
+def _json_array(path: str) -> Iterator[Chunk]:
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            elements = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}, line {e.lineno}: invalid JSON array ({e.msg}, column "
+                         f"{e.colno}); an array cannot be read in part, so fix the file")
+    if not isinstance(elements, list):
+        raise InputError(f"{path}: expected JSON lines or one JSON array")
+    for start in range(0, len(elements), CHUNK_RECORDS):
+        items = elements[start:start + CHUNK_RECORDS]
+        # Approximate: the text's size, not the JSON syntax around it.
+        nbytes = sum(len(str(x)) for x in items)
+        yield Chunk(path, "element", start + 1, "objects", items, nbytes)
+
+
+def _starts_with_bracket(path: str) -> bool:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        while True:
+            block = f.read(4096)
+            if not block:
+                return False
+            stripped = block.lstrip()
+            if stripped:
+                return stripped.startswith(b"[")
+
+
+def _parquet(path: str, keys: Sequence[str]) -> Iterator[Chunk]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        parquet = pq.ParquetFile(path)
+        missing = [k for k in keys if k not in parquet.schema_arrow.names]
+        if missing:
+            raise InputError(f"{path}: no column {', '.join(map(repr, missing))} for --json-keys "
+                             f"(columns: {', '.join(parquet.schema_arrow.names)})")
+        for batch in parquet.iter_batches(batch_size=CHUNK_RECORDS, columns=list(keys)):
+            columns = [batch.column(k).to_pylist() for k in keys]
+            items = list(zip(*columns))
+            nbytes = sum(len(v) for v in columns[0] if isinstance(v, (str, bytes)))
+            yield Chunk(path, "row", row + 1, "rows", items, nbytes)
+            row += len(items)
+    except InputError:
+        raise
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise InputError(f"{path}, row {row + 1}: unreadable Parquet data ({e}); "
+                         "--skip-invalid cannot skip a damaged file")
+
+
+def read_chunks(path: str, keys: Sequence[str]) -> Iterator[Chunk]:
+    fmt = _format(path)
+    if fmt == "parquet":
+        return _parquet(path, keys)
+    if fmt == "json" and _starts_with_bracket(path):
+        return _json_array(path)
+    return _lines(path)
+
+
+def _strip_newline(line: str) -> str:
+    if line.endswith("\n"):
+        line = line[:-1]
+    return line[:-1] if line.endswith("\r") else line
+
+
+def _value(record, key: str) -> str:
+    """The text of `key`, or raise a ValueError that says what is wrong."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if key not in record:
+        raise ValueError(f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"key {key!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def chunk_texts(chunk: Chunk, keys: Sequence[str]) -> Iterator[Tuple[str, Union[list, str]]]:
+    """Yield (location, [text per key]) per record, or (location, problem) for a bad one."""
+    for i, item in enumerate(chunk.items):
+        where = f"{chunk.path}, {chunk.unit} {chunk.first + i}"
+        try:
+            if chunk.kind == "jsonl":
+                if not item.strip():
+                    continue
+                try:
+                    record = json.loads(item)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
+                except UnicodeDecodeError:
+                    raise ValueError("not valid UTF-8")
+                texts = [_value(record, k) for k in keys]
+            elif chunk.kind == "txt":
+                try:
+                    texts = [_strip_newline(item.decode("utf-8"))]
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+            elif chunk.kind == "objects":
+                texts = [_value(item, k) for k in keys]
+            else:
+                texts = []
+                for key, value in zip(keys, item):
+                    if not isinstance(value, str):
+                        kind = "null" if value is None else f"{type(value).__name__}"
+                        raise ValueError(f"key {key!r} is {kind}, not a string")
+                    texts.append(value)
+        except ValueError as e:
+            yield where, str(e)
+            continue
+        yield where, texts
