@@ -30,6 +30,9 @@ from megatron_ext.data.readers import (Chunk, InputError, check_keys_fit, chunk_
 from megatron_ext.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
+# With --skip-invalid, the first few skipped records are named, so a systematic problem
+# (a wrong --json-keys) is visible before the summary.
+SHOWN_SKIPS = 10
 
 
 @dataclass
@@ -66,6 +69,7 @@ class _ChunkResult:
     error: Optional[str]
     arrays: List[tuple]  # per key: (tokens, lengths)
     empty: List[int]  # per key
+    skips: List[str] = field(default_factory=list)  # the first few skipped records
 
 
 _STATE = {}
@@ -99,14 +103,17 @@ def _tokenize(tokenizer, texts: List[str], bad: Dict[int, str]) -> List[List[int
 def encode_chunk(chunk: Chunk) -> _ChunkResult:
     """Parse and tokenize one chunk (in a worker) into per-key token arrays."""
     keys, skip = _STATE["keys"], _STATE["skip_invalid"]
-    wheres, columns = [], [[] for _ in keys]
+    wheres, columns, skips = [], [[] for _ in keys], []
     read = skipped = 0
+    error = None
     for where, texts in chunk_texts(chunk, keys):
         read += 1
         if isinstance(texts, str):
             if not skip:
-                return _ChunkResult(read, skipped, chunk.nbytes, f"{where}: {texts}", [], [])
+                error = f"{where}: {texts}"
+                break  # the records before it may hold an earlier, tokenizer-found error
             skipped += 1
+            skips.append(f"{where}: {texts}")
             continue
         wheres.append(where)
         for column, text in zip(columns, texts):
@@ -114,12 +121,13 @@ def encode_chunk(chunk: Chunk) -> _ChunkResult:
 
     bad: Dict[int, str] = {}
     tokenized = [_tokenize(_STATE["tokenizer"], column, bad) for column in columns]
+    if bad and not skip:
+        error = f"{wheres[min(bad)]}: {bad[min(bad)]}"
+    if error:
+        return _ChunkResult(read, skipped, chunk.nbytes, error, [], [])
     if bad:
-        first = min(bad)
-        if not skip:
-            return _ChunkResult(read, skipped, chunk.nbytes, f"{wheres[first]}: {bad[first]}",
-                                [], [])
         skipped += len(bad)
+        skips.extend(f"{wheres[i]}: {bad[i]}" for i in sorted(bad))
         tokenized = [[d for i, d in enumerate(docs) if i not in bad] for docs in tokenized]
 
     arrays, empty = [], []
@@ -133,7 +141,7 @@ def encode_chunk(chunk: Chunk) -> _ChunkResult:
             lengths += 1
         flat = np.fromiter(chain.from_iterable(docs), np.int64, int(lengths.sum()))
         arrays.append((as_token_array(flat, _STATE["dtype"], chunk.path), lengths))
-    return _ChunkResult(read, skipped, chunk.nbytes, None, arrays, empty)
+    return _ChunkResult(read, skipped, chunk.nbytes, None, arrays, empty, skips[:SHOWN_SKIPS])
 
 
 def _encoded(chunks, workers: int, init_args: tuple, stack: ExitStack):
@@ -195,6 +203,8 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                 writer.add_documents(tokens, lengths)
                 summary.tokens[key] += tokens.size
                 summary.empty[key] += empty
+            for skip in result.skips[:max(0, SHOWN_SKIPS - summary.skipped)]:
+                print(f"skipped {skip}", file=log)
             summary.read += result.read
             summary.skipped += result.skipped
             summary.bytes += result.nbytes

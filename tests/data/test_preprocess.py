@@ -1,6 +1,7 @@
 """preprocess_data.py end to end, read back with megatron-core's IndexedDataset."""
 
 import gzip
+import io
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from megatron_ext.data import readers
-from megatron_ext.data.preprocess import main, preprocess
+from megatron_ext.data.preprocess import preprocess
 
 indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 pa = pytest.importorskip("pyarrow")
@@ -75,8 +76,9 @@ def run(tmp_path, inputs, config, **kwargs):
     kind, model, vocab = config
     prefix = str(tmp_path / "out" / "data")
     kwargs.setdefault("append_eod", True)
+    kwargs.setdefault("log", io.StringIO())
     summary = preprocess(inputs if isinstance(inputs, list) else [inputs], prefix, kind, model,
-                         vocab, log=open(os.devnull, "w"), **kwargs)
+                         vocab, **kwargs)
     return prefix, summary
 
 
@@ -148,7 +150,7 @@ def test_workers_keep_input_order(tmp_path, monkeypatch, tokenizer_configs):
     assert read_back(prefix + "_text_document")[0] == [
         [int(t) for t in text.split()] + [70000] for text in texts]
     single = str(tmp_path / "single" / "data")
-    preprocess([path], single, *config, append_eod=True, workers=1, log=open(os.devnull, "w"))
+    preprocess([path], single, *config, append_eod=True, workers=1, log=io.StringIO())
     for ext in (".bin", ".idx"):
         with open(prefix + "_text_document" + ext, "rb") as a, \
                 open(single + "_text_document" + ext, "rb") as b:
@@ -207,7 +209,9 @@ def test_bad_input_stops_naming_file_and_record(tmp_path, case):
 def test_skip_invalid_skips_and_counts(tmp_path, case):
     path = _write_bad(tmp_path, case)
     kind = "NullTokenizer" if case == "null-ids" else "ByteTokenizer"
-    prefix, summary = run(tmp_path, path, (kind, None, 1000), skip_invalid=True)
+    log = io.StringIO()
+    prefix, summary = run(tmp_path, path, (kind, None, 1000), skip_invalid=True, log=log)
+    assert log.getvalue().startswith(f"skipped {path}, {BAD_CASES[case][2]}")
     docs = read_back(prefix + "_text_document")[0]
     assert summary.skipped == 1
     assert summary.read == summary.written + summary.skipped == len(docs) + 1
@@ -279,3 +283,10 @@ def test_cli_errors(tmp_path, repo_root):
                   "--tokenizer-type", "NullTokenizer")
     assert result.returncode == 1 and "--vocab-size" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_first_bad_record_is_reported_whatever_found_it(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "1"}\n{"text": "2 x"}\n{"text": \n')
+    with pytest.raises(readers.InputError, match=r"in.jsonl, line 2: 'x' is not an integer"):
+        run(tmp_path, str(path), ("NullTokenizer", None, 10))
