@@ -1,4 +1,4 @@
-"""Merging equals concatenation; inspect and the default corpus do what they say."""
+"""Merge equals concatenation; inspect and the default corpus do what they say."""
 
 import json
 import os
@@ -123,3 +123,13 @@ def test_default_corpus_cli_is_idempotent(tmp_path, repo_root):
     assert sp.vocab_size() == 500 and sp.eos_id() >= 0
     code = "    if x:\n\treturn 'naïve 😀'\n"
     assert sp.decode(sp.encode(code)) == code  # whitespace and any UTF-8 survive
+
+
+def test_tokenizer_training_is_repeatable(small_corpus, sp_model, tmp_path):
+    from megatron_ext.data.default_corpus import train_tokenizer
+
+    again = train_tokenizer(small_corpus, str(tmp_path / "again"), vocab_size=600)
+    # The .model differs only in the model_prefix it records; the vocabularies must match.
+    with open(sp_model[:-len(".model")] + ".vocab", "rb") as a, \
+            open(again[:-len(".model")] + ".vocab", "rb") as b:
+        assert a.read() == b.read()
