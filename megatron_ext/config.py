@@ -72,6 +72,7 @@ class TrainingConfig:
     clip_grad: float = 1.0
     initial_loss_scale: float = 2.0**32
     seed: int = 1234
+    exit_interval: Optional[int] = None
 
 
 @dataclass
@@ -283,9 +284,15 @@ def validate(config: Config, world_size: int) -> None:
             except ValueError:
                 raise ConfigError(
                     f"--data-path: {weight!r} is not a weight; use 0.3 A 0.7 B") from None
+            # megatron-core's BlendedDataset asserts every weight > 0.
+            _require(float(weight) > 0, f"--data-path: weight {weight} must be > 0")
     split = d.split.replace("/", ",").split(",")
     _require(all(s.strip().replace(".", "", 1).isdigit() for s in split) and len(split) <= 3,
              f"--split {d.split!r}: expected up to three numbers like 949,50,1")
+    # megatron-core divides by the sum (0,0,0 is a ZeroDivisionError there) and returns no
+    # training dataset for a zero first part (a TypeError at the first batch).
+    _require(float(split[0]) > 0 or t.train_iters == 0,
+             f"--split {d.split!r}: the training split (first number) is empty")
     _require(d.tokenizer_type is not None, "--tokenizer-type is required")
     if d.tokenizer_type == "NullTokenizer":
         _require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")

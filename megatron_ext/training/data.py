@@ -108,6 +108,9 @@ def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
         persistent_workers=num_workers > 0,
+        # Its own generator: creating the iterator would otherwise draw from the global torch
+        # RNG and shift dropout after a resume (the samples themselves are seeded indices).
+        generator=torch.Generator().manual_seed(0),
     )
     return iter(loader)
 

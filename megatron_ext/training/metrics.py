@@ -77,7 +77,7 @@ class MetricsLogger:
         parts += [
             f"s/iter {seconds_per_iter:.3f}",
             f"tokens/s {tokens_per_s:.0f}",
-            f"TFLOP/s/device {tflops:.2f}",
+            f"TFLOP/s/device {tflops:.3g}",
         ]
         if self.peak:
             parts.append(f"MFU {100 * tflops / self.peak:.1f}%")

@@ -24,7 +24,7 @@ from megatron_ext.config import Config
 from megatron_ext.model.gpt import build_model, padded_vocab_size
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer
-from megatron_ext.training import data
+from megatron_ext.training import checkpointing, data
 from megatron_ext.training.metrics import MetricsLogger
 
 logger = logging.getLogger("megatron_ext")
@@ -87,9 +87,12 @@ class Trainer:
         self.model_config.no_sync_func = self.model[0].no_sync
         self.model_config.finalize_model_grads_func = finalize_model_grads
         self.model_config.grad_scale_func = self.optimizer.scale_loss
-        # 6. Data, sharded over data-parallel ranks.
+        # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load.
         self.iteration = 0
         self.consumed_samples = 0
+        if config.checkpoint.load:
+            checkpointing.load_checkpoint(self)
+        # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off.
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.topology.data_parallel)
         l = config.logging
         evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_iters else 0
@@ -140,11 +143,13 @@ class Trainer:
     def _forward_backward(self, iterator, forward_only: bool) -> Optional[float]:
         """Runs the schedule over one global batch; the mean per-token loss on every rank."""
         t, m = self.config.training, self.config.model
+        # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
+        rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
+                     else (t.micro_batch_size, m.seq_length))
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
-            num_microbatches=self.num_microbatches, seq_length=m.seq_length,
-            micro_batch_size=t.micro_batch_size, decoder_seq_length=m.seq_length,
-            forward_only=forward_only,
+            num_microbatches=self.num_microbatches, seq_length=seq, micro_batch_size=rows,
+            decoder_seq_length=seq, forward_only=forward_only,
         )
         # [loss sum, token count] summed over micro-batches on the last stage, then over DP;
         # shared with the whole pipeline so that every rank can report it.
@@ -190,11 +195,12 @@ class Trainer:
         return loss
 
     def train(self) -> List[Dict[str, float]]:
-        t, l = self.config.training, self.config.logging
+        t, l, c = self.config.training, self.config.logging, self.config.checkpoint
         iterator = data.data_iterator(self.train_ds, self.consumed_samples, t.micro_batch_size,
                                       self.topology.dp_rank, self.topology.data_parallel)
         for chunk in self.model:
             chunk.train()
+        start_iteration = self.iteration
         window_start = time.perf_counter()
         while self.iteration < t.train_iters:
             stats = self.train_step(iterator)
@@ -206,6 +212,17 @@ class Trainer:
                 window_start = time.perf_counter()
             if l.eval_interval and self.iteration % l.eval_interval == 0:
                 self.evaluate()
+            # Megatron-LM's --exit-interval: stop (after saving) to resume later, same flags.
+            exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+            last = exiting or self.iteration == t.train_iters
+            if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
+                checkpointing.save_checkpoint(self)
+            if exiting:
+                logger.info(f"exiting at iteration {self.iteration} (--exit-interval)")
+                break
+        if self.iteration == start_iteration:
+            logger.info(f"nothing to train: at iteration {self.iteration} of --train-iters "
+                        f"{t.train_iters}")
         return self.history
 
     def close(self) -> None:

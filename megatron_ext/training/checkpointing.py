@@ -1,0 +1,177 @@
+"""Save and resume training in Megatron-LM's checkpoint layout (see checkpoint/format.py).
+
+Each (tp, pp) rank of data-parallel rank 0 writes ``model_optim_rng.pt``: model, optimizer
+(its non-sharded part), scheduler, every DP rank's RNG states, iteration and consumed samples.
+With the distributed optimizer, the optimizer state sharded over DP ranks is gathered to DP
+rank 0 and written beside it as ``distrib_optim.pt``. Every file is written atomically and the
+tracker last, so a run killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+import logging
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_ext.checkpoint import format as ckpt
+
+logger = logging.getLogger("megatron_ext")
+
+DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
+
+
+def _rng_state() -> dict:
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state["cuda_rng_state"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _distributed_optimizers(optimizer) -> list:
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt for opt in chained if hasattr(opt, "get_parameter_state_dp_zero")]
+
+
+def _load_distributed_state(optimizer, state) -> None:
+    """``load_parameter_state_from_dp_zero`` for megatron-core 0.16 with torch's Adam.
+
+    Without Apex/TE, torch's Adam keeps ``step`` beside ``exp_avg``/``exp_avg_sq`` (restored by
+    ``load_state_dict`` from the param groups), but the DP-zero state has no ``step`` and the
+    copy loop asks for every key: set ``step`` aside while the shards are copied in. It also
+    hands every parameter the same ``step`` tensor, which Adam then increments once per
+    parameter: each gets its own copy back. The fp32 main params are views of leaf parameters,
+    hence no autograd during the copy.
+    """
+    inner = optimizer.optimizer.state
+    steps = {param: entry.pop("step") for param, entry in inner.items() if "step" in entry}
+    try:
+        with torch.no_grad():
+            optimizer.load_parameter_state_from_dp_zero(state)
+    finally:
+        for param, step in steps.items():
+            inner[param]["step"] = step.clone()
+
+
+def _rank_file(root, iteration, topology):
+    return ckpt.rank_file(root, iteration, topology.tp_rank, topology.pp_rank,
+                          topology.pipeline_parallel)
+
+
+def save_checkpoint(trainer) -> None:
+    root, topology = trainer.config.checkpoint.save, trainer.topology
+    iteration = trainer.iteration
+    path = _rank_file(root, iteration, topology)
+    dp_group = parallel_state.get_data_parallel_group()
+    rng_states = [None] * dist.get_world_size(dp_group)
+    dist.all_gather_object(rng_states, _rng_state(), group=dp_group)
+    # Collective over DP ranks: every rank takes part, DP rank 0 receives the full state.
+    distrib_states = [opt.get_parameter_state_dp_zero()
+                      for opt in _distributed_optimizers(trainer.optimizer)]
+    if topology.dp_rank == 0:
+        ckpt.save_rank_file(path, {
+            "args": ckpt.model_args_namespace(trainer.config, trainer.vocab_size),
+            "checkpoint_version": ckpt.CHECKPOINT_VERSION,
+            "iteration": iteration,
+            "consumed_samples": trainer.consumed_samples,
+            "model": ckpt.model_state_dict(trainer.model[0].module),
+            "optimizer": trainer.optimizer.state_dict(),
+            "opt_param_scheduler": trainer.scheduler.state_dict(),
+            "rng_state": rng_states,
+        })
+        if distrib_states:
+            ckpt.save_rank_file(path.parent / DISTRIB_OPTIM_FILENAME, {"states": distrib_states})
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt.write_tracker(root, iteration)
+        _prune(root, trainer.config.checkpoint.save_total_limit)
+    dist.barrier()
+    logger.info(f"saved checkpoint at iteration {iteration} to {root}")
+
+
+def _prune(root, keep) -> None:
+    """Delete all but the newest ``keep`` iteration directories (never the tracked one)."""
+    if not keep:
+        return
+    iterations = sorted(int(p.name[len("iter_"):]) for p in Path(root).glob("iter_*")
+                        if p.name[len("iter_"):].isdigit())
+    latest = ckpt.read_tracker(root)
+    for iteration in iterations[:-keep]:
+        if iteration != latest:
+            shutil.rmtree(ckpt.iteration_dir(root, iteration), ignore_errors=True)
+
+
+def _raise_layout_mismatch(root, iteration, topology) -> None:
+    """Name the TP/PP layout a checkpoint was saved with when this rank's file is missing."""
+    directory = ckpt.iteration_dir(root, iteration)
+    names = sorted(p.name for p in directory.glob("mp_rank_*")) if directory.is_dir() else []
+    if not names:
+        raise ckpt.CheckpointError(f"checkpoint directory {directory} holds no mp_rank_* "
+                                   f"directories: it is incomplete or not a Megatron checkpoint")
+    tp = 1 + max(int(name.split("_")[2]) for name in names)
+    pp = 1 + max((int(name.split("_")[3]) for name in names if name.count("_") == 3), default=0)
+    raise ckpt.CheckpointError(
+        f"checkpoint {directory} was saved with TP={tp} PP={pp} but this run has "
+        f"--tensor-model-parallel-size {topology.tensor_parallel} "
+        f"--pipeline-model-parallel-size {topology.pipeline_parallel} (other TP/PP); reshard it "
+        f"with convert_ckpt.py --load-model-type mg --save-model-type mg "
+        f"--target-tensor-parallel-size {topology.tensor_parallel} "
+        f"--target-pipeline-parallel-size {topology.pipeline_parallel}")
+
+
+def load_checkpoint(trainer) -> None:
+    """Resume from ``--load`` (or start fresh when it holds no checkpoint, as Megatron-LM)."""
+    c, topology = trainer.config.checkpoint, trainer.topology
+    iteration = ckpt.read_tracker(c.load)
+    if iteration is None:
+        logger.warning(f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
+        return
+    path = _rank_file(c.load, iteration, topology)
+    if not path.is_file():
+        _raise_layout_mismatch(c.load, iteration, topology)
+    payload = ckpt.load_rank_file(path)
+    ckpt.check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
+    ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path)
+    if c.finetune:
+        logger.info(f"loaded model weights from {path} (--finetune: iteration 0, "
+                    f"fresh optimizer, scheduler and data order)")
+        return
+    if not c.no_load_optim:
+        if "optimizer" not in payload:
+            raise ckpt.CheckpointError(
+                f"checkpoint file {path} has no optimizer state; pass --no-load-optim or "
+                f"--finetune to load the weights alone")
+        trainer.optimizer.load_state_dict(payload["optimizer"])
+        trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
+        optimizers = _distributed_optimizers(trainer.optimizer)
+        if optimizers:
+            distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
+            states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_rank == 0
+                      else [None] * len(optimizers))
+            for opt, state in zip(optimizers, states):
+                _load_distributed_state(opt, state)
+    if not c.no_load_rng:
+        rng_states = payload["rng_state"]
+        if len(rng_states) != topology.data_parallel:
+            logger.warning(f"{path} was saved with {len(rng_states)} data-parallel ranks, this "
+                           f"run has {topology.data_parallel}: RNG states not restored")
+        else:
+            _set_rng_state(rng_states[topology.dp_rank])
+    trainer.iteration = payload["iteration"] if iteration != ckpt.RELEASE else 0
+    trainer.consumed_samples = payload.get("consumed_samples", 0)
+    logger.info(f"resumed from {path} at iteration {trainer.iteration}")

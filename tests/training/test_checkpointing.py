@@ -1,0 +1,114 @@
+"""Save/resume in Megatron's layout: exact resume, atomic saves, clear errors on mismatch."""
+
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+import pretrain_gpt
+from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.config import parse_args
+from megatron_ext.training.trainer import Trainer
+from tests.launcher import launch
+
+MODEL = (
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
+    "--num-query-groups 2 --swiglu --normalization RMSNorm --position-embedding-type rope "
+    "--disable-bias-linear --untie-embeddings-and-output-weights --seq-length 16 "
+    "--attention-dropout 0.1 --hidden-dropout 0.1 --mock-data --tokenizer-type NullTokenizer "
+    "--vocab-size 127 --lr 1e-3 --lr-warmup-iters 2 --lr-decay-style cosine --lr-decay-iters 6 "
+    "--train-iters 6 "
+    "--micro-batch-size 2 --global-batch-size 8 --log-interval 1 --eval-interval 1000 "
+    "--eval-iters 0 --seed 11"
+).split()
+
+
+def _train(argv, world_size):
+    config = parse_args(argv, world_size=world_size)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
+    losses = [step["lm loss"] for step in trainer.train()]
+    trainer.close()
+    return losses
+
+
+@pytest.mark.parametrize("world_size,flags", [
+    (1, ""),
+    (2, "--tensor-model-parallel-size 2 --sequence-parallel"),
+    (4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer"),
+])
+def test_resume_is_bit_identical(tmp_path, world_size, flags):
+    """Stopped at iteration 3 (--exit-interval) and resumed == uninterrupted, loss for loss
+    (dropout on, so the RNG states matter too)."""
+    argv = MODEL + flags.split()
+    full = launch(_train, world_size, argv, world_size)[-1]
+    save = ["--save", str(tmp_path), "--save-interval", "3"]
+    first = launch(_train, world_size, argv + save + ["--exit-interval", "3"], world_size)[-1]
+    assert ckpt.read_tracker(tmp_path) == 3
+    resumed = launch(_train, world_size, argv + ["--load", str(tmp_path)], world_size)[-1]
+    assert first + resumed == full  # exact equality: same data order, RNG and optimizer state
+    assert ckpt.read_tracker(tmp_path) == 3  # no --save in the resumed run
+
+
+def test_layout_and_save_total_limit(tmp_path):
+    argv = MODEL + ["--save", str(tmp_path), "--save-interval", "2", "--save-total-limit", "2",
+                    "--pipeline-model-parallel-size", "2"]
+    launch(_train, 2, argv, 2)
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000004", "iter_0000006"]
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    for pp in range(2):
+        payload = ckpt.load_rank_file(tmp_path / "iter_0000006" / f"mp_rank_00_{pp:03d}"
+                                      / "model_optim_rng.pt")
+        assert payload["iteration"] == 6 and payload["args"].num_layers == 2
+        assert payload["consumed_samples"] == 48
+
+
+def _train_and_die_in_second_save(argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from tests.launcher import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    real_save, calls = torch.save, []
+
+    def save_then_die(obj, handle, *args, **kwargs):
+        if isinstance(obj, dict) and "model" in obj:  # a model_optim_rng.pt payload
+            calls.append(obj["iteration"])
+        if len(calls) == 2:  # the second checkpoint: half a file, then the process is killed
+            handle.write(b"PK\x03\x04 half a zip")
+            handle.flush()
+            os._exit(9)
+        return real_save(obj, handle, *args, **kwargs)
+
+    torch.save = save_then_die
+    _train(argv, 1)
+
+
+def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
+    argv = MODEL + ["--save", str(tmp_path), "--save-interval", "2"]
+    proc = multiprocessing.get_context("fork").Process(
+        target=_train_and_die_in_second_save, args=(argv,))
+    proc.start()
+    proc.join(timeout=300)
+    assert proc.exitcode == 9
+    assert ckpt.read_tracker(tmp_path) == 2
+    assert not (tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt").exists()
+    resumed = launch(_train, 1, MODEL + ["--load", str(tmp_path)], 1)[0]
+    assert len(resumed) == 4  # iterations 3..6 from the complete checkpoint at 2
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "1"], 1)
+    with pytest.raises(RuntimeError, match=r"saved with TP=1 PP=1 .* \(other TP/PP\)"):
+        launch(_train, 2, MODEL + ["--load", str(tmp_path), "--tensor-model-parallel-size", "2"], 2)
+    with pytest.raises(RuntimeError, match=r"hidden"):
+        launch(_train, 1, MODEL + ["--load", str(tmp_path), "--hidden-size", "64"], 1)
+    rank_file = tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
+    rank_file.write_bytes(rank_file.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match=r"model_optim_rng.pt is truncated or unreadable"):
+        launch(_train, 1, MODEL + ["--load", str(tmp_path)], 1)
+
+
+def test_finetune_loads_weights_only(tmp_path):
+    launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "2"], 1)
+    losses = launch(_train, 1, MODEL + ["--load", str(tmp_path), "--finetune"], 1)[0]
+    assert len(losses) == 6  # iteration counter and data restart at 0
