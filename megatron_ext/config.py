@@ -133,11 +133,12 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls, title: str, **ove
         # None means "not given": the dataclass default applies (see config_from_namespace).
         kwargs = dict(dest=f.name, default=None)
         kwargs.update(overrides.get(f.name, {}))
+        aliases = kwargs.pop("aliases", ())
         if f.type in (bool, "bool"):
             kwargs.setdefault("action", "store_true")
         elif "type" not in kwargs and "nargs" not in kwargs:
             kwargs["type"] = _scalar_type(f.type)
-        group.add_argument(_flag(f.name), **kwargs)
+        group.add_argument(_flag(f.name), *aliases, **kwargs)
 
 
 def _scalar_type(annotation):
@@ -167,7 +168,10 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
         parser, TrainingConfig, "training",
         lr_decay_style={"choices": ["constant", "linear", "cosine"]},
     )
-    _add_dataclass_flags(parser, DataConfig, "data", data_path={"nargs": "+"})
+    _add_dataclass_flags(
+        parser, DataConfig, "data", data_path={"nargs": "+"},
+        tokenizer_model={"aliases": ("--tokenizer-name-or-path",)},
+    )
     _add_dataclass_flags(parser, LoggingConfig, "logging and evaluation")
     _add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
     if extra_args_provider is not None:
