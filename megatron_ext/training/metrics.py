@@ -69,6 +69,7 @@ class MetricsLogger:
             f"iteration {iteration:8d}/{t.train_iters}",
             f"consumed samples {stats['consumed_samples']:10d}",
             f"lm loss {stats['lm loss']:.6E}",
+            f"trained tokens {stats['trained_tokens']:d}",
             f"grad norm {stats['grad_norm']:.4f}",
             f"learning rate {stats['lr']:.6E}",
         ]

@@ -7,7 +7,7 @@ forward step (batch -> model -> loss function), as in Megatron-LM's ``pretrain_g
 import functools
 import logging
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -140,8 +140,9 @@ class Trainer:
         return merge_state_dicts(dict(g for g in gathered if g is not None), **self._shard_args())
 
     # -- steps -------------------------------------------------------------------------------
-    def _forward_backward(self, iterator, forward_only: bool) -> Optional[float]:
-        """Runs the schedule over one global batch; the mean per-token loss on every rank."""
+    def _forward_backward(self, iterator, forward_only: bool) -> Tuple[float, int]:
+        """Runs the schedule over one global batch: (mean per-token loss, trained tokens), the
+        same on every rank."""
         t, m = self.config.training, self.config.model
         # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
         rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
@@ -158,13 +159,13 @@ class Trainer:
             total += entry["lm loss"].to(total)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        return (total[0] / total[1].clamp(min=1)).item()
+        return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
     def train_step(self, iterator) -> Dict[str, float]:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss = self._forward_backward(iterator, forward_only=False)
+        loss, tokens = self._forward_backward(iterator, forward_only=False)
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=self.config.training.global_batch_size)
@@ -172,7 +173,7 @@ class Trainer:
         self.consumed_samples += self.config.training.global_batch_size
         return {
             "iteration": self.iteration, "consumed_samples": self.consumed_samples,
-            "lm loss": loss, "grad_norm": float(grad_norm or 0.0),
+            "lm loss": loss, "trained_tokens": tokens, "grad_norm": float(grad_norm or 0.0),
             "lr": self.optimizer.param_groups[0]["lr"],
             "loss_scale": float(self.optimizer.get_loss_scale()), "skipped": not update_ok,
         }
@@ -186,7 +187,7 @@ class Trainer:
         t = self.config.training
         iterator = data.cyclic_iterator(self.valid_ds, t.micro_batch_size,
                                         self.topology.dp_rank, self.topology.data_parallel)
-        losses = [self._forward_backward(iterator, forward_only=True)
+        losses = [self._forward_backward(iterator, forward_only=True)[0]
                   for _ in range(self.config.logging.eval_iters)]
         for chunk in self.model:
             chunk.train()
