@@ -53,6 +53,60 @@ def resize_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
 
 
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
+    """Global indices of the layers held by pipeline stage ``pp_rank`` (uniform split)."""
+    per_stage = num_layers // pp_size
+    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+
+
+def _owning(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it is exactly its own storage, else a compact copy (``torch.save`` writes
+    whole storages: a view of a bigger buffer would drag the buffer into the file)."""
+    exact = (tensor.is_contiguous() and tensor.storage_offset() == 0
+             and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size())
+    return tensor if exact else tensor.clone(memory_format=torch.contiguous_format)
+
+
+def shard_tensor(
+    name: str,
+    tensor: torch.Tensor,
+    *,
+    swiglu: bool,
+    tp_rank: int,
+    tp_size: int,
+    vocab_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """TP rank ``tp_rank``'s part of the full tensor ``name`` (a full-model name; for a layer
+    tensor only the suffix after ``decoder.layers.N.`` matters), with the vocabulary resized to
+    ``vocab_rows`` (zero rows added or padding rows dropped) for the embedding/output layer.
+
+    Builds only this rank's part (one copy of it at most). The result owns its storage exactly;
+    it may be ``tensor`` itself when nothing needs to change, so do not modify it in place.
+    """
+    if name in _VOCAB and vocab_rows is not None:
+        per_rank = vocab_rows // tp_size
+        start, end = tp_rank * per_rank, (tp_rank + 1) * per_rank
+        piece = tensor[start:min(end, tensor.size(0))]
+        if piece.size(0) < per_rank:
+            piece = torch.cat([piece, tensor.new_zeros(per_rank - piece.size(0), *tensor.shape[1:])])
+        return _owning(piece)
+    rule = _tp_rule(name, swiglu)
+    if rule is not None and tp_size > 1:
+        dim, stride = rule
+        chunks = torch.chunk(tensor, tp_size * stride, dim=dim)
+        return torch.cat(chunks[tp_rank::tp_size], dim=dim)
+    return _owning(tensor)
+
+
+def merge_tensor(name: str, parts: list, *, swiglu: bool) -> torch.Tensor:
+    """Inverse of ``shard_tensor`` (without vocabulary resizing): ``parts[tp_rank]`` -> full.
+    With one part (or a replicated tensor) that part itself is returned."""
+    rule = _tp_rule(name, swiglu)
+    if rule is not None and len(parts) > 1:
+        return _merge(list(parts), *rule)
+    return parts[0]
+
+
 def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int) -> Optional[str]:
     """The name of ``name`` on stage ``pp_rank``, or None if that stage does not hold it."""
     per_stage = num_layers // pp_size
