@@ -13,7 +13,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.config import Config
-from megatron_ext.model.attention import CoreAttention
+from megatron_ext.model.attention import core_attention_spec
 from megatron_ext.model.norm import Norm
 
 
@@ -67,7 +67,9 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     spec = get_gpt_layer_local_spec(normalization=config.model.normalization)
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
-    spec.submodules.self_attention.submodules.core_attention = CoreAttention
+    spec.submodules.self_attention.submodules.core_attention = core_attention_spec(
+        config.model.attention_backend
+    )
     return TransformerBlockSubmodules(
         layer_specs=[spec] * (config.model.num_layers // config.parallel.pipeline_model_parallel_size),
         layer_norm=Norm,
