@@ -220,8 +220,7 @@ def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
 
 
 def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_size: int) -> int:
-    """Megatron's rule: pad the vocabulary to a multiple of divisible-by x TP (the rule of
-    ``megatron_ext.model.gpt.padded_vocab_size``; here so the converter needs no megatron-core)."""
+    """Megatron's rule: pad the vocabulary to a multiple of divisible-by x TP."""
     multiple = make_divisible_by * tensor_parallel_size
     return -(-vocab_size // multiple) * multiple
 
@@ -321,10 +320,10 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         swiglu=m.swiglu,
         untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
         add_bias_linear=not m.disable_bias_linear,
-        add_qkv_bias=bool(getattr(m, "add_qkv_bias", False)),
+        add_qkv_bias=m.add_qkv_bias,
         params_dtype=dtype,
-        use_rope_scaling=bool(getattr(m, "use_rope_scaling", False)),
-        rope_scaling_factor=getattr(m, "rope_scaling_factor", 8.0),
+        use_rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
     )
 
 

@@ -1,7 +1,6 @@
 """HF -> Megatron conversions give the same logits as transformers, through megatron-core's
 pipeline schedule on 4 gloo ranks (TP x PP x DP = 4)."""
 
-import dataclasses
 import warnings
 
 import numpy as np
@@ -57,18 +56,12 @@ def _rank_logits(cases):
 
     results = []
     for ckpt, tp, pp, tied, qkv_bias in cases:
-        config = parse_args(model_argv(tp, pp, tied=tied), world_size=WORLD)
+        argv = model_argv(tp, pp, tied=tied) + (["--add-qkv-bias"] if qkv_bias else [])
+        config = parse_args(argv, world_size=WORLD)
         topology = ParallelTopology.from_config(config.parallel, WORLD)
         topology.initialize()
         platform.manual_seed(1)
-        original = gpt.transformer_config
-        if qkv_bias:  # pretrain_gpt.py has no --add-qkv-bias yet: set megatron-core's field
-            config.model.add_qkv_bias = True
-            gpt.transformer_config = lambda c: dataclasses.replace(original(c), add_qkv_bias=True)
-        try:
-            model = gpt.build_model(config, VOCAB)
-        finally:
-            gpt.transformer_config = original
+        model = gpt.build_model(config, VOCAB)
         model.eval()
         iteration = fmt.read_tracker(ckpt)
         path = fmt.rank_file(ckpt, iteration, topology.tp_rank, topology.pp_rank, pp)
