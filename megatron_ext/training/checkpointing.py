@@ -166,7 +166,11 @@ def load_checkpoint(trainer) -> None:
             for opt, state in zip(optimizers, states):
                 _load_distributed_state(opt, state)
     if not c.no_load_rng:
-        rng_states = payload["rng_state"]
+        rng_states = payload.get("rng_state")
+        if rng_states is None:
+            raise ckpt.CheckpointError(
+                f"checkpoint file {path} has no RNG state (a converted checkpoint?); pass "
+                f"--no-load-rng, or --finetune to load the weights alone")
         if len(rng_states) != topology.data_parallel:
             logger.warning(f"{path} was saved with {len(rng_states)} data-parallel ranks, this "
                            f"run has {topology.data_parallel}: RNG states not restored")
