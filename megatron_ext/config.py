@@ -42,6 +42,9 @@ class ModelConfig:
     swiglu: bool = False
     untie_embeddings_and_output_weights: bool = False
     disable_bias_linear: bool = False
+    add_qkv_bias: bool = False
+    use_rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     attention_dropout: float = 0.1
     hidden_dropout: float = 0.1
     init_method_std: float = 0.02

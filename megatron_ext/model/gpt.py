@@ -12,15 +12,10 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.checkpoint.format import padded_vocab_size
 from megatron_ext.config import Config
 from megatron_ext.model.attention import core_attention_spec
 from megatron_ext.model.norm import Norm
-
-
-def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_size: int) -> int:
-    """Megatron's rule: pad the vocabulary to a multiple of divisible-by x TP."""
-    multiple = make_divisible_by * tensor_parallel_size
-    return -(-vocab_size // multiple) * multiple
 
 
 def transformer_config(config: Config) -> TransformerConfig:
@@ -40,6 +35,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
         add_bias_linear=not m.disable_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -95,4 +91,6 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
         share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
+        rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
     )
