@@ -68,6 +68,7 @@ def _train_and_die_in_second_save(argv):
     from tests.launcher import free_port
 
     os.environ["MASTER_PORT"] = str(free_port())
+    torch.set_num_threads(1)  # as tests/launcher.py: no OpenMP pool inherited across the fork
     real_save, calls = torch.save, []
 
     def save_then_die(obj, handle, *args, **kwargs):
@@ -89,6 +90,8 @@ def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
         target=_train_and_die_in_second_save, args=(argv,))
     proc.start()
     proc.join(timeout=300)
+    if proc.is_alive():
+        proc.kill()
     assert proc.exitcode == 9
     assert ckpt.read_tracker(tmp_path) == 2
     assert not (tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt").exists()

@@ -1,0 +1,6 @@
+import torch
+
+# Ranks are forked from the pytest process (tests/launcher.py); a parent that never starts an
+# OpenMP thread pool cannot leave one half-copied in a child. One thread also keeps CPU results
+# independent of the machine's core count.
+torch.set_num_threads(1)
