@@ -18,11 +18,19 @@ def get_batch(config: Config, eod: int, data_iterator) -> dict:
     batch = {k: v.to(platform.device(), non_blocking=True) for k, v in next(data_iterator).items()}
     batch["packed_seq_params"] = None
     if config.varlen:
-        from megatron_ext.data.packing import packed_seq_params
+        from megatron_ext.data import packing
 
         # megatron-core's THD path takes one row: flatten (b, s) in that order; the document
         # boundaries in packed_seq_params keep rows (and documents) apart.
-        batch["packed_seq_params"] = packed_seq_params(batch["tokens"], eod)
+        seq_lengths = batch.pop("seq_lengths", None)
+        if seq_lengths is not None:
+            # Boundaries from the data (instruction samples: conversations, then the padding as
+            # a segment of its own); each row's lengths add up to s, zeros fill the rest.
+            seq_lengths = seq_lengths.flatten()
+            batch["packed_seq_params"] = packing.packed_seq_params_from_actual_seq_len(
+                packing.cumulative_seq_len(seq_lengths[seq_lengths > 0]))
+        else:
+            batch["packed_seq_params"] = packing.packed_seq_params(batch["tokens"], eod)
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             batch[key] = batch[key].reshape(1, -1)
     return batch

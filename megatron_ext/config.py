@@ -90,6 +90,9 @@ class DataConfig:
     eod_mask_loss: bool = False
     mock_data: bool = False
     data_cache_path: Optional[str] = None
+    # Fine-tuning on instruction shards (PREFIX_input_ids/loss_mask_document): see
+    # megatron_ext/data/sft_dataset.py and docs/finetune.md.
+    is_instruction_dataset: bool = False
 
 
 @dataclass
@@ -122,8 +125,10 @@ class Config:
 
     @property
     def varlen(self) -> bool:
-        """Packed documents attend only to themselves (MindSpeed-LLM's reading of both flags)."""
-        return self.data.reset_position_ids or self.data.reset_attention_mask
+        """Packed documents attend only to themselves (MindSpeed-LLM's reading of both flags);
+        instruction data always packs its conversations that way."""
+        return (self.data.reset_position_ids or self.data.reset_attention_mask
+                or self.data.is_instruction_dataset)
 
 
 def _flag(name: str) -> str:
@@ -280,6 +285,19 @@ def validate(config: Config, world_size: int) -> None:
         t.lr_decay_iters = t.train_iters
     _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
 
+    if d.is_instruction_dataset:
+        _require(not d.mock_data, "--is-instruction-dataset reads instruction shards from "
+                 "--data-path PREFIX (preprocess_data.py --handler-name ...); it cannot be used "
+                 "with --mock-data")
+        _require(bool(d.data_path), "--is-instruction-dataset needs --data-path PREFIX (the "
+                 "--output-prefix of preprocess_data.py --handler-name ...)")
+        _require(not d.eod_mask_loss, "--eod-mask-loss cannot be used with "
+                 "--is-instruction-dataset: the loss mask comes from the data (assistant turns "
+                 "and their end tokens)")
+        _require(not p.sequence_parallel or (t.micro_batch_size * m.seq_length) % tp == 0,
+                 f"--sequence-parallel with --is-instruction-dataset splits the packed micro-batch "
+                 f"(--micro-batch-size {t.micro_batch_size} x --seq-length {m.seq_length} tokens) "
+                 f"over --tensor-model-parallel-size {tp}: make it divisible")
     _require(bool(d.data_path) != d.mock_data,
              "give exactly one of --data-path PREFIX... and --mock-data")
     if d.data_path and len(d.data_path) > 1:

@@ -87,11 +87,19 @@ class IndexedDatasetWriter:
     def num_documents(self) -> int:
         return len(self._doc_ends) - 1
 
-    def add_document(self, tokens) -> None:
-        """Append one document stored as one sequence (may be empty)."""
+    def add_document(self, tokens, sequence_lengths=None) -> None:
+        """Append one document: one sequence (may be empty), or with `sequence_lengths` as many
+        sequences as it has entries (they add up to the token count), as Megatron's index
+        allows (e.g. the conversations of a packed fine-tuning sample)."""
         values = as_token_array(tokens, self.dtype, self.path_prefix)
+        if sequence_lengths is None:
+            sequence_lengths = [values.size]
+        lengths = np.asarray(sequence_lengths, dtype=np.int64).ravel()
+        if lengths.size == 0 or (lengths < 0).any() or int(lengths.sum()) != values.size:
+            raise ValueError(f"sequence lengths {lengths.tolist()} do not split a document of "
+                             f"{values.size} tokens")
         self._bin.write(values.tobytes())
-        self._lengths.append(values.size)
+        self._lengths.frombytes(lengths.astype(np.int32).tobytes())
         self._doc_ends.append(len(self._lengths))
 
     def add_documents(self, tokens, lengths) -> None:

@@ -5,7 +5,9 @@
         --append-eod --workers 2
 
 writes `out/corpus_text_document.bin/.idx`. Merge mode:
-`python preprocess_data.py --merge --input-prefixes A B --output-prefix C`.
+`python preprocess_data.py --merge --input-prefixes A B --output-prefix C`. Instruction data
+(`--handler-name ... --prompt-type ...`, token ids + loss mask, optionally packed) goes through
+the same reader, workers and progress: see `megatron_ext/data/instruction.py`.
 
 The main process reads raw chunks and writes; N worker processes parse and tokenize. Output
 order is input order. torch is never imported, so start-up takes well under a second.
@@ -144,23 +146,44 @@ def encode_chunk(chunk: Chunk) -> _ChunkResult:
     return _ChunkResult(read, skipped, chunk.nbytes, None, arrays, empty, skips[:SHOWN_SKIPS])
 
 
-def _encoded(chunks, workers: int, init_args: tuple, stack: ExitStack):
-    """Encoded chunks in input order; at most a few chunks in flight per worker."""
+def _encoded(chunks, workers: int, init_args: tuple, stack: ExitStack, init=None, encode=None):
+    """Encoded chunks in input order; at most a few chunks in flight per worker. `init` and
+    `encode` (module-level functions) default to the pretraining text path's."""
+    init, encode = init or _init_worker, encode or encode_chunk
     if workers == 1:
-        _init_worker(*init_args)
-        yield from map(encode_chunk, chunks)
+        init(*init_args)
+        yield from map(encode, chunks)
         return
     methods = multiprocessing.get_all_start_methods()
     # fork starts workers in milliseconds, with the tokenizer modules already imported.
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
-    pool = stack.enter_context(context.Pool(workers, _init_worker, init_args))
+    pool = stack.enter_context(context.Pool(workers, init, init_args))
     pending = deque()
     for chunk in chunks:
-        pending.append(pool.apply_async(encode_chunk, (chunk,)))
+        pending.append(pool.apply_async(encode, (chunk,)))
         if len(pending) >= 4 * workers:
             yield pending.popleft().get()
     while pending:
         yield pending.popleft().get()
+
+
+def checked(results, summary: Summary, start: float, log, log_interval: int):
+    """Yield encoded chunks in order; raise the first bad record's error; after each chunk is
+    consumed, report its first skips and count it, with a progress line every `log_interval`."""
+    next_log = log_interval
+    for result in results:
+        if result.error:
+            raise InputError(result.error + SKIP_HINT)
+        yield result
+        for skip in result.skips[:max(0, SHOWN_SKIPS - summary.skipped)]:
+            print(f"skipped {skip}", file=log)
+        summary.read += result.read
+        summary.skipped += result.skipped
+        summary.bytes += result.nbytes
+        if log_interval and summary.read >= next_log:
+            summary.seconds = time.perf_counter() - start
+            print(f"processed {summary.read} documents ({summary.rates()})", file=log)
+            next_log = (summary.read // log_interval + 1) * log_interval
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
@@ -189,29 +212,18 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
         os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
 
     summary = Summary(tokens={k: 0 for k in json_keys}, empty={k: 0 for k in json_keys})
-    next_log = log_interval
     init_args = (tokenizer_args, json_keys, append_eod, skip_invalid, dtype, workers > 1)
     with ExitStack() as stack:
         writers = [stack.enter_context(IndexedDatasetWriter(output_prefix_for(output_prefix, k),
                                                             dtype)) for k in json_keys]
         chunks = (chunk for path in files for chunk in read_chunks(path, json_keys))
-        for result in _encoded(chunks, workers, init_args, stack):
-            if result.error:
-                raise InputError(result.error + SKIP_HINT)
+        results = _encoded(chunks, workers, init_args, stack)
+        for result in checked(results, summary, start, log, log_interval):
             for key, writer, (tokens, lengths), empty in zip(json_keys, writers, result.arrays,
                                                             result.empty):
                 writer.add_documents(tokens, lengths)
                 summary.tokens[key] += tokens.size
                 summary.empty[key] += empty
-            for skip in result.skips[:max(0, SHOWN_SKIPS - summary.skipped)]:
-                print(f"skipped {skip}", file=log)
-            summary.read += result.read
-            summary.skipped += result.skipped
-            summary.bytes += result.nbytes
-            if log_interval and summary.read >= next_log:
-                summary.seconds = time.perf_counter() - start
-                print(f"processed {summary.read} documents ({summary.rates()})", file=log)
-                next_log = (summary.read // log_interval + 1) * log_interval
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -242,6 +254,27 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="progress line every N documents (0: none)")
+    from megatron_ext.data.instruction import HANDLERS, OVERLONG
+    from megatron_ext.data.templates import prompt_types
+
+    group = parser.add_argument_group(
+        "instruction data (fine-tuning; writes PREFIX_input_ids_document and "
+        "PREFIX_loss_mask_document, see docs/finetune.md)")
+    group.add_argument("--handler-name", choices=list(HANDLERS),
+                       help="read records as conversations in this format (default: pretraining "
+                            "text)")
+    group.add_argument("--prompt-type", metavar="NAME",
+                       help=f"chat template: {', '.join(prompt_types())} (hf: the tokenizer's "
+                            "chat_template), or a template .json file")
+    group.add_argument("--map-keys", metavar="JSON",
+                       help="rename the fields a handler reads, e.g. '{\"prompt\": \"question\"}'")
+    group.add_argument("--pack", action="store_true",
+                       help="pack conversations into samples of --seq-length (+1) tokens")
+    group.add_argument("--seq-length", type=int, metavar="N",
+                       help="the training --seq-length: a sample holds N + 1 tokens")
+    group.add_argument("--overlong", choices=OVERLONG, default="drop",
+                       help="a conversation longer than --seq-length + 1 tokens: drop it "
+                            "(default) or truncate it; counted in the summary")
     group = parser.add_argument_group("merge mode")
     group.add_argument("--merge", action="store_true",
                        help="concatenate existing datasets instead of tokenizing")
@@ -262,7 +295,33 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("--input and --tokenizer-type are required (or --merge)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    instruction_flags = [flag for flag, given in (
+        ("--prompt-type", args.prompt_type), ("--map-keys", args.map_keys), ("--pack", args.pack),
+        ("--seq-length", args.seq_length is not None),
+        ("--overlong", args.overlong != "drop")) if given]
+    if args.handler_name:
+        if args.merge or args.append_eod or args.json_keys != ["text"]:
+            parser.error("--handler-name (instruction data) takes no --merge, --append-eod or "
+                         "--json-keys: the template ends every turn, the handler picks the fields")
+        if not args.prompt_type:
+            parser.error("--handler-name needs --prompt-type (a chat template)")
+        if args.pack and args.seq_length is None:
+            parser.error("--pack needs --seq-length (the training --seq-length)")
+    elif instruction_flags:
+        parser.error(f"{', '.join(instruction_flags)}: only with --handler-name (instruction data)")
     try:
+        if args.handler_name:
+            from megatron_ext.data.instruction import output_prefixes, preprocess_instructions
+
+            summary = preprocess_instructions(
+                args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
+                args.vocab_size, args.handler_name, args.prompt_type, args.map_keys, args.pack,
+                args.seq_length, args.overlong, args.workers, args.log_interval,
+                args.skip_invalid)
+            print(summary.report(), file=sys.stderr)
+            for prefix in output_prefixes(args.output_prefix):
+                print(f"wrote {prefix}.bin/.idx", file=sys.stderr)
+            return
         if args.merge:
             from megatron_ext.data.merge import merge_datasets
 

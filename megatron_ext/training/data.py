@@ -51,8 +51,13 @@ def _check_prefixes(prefixes: List[str]) -> None:
 
 
 def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int]):
-    """(train, valid, test) GPTDatasets (None where the split is empty)."""
+    """(train, valid, test) GPTDatasets (None where the split is empty); instruction datasets
+    (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to)."""
     d = config.data
+    if d.is_instruction_dataset:
+        from megatron_ext.data.sft_dataset import build_sft_datasets
+
+        return build_sft_datasets(config, eod, split_sizes)
     prefixes = None
     if not d.mock_data:
         prefixes, weights = parse_blend(d.data_path)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Instruction fine-tuning of the quickstart model, end to end on CPU (gloo) or GPUs (nccl):
+# runs examples/quickstart.sh first when its checkpoint is missing, preprocesses the built-in
+# instruction set (megatron_ext/data/builtin_instructions.jsonl, ShareGPT format, multi-turn)
+# with the Llama-2 chat template into packed samples with an answer-only loss mask, then
+# fine-tunes with --load ... --finetune on TP=2 x PP=2 (+ sequence parallelism), the
+# conversations of a packed sample attending only to themselves (variable-length attention).
+# "lm loss" is the loss of the answers alone (assistant turns and their end tokens).
+#
+# Environment overrides: WORK_DIR (the quickstart's), FT_DIR, TRAIN_ITERS, NPROC_PER_NODE,
+# MASTER_PORT, SKIP_INSTALL=1 (passed to quickstart.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK_DIR=${WORK_DIR:-runs/quickstart}
+FT_DIR=${FT_DIR:-runs/finetune}
+TRAIN_ITERS=${TRAIN_ITERS:-60}
+NPROC_PER_NODE=${NPROC_PER_NODE:-4}
+MASTER_PORT=${MASTER_PORT:-29500}
+PRETRAINED=$WORK_DIR/checkpoints
+TOKENIZER_MODEL=$WORK_DIR/data/tokenizer.model
+SEQ_LENGTH=128
+export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+if [ ! -f "$PRETRAINED/latest_checkpointed_iteration.txt" ]; then
+    echo "no pretrained checkpoint in $PRETRAINED: running examples/quickstart.sh first"
+    WORK_DIR=$WORK_DIR MASTER_PORT=$MASTER_PORT bash examples/quickstart.sh
+fi
+
+# Conversations -> token ids + loss mask, packed into samples of SEQ_LENGTH + 1 tokens.
+python preprocess_data.py \
+    --input megatron_ext/data/builtin_instructions.jsonl \
+    --output-prefix "$FT_DIR/data/builtin" \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
+    --handler-name SharegptStyleInstructionHandler --prompt-type llama2 \
+    --pack --seq-length "$SEQ_LENGTH" --workers 2
+
+DISTRIBUTED_ARGS=(
+    --nproc_per_node "$NPROC_PER_NODE" --nnodes 1 --node_rank 0
+    --master_addr 127.0.0.1 --master_port "$MASTER_PORT"
+)
+# The checkpoint's model: keep in step with examples/pretrain_tiny_llama_tp2_pp2.sh (a
+# mismatch is reported by --load, naming the flag).
+GPT_MODEL_ARGS=(
+    --num-layers 4 --hidden-size 128 --ffn-hidden-size 352 --num-attention-heads 4
+    --group-query-attention --num-query-groups 2
+    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
+    --position-embedding-type rope --rotary-base 10000
+    --normalization RMSNorm --norm-epsilon 1e-5 --swiglu
+    --untie-embeddings-and-output-weights --disable-bias-linear
+    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
+)
+FINETUNE_ARGS=(
+    --load "$PRETRAINED" --finetune
+    --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
+    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5
+    --weight-decay 0.0 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
+)
+MODEL_PARALLEL_ARGS=(
+    --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel
+)
+DATA_ARGS=(
+    --is-instruction-dataset --data-path "$FT_DIR/data/builtin" --split 90,10,0
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+)
+EVAL_AND_LOGGING_ARGS=(
+    --log-interval 5 --eval-interval 10 --eval-iters 2
+    --save "$FT_DIR/checkpoints"
+)
+
+python -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" pretrain_gpt.py \
+    "${GPT_MODEL_ARGS[@]}" "${FINETUNE_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" \
+    "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "$@"
+echo "finetune done: checkpoint in $FT_DIR/checkpoints"

@@ -1,0 +1,574 @@
+"""Instruction (fine-tuning) data: record -> conversation turns -> token ids + loss mask.
+
+    python preprocess_data.py --input chats.jsonl --output-prefix out/sft \\
+        --handler-name SharegptStyleInstructionHandler --prompt-type chatml \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model tok/ \\
+        --pack --seq-length 2048 --workers 4
+
+writes ``out/sft_input_ids_document`` and ``out/sft_loss_mask_document`` (uint8), two
+Megatron indexed datasets with the same sequences and documents (docs/finetune.md):
+- with ``--pack``: one document per packed sample of exactly ``seq_length + 1`` tokens (a
+  training sample's inputs and its shifted labels, as Megatron's GPTDataset), one sequence per
+  conversation, and the padding, when there is any, as a last sequence of its own (mask 0);
+- without: one document of one sequence per conversation.
+The mask is 1 on the tokens of every assistant turn and its end token, 0 elsewhere; a
+conversation's first token is never trained on, so the label that crosses from one packed
+conversation to the next is always masked.
+
+Handlers (MindSpeed-LLM's names) read a record into turns ``[(role, content)]``, role
+system|user|assistant; ``--map-keys`` (JSON) renames the fields they read. The main process
+packs, in input order, so the output does not depend on ``--workers``. Reading, workers,
+ordering, skips and progress are preprocess_data.py's (``megatron_ext.data.preprocess``).
+"""
+
+import json
+import os
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from megatron_ext.data import preprocess as _pre
+from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
+from megatron_ext.data.readers import InputError, expand_inputs, read_chunks
+from megatron_ext.data.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
+from megatron_ext.tokenizer import HuggingFaceTokenizer, build_tokenizer
+
+INPUT_IDS_KEY = "input_ids"
+LOSS_MASK_KEY = "loss_mask"
+MASK_DTYPE = np.uint8
+OVERLONG = ("drop", "truncate")
+# First-fit keeps at most this many samples open; when a conversation fits none and the window
+# is full, the fullest open sample is written out. Deterministic for a given input order.
+PACK_WINDOW = 64
+
+
+def output_prefixes(output_prefix: str) -> Tuple[str, str]:
+    """(token ids, loss mask) dataset prefixes for ``--output-prefix`` / ``--data-path``."""
+    return (f"{output_prefix}_{INPUT_IDS_KEY}_document",
+            f"{output_prefix}_{LOSS_MASK_KEY}_document")
+
+
+# --------------------------------------------------------------------------------- handlers
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _text(record: dict, key: str, required: bool, what: str = "") -> Optional[str]:
+    if key not in record:
+        if required:
+            keys = ", ".join(map(str, record)) or "none"
+            raise ValueError(f"no key {key!r}{what} (keys: {keys})")
+        return None
+    value = record[key]
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"key {key!r}{what} is {type(value).__name__}, not a string")
+    return value
+
+
+def check_turns(turns: List[Turn], names: Sequence[str]) -> List[Turn]:
+    """Validate a conversation: an optional system turn first, then user/assistant alternating,
+    ending with a non-empty assistant turn. ``names[i]`` says where turn i came from."""
+    if not turns:
+        raise ValueError("empty conversation")
+    expected = "user"
+    for i, (role, content) in enumerate(turns):
+        if role == "system":
+            if i != 0:
+                raise ValueError(f"{names[i]}: a system turn is allowed only first")
+            continue
+        if role != expected:
+            article = "an" if expected == "assistant" else "a"
+            raise ValueError(f"{names[i]}: expected {article} {expected} turn, got {role} (turns "
+                             "must alternate user/assistant, starting with user)")
+        if role == "assistant" and not content.strip():
+            raise ValueError(f"{names[i]}: empty assistant turn")
+        expected = "assistant" if role == "user" else "user"
+    if turns[-1][0] != "assistant":
+        raise ValueError(f"{names[-1]}: the conversation ends with a {turns[-1][0]} turn; it "
+                         "must end with an assistant turn (nothing to train on otherwise)")
+    return turns
+
+
+class AlpacaHandler:
+    """Alpaca: ``instruction`` (+ ``input``, joined by a newline) -> ``output``, with optional
+    ``system`` and ``history`` (earlier exchanges as ``[[question, answer], ...]``).
+    ``--map-keys`` keys (MindSpeed-LLM's): prompt, query, response, system, history."""
+
+    defaults = {"prompt": "instruction", "query": "input", "response": "output",
+                "system": "system", "history": "history"}
+
+    def __init__(self, keys: dict):
+        self.keys = keys
+
+    def turns(self, record) -> List[Turn]:
+        if not isinstance(record, dict):
+            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        k = self.keys
+        prompt = _text(record, k["prompt"], True)
+        query = _text(record, k["query"], False)
+        response = _text(record, k["response"], True)
+        system = _text(record, k["system"], False)
+        turns, names = [], []
+        if system:
+            turns.append(("system", system))
+            names.append(f"key {k['system']!r}")
+        history = record.get(k["history"])
+        if history is not None:
+            if not isinstance(history, list):
+                raise ValueError(f"key {k['history']!r} is {type(history).__name__}, not a list "
+                                 "of [question, answer] pairs")
+            for i, pair in enumerate(history):
+                where = f"{k['history']}[{i}]"
+                if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                        or not all(isinstance(x, str) for x in pair)):
+                    raise ValueError(f"{where} is not a [question, answer] pair of strings")
+                turns += [("user", pair[0]), ("assistant", pair[1])]
+                names += [f"{where}[0]", f"{where}[1]"]
+        user = f"{prompt}\n{query}" if query else prompt
+        turns += [("user", user), ("assistant", response)]
+        names += [f"key {k['prompt']!r}", f"key {k['response']!r}"]
+        return check_turns(turns, names)
+
+
+class MessagesHandler:
+    """A list of messages (ShareGPT ``conversations``, OpenAI ``messages``, MFTCoder
+    ``chat_rounds``), each a dict with a role and a content. ``--map-keys`` keys: messages,
+    system (an optional top-level system prompt), tags: {role_tag, content_tag, user_tag,
+    assistant_tag, system_tag} (MindSpeed-LLM's)."""
+
+    def __init__(self, keys: dict):
+        self.keys = keys
+        tags = keys["tags"]
+        self.roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant",
+                      tags["system_tag"]: "system"}
+
+    def turns(self, record) -> List[Turn]:
+        if not isinstance(record, dict):
+            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        key, tags = self.keys["messages"], self.keys["tags"]
+        if key not in record:
+            raise ValueError(f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+        messages = record[key]
+        if not isinstance(messages, list):
+            raise ValueError(f"key {key!r} is {type(messages).__name__}, not a list of messages")
+        turns, names = [], []
+        system = _text(record, self.keys["system"], False)
+        if system:
+            turns.append(("system", system))
+            names.append(f"key {self.keys['system']!r}")
+        for i, message in enumerate(messages):
+            where = f"{key}[{i}]"
+            if not isinstance(message, dict):
+                raise ValueError(f"{where} is {type(message).__name__}, not an object")
+            role = _text(message, tags["role_tag"], True, f" in {where}")
+            content = _text(message, tags["content_tag"], True, f" in {where}")
+            if role not in self.roles:
+                known = ", ".join(f"{tag!r} ({name})" for tag, name in self.roles.items())
+                raise ValueError(f"{where}: unknown role {role!r}; known: {known} (rename with "
+                                 "--map-keys '{\"tags\": {...}}')")
+            if self.roles[role] == "system" and system and i == 0:
+                raise ValueError(f"{where}: a system message and a {self.keys['system']!r} key; "
+                                 "give one")
+            turns.append((self.roles[role], content))
+            names.append(where)
+        return check_turns(turns, names)
+
+
+def _messages_defaults(messages: str, role: str, content: str, user: str, assistant: str):
+    return {"messages": messages, "system": "system",
+            "tags": {"role_tag": role, "content_tag": content, "user_tag": user,
+                     "assistant_tag": assistant, "system_tag": "system"}}
+
+
+HANDLERS = {
+    "AlpacaStyleInstructionHandler": (AlpacaHandler, AlpacaHandler.defaults),
+    "SharegptStyleInstructionHandler": (
+        MessagesHandler, _messages_defaults("conversations", "from", "value", "human", "gpt")),
+    "OpenAIStyleInstructionHandler": (
+        MessagesHandler, _messages_defaults("messages", "role", "content", "user", "assistant")),
+    "MFTCoderStyleInstructionHandler": (
+        MessagesHandler, _messages_defaults("chat_rounds", "role", "content", "human", "bot")),
+}
+
+
+def build_handler(name: str, map_keys=None):
+    """The handler ``--handler-name`` names, with ``--map-keys`` (a JSON string or dict)
+    applied over its defaults; a ValueError names the flag."""
+    if name not in HANDLERS:
+        raise ValueError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)}")
+    cls, defaults = HANDLERS[name]
+    keys = json.loads(json.dumps(defaults))
+    if map_keys:
+        if isinstance(map_keys, str):
+            try:
+                map_keys = json.loads(map_keys)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--map-keys is not valid JSON ({e.msg}): {map_keys}") from None
+        if not isinstance(map_keys, dict):
+            raise ValueError("--map-keys must be a JSON object")
+        for key, value in map_keys.items():
+            if key not in keys:
+                raise ValueError(f"--map-keys: unknown key {key!r} for {name}; known: "
+                                 f"{', '.join(keys)}")
+            if key == "tags":
+                if not isinstance(value, dict) or set(value) - set(keys["tags"]):
+                    raise ValueError(f"--map-keys: 'tags' takes an object with "
+                                     f"{', '.join(keys['tags'])}")
+                keys["tags"].update(value)
+            elif not isinstance(value, str):
+                raise ValueError(f"--map-keys: {key!r} must name a field (a string)")
+            else:
+                keys[key] = value
+    return cls(keys)
+
+
+# --------------------------------------------------------------------------------- encoding
+
+
+def _text_encoder(tokenizer) -> Callable[[str], List[int]]:
+    """text -> ids without the special tokens a tokenizer's post-processor adds (a Llama-3 BOS
+    per call): templates place BOS/EOS themselves."""
+    if isinstance(tokenizer, HuggingFaceTokenizer):
+        fast = getattr(tokenizer, "_tok", None)
+        if fast is not None:
+            return lambda text: fast.encode(text, add_special_tokens=False).ids
+        hf = tokenizer.hf_tokenizer
+        return lambda text: hf(text, add_special_tokens=False).input_ids
+    return tokenizer.tokenize
+
+
+class ConversationEncoder:
+    """turns -> (ids int64, mask uint8) with a template from templates.json or, for
+    ``--prompt-type hf``, the tokenizer's own ``chat_template``."""
+
+    def __init__(self, tokenizer, prompt_type: str):
+        self.tokenizer = tokenizer
+        self.prompt_type = prompt_type
+        if prompt_type == HF_PROMPT_TYPE:
+            hf = tokenizer.hf_tokenizer
+            if hf is None:
+                raise ValueError(f"--prompt-type hf uses the HF tokenizer's chat_template; "
+                                 f"{type(tokenizer).__name__} has none (use "
+                                 "--tokenizer-type HuggingFaceTokenizer or a template name)")
+            if not getattr(hf, "chat_template", None):
+                raise ValueError("--prompt-type hf: the tokenizer has no chat_template "
+                                 "(tokenizer_config.json); pick a --prompt-type template")
+            if not getattr(hf, "is_fast", False):
+                raise ValueError("--prompt-type hf needs a fast tokenizer (token offsets)")
+            self.hf, self.template = hf, None
+            return
+        self.template: Template = get_template(prompt_type)
+        self.specials = {"eos": tokenizer.eod, "bos": tokenizer.bos}
+        for name in self.template.specials:
+            if self.specials[name] is None:
+                raise ValueError(f"--prompt-type {prompt_type} uses {{{name}}}, but "
+                                 f"{type(tokenizer).__name__} has no {name.upper()} token")
+        self._encode_text = _text_encoder(tokenizer)
+
+    def encode(self, turns: Sequence[Turn]) -> Tuple[np.ndarray, np.ndarray]:
+        if self.template is None:
+            ids, mask = self._encode_hf(turns)
+        else:
+            ids, mask = self._encode_template(turns)
+        ids, mask = np.asarray(ids, np.int64), np.asarray(mask, MASK_DTYPE)
+        if ids.size < 2 or not mask[1:].any():
+            raise ValueError("no assistant token left to train on after tokenization")
+        if mask[0]:
+            raise ValueError(f"--prompt-type {self.prompt_type} trains on a conversation's first "
+                             "token; a template must start with an untrained prompt")
+        return ids, mask
+
+    def _encode_template(self, turns):
+        ids, mask = [], []
+        run, run_trained = [], False
+
+        def flush():
+            if run:
+                encoded = self._encode_text("".join(run))
+                ids.extend(encoded)
+                mask.extend([int(run_trained)] * len(encoded))
+                run.clear()
+
+        # Text is tokenized in runs of the same mask: the boundary between prompt and answer
+        # is a tokenization boundary, so the mask is exact.
+        for piece, trained in self.template.render(turns):
+            if isinstance(piece, Special):
+                flush()
+                ids.append(self.specials[piece.name])
+                mask.append(int(trained))
+                continue
+            if trained != run_trained:
+                flush()
+                run_trained = trained
+            run.append(piece)
+        flush()
+        return ids, mask
+
+    def _render_hf(self, messages, **kwargs) -> str:
+        return self.hf.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def _encode_hf(self, turns):
+        """The whole conversation rendered and tokenized as ``apply_chat_template`` does; the
+        characters an assistant message adds to the rendering (after the generation prompt)
+        are trained on: a token is trained when it starts inside them."""
+        messages = [{"role": role, "content": content} for role, content in turns]
+        try:
+            full = self._render_hf(messages)
+            spans = []
+            for i, message in enumerate(messages):
+                if message["role"] != "assistant":
+                    continue
+                before = self._render_hf(messages[:i], add_generation_prompt=True)
+                through = self._render_hf(messages[:i + 1])
+                if not (full.startswith(before) and full.startswith(through)
+                        and through.startswith(before)):
+                    raise ValueError(
+                        "the chat_template does not render a conversation as its prefixes "
+                        f"(at message {i}), so assistant tokens cannot be located; use a "
+                        "--prompt-type from templates.json")
+                spans.append((len(before), len(through)))
+        except ValueError:
+            raise
+        except Exception as e:  # jinja2 errors: raise_exception() in templates, bad roles
+            raise ValueError(f"chat_template failed: {type(e).__name__}: {e}") from None
+        encoding = self.hf(full, add_special_tokens=False, return_offsets_mapping=True)
+        starts = np.array([start for start, _ in encoding["offset_mapping"]], np.int64)
+        mask = np.zeros(len(starts), MASK_DTYPE)
+        for begin, end in spans:
+            mask[(starts >= begin) & (starts < end)] = 1
+        return encoding["input_ids"], mask
+
+
+# ---------------------------------------------------------------------------------- packing
+
+
+class Packer:
+    """First-fit packing of conversations into samples of ``capacity`` tokens, in input order.
+
+    A conversation is never split. ``add`` returns the samples it closes; ``flush`` the rest.
+    A sample is (ids, mask, sequence lengths, padding): its conversations back to back, then
+    the padding (``pad_id``, mask 0), if any, as a sequence of its own.
+    """
+
+    def __init__(self, capacity: int, pad_id: int, window: int = PACK_WINDOW):
+        self.capacity, self.pad_id, self.window = capacity, pad_id, window
+        self.open: List[list] = []  # each: [used, [(ids, mask), ...]]
+
+    def add(self, ids: np.ndarray, mask: np.ndarray) -> list:
+        size = ids.size
+        if size > self.capacity:
+            raise ValueError(f"a conversation of {size} tokens exceeds the sample "
+                             f"({self.capacity})")
+        closed = []
+        target = next((b for b in self.open if b[0] + size <= self.capacity), None)
+        if target is None:
+            if len(self.open) >= self.window:
+                fullest = max(range(len(self.open)), key=lambda i: (self.open[i][0], -i))
+                closed.append(self._finish(self.open.pop(fullest)))
+            target = [0, []]
+            self.open.append(target)
+        target[0] += size
+        target[1].append((ids, mask))
+        if target[0] == self.capacity:
+            self.open.remove(target)
+            closed.append(self._finish(target))
+        return closed
+
+    def flush(self) -> list:
+        closed = [self._finish(b) for b in self.open]
+        self.open = []
+        return closed
+
+    def _finish(self, sample):
+        used, conversations = sample
+        lengths = [ids.size for ids, _ in conversations]
+        ids = [ids for ids, _ in conversations]
+        mask = [mask for _, mask in conversations]
+        padding = self.capacity - used
+        if padding:
+            ids.append(np.full(padding, self.pad_id, np.int64))
+            mask.append(np.zeros(padding, MASK_DTYPE))
+            lengths.append(padding)
+        return np.concatenate(ids), np.concatenate(mask), lengths, padding
+
+
+# -------------------------------------------------------------------------- worker (chunks)
+
+_STATE = {}
+
+
+def _init_worker(tokenizer_args: tuple, handler_name: str, map_keys, prompt_type: str,
+                 skip_invalid: bool, single_threaded: bool) -> None:
+    if single_threaded:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer = build_tokenizer(*tokenizer_args)
+    _STATE.update(handler=build_handler(handler_name, map_keys),
+                  encoder=ConversationEncoder(tokenizer, prompt_type), skip_invalid=skip_invalid)
+
+
+def _records(chunk):
+    """(location, record) per JSON record of a chunk, or (location, problem)."""
+    for i, item in enumerate(chunk.items):
+        where = f"{chunk.path}, {chunk.unit} {chunk.first + i}"
+        if chunk.kind == "objects":
+            yield where, item
+            continue
+        if not item.strip():
+            continue
+        try:
+            yield where, json.loads(item)
+        except json.JSONDecodeError as e:
+            yield where, ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
+        except UnicodeDecodeError:
+            yield where, ValueError("not valid UTF-8")
+
+
+def encode_chunk(chunk) -> "_pre._ChunkResult":
+    """Records of one chunk (in a worker) -> conversations: arrays [(ids, lengths), (mask,
+    lengths)], one entry per conversation."""
+    handler, encoder, skip = _STATE["handler"], _STATE["encoder"], _STATE["skip_invalid"]
+    ids, masks, skips = [], [], []
+    read = skipped = 0
+    for where, record in _records(chunk):
+        read += 1
+        try:
+            if isinstance(record, ValueError):
+                raise record
+            conversation_ids, mask = encoder.encode(handler.turns(record))
+        except ValueError as e:
+            if not skip:
+                return _pre._ChunkResult(read, skipped, chunk.nbytes, f"{where}: {e}", [], [])
+            skipped += 1
+            skips.append(f"{where}: {e}")
+            continue
+        ids.append(conversation_ids)
+        masks.append(mask)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    flat_mask = np.concatenate(masks) if masks else np.zeros(0, MASK_DTYPE)
+    return _pre._ChunkResult(read, skipped, chunk.nbytes, None,
+                             [(flat_ids, lengths), (flat_mask, lengths)], [0, 0],
+                             skips[:_pre.SHOWN_SKIPS])
+
+
+# ------------------------------------------------------------------------------ main process
+
+
+@dataclass
+class InstructionSummary(_pre.Summary):
+    conversations: int = 0  # written
+    samples: int = 0  # documents written: packed samples, or conversations
+    trained: int = 0  # tokens with mask 1
+    padding: int = 0
+    dropped_overlong: int = 0
+    truncated: int = 0
+    capacity: Optional[int] = None  # seq_length + 1 when --seq-length is given
+    packed: bool = False
+
+    def report(self) -> str:
+        tokens = sum(self.tokens.values())
+        parts = [f"done: {self.read} records read, {self.skipped} skipped, "
+                 f"{self.conversations} conversations written"]
+        if self.packed:
+            fill = 100.0 * (1 - self.padding / max(tokens, 1))
+            parts.append(f"as {self.samples} packed samples of {self.capacity} tokens "
+                         f"({self.padding} padding tokens, {fill:.1f}% filled)")
+        if self.capacity is not None:
+            parts.append(f"overlong (> {self.capacity} tokens = --seq-length + 1): "
+                         f"{self.dropped_overlong} dropped, {self.truncated} truncated")
+        parts.append(f"{tokens} tokens, {self.trained} trained on; {self.bytes / 1e6:.2f} MB "
+                     f"in {self.seconds:.2f} s ({self.rates()})")
+        return "; ".join(parts)
+
+
+def _check_inputs(files: Sequence[str]) -> None:
+    for path in files:
+        name = path[:-3] if path.endswith(".gz") else path
+        if not name.endswith((".jsonl", ".json")):
+            raise InputError(f"--input {path}: instruction data is read from .jsonl or .json "
+                             "(optionally .gz) files")
+
+
+def preprocess_instructions(
+    inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
+    tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None,
+    handler_name: str = "AlpacaStyleInstructionHandler", prompt_type: str = "chatml",
+    map_keys=None, pack: bool = False, seq_length: Optional[int] = None,
+    overlong: str = "drop", workers: int = 1, log_interval: int = 10000,
+    skip_invalid: bool = False, log=None,
+) -> InstructionSummary:
+    """Tokenize instruction records into ``{prefix}_input_ids_document`` and
+    ``{prefix}_loss_mask_document``. Configuration errors are ValueErrors naming the flag,
+    raised before any file is created; bad records are InputErrors naming file and line."""
+    start = time.perf_counter()
+    log = log or sys.stderr
+    tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
+    tokenizer = build_tokenizer(*tokenizer_args)
+    build_handler(handler_name, map_keys)  # flag errors now, not in a worker
+    ConversationEncoder(tokenizer, prompt_type)
+    if overlong not in OVERLONG:
+        raise ValueError(f"--overlong {overlong!r}: choose one of {', '.join(OVERLONG)}")
+    if pack and seq_length is None:
+        raise ValueError("--pack needs --seq-length (the training --seq-length)")
+    if seq_length is not None and seq_length < 1:
+        raise ValueError("--seq-length must be >= 1")
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
+    files = expand_inputs(inputs)
+    _check_inputs(files)
+    dtype = best_dtype(tokenizer.vocab_size)
+    if os.path.dirname(output_prefix):
+        os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+
+    capacity = None if seq_length is None else seq_length + 1
+    summary = InstructionSummary(tokens={INPUT_IDS_KEY: 0}, empty={INPUT_IDS_KEY: 0},
+                                 capacity=capacity, packed=pack)
+    pad_id = tokenizer.pad if tokenizer.pad is not None else tokenizer.eod
+    packer = Packer(capacity, pad_id) if pack else None
+    init_args = (tokenizer_args, handler_name, map_keys, prompt_type, skip_invalid, workers > 1)
+    with ExitStack() as stack:
+        ids_prefix, mask_prefix = output_prefixes(output_prefix)
+        ids_writer = stack.enter_context(IndexedDatasetWriter(ids_prefix, dtype))
+        mask_writer = stack.enter_context(IndexedDatasetWriter(mask_prefix, MASK_DTYPE))
+
+        def write(ids, mask, lengths=None):
+            ids_writer.add_document(as_token_array(ids, dtype, ids_prefix), lengths)
+            mask_writer.add_document(mask, lengths)
+            summary.samples += 1
+            summary.tokens[INPUT_IDS_KEY] += ids.size
+            summary.trained += int(np.count_nonzero(mask))
+
+        def write_packed(samples):
+            for ids, mask, lengths, padding in samples:
+                write(ids, mask, lengths)
+                summary.padding += padding
+
+        chunks = (chunk for path in files for chunk in read_chunks(path, ()))
+        results = _pre._encoded(chunks, workers, init_args, stack, init=_init_worker,
+                                encode=encode_chunk)
+        for result in _pre.checked(results, summary, start, log, log_interval):
+            (flat_ids, lengths), (flat_mask, _) = result.arrays
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for begin, end in zip(offsets[:-1], offsets[1:]):
+                ids, mask = flat_ids[begin:end], flat_mask[begin:end]
+                if capacity is not None and ids.size > capacity:
+                    if overlong == "drop" or not mask[1:capacity].any():
+                        summary.dropped_overlong += 1
+                        continue
+                    ids, mask = ids[:capacity], mask[:capacity]
+                    summary.truncated += 1
+                summary.conversations += 1
+                if packer is None:
+                    write(ids, mask)
+                else:
+                    write_packed(packer.add(ids, mask))
+        if packer is not None:
+            write_packed(packer.flush())
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,197 @@
+"""Training samples from instruction shards (``preprocess_data.py --handler-name ...``).
+
+``--is-instruction-dataset --data-path PREFIX`` reads ``PREFIX_input_ids_document`` and
+``PREFIX_loss_mask_document`` with megatron-core's ``IndexedDataset``. One document is one
+sample: the conversations of a packed sample, or one conversation. A sample of
+``seq_length + 1`` tokens (longer ones truncated, shorter ones padded; a packed sample has
+exactly that many) becomes, as in Megatron's GPTDataset:
+
+- ``tokens`` = row[:-1], ``labels`` = row[1:], ``loss_mask`` = mask[1:] (the stored mask,
+  shifted with the labels: 1 where the label is an assistant token or its end token);
+- ``position_ids``: restarting at 0 at every conversation (and at the padding);
+- ``seq_lengths`` [seq_length] int32: the lengths of the row's segments (each conversation, then
+  the padding as a segment of its own) over the ``seq_length`` input positions, zero-filled.
+  ``pretrain_gpt.get_batch`` turns them into ``PackedSeqParams`` (variable-length attention):
+  a conversation attends only to itself, exactly as if it were trained alone.
+
+A conversation's last input position predicts the next conversation's first token; that label
+is always masked (a conversation starts with an untrained prompt), so a packed sample trains
+exactly what its conversations would train one by one. Samples are drawn by megatron-core's
+``BlendedMegatronDatasetBuilder`` (``--split`` over documents, weighted ``--data-path`` blends),
+shuffled per epoch with ``--seed``.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+
+from megatron_ext.config import Config, ConfigError
+from megatron_ext.data.instruction import output_prefixes
+
+logger = logging.getLogger("megatron_ext")
+
+
+def check_prefix(prefix: str) -> None:
+    """ConfigError naming --data-path unless both shards of ``prefix`` exist."""
+    missing = [p + suffix for p in output_prefixes(prefix) for suffix in (".bin", ".idx")
+               if not os.path.isfile(p + suffix)]
+    if not missing:
+        return
+    hint = "; write them with preprocess_data.py --handler-name ... --output-prefix PREFIX"
+    for key in ("_input_ids_document", "_loss_mask_document"):
+        if prefix.endswith(key):
+            hint = f"; give the prefix without {key}: --data-path {prefix[:-len(key)]}"
+    raise ConfigError(f"--data-path {prefix} (--is-instruction-dataset): "
+                      f"{', '.join(missing)} missing{hint}")
+
+
+class InstructionShards:
+    """The low-level dataset: token ids and loss mask, checked to describe the same documents."""
+
+    def __init__(self, prefix: str):
+        check_prefix(prefix)
+        ids_prefix, mask_prefix = output_prefixes(prefix)
+        self.prefix = prefix
+        self.ids = IndexedDataset(ids_prefix)
+        self.mask = IndexedDataset(mask_prefix)
+        if (not np.array_equal(self.ids.sequence_lengths, self.mask.sequence_lengths)
+                or not np.array_equal(self.ids.document_indices, self.mask.document_indices)):
+            raise ValueError(f"--data-path {prefix}: {ids_prefix} and {mask_prefix} describe "
+                             "different sequences or documents; write them together "
+                             "(preprocess_data.py --handler-name ...)")
+        doc_index = np.asarray(self.ids.document_indices, np.int64)
+        lengths = np.asarray(self.ids.sequence_lengths, np.int64)
+        ends = np.concatenate([[0], np.cumsum(lengths)])
+        self.document_lengths = ends[doc_index[1:]] - ends[doc_index[:-1]]
+        self.sequences_per_document = np.diff(doc_index)
+        # --pack writes several sequences (conversations, padding) per document.
+        self.packed = bool(self.sequences_per_document.size
+                           and self.sequences_per_document.max() > 1)
+
+    def __len__(self) -> int:
+        return self.document_lengths.size
+
+    def document(self, index: int):
+        """(ids int64, mask, sequence lengths) of document ``index``."""
+        first = int(self.ids.document_indices[index])
+        last = int(self.ids.document_indices[index + 1])
+        ids = np.concatenate(self.ids[first:last]).astype(np.int64)
+        mask = np.concatenate(self.mask[first:last])
+        return ids, mask, [int(n) for n in self.ids.sequence_lengths[first:last]]
+
+
+@dataclass
+class SFTDatasetConfig(BlendedMegatronDatasetConfig):
+    pad: int = 0  # token id of the padding (never trained, never attended to)
+
+
+class SFTDataset(MegatronDataset):
+    """One split of one instruction dataset: ``num_samples`` samples, whole epochs of its
+    documents, each epoch in its own seeded random order."""
+
+    def __init__(self, dataset: InstructionShards, dataset_path: Optional[str],
+                 indices: np.ndarray, num_samples: Optional[int], index_split, config):
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        self.seq_length = config.sequence_length
+        row = self.seq_length + 1
+        if dataset.packed and (dataset.document_lengths != row).any():
+            sizes = sorted(set(dataset.document_lengths.tolist()))[:3]
+            raise ConfigError(
+                f"--data-path {dataset.prefix} holds samples packed to {sizes[0]} tokens "
+                f"(preprocess_data.py --pack --seq-length {sizes[0] - 1}), but --seq-length is "
+                f"{self.seq_length}: pack with the training --seq-length")
+        indices = np.asarray(indices if indices is not None else np.arange(len(dataset)), np.int64)
+        if indices.size == 0:
+            if num_samples:
+                raise ConfigError(
+                    f"--data-path {dataset.prefix}: the {index_split.name} split has no samples "
+                    f"({len(dataset)} in all, --split {config.split}) but {num_samples} are "
+                    "needed; change --split (or --eval-iters 0)")
+            self.sample_index = indices
+            return
+        epochs = max(1, math.ceil((num_samples or 0) / indices.size))
+        rng = np.random.RandomState(config.random_seed)
+        self.sample_index = np.concatenate([rng.permutation(indices) for _ in range(epochs)])
+        overlong = int((dataset.document_lengths[indices] > row).sum())
+        rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+        if overlong and rank0:
+            logger.warning(f"{dataset.prefix} ({index_split.name}): {overlong} of {indices.size} "
+                           f"conversations exceed --seq-length + 1 = {row} tokens and are "
+                           "truncated (preprocess with --seq-length to drop or count them)")
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: InstructionShards) -> int:
+        return len(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config) -> InstructionShards:
+        return InstructionShards(dataset_path)
+
+    def __len__(self) -> int:
+        return self.sample_index.size
+
+    def __getitem__(self, idx: int) -> dict:
+        ids, mask, segments = self.dataset.document(int(self.sample_index[idx]))
+        return build_sample(ids, mask, segments, self.seq_length, self.config.pad)
+
+
+def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_length: int,
+                 pad: int) -> dict:
+    """One training sample from a row of conversations (see the module docstring)."""
+    row = seq_length + 1
+    if ids.size > row:  # an unpacked conversation longer than the sample: truncate
+        ids, mask = ids[:row], mask[:row]
+        ends = np.minimum(np.cumsum(segments), row)
+        segments = [int(n) for n in np.diff(np.concatenate([[0], ends])) if n > 0]
+    elif ids.size < row:  # pad; the padding is a segment of its own
+        padding = row - ids.size
+        ids = np.concatenate([ids, np.full(padding, pad, np.int64)])
+        mask = np.concatenate([mask, np.zeros(padding, mask.dtype)])
+        segments = list(segments) + [padding]
+    # The inputs are the first seq_length tokens: the last segment loses its last token.
+    segments = [n for n in segments if n > 0]
+    segments[-1] -= 1
+    if segments[-1] == 0:
+        segments.pop()
+    seq_lengths = np.zeros(seq_length, np.int32)
+    seq_lengths[:len(segments)] = segments
+    position_ids = np.concatenate([np.arange(n, dtype=np.int64) for n in segments])
+    return {
+        "tokens": torch.from_numpy(ids[:-1].copy()),
+        "labels": torch.from_numpy(ids[1:].copy()),
+        "loss_mask": torch.from_numpy(mask[1:].astype(np.float32)),
+        "position_ids": torch.from_numpy(position_ids),
+        "seq_lengths": torch.from_numpy(seq_lengths),
+    }
+
+
+def build_sft_datasets(config: Config, pad: int, split_sizes: List[int]):
+    """(train, valid, test) instruction datasets for ``--is-instruction-dataset`` (None where
+    the split is empty)."""
+    from megatron_ext.training.data import parse_blend
+
+    d = config.data
+    prefixes, weights = parse_blend(d.data_path)
+    for prefix in prefixes:
+        check_prefix(prefix)
+    dataset_config = SFTDatasetConfig(
+        random_seed=config.training.seed,
+        sequence_length=config.model.seq_length,
+        blend=(prefixes, weights),
+        split=d.split,
+        path_to_cache=d.data_cache_path,
+        mid_level_dataset_surplus=0.005,
+        pad=pad,
+    )
+    return BlendedMegatronDatasetBuilder(
+        SFTDataset, split_sizes, lambda: True, dataset_config
+    ).build()
