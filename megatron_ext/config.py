@@ -294,10 +294,18 @@ def validate(config: Config, world_size: int) -> None:
         _require(not d.eod_mask_loss, "--eod-mask-loss cannot be used with "
                  "--is-instruction-dataset: the loss mask comes from the data (assistant turns "
                  "and their end tokens)")
-        _require(not p.sequence_parallel or (t.micro_batch_size * m.seq_length) % tp == 0,
-                 f"--sequence-parallel with --is-instruction-dataset splits the packed micro-batch "
-                 f"(--micro-batch-size {t.micro_batch_size} x --seq-length {m.seq_length} tokens) "
-                 f"over --tensor-model-parallel-size {tp}: make it divisible")
+    if p.sequence_parallel:
+        # SP splits each micro-batch's sequence over TP ranks; packed (varlen) micro-batches are
+        # one row of micro-batch x seq-length tokens.
+        if config.varlen:
+            _require((t.micro_batch_size * m.seq_length) % tp == 0,
+                     f"--sequence-parallel with packed documents splits --micro-batch-size "
+                     f"{t.micro_batch_size} x --seq-length {m.seq_length} tokens over "
+                     f"--tensor-model-parallel-size {tp}: make it divisible")
+        else:
+            _require(m.seq_length % tp == 0,
+                     f"--sequence-parallel splits --seq-length {m.seq_length} over "
+                     f"--tensor-model-parallel-size {tp}: make it divisible")
     _require(bool(d.data_path) != d.mock_data,
              "give exactly one of --data-path PREFIX... and --mock-data")
     if d.data_path and len(d.data_path) > 1:

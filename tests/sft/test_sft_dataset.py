@@ -177,7 +177,7 @@ def test_empty_split_that_is_needed_is_refused(shards):
     (["--data-path", "x", "--eod-mask-loss"], "--eod-mask-loss cannot be used with "
                                               "--is-instruction-dataset"),
     (["--data-path", "x", "--tensor-model-parallel-size", "2", "--sequence-parallel",
-      "--micro-batch-size", "1"], r"--micro-batch-size 1 x --seq-length 9 tokens\) over "
+      "--micro-batch-size", "1"], r"--micro-batch-size 1 x --seq-length 9 tokens over "
                                   r"--tensor-model-parallel-size 2"),
 ])
 def test_flags_that_cannot_work(flags, message):

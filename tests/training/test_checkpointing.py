@@ -101,7 +101,8 @@ def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
 
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "1"], 1)
-    with pytest.raises(RuntimeError, match=r"saved with TP=1 PP=1 .* \(other TP/PP\)"):
+    # Rank 0 finds its file and reports the saved args; rank 1 finds none and the layout.
+    with pytest.raises(RuntimeError, match=r"other TP/PP"):
         launch(_train, 2, MODEL + ["--load", str(tmp_path), "--tensor-model-parallel-size", "2"], 2)
     with pytest.raises(RuntimeError, match=r"hidden"):
         launch(_train, 1, MODEL + ["--load", str(tmp_path), "--hidden-size", "64"], 1)

@@ -44,6 +44,14 @@ INVALID_TOPOLOGY = {
                                    ["--num-layers 3", "--pipeline-model-parallel-size 2"]),
     "sp-without-tp": ("--sequence-parallel", 2,
                       ["--sequence-parallel", "--tensor-model-parallel-size"]),
+    "sp-sequence-not-divisible-by-tp": (
+        "--sequence-parallel --tensor-model-parallel-size 2 --seq-length 33 "
+        "--max-position-embeddings 64", 2, ["--seq-length 33", "--tensor-model-parallel-size 2"]),
+    "sp-packed-tokens-not-divisible-by-tp": (
+        "--sequence-parallel --tensor-model-parallel-size 2 --seq-length 33 "
+        "--max-position-embeddings 64 --micro-batch-size 1 --global-batch-size 1 "
+        "--reset-position-ids", 2,
+        ["--micro-batch-size 1 x --seq-length 33", "--tensor-model-parallel-size 2"]),
     "global-batch-not-divisible-by-mbs-x-dp": (
         "--global-batch-size 6", 2,  # DP 2 x micro-batch 2 = 4 does not divide 6
         ["--global-batch-size 6", "--micro-batch-size 2", "data-parallel size 2"]),
