@@ -19,7 +19,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-4}
 MASTER_PORT=${MASTER_PORT:-29500}
 PRETRAINED=$WORK_DIR/checkpoints
 TOKENIZER_MODEL=$WORK_DIR/data/tokenizer.model
-SEQ_LENGTH=128
+SEQ_LENGTH=128  # the packed sample length; tiny_llama_model.sh reads it
 export CUDA_DEVICE_MAX_CONNECTIONS=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 if [ ! -f "$PRETRAINED/latest_checkpointed_iteration.txt" ]; then
@@ -39,17 +39,7 @@ DISTRIBUTED_ARGS=(
     --nproc_per_node "$NPROC_PER_NODE" --nnodes 1 --node_rank 0
     --master_addr 127.0.0.1 --master_port "$MASTER_PORT"
 )
-# The checkpoint's model: keep in step with examples/pretrain_tiny_llama_tp2_pp2.sh (a
-# mismatch is reported by --load, naming the flag).
-GPT_MODEL_ARGS=(
-    --num-layers 4 --hidden-size 128 --ffn-hidden-size 352 --num-attention-heads 4
-    --group-query-attention --num-query-groups 2
-    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH"
-    --position-embedding-type rope --rotary-base 10000
-    --normalization RMSNorm --norm-epsilon 1e-5 --swiglu
-    --untie-embeddings-and-output-weights --disable-bias-linear
-    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
-)
+source examples/tiny_llama_model.sh
 FINETUNE_ARGS=(
     --load "$PRETRAINED" --finetune
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS"

@@ -21,15 +21,7 @@ DISTRIBUTED_ARGS=(
     --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
 )
-GPT_MODEL_ARGS=(
-    --num-layers 4 --hidden-size 128 --ffn-hidden-size 352 --num-attention-heads 4
-    --group-query-attention --num-query-groups 2
-    --seq-length 128 --max-position-embeddings 128
-    --position-embedding-type rope --rotary-base 10000
-    --normalization RMSNorm --norm-epsilon 1e-5 --swiglu
-    --untie-embeddings-and-output-weights --disable-bias-linear
-    --attention-dropout 0.0 --hidden-dropout 0.0 --init-method-std 0.02
-)
+source examples/tiny_llama_model.sh
 TRAINING_ARGS=(
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
     --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20

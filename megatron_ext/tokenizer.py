@@ -184,6 +184,13 @@ class HuggingFaceTokenizer(_Tokenizer):
             return self._hf(text).input_ids
         return self._tok.encode(text).ids
 
+    def tokenize_without_special_tokens(self, text: str) -> List[int]:
+        """Ids of ``text`` alone, without what the post-processor adds (a Llama-3 BOS per call):
+        for chat templates, which place BOS/EOS themselves."""
+        if self._tok is None:
+            return self._hf(text, add_special_tokens=False).input_ids
+        return self._tok.encode(text, add_special_tokens=False).ids
+
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         if self._tok is None:
             return self._hf(list(texts)).input_ids

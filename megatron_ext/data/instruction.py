@@ -235,11 +235,7 @@ def _text_encoder(tokenizer) -> Callable[[str], List[int]]:
     """text -> ids without the special tokens a tokenizer's post-processor adds (a Llama-3 BOS
     per call): templates place BOS/EOS themselves."""
     if isinstance(tokenizer, HuggingFaceTokenizer):
-        fast = getattr(tokenizer, "_tok", None)
-        if fast is not None:
-            return lambda text: fast.encode(text, add_special_tokens=False).ids
-        hf = tokenizer.hf_tokenizer
-        return lambda text: hf(text, add_special_tokens=False).input_ids
+        return tokenizer.tokenize_without_special_tokens
     return tokenizer.tokenize
 
 
