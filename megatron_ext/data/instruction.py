@@ -15,13 +15,13 @@ The mask is 1 on the tokens of every assistant turn and its end token, 0 elsewhe
 conversation's first token is never trained on, so the label that crosses from one packed
 conversation to the next is always masked.
 
-Handlers (MindSpeed-LLM's names) read a record into turns ``[(role, content)]``, role
-system|user|assistant; ``--map-keys`` (JSON) renames the fields they read. The main process
-packs, in input order, so the output does not depend on ``--workers``. Reading, workers,
-ordering, skips and progress are preprocess_data.py's (``megatron_ext.data.preprocess``).
+Records become turns in ``megatron_ext.data.handlers`` (``--handler-name``, ``--map-keys``);
+here turns become ids and mask with a chat template. The main process packs
+(``megatron_ext.data.sft_packing``), in input order, so the output does not depend on
+``--workers``. Reading, workers, ordering, skips and progress are preprocess_data.py's
+(``megatron_ext.data.preprocess``).
 """
 
-import json
 import os
 import sys
 import time
@@ -32,8 +32,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.data import preprocess as _pre
+from megatron_ext.data.handlers import build_handler
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
-from megatron_ext.data.readers import InputError, expand_inputs, read_chunks
+from megatron_ext.data.readers import InputError, expand_inputs, json_records, read_chunks
+from megatron_ext.data.sft_packing import Packer
 from megatron_ext.data.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
 from megatron_ext.tokenizer import HuggingFaceTokenizer, build_tokenizer
 
@@ -41,191 +43,12 @@ INPUT_IDS_KEY = "input_ids"
 LOSS_MASK_KEY = "loss_mask"
 MASK_DTYPE = np.uint8
 OVERLONG = ("drop", "truncate")
-# First-fit keeps at most this many samples open; when a conversation fits none and the window
-# is full, the fullest open sample is written out. Deterministic for a given input order.
-PACK_WINDOW = 64
 
 
 def output_prefixes(output_prefix: str) -> Tuple[str, str]:
     """(token ids, loss mask) dataset prefixes for ``--output-prefix`` / ``--data-path``."""
     return (f"{output_prefix}_{INPUT_IDS_KEY}_document",
             f"{output_prefix}_{LOSS_MASK_KEY}_document")
-
-
-# --------------------------------------------------------------------------------- handlers
-
-_ROLES = ("system", "user", "assistant")
-
-
-def _text(record: dict, key: str, required: bool, what: str = "") -> Optional[str]:
-    if key not in record:
-        if required:
-            keys = ", ".join(map(str, record)) or "none"
-            raise ValueError(f"no key {key!r}{what} (keys: {keys})")
-        return None
-    value = record[key]
-    if value is None and not required:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"key {key!r}{what} is {type(value).__name__}, not a string")
-    return value
-
-
-def check_turns(turns: List[Turn], names: Sequence[str]) -> List[Turn]:
-    """Validate a conversation: an optional system turn first, then user/assistant alternating,
-    ending with a non-empty assistant turn. ``names[i]`` says where turn i came from."""
-    if not turns:
-        raise ValueError("empty conversation")
-    expected = "user"
-    for i, (role, content) in enumerate(turns):
-        if role == "system":
-            if i != 0:
-                raise ValueError(f"{names[i]}: a system turn is allowed only first")
-            continue
-        if role != expected:
-            article = "an" if expected == "assistant" else "a"
-            raise ValueError(f"{names[i]}: expected {article} {expected} turn, got {role} (turns "
-                             "must alternate user/assistant, starting with user)")
-        if role == "assistant" and not content.strip():
-            raise ValueError(f"{names[i]}: empty assistant turn")
-        expected = "assistant" if role == "user" else "user"
-    if turns[-1][0] != "assistant":
-        raise ValueError(f"{names[-1]}: the conversation ends with a {turns[-1][0]} turn; it "
-                         "must end with an assistant turn (nothing to train on otherwise)")
-    return turns
-
-
-class AlpacaHandler:
-    """Alpaca: ``instruction`` (+ ``input``, joined by a newline) -> ``output``, with optional
-    ``system`` and ``history`` (earlier exchanges as ``[[question, answer], ...]``).
-    ``--map-keys`` keys (MindSpeed-LLM's): prompt, query, response, system, history."""
-
-    defaults = {"prompt": "instruction", "query": "input", "response": "output",
-                "system": "system", "history": "history"}
-
-    def __init__(self, keys: dict):
-        self.keys = keys
-
-    def turns(self, record) -> List[Turn]:
-        if not isinstance(record, dict):
-            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        k = self.keys
-        prompt = _text(record, k["prompt"], True)
-        query = _text(record, k["query"], False)
-        response = _text(record, k["response"], True)
-        system = _text(record, k["system"], False)
-        turns, names = [], []
-        if system:
-            turns.append(("system", system))
-            names.append(f"key {k['system']!r}")
-        history = record.get(k["history"])
-        if history is not None:
-            if not isinstance(history, list):
-                raise ValueError(f"key {k['history']!r} is {type(history).__name__}, not a list "
-                                 "of [question, answer] pairs")
-            for i, pair in enumerate(history):
-                where = f"{k['history']}[{i}]"
-                if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                        or not all(isinstance(x, str) for x in pair)):
-                    raise ValueError(f"{where} is not a [question, answer] pair of strings")
-                turns += [("user", pair[0]), ("assistant", pair[1])]
-                names += [f"{where}[0]", f"{where}[1]"]
-        user = f"{prompt}\n{query}" if query else prompt
-        turns += [("user", user), ("assistant", response)]
-        names += [f"key {k['prompt']!r}", f"key {k['response']!r}"]
-        return check_turns(turns, names)
-
-
-class MessagesHandler:
-    """A list of messages (ShareGPT ``conversations``, OpenAI ``messages``, MFTCoder
-    ``chat_rounds``), each a dict with a role and a content. ``--map-keys`` keys: messages,
-    system (an optional top-level system prompt), tags: {role_tag, content_tag, user_tag,
-    assistant_tag, system_tag} (MindSpeed-LLM's)."""
-
-    def __init__(self, keys: dict):
-        self.keys = keys
-        tags = keys["tags"]
-        self.roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant",
-                      tags["system_tag"]: "system"}
-
-    def turns(self, record) -> List[Turn]:
-        if not isinstance(record, dict):
-            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-        key, tags = self.keys["messages"], self.keys["tags"]
-        if key not in record:
-            raise ValueError(f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
-        messages = record[key]
-        if not isinstance(messages, list):
-            raise ValueError(f"key {key!r} is {type(messages).__name__}, not a list of messages")
-        turns, names = [], []
-        system = _text(record, self.keys["system"], False)
-        if system:
-            turns.append(("system", system))
-            names.append(f"key {self.keys['system']!r}")
-        for i, message in enumerate(messages):
-            where = f"{key}[{i}]"
-            if not isinstance(message, dict):
-                raise ValueError(f"{where} is {type(message).__name__}, not an object")
-            role = _text(message, tags["role_tag"], True, f" in {where}")
-            content = _text(message, tags["content_tag"], True, f" in {where}")
-            if role not in self.roles:
-                known = ", ".join(f"{tag!r} ({name})" for tag, name in self.roles.items())
-                raise ValueError(f"{where}: unknown role {role!r}; known: {known} (rename with "
-                                 "--map-keys '{\"tags\": {...}}')")
-            if self.roles[role] == "system" and system and i == 0:
-                raise ValueError(f"{where}: a system message and a {self.keys['system']!r} key; "
-                                 "give one")
-            turns.append((self.roles[role], content))
-            names.append(where)
-        return check_turns(turns, names)
-
-
-def _messages_defaults(messages: str, role: str, content: str, user: str, assistant: str):
-    return {"messages": messages, "system": "system",
-            "tags": {"role_tag": role, "content_tag": content, "user_tag": user,
-                     "assistant_tag": assistant, "system_tag": "system"}}
-
-
-HANDLERS = {
-    "AlpacaStyleInstructionHandler": (AlpacaHandler, AlpacaHandler.defaults),
-    "SharegptStyleInstructionHandler": (
-        MessagesHandler, _messages_defaults("conversations", "from", "value", "human", "gpt")),
-    "OpenAIStyleInstructionHandler": (
-        MessagesHandler, _messages_defaults("messages", "role", "content", "user", "assistant")),
-    "MFTCoderStyleInstructionHandler": (
-        MessagesHandler, _messages_defaults("chat_rounds", "role", "content", "human", "bot")),
-}
-
-
-def build_handler(name: str, map_keys=None):
-    """The handler ``--handler-name`` names, with ``--map-keys`` (a JSON string or dict)
-    applied over its defaults; a ValueError names the flag."""
-    if name not in HANDLERS:
-        raise ValueError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)}")
-    cls, defaults = HANDLERS[name]
-    keys = json.loads(json.dumps(defaults))
-    if map_keys:
-        if isinstance(map_keys, str):
-            try:
-                map_keys = json.loads(map_keys)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"--map-keys is not valid JSON ({e.msg}): {map_keys}") from None
-        if not isinstance(map_keys, dict):
-            raise ValueError("--map-keys must be a JSON object")
-        for key, value in map_keys.items():
-            if key not in keys:
-                raise ValueError(f"--map-keys: unknown key {key!r} for {name}; known: "
-                                 f"{', '.join(keys)}")
-            if key == "tags":
-                if not isinstance(value, dict) or set(value) - set(keys["tags"]):
-                    raise ValueError(f"--map-keys: 'tags' takes an object with "
-                                     f"{', '.join(keys['tags'])}")
-                keys["tags"].update(value)
-            elif not isinstance(value, str):
-                raise ValueError(f"--map-keys: {key!r} must name a field (a string)")
-            else:
-                keys[key] = value
-    return cls(keys)
 
 
 # --------------------------------------------------------------------------------- encoding
@@ -341,59 +164,6 @@ class ConversationEncoder:
         return encoding["input_ids"], mask
 
 
-# ---------------------------------------------------------------------------------- packing
-
-
-class Packer:
-    """First-fit packing of conversations into samples of ``capacity`` tokens, in input order.
-
-    A conversation is never split. ``add`` returns the samples it closes; ``flush`` the rest.
-    A sample is (ids, mask, sequence lengths, padding): its conversations back to back, then
-    the padding (``pad_id``, mask 0), if any, as a sequence of its own.
-    """
-
-    def __init__(self, capacity: int, pad_id: int, window: int = PACK_WINDOW):
-        self.capacity, self.pad_id, self.window = capacity, pad_id, window
-        self.open: List[list] = []  # each: [used, [(ids, mask), ...]]
-
-    def add(self, ids: np.ndarray, mask: np.ndarray) -> list:
-        size = ids.size
-        if size > self.capacity:
-            raise ValueError(f"a conversation of {size} tokens exceeds the sample "
-                             f"({self.capacity})")
-        closed = []
-        target = next((b for b in self.open if b[0] + size <= self.capacity), None)
-        if target is None:
-            if len(self.open) >= self.window:
-                fullest = max(range(len(self.open)), key=lambda i: (self.open[i][0], -i))
-                closed.append(self._finish(self.open.pop(fullest)))
-            target = [0, []]
-            self.open.append(target)
-        target[0] += size
-        target[1].append((ids, mask))
-        if target[0] == self.capacity:
-            self.open.remove(target)
-            closed.append(self._finish(target))
-        return closed
-
-    def flush(self) -> list:
-        closed = [self._finish(b) for b in self.open]
-        self.open = []
-        return closed
-
-    def _finish(self, sample):
-        used, conversations = sample
-        lengths = [ids.size for ids, _ in conversations]
-        ids = [ids for ids, _ in conversations]
-        mask = [mask for _, mask in conversations]
-        padding = self.capacity - used
-        if padding:
-            ids.append(np.full(padding, self.pad_id, np.int64))
-            mask.append(np.zeros(padding, MASK_DTYPE))
-            lengths.append(padding)
-        return np.concatenate(ids), np.concatenate(mask), lengths, padding
-
-
 # -------------------------------------------------------------------------- worker (chunks)
 
 _STATE = {}
@@ -408,30 +178,13 @@ def _init_worker(tokenizer_args: tuple, handler_name: str, map_keys, prompt_type
                   encoder=ConversationEncoder(tokenizer, prompt_type), skip_invalid=skip_invalid)
 
 
-def _records(chunk):
-    """(location, record) per JSON record of a chunk, or (location, problem)."""
-    for i, item in enumerate(chunk.items):
-        where = f"{chunk.path}, {chunk.unit} {chunk.first + i}"
-        if chunk.kind == "objects":
-            yield where, item
-            continue
-        if not item.strip():
-            continue
-        try:
-            yield where, json.loads(item)
-        except json.JSONDecodeError as e:
-            yield where, ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
-        except UnicodeDecodeError:
-            yield where, ValueError("not valid UTF-8")
-
-
 def encode_chunk(chunk) -> "_pre._ChunkResult":
     """Records of one chunk (in a worker) -> conversations: arrays [(ids, lengths), (mask,
     lengths)], one entry per conversation."""
     handler, encoder, skip = _STATE["handler"], _STATE["encoder"], _STATE["skip_invalid"]
     ids, masks, skips = [], [], []
     read = skipped = 0
-    for where, record in _records(chunk):
+    for where, record in json_records(chunk):
         read += 1
         try:
             if isinstance(record, ValueError):

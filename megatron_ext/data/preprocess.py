@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="progress line every N documents (0: none)")
-    from megatron_ext.data.instruction import HANDLERS, OVERLONG
+    from megatron_ext.data.handlers import HANDLERS
+    from megatron_ext.data.instruction import OVERLONG
     from megatron_ext.data.templates import prompt_types
 
     group = parser.add_argument_group(

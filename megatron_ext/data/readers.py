@@ -171,28 +171,46 @@ def _value(record, key: str) -> str:
     return value
 
 
+def json_records(chunk: Chunk) -> Iterator[Tuple[str, object]]:
+    """Yield (location, record) per record of a "jsonl" or "objects" chunk, or (location,
+    ValueError) for a line that is not JSON. Blank lines are not records."""
+    for i, item in enumerate(chunk.items):
+        where = f"{chunk.path}, {chunk.unit} {chunk.first + i}"
+        if chunk.kind == "objects":
+            yield where, item
+            continue
+        if not item.strip():
+            continue
+        try:
+            record = json.loads(item)
+        except json.JSONDecodeError as e:
+            record = ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
+        except UnicodeDecodeError:
+            record = ValueError("not valid UTF-8")
+        yield where, record
+
+
 def chunk_texts(chunk: Chunk, keys: Sequence[str]) -> Iterator[Tuple[str, Union[list, str]]]:
     """Yield (location, [text per key]) per record, or (location, problem) for a bad one."""
+    if chunk.kind in ("jsonl", "objects"):
+        for where, record in json_records(chunk):
+            try:
+                if isinstance(record, ValueError):
+                    raise record
+                texts = [_value(record, k) for k in keys]
+            except ValueError as e:
+                yield where, str(e)
+                continue
+            yield where, texts
+        return
     for i, item in enumerate(chunk.items):
         where = f"{chunk.path}, {chunk.unit} {chunk.first + i}"
         try:
-            if chunk.kind == "jsonl":
-                if not item.strip():
-                    continue
-                try:
-                    record = json.loads(item)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
-                except UnicodeDecodeError:
-                    raise ValueError("not valid UTF-8")
-                texts = [_value(record, k) for k in keys]
-            elif chunk.kind == "txt":
+            if chunk.kind == "txt":
                 try:
                     texts = [_strip_newline(item.decode("utf-8"))]
                 except UnicodeDecodeError as e:
                     raise ValueError(f"not valid UTF-8 ({e.reason} at byte {e.start})")
-            elif chunk.kind == "objects":
-                texts = [_value(item, k) for k in keys]
             else:
                 texts = []
                 for key, value in zip(keys, item):

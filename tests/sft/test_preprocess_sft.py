@@ -10,9 +10,11 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.data import readers
-from megatron_ext.data.instruction import (ConversationEncoder, Packer, build_handler,
-                                           output_prefixes, preprocess_instructions)
+from megatron_ext.data.handlers import build_handler
+from megatron_ext.data.instruction import (ConversationEncoder, output_prefixes,
+                                           preprocess_instructions)
 from megatron_ext.data.preprocess import SKIP_HINT, main
+from megatron_ext.data.sft_packing import Packer
 from megatron_ext.tokenizer import build_tokenizer
 
 from .conftest import PAD

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from megatron_ext.data.instruction import ConversationEncoder, build_handler
+from megatron_ext.data.handlers import build_handler
+from megatron_ext.data.instruction import ConversationEncoder
 from megatron_ext.data.templates import TemplateError, get_template, prompt_types
 from megatron_ext.tokenizer import build_tokenizer
 
