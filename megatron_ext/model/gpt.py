@@ -12,7 +12,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.checkpoint.format import padded_vocab_size
+from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.config import Config
 from megatron_ext.model.attention import core_attention_spec
 from megatron_ext.model.norm import Norm

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 
 logger = logging.getLogger("megatron_ext")
 
@@ -85,7 +86,7 @@ def save_checkpoint(trainer) -> None:
                       for opt in _distributed_optimizers(trainer.optimizer)]
     if topology.dp_rank == 0:
         ckpt.save_rank_file(path, {
-            "args": ckpt.model_args_namespace(trainer.config, trainer.vocab_size),
+            "args": model_args_namespace(trainer.config, trainer.vocab_size),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
@@ -145,7 +146,7 @@ def load_checkpoint(trainer) -> None:
     if not path.is_file():
         _raise_layout_mismatch(c.load, iteration, topology)
     payload = ckpt.load_rank_file(path)
-    ckpt.check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
+    check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
     ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path)
     if c.finetune:
         logger.info(f"loaded model weights from {path} (--finetune: iteration 0, "

@@ -19,7 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import platform
-from megatron_ext.checkpoint.format import padded_vocab_size
+from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import Config
 from megatron_ext.model.gpt import build_model

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint import format as fmt
+from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.sharding import merge_state_dicts
 from tests.checkpoint.conftest import VOCAB, hf_state_dict, run_convert
 
@@ -199,12 +200,12 @@ def test_training_checkpoint_to_hf(hf_llama, tmp_path):
     mg = run_convert("hf", "mg", hf_llama, tmp_path / "mg", "--target-tensor-parallel-size", 2,
                      "--target-pipeline-parallel-size", 2)
     config = parse_args(model_argv(2, 2, tied=False), world_size=4)
-    args = fmt.model_args_namespace(config, VOCAB)
+    args = model_args_namespace(config, VOCAB)
     for tp in range(2):
         for pp in range(2):
             path = fmt.rank_file(mg, 1, tp, pp, 2)
             payload = fmt.load_rank_file(path, mmap=False)
-            fmt.check_compatible(payload["args"], config, VOCAB, path)  # converted args fit the run
+            check_compatible(payload["args"], config, VOCAB, path)  # converted args fit the run
             payload["args"] = args
             fmt.save_rank_file(path, payload)
     back = run_convert("mg", "hf", mg, tmp_path / "hf")

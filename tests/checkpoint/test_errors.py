@@ -9,6 +9,7 @@ import pytest
 from megatron_ext.checkpoint import convert as conv
 from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint.format import CheckpointError
+from megatron_ext.checkpoint.hf_io import HfWriter
 from tests.checkpoint.conftest import hf_state_dict, run_convert
 
 
@@ -156,7 +157,7 @@ def test_bad_megatron_inputs(mg_tp2pp2, tmp_path):
 @pytest.mark.parametrize("save_type", ["mg", "hf"])
 def test_failure_midway_leaves_no_save_dir(hf_llama, mg_tp2pp2, tmp_path, monkeypatch, save_type):
     calls = []
-    real_save, real_add = fmt.save_rank_file, conv.hf.HfWriter.add
+    real_save, real_add = fmt.save_rank_file, HfWriter.add
 
     def failing_save(path, payload):
         calls.append(path)
@@ -171,7 +172,7 @@ def test_failure_midway_leaves_no_save_dir(hf_llama, mg_tp2pp2, tmp_path, monkey
         real_add(self, name, tensor)
 
     monkeypatch.setattr(fmt, "save_rank_file", failing_save)
-    monkeypatch.setattr(conv.hf.HfWriter, "add", failing_add)
+    monkeypatch.setattr(HfWriter, "add", failing_add)
     save = tmp_path / "out"
     load_type, load = ("hf", hf_llama) if save_type == "mg" else ("mg", mg_tp2pp2)
     argv = (load_type, save_type, load, save, "--target-pipeline-parallel-size",

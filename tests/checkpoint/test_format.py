@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint import format as fmt
+from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.format import CheckpointError
 from megatron_ext.config import parse_args
 
@@ -70,7 +71,7 @@ def _config(extra=""):
 
 
 def test_model_args_namespace():
-    args = fmt.model_args_namespace(_config(), 250)
+    args = model_args_namespace(_config(), 250)
     expected = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     group_query_attention=True, num_query_groups=2, kv_channels=16, seq_length=16,
                     max_position_embeddings=16, position_embedding_type="rope", rotary_base=10000,
@@ -81,13 +82,13 @@ def test_model_args_namespace():
                     padded_vocab_size=256, vocab_size=250, params_dtype=torch.float32,
                     bf16=False, fp16=False)
     assert {k: getattr(args, k) for k in expected} == expected
-    fmt.check_compatible(args, _config(), 250, "ckpt/x.pt")  # the run itself fits
+    check_compatible(args, _config(), 250, "ckpt/x.pt")  # the run itself fits
 
 
 def test_check_compatible_names_file_and_flags():
-    saved = fmt.model_args_namespace(_config(), 250)
+    saved = model_args_namespace(_config(), 250)
     with pytest.raises(CheckpointError) as err:
-        fmt.check_compatible(saved, _config("--hidden-size 128 --num-query-groups 4"), 250, "ck/mp_rank_00_000/x.pt")
+        check_compatible(saved, _config("--hidden-size 128 --num-query-groups 4"), 250, "ck/mp_rank_00_000/x.pt")
     msg = str(err.value)
     assert "ck/mp_rank_00_000/x.pt" in msg
     assert "other hidden size: --hidden-size 64 in the checkpoint, --hidden-size 128 in this run" in msg
@@ -101,15 +102,15 @@ def test_check_compatible_names_file_and_flags():
                         ).split(), world_size=4)
     with pytest.raises(CheckpointError, match=r"other TP/PP: --tensor-model-parallel-size 2 in the "
                        r"checkpoint, --tensor-model-parallel-size 1.*reshard it with convert_ckpt.py"):
-        fmt.check_compatible(saved, other, 250, "x.pt")
+        check_compatible(saved, other, 250, "x.pt")
     with pytest.raises(CheckpointError, match=r"other embedding tying.*other RoPE base.*other vocabulary"):
         cfg = _config("--rotary-base 500000")
         cfg.model.untie_embeddings_and_output_weights = False
-        fmt.check_compatible(saved, cfg, 300, "x.pt")
+        check_compatible(saved, cfg, 300, "x.pt")
     with pytest.raises(CheckpointError, match=r"other norm epsilon: --norm-epsilon 1e-05"):
-        fmt.check_compatible(saved, _config("--norm-epsilon 1e-6"), 250, "x.pt")
+        check_compatible(saved, _config("--norm-epsilon 1e-6"), 250, "x.pt")
     with pytest.raises(CheckpointError, match=r"x.pt has no 'args'"):
-        fmt.check_compatible(None, _config(), 250, "x.pt")
+        check_compatible(None, _config(), 250, "x.pt")
 
 
 def test_check_compatible_reads_megatron_lm_args():
@@ -125,4 +126,4 @@ def test_check_compatible_reads_megatron_lm_args():
                       "--disable-bias-linear --untie-embeddings-and-output-weights --mock-data "
                       "--tokenizer-type NullTokenizer --vocab-size 250 --tensor-model-parallel-size 2 "
                       "--pipeline-model-parallel-size 2").split(), world_size=4)
-    fmt.check_compatible(saved, cfg, 250, "x.pt")
+    check_compatible(saved, cfg, 250, "x.pt")

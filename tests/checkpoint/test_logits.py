@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from megatron_ext.checkpoint import format as fmt
+from megatron_ext.checkpoint.args import check_compatible
 from tests.checkpoint.conftest import SEQ, VOCAB, run_convert
 from tests.launcher import launch
 
@@ -66,7 +67,7 @@ def _rank_logits(cases):
         iteration = fmt.read_tracker(ckpt)
         path = fmt.rank_file(ckpt, iteration, topology.tp_rank, topology.pp_rank, pp)
         payload = fmt.load_rank_file(path)
-        fmt.check_compatible(payload["args"], config, VOCAB, path)
+        check_compatible(payload["args"], config, VOCAB, path)
         fmt.load_model_state_dict(model, payload["model"], path)
 
         tokens = tokens_batch()

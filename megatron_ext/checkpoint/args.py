@@ -1,0 +1,231 @@
+"""The model-defining ``args`` of a rank file: Megatron-LM's flag names and defaults.
+
+Training writes them (``model_args_namespace``) and checks a loaded checkpoint against the run
+(``check_compatible``); the converter builds them from an HF config (``build_args``) and reads
+them back from checkpoints of either origin, ours or Megatron-LM's (``saved_value``).
+"""
+
+import argparse
+from typing import Optional
+
+import torch
+
+from megatron_ext.checkpoint.format import CheckpointError
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's default: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU."""
+    return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
+
+
+def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_size: int) -> int:
+    """Megatron's rule: pad the vocabulary to a multiple of divisible-by x TP."""
+    multiple = make_divisible_by * tensor_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def dtype_flags(dtype: torch.dtype) -> dict:
+    return {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def build_args(
+    *,
+    num_layers: int,
+    hidden_size: int,
+    ffn_hidden_size: int,
+    num_attention_heads: int,
+    num_query_groups: int,
+    kv_channels: int,
+    vocab_size: Optional[int],
+    padded_vocab_size: int,
+    make_vocab_size_divisible_by: int,
+    tensor_model_parallel_size: int,
+    pipeline_model_parallel_size: int,
+    seq_length: int,
+    max_position_embeddings: int,
+    position_embedding_type: str = "rope",
+    rotary_base: float = 10000,
+    normalization: str = "RMSNorm",
+    norm_epsilon: float = 1e-5,
+    swiglu: bool = True,
+    untie_embeddings_and_output_weights: bool = True,
+    add_bias_linear: bool = False,
+    add_qkv_bias: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    use_rope_scaling: bool = False,
+    rope_scaling_factor: float = 8.0,
+    **extra,
+) -> argparse.Namespace:
+    """A Namespace with the model-defining flags under Megatron-LM's names (both spellings of
+    the bias flag); ``extra`` keys are stored as given."""
+    args = argparse.Namespace(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        ffn_hidden_size=ffn_hidden_size,
+        num_attention_heads=num_attention_heads,
+        group_query_attention=num_query_groups != num_attention_heads,
+        num_query_groups=num_query_groups,
+        kv_channels=kv_channels,
+        seq_length=seq_length,
+        max_position_embeddings=max_position_embeddings,
+        position_embedding_type=position_embedding_type,
+        rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,
+        normalization=normalization,
+        norm_epsilon=norm_epsilon,
+        swiglu=swiglu,
+        untie_embeddings_and_output_weights=untie_embeddings_and_output_weights,
+        add_bias_linear=add_bias_linear,
+        disable_bias_linear=not add_bias_linear,
+        add_qkv_bias=add_qkv_bias,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        padded_vocab_size=padded_vocab_size,
+        vocab_size=vocab_size,
+        use_rope_scaling=use_rope_scaling,
+        rope_scaling_factor=rope_scaling_factor,
+        **dtype_flags(params_dtype),
+    )
+    for key, value in extra.items():
+        setattr(args, key, value)
+    return args
+
+
+def _run_values(config, vocab_size: Optional[int]) -> dict:
+    """The model-defining values of a (validated or not) Config, derived defaults filled in."""
+    m, p = config.model, config.parallel
+    groups = m.num_query_groups if m.group_query_attention and m.num_query_groups else m.num_attention_heads
+    dtype = torch.bfloat16 if m.bf16 else torch.float16 if m.fp16 else torch.float32
+    padded = (padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
+              if vocab_size is not None else None)
+    return dict(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.swiglu),
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=groups,
+        kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        vocab_size=vocab_size,
+        padded_vocab_size=padded,
+        make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        seq_length=m.seq_length,
+        max_position_embeddings=m.max_position_embeddings or m.seq_length,
+        position_embedding_type=m.position_embedding_type,
+        rotary_base=m.rotary_base,
+        normalization=m.normalization,
+        norm_epsilon=m.norm_epsilon,
+        swiglu=m.swiglu,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+        add_bias_linear=not m.disable_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
+        params_dtype=dtype,
+        use_rope_scaling=m.use_rope_scaling,
+        rope_scaling_factor=m.rope_scaling_factor,
+    )
+
+
+def model_args_namespace(config, vocab_size: Optional[int]) -> argparse.Namespace:
+    """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab."""
+    return build_args(**_run_values(config, vocab_size))
+
+
+def saved_value(args: argparse.Namespace, name: str):
+    """A model-defining value from saved args (ours or Megatron-LM's), defaults as Megatron."""
+    get = lambda key, default=None: getattr(args, key, default)  # noqa: E731
+    if name == "num_query_groups":
+        return get("num_query_groups") if get("group_query_attention", False) else get("num_attention_heads")
+    if name == "kv_channels":
+        heads = get("num_attention_heads")
+        return get("kv_channels") or (get("hidden_size") // heads if heads else None)
+    if name == "ffn_hidden_size":
+        return get("ffn_hidden_size") or default_ffn_hidden_size(get("hidden_size"), get("swiglu", False))
+    if name == "add_bias_linear":
+        if hasattr(args, "add_bias_linear"):
+            return bool(args.add_bias_linear)
+        return not get("disable_bias_linear", False)
+    if name == "position_embedding_type":
+        return get("position_embedding_type", "learned_absolute")
+    if name in ("swiglu", "untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling"):
+        return bool(get(name, False))
+    if name == "normalization":
+        return get("normalization", "LayerNorm")
+    if name == "pipeline_model_parallel_size":
+        return get(name, 1) or 1
+    return get(name)
+
+
+# (flag, what differs, attribute): the checks of check_compatible, in the order reported.
+_CHECKS = (
+    ("--tensor-model-parallel-size", "other TP/PP", "tensor_model_parallel_size"),
+    ("--pipeline-model-parallel-size", "other TP/PP", "pipeline_model_parallel_size"),
+    ("--num-layers", "other number of layers", "num_layers"),
+    ("--hidden-size", "other hidden size", "hidden_size"),
+    ("--ffn-hidden-size", "other FFN hidden size", "ffn_hidden_size"),
+    ("--num-attention-heads", "other number of attention heads", "num_attention_heads"),
+    ("--num-query-groups", "other number of query groups (GQA)", "num_query_groups"),
+    ("--kv-channels", "other head size", "kv_channels"),
+    ("--position-embedding-type", "other position embedding", "position_embedding_type"),
+    ("--normalization", "other normalization", "normalization"),
+    ("--norm-epsilon", "other norm epsilon", "norm_epsilon"),
+    ("--swiglu", "other MLP activation", "swiglu"),
+    ("--untie-embeddings-and-output-weights", "other embedding tying",
+     "untie_embeddings_and_output_weights"),
+    ("--disable-bias-linear", "other linear biases", "add_bias_linear"),
+    ("--add-qkv-bias", "other QKV bias", "add_qkv_bias"),
+    ("--use-rope-scaling", "other RoPE scaling", "use_rope_scaling"),
+)
+
+
+def _show(flag: str, attr: str, value) -> str:
+    if isinstance(value, bool):
+        if attr == "add_bias_linear":
+            value = not value
+        return f"{flag} {'on' if value else 'off'}"
+    return f"{flag} {value}"
+
+
+def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_size: Optional[int], path) -> None:
+    """Raise ``CheckpointError`` naming ``path`` and every model-defining flag in which the
+    checkpoint's ``args`` differ from this run (``config`` and the tokenizer's ``vocab_size``).
+    """
+    if saved_args is None:
+        raise CheckpointError(f"checkpoint file {path} has no 'args': cannot check that it fits this model")
+    run = _run_values(config, vocab_size)
+    problems = []
+    for flag, what, attr in _CHECKS:
+        saved, mine = saved_value(saved_args, attr), run[attr]
+        if attr == "norm_epsilon" and saved is not None and abs(saved - mine) <= 1e-12:
+            continue
+        if saved is not None and saved != mine:
+            problems.append(f"{what}: {_show(flag, attr, saved)} in the checkpoint, "
+                            f"{_show(flag, attr, mine)} in this run")
+    if run["position_embedding_type"] == "rope":
+        saved = saved_value(saved_args, "rotary_base")
+        if saved is not None and float(saved) != float(run["rotary_base"]):
+            problems.append(f"other RoPE base: --rotary-base {saved} in the checkpoint, "
+                            f"{run['rotary_base']} in this run")
+    else:
+        saved = saved_value(saved_args, "max_position_embeddings")
+        if saved is not None and saved != run["max_position_embeddings"]:
+            problems.append(f"other position embedding table: --max-position-embeddings {saved} "
+                            f"in the checkpoint, {run['max_position_embeddings']} in this run")
+    saved_padded = saved_value(saved_args, "padded_vocab_size")
+    if run["padded_vocab_size"] is not None and saved_padded is not None \
+            and saved_padded != run["padded_vocab_size"]:
+        saved_vocab = saved_value(saved_args, "vocab_size")
+        problems.append(
+            f"other vocabulary: the checkpoint's padded vocabulary is {saved_padded} rows "
+            f"(vocab size {saved_vocab}, --make-vocab-size-divisible-by "
+            f"{saved_value(saved_args, 'make_vocab_size_divisible_by')}), this run pads "
+            f"{vocab_size} to {run['padded_vocab_size']} (--make-vocab-size-divisible-by "
+            f"{run['make_vocab_size_divisible_by']} x TP {run['tensor_model_parallel_size']})"
+        )
+    if problems:
+        hint = ""
+        if any(p.startswith("other TP/PP") for p in problems):
+            hint = ("; reshard it with convert_ckpt.py --load-model-type mg --save-model-type mg "
+                    "--target-tensor-parallel-size/--target-pipeline-parallel-size")
+        raise CheckpointError(f"checkpoint {path} does not fit this run: "
+                              + "; ".join(problems) + hint)

@@ -1,0 +1,163 @@
+"""Conversion sinks: write what a source (``sources.py``) yields as a Megatron tp/pp checkpoint
+or as Hugging Face safetensors, one output file at a time.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_ext.checkpoint import format as fmt
+from megatron_ext.checkpoint import hf
+from megatron_ext.checkpoint.args import dtype_flags, padded_vocab_size, saved_value
+from megatron_ext.checkpoint.hf import ConversionError
+from megatron_ext.checkpoint.hf_io import HfWriter, tokenizer_files
+from megatron_ext.checkpoint.sharding import shard_tensor, stage_layers
+
+
+class Progress:
+    """A progress bar over layers, on stderr."""
+
+    def __init__(self, total: int, desc: str, stream=None):
+        self.total, self.desc, self.done = max(total, 1), desc, 0
+        self.stream = stream or sys.stderr
+        self.start = time.monotonic()
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+        self._last_pct = -1
+        self._draw()
+
+    def update(self, label: str = "") -> None:
+        self.done += 1
+        self._draw(label)
+
+    def _draw(self, label: str = "") -> None:
+        pct = 100 * self.done // self.total
+        if not self.tty and pct // 10 == self._last_pct // 10 and self.done not in (0, self.total):
+            return
+        self._last_pct = pct
+        filled = 30 * self.done // self.total
+        line = (f"{self.desc}: [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} "
+                f"{pct:3d}% {time.monotonic() - self.start:6.1f}s {label}")
+        self.stream.write(("\r" + line.ljust(100)) if self.tty else line + "\n")
+        if self.tty and self.done == self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def check_target(args, tp: int, pp: int) -> None:
+    """The target tp/pp must divide the model (named flags), before anything is written."""
+    n = saved_value(args, "num_attention_heads")
+    g = saved_value(args, "num_query_groups")
+    layers = saved_value(args, "num_layers")
+    ffn = saved_value(args, "ffn_hidden_size")
+    problems = []
+    if tp < 1:
+        problems.append(f"--target-tensor-parallel-size {tp} must be >= 1")
+    if pp < 1:
+        problems.append(f"--target-pipeline-parallel-size {pp} must be >= 1")
+    if problems:
+        raise ConversionError("; ".join(problems))
+    if n % tp:
+        problems.append(f"--target-tensor-parallel-size {tp} does not divide the {n} attention heads")
+    if g % tp:
+        problems.append(f"--target-tensor-parallel-size {tp} does not divide the {g} query groups "
+                        f"(key/value heads)")
+    if ffn % tp:
+        problems.append(f"--target-tensor-parallel-size {tp} does not divide the FFN hidden size {ffn}")
+    if layers % pp:
+        problems.append(f"--target-pipeline-parallel-size {pp} does not divide the {layers} layers")
+    if problems:
+        raise ConversionError("; ".join(problems))
+
+
+class MegatronSink:
+    def __init__(self, source, tp: int, pp: int, dtype: torch.dtype, divisible_by: int,
+                 tokenizer_model: Optional[Path]):
+        check_target(source.args, tp, pp)
+        self.tp, self.pp, self.dtype = tp, pp, dtype
+        a = source.args
+        vocab = saved_value(a, "vocab_size")
+        if vocab is None:  # a Megatron-LM checkpoint without the true vocabulary size
+            vocab = saved_value(a, "padded_vocab_size")
+        self.padded = padded_vocab_size(vocab, divisible_by, tp)
+        self.args = argparse.Namespace(**vars(a))
+        self.args.__dict__.update(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            padded_vocab_size=self.padded, make_vocab_size_divisible_by=divisible_by,
+            vocab_size=saved_value(a, "vocab_size"), **dtype_flags(dtype))
+        if tokenizer_model is not None:
+            self.args.tokenizer_model = str(tokenizer_model)
+        self.iteration = source.iteration
+        self.swiglu = saved_value(a, "swiglu")
+
+    def _shard(self, name, tensor, tp_rank, vocab=False):
+        return shard_tensor(name, tensor.to(self.dtype), swiglu=self.swiglu, tp_rank=tp_rank,
+                            tp_size=self.tp, vocab_rows=self.padded if vocab else None)
+
+    def write(self, source, out: Path) -> None:
+        num_layers = source.num_layers
+        progress = Progress(num_layers * self.tp, "convert (layers x TP ranks)")
+        for pp_rank in range(self.pp):
+            layers = stage_layers(num_layers, pp_rank, self.pp)
+            for tp_rank in range(self.tp):
+                model = {}
+                if pp_rank == 0:
+                    name = "embedding.word_embeddings.weight"
+                    model[name] = self._shard(name, source.embedding(), tp_rank, vocab=True)
+                for index in layers:
+                    for name, tensor in source.layer(index).items():
+                        model[f"decoder.layers.{index - layers.start}.{name}"] = self._shard(name, tensor, tp_rank)
+                    progress.update(f"layer {index} tp {tp_rank}")
+                if pp_rank == self.pp - 1:
+                    for name, tensor in source.final_norm().items():
+                        model[name] = self._shard(name, tensor, tp_rank)
+                    output = source.output_layer()
+                    if output is None and self.pp > 1:
+                        # megatron-core keeps a copy of the tied embedding on the last stage.
+                        output = source.embedding()
+                    if output is not None:
+                        model["output_layer.weight"] = self._shard("output_layer.weight", output,
+                                                                   tp_rank, vocab=True)
+                payload = {"args": self.args, "checkpoint_version": fmt.CHECKPOINT_VERSION,
+                           "iteration": 0 if self.iteration == fmt.RELEASE else self.iteration,
+                           "model": model}
+                fmt.save_rank_file(fmt.rank_file(out, self.iteration, tp_rank, pp_rank, self.pp), payload)
+                del model, payload
+        fmt.write_tracker(out, self.iteration)  # last: the checkpoint is complete
+
+
+class HfSink:
+    def __init__(self, source, model_type_hf: Optional[str], dtype: torch.dtype,
+                 tokenizer_model: Optional[Path], max_shard_bytes: int):
+        self.args = source.args
+        self.dtype = dtype
+        self.config = hf.hf_config_from_args(source.args, model_type_hf, dtype)
+        self.vocab = self.config["vocab_size"]
+        self.untied = saved_value(source.args, "untie_embeddings_and_output_weights")
+        self.tokenizer = tokenizer_files(tokenizer_model) if tokenizer_model is not None else []
+        self.max_shard_bytes = max_shard_bytes
+
+    def write(self, source, out: Path) -> None:
+        writer = HfWriter(out, self.max_shard_bytes)
+        cast = lambda t: t.to(self.dtype)  # noqa: E731
+        writer.add(hf.EMBEDDING[0], cast(source.embedding()[: self.vocab]))
+        progress = Progress(source.num_layers, "convert (layers)")
+        for index in range(source.num_layers):
+            for name, tensor in hf.megatron_layer_to_hf(source.layer(index), index, self.args).items():
+                writer.add(name, cast(tensor))
+            progress.update(f"layer {index}")
+        norm = source.final_norm()
+        if set(norm) != {"decoder.final_layernorm.weight"}:
+            raise ConversionError(f"the final norm has tensors {sorted(norm)}; RMSNorm has a weight only")
+        writer.add(hf.FINAL_NORM[0], cast(norm["decoder.final_layernorm.weight"]))
+        if self.untied:
+            writer.add(hf.OUTPUT[0], cast(source.output_layer()[: self.vocab]))
+        writer.finish()
+        (out / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        for file in self.tokenizer:
+            shutil.copy2(file, out / file.name)
