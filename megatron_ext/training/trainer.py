@@ -6,6 +6,7 @@ forward step (batch -> model -> loss function), as in Megatron-LM's ``pretrain_g
 
 import functools
 import logging
+import os
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -42,7 +43,7 @@ class Trainer:
         init_state_dict: Optional[Dict[str, torch.Tensor]] = None,
     ):
         self.config = config
-        world_size = world_size or int(__import__("os").environ.get("WORLD_SIZE", "1"))
+        world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         # 1. Topology and process groups (flags were validated before this point).
         self.topology = ParallelTopology.from_config(config.parallel, world_size)
         self.topology.initialize(config.parallel.distributed_backend)
