@@ -50,8 +50,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         # Full-size weights are drawn on the CPU and then split, so a layer's initial values do
         # not depend on the TP size (and no CUDA RNG is needed).
         use_cpu_initialization=True,
-        # Packed (THD) samples have as many tokens as padded ones, but not every stage may know
-        # the shapes in advance; megatron-core then exchanges shapes between stages.
+        # Every micro-batch has one shape ([s, b, h], or [b*s, 1, h] when packed), known to all
+        # stages: no shape exchange between pipeline stages is needed.
         variable_seq_lengths=False,
         # Loss is summed over tokens per micro-batch and divided by the global token count once
         # (per-token averaging across micro-batches and DP ranks, as Megatron-LM does).
