@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+from megatron_ext import platform
+
 
 class ConfigError(ValueError):
     """A flag value (or combination) that cannot work; the message names the flag to change."""
@@ -231,6 +233,11 @@ def validate(config: Config, world_size: int) -> None:
              f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
              f"--pipeline-model-parallel-size {pp}; change them or --nproc-per-node")
     dp = world_size // (tp * pp)
+    _require(p.distributed_backend != "nccl" or platform.cuda_available(),
+             "--distributed-backend nccl needs a CUDA device; use gloo (the default on CPU)")
+    _require(p.distributed_backend != "gloo" or not platform.cuda_available(),
+             "--distributed-backend gloo cannot reduce-scatter CUDA tensors (sequence parallelism, "
+             "the distributed optimizer); use nccl (the default with a GPU)")
     _require(not p.sequence_parallel or tp > 1,
              "--sequence-parallel needs --tensor-model-parallel-size > 1")
 
@@ -274,6 +281,11 @@ def validate(config: Config, world_size: int) -> None:
             m.recompute_num_layers = 1
 
     _require(t.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    _require(t.train_iters >= 1, f"--train-iters {t.train_iters}: must be >= 1")
+    logs = config.logging
+    _require(logs.log_interval >= 1, f"--log-interval {logs.log_interval}: must be >= 1")
+    _require(logs.eval_interval >= 0 and logs.eval_iters >= 0,
+             "--eval-interval and --eval-iters must be >= 0 (0: no evaluation)")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -283,6 +295,11 @@ def validate(config: Config, world_size: int) -> None:
              "--lr-warmup-fraction and --lr-warmup-iters are exclusive; pick one")
     if t.lr_decay_iters is None:
         t.lr_decay_iters = t.train_iters
+    warmup = (t.lr_warmup_fraction * t.lr_decay_iters if t.lr_warmup_fraction is not None
+              else t.lr_warmup_iters)
+    _require(warmup < t.lr_decay_iters,
+             f"the warmup ({warmup} iterations from --lr-warmup-iters/--lr-warmup-fraction) must "
+             f"be shorter than --lr-decay-iters {t.lr_decay_iters} (default: --train-iters)")
     _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
 
     if d.is_instruction_dataset:
@@ -339,6 +356,3 @@ def validate(config: Config, world_size: int) -> None:
              "--save-total-limit must be >= 1")
 
 
-def data_parallel_size(config: Config, world_size: int) -> int:
-    p = config.parallel
-    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)

@@ -38,8 +38,6 @@ class ParallelTopology:
 
         platform.apply()
         backend = backend or platform.default_backend()
-        if backend == "nccl" and not platform.cuda_available():
-            raise ConfigError("--distributed-backend nccl needs a CUDA device; use gloo on CPU")
         if not dist.is_initialized():
             if platform.cuda_available():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -19,6 +19,8 @@ megatron-core is used unchanged.
 import contextlib
 import functools
 import importlib
+import os
+import random
 import types
 
 import torch
@@ -37,6 +39,7 @@ _SHIMMED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
@@ -47,7 +50,9 @@ _applied = False
 
 
 def cuda_available() -> bool:
-    return torch.cuda.is_available()
+    """CUDA is used when present, unless MEGATRON_EXT_DEVICE=cpu (the CPU test suite on a GPU
+    machine: forked gloo ranks cannot share one GPU)."""
+    return torch.cuda.is_available() and os.environ.get("MEGATRON_EXT_DEVICE") != "cpu"
 
 
 def device() -> torch.device:
@@ -209,8 +214,11 @@ def apply() -> None:
 
 
 def manual_seed(seed: int) -> None:
-    """Seed torch and megatron-core's model-parallel RNG tracker (CPU or CUDA)."""
+    """Seed Python, numpy, torch and megatron-core's model-parallel RNG tracker (CPU or CUDA)."""
+    import numpy as np
     from megatron.core import tensor_parallel
 
+    random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -201,7 +201,8 @@ def _announce(backend: str, skipped: list) -> None:
         return
     _announced.add(backend)
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+    # The last rank logs progress (training/__init__.py), so it names the backend too.
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != dist.get_world_size() - 1:
         return
     why = f" (auto skipped {'; '.join(skipped)})" if skipped else ""
     # On a GPU the sdpa loop over documents is exact but slow: say so loudly.

@@ -53,8 +53,9 @@ def transformer_config(config: Config) -> TransformerConfig:
         # Every micro-batch has one shape ([s, b, h], or [b*s, 1, h] when packed), known to all
         # stages: no shape exchange between pipeline stages is needed.
         variable_seq_lengths=False,
-        # Loss is summed over tokens per micro-batch and divided by the global token count once
-        # (per-token averaging across micro-batches and DP ranks, as Megatron-LM does).
+        # Loss is summed over tokens per micro-batch and divided by the global token count once:
+        # per-token averaging across micro-batches and DP ranks (Megatron-LM's
+        # --calculate-per-token-loss, always on here, so masked losses are averaged exactly).
         calculate_per_token_loss=True,
     )
 

@@ -148,9 +148,10 @@ def load_checkpoint(trainer) -> None:
     payload = ckpt.load_rank_file(path)
     check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
     ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path)
-    if c.finetune:
-        logger.info(f"loaded model weights from {path} (--finetune: iteration 0, "
-                    f"fresh optimizer, scheduler and data order)")
+    if c.finetune or iteration == ckpt.RELEASE:
+        # A release checkpoint (Megatron-LM's name for published weights) is weights alone.
+        logger.info(f"loaded model weights from {path} (iteration 0, fresh optimizer, "
+                    f"scheduler and data order)")
         return
     if not c.no_load_optim:
         if "optimizer" not in payload:
@@ -177,6 +178,6 @@ def load_checkpoint(trainer) -> None:
                            f"run has {topology.data_parallel}: RNG states not restored")
         else:
             _set_rng_state(rng_states[topology.dp_rank])
-    trainer.iteration = payload["iteration"] if iteration != ckpt.RELEASE else 0
+    trainer.iteration = payload["iteration"]
     trainer.consumed_samples = payload.get("consumed_samples", 0)
     logger.info(f"resumed from {path} at iteration {trainer.iteration}")

@@ -69,7 +69,8 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         split=d.split,
         path_to_cache=d.data_cache_path,
         tokenizer=DatasetTokenizer(eod=eod, vocab_size=vocab_size),
-        reset_position_ids=d.reset_position_ids,
+        # Both flags isolate documents (Config.varlen); positions restart with either.
+        reset_position_ids=config.varlen,
         # Document isolation is done by variable-length attention, never by a dense [s, s] mask.
         reset_attention_mask=False,
         eod_mask_loss=d.eod_mask_loss,
@@ -106,13 +107,12 @@ class PretrainingSampler:
 
 
 def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                  dp_size: int, num_workers: int = 0) -> Optional[Iterator[dict]]:
+                  dp_size: int) -> Optional[Iterator[dict]]:
     if dataset is None:
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
-        persistent_workers=num_workers > 0,
+        dataset, batch_sampler=sampler, pin_memory=False,
         # Its own generator: creating the iterator would otherwise draw from the global torch
         # RNG and shift dropout after a resume (the samples themselves are seeded indices).
         generator=torch.Generator().manual_seed(0),

@@ -6,16 +6,19 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_ext import platform
 from megatron_ext.config import Config
 
 logger = logging.getLogger("megatron_ext")
 
-# Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name; MFU is reported only when known.
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
+# Dense bf16/fp16 tensor-core peak (TFLOP/s) by device name, most specific name first; MFU is
+# reported only for 16-bit training on a known device.
+_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0,
+                "A100": 312.0, "A800": 312.0}
 
 
-def device_peak_tflops() -> Optional[float]:
-    if not torch.cuda.is_available():
+def device_peak_tflops(config: Config) -> Optional[float]:
+    if not (platform.cuda_available() and (config.model.bf16 or config.model.fp16)):
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in _PEAK_TFLOPS.items() if key in name), None)
@@ -47,7 +50,7 @@ class MetricsLogger:
         self.enabled = enabled
         self.world_size = world_size
         self.flops_per_token = flops_per_token(config, vocab_size)
-        self.peak = device_peak_tflops()
+        self.peak = device_peak_tflops(config)
         self.writer = None
         if enabled and config.logging.tensorboard_dir:
             try:

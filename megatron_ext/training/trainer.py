@@ -44,14 +44,16 @@ class Trainer:
     ):
         self.config = config
         world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        # 1. Topology and process groups (flags were validated before this point).
-        self.topology = ParallelTopology.from_config(config.parallel, world_size)
-        self.topology.initialize(config.parallel.distributed_backend)
-        platform.manual_seed(config.training.seed)
-        # 2. Tokenizer: its EOD delimits documents, its size fixes the embedding.
+        # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
+        #    any process group exists, so a bad tokenizer file fails every rank alike.
         d = config.data
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
+        # 2. Topology and process groups (flags were validated before this point). Megatron-LM's
+        #    seeding: each pipeline stage draws its own layers' initial weights.
+        self.topology = ParallelTopology.from_config(config.parallel, world_size)
+        self.topology.initialize(config.parallel.distributed_backend)
+        platform.manual_seed(config.training.seed + 100 * self.topology.pp_rank)
         # 3. Model chunk of this stage, on the device, wrapped in megatron-core DDP.
         module = build_model(config, self.vocab_size).to(platform.device())
         if init_state_dict is not None:
@@ -76,12 +78,12 @@ class Trainer:
             self.model,
         )
         train_samples = t.train_iters * t.global_batch_size
-        warmup_iters = (int(t.lr_warmup_fraction * t.lr_decay_iters)
-                        if t.lr_warmup_fraction is not None else t.lr_warmup_iters)
+        decay_samples = t.lr_decay_iters * t.global_batch_size
+        warmup_samples = (t.lr_warmup_fraction * decay_samples if t.lr_warmup_fraction is not None
+                          else t.lr_warmup_iters * t.global_batch_size)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=warmup_iters * t.global_batch_size,
-            lr_decay_steps=t.lr_decay_iters * t.global_batch_size,
+            lr_warmup_steps=warmup_samples, lr_decay_steps=decay_samples,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=train_samples, wd_incr_style="constant",
         )
@@ -97,14 +99,18 @@ class Trainer:
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off.
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.topology.data_parallel)
         l = config.logging
-        evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_iters else 0
+        # Validation batches advance from one evaluation to the next, as in Megatron-LM.
+        evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_interval else 0
         self.train_ds, self.valid_ds, _ = data.build_datasets(
             config, self.tokenizer.eod, self.vocab_size,
             [train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
-        self.metrics = MetricsLogger(config, self.vocab_size, world_size,
-                                     enabled=dist.get_rank() == world_size - 1)
+        self.valid_iterator = None
+        self.metrics = MetricsLogger(
+            config, padded_vocab_size(self.vocab_size, config.model.make_vocab_size_divisible_by,
+                                      config.parallel.tensor_model_parallel_size),
+            world_size, enabled=dist.get_rank() == world_size - 1)
         self.history: List[Dict[str, float]] = []
 
     # -- weights -----------------------------------------------------------------------------
@@ -182,18 +188,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
+        """Mean per-token loss over ``--eval-iters`` global batches of the validation split."""
         if self.valid_ds is None or not self.config.logging.eval_iters:
             return None
+        t = self.config.training
+        if self.valid_iterator is None:
+            self.valid_iterator = data.cyclic_iterator(
+                self.valid_ds, t.micro_batch_size, self.topology.dp_rank,
+                self.topology.data_parallel)
         for chunk in self.model:
             chunk.eval()
-        t = self.config.training
-        iterator = data.cyclic_iterator(self.valid_ds, t.micro_batch_size,
-                                        self.topology.dp_rank, self.topology.data_parallel)
-        losses = [self._forward_backward(iterator, forward_only=True)[0]
-                  for _ in range(self.config.logging.eval_iters)]
+        loss_sum, tokens = 0.0, 0
+        for _ in range(self.config.logging.eval_iters):
+            loss, count = self._forward_backward(self.valid_iterator, forward_only=True)
+            loss_sum, tokens = loss_sum + loss * count, tokens + count
         for chunk in self.model:
             chunk.train()
-        loss = sum(losses) / len(losses)
+        loss = loss_sum / max(tokens, 1)
         self.metrics.log_eval(self.iteration, loss)
         return loss
 
@@ -204,15 +215,15 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         start_iteration = self.iteration
-        window_start = time.perf_counter()
+        window_start, window_steps = time.perf_counter(), 0
         while self.iteration < t.train_iters:
             stats = self.train_step(iterator)
             self.history.append(stats)
+            window_steps += 1
             if self.iteration % l.log_interval == 0 or self.iteration == t.train_iters:
                 elapsed = time.perf_counter() - window_start
-                steps = (self.iteration - 1) % l.log_interval + 1
-                self.metrics.log_train(self.iteration, stats, elapsed / steps)
-                window_start = time.perf_counter()
+                self.metrics.log_train(self.iteration, stats, elapsed / window_steps)
+                window_steps = 0
             if l.eval_interval and self.iteration % l.eval_interval == 0:
                 self.evaluate()
             # Megatron-LM's --exit-interval: stop (after saving) to resume later, same flags.
@@ -223,6 +234,9 @@ class Trainer:
             if exiting:
                 logger.info(f"exiting at iteration {self.iteration} (--exit-interval)")
                 break
+            if window_steps == 0:
+                # The next window times training steps alone, not evaluation or saving.
+                window_start = time.perf_counter()
         if self.iteration == start_iteration:
             logger.info(f"nothing to train: at iteration {self.iteration} of --train-iters "
                         f"{t.train_iters}")

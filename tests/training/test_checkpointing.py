@@ -25,11 +25,18 @@ MODEL = (
 
 
 def _train(argv, world_size):
+    return _train_with_weights(argv, world_size)[0]
+
+
+def _train_with_weights(argv, world_size):
+    """(losses, initial full state dict, final full state dict); the dicts on rank 0 only."""
     config = parse_args(argv, world_size=world_size)
     trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
+    initial = trainer.full_state_dict()
     losses = [step["lm loss"] for step in trainer.train()]
+    final = trainer.full_state_dict()
     trainer.close()
-    return losses
+    return losses, initial, final
 
 
 @pytest.mark.parametrize("world_size,flags", [
@@ -41,12 +48,15 @@ def test_resume_is_bit_identical(tmp_path, world_size, flags):
     """Stopped at iteration 3 (--exit-interval) and resumed == uninterrupted, loss for loss
     (dropout on, so the RNG states matter too)."""
     argv = MODEL + flags.split()
-    full = launch(_train, world_size, argv, world_size)[-1]
+    full = launch(_train_with_weights, world_size, argv, world_size)
     save = ["--save", str(tmp_path), "--save-interval", "3"]
     first = launch(_train, world_size, argv + save + ["--exit-interval", "3"], world_size)[-1]
     assert ckpt.read_tracker(tmp_path) == 3
-    resumed = launch(_train, world_size, argv + ["--load", str(tmp_path)], world_size)[-1]
-    assert first + resumed == full  # exact equality: same data order, RNG and optimizer state
+    resumed = launch(_train_with_weights, world_size, argv + ["--load", str(tmp_path)], world_size)
+    # Exact equality: same data order, RNG and optimizer state.
+    assert first + resumed[-1][0] == full[-1][0]
+    for name, tensor in full[0][2].items():
+        assert torch.equal(resumed[0][2][name], tensor), name
     assert ckpt.read_tracker(tmp_path) == 3  # no --save in the resumed run
 
 
@@ -113,6 +123,10 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_finetune_loads_weights_only(tmp_path):
-    launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "2"], 1)
-    losses = launch(_train, 1, MODEL + ["--load", str(tmp_path), "--finetune"], 1)[0]
+    argv = MODEL + ["--save", str(tmp_path), "--exit-interval", "2"]
+    _, _, saved = launch(_train_with_weights, 1, argv, 1)[0]
+    losses, loaded, _ = launch(_train_with_weights, 1,
+                               MODEL + ["--load", str(tmp_path), "--finetune"], 1)[0]
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
     assert len(losses) == 6  # iteration counter and data restart at 0

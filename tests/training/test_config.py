@@ -83,6 +83,12 @@ def test_the_same_topology_is_valid_with_a_matching_world_size():
 
 INVALID_FLAGS = {
     "bf16-and-fp16": ("--bf16 --fp16", MOCK, ["--bf16", "--fp16"]),
+    "no-train-iters": ("--train-iters 0", MOCK, ["--train-iters 0"]),
+    "no-log-interval": ("--log-interval 0", MOCK, ["--log-interval 0"]),
+    "negative-eval-interval": ("--eval-interval=-1", MOCK, ["--eval-interval"]),
+    "warmup-not-shorter-than-decay": ("--train-iters 10 --lr-warmup-iters 10", MOCK,
+                                      ["--lr-warmup-iters", "--lr-decay-iters 10"]),
+    "nccl-without-cuda": ("--distributed-backend nccl", MOCK, ["--distributed-backend nccl"]),
     "warmup-fraction-and-iters": ("--lr-warmup-fraction 0.1 --lr-warmup-iters 5", MOCK,
                                   ["--lr-warmup-fraction", "--lr-warmup-iters"]),
     "query-groups-without-gqa": ("--num-query-groups 2", MOCK,

@@ -191,3 +191,19 @@ def test_dataset_counts_by_source_sum_to_size(shards):
     train, _, _ = _datasets(["0.5", shards["A"], "0.5", shards["B"]], "100,0,0", [100, 0, 0])
     counts = collections.Counter(_source(train[i]) for i in range(len(train)))
     assert counts["A"] + counts["B"] == 100 and counts["A"] == 50
+
+
+@pytest.mark.parametrize("flag", ["--reset-position-ids", "--reset-attention-mask"])
+def test_either_document_flag_restarts_positions_after_each_eod(shards, flag):
+    """Position ids restart after every EOD with either flag (both mean isolated documents):
+    checked against positions counted by hand from the sample's own EOD tokens."""
+    train, _, _ = _datasets([shards["A"]], "100,0,0", [8, 0, 0], extra=[flag])
+    assert any(EOD in train[i]["tokens"].tolist()[:-1] for i in range(len(train)))
+    for index in range(len(train)):
+        sample = train[index]
+        tokens = sample["tokens"].tolist()
+        expected, position = [], 0
+        for token in tokens:
+            expected.append(position)
+            position = 0 if token == EOD else position + 1
+        assert sample["position_ids"].tolist() == expected

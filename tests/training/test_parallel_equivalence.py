@@ -86,3 +86,32 @@ def test_the_comparison_can_fail(reference):
     argv = MODEL + "--micro-batch-size 2 --global-batch-size 4".split()
     losses, _, final = launch(_train, 1, argv, 1, reference[1])[0]
     assert losses != pytest.approx(reference[0], rel=LOSS_RTOL)
+
+
+TIED = [flag for flag in MODEL if flag != "--untie-embeddings-and-output-weights"]
+
+
+@pytest.fixture(scope="module")
+def reference_tied():
+    return launch(_train, 1, TIED + BATCH, 1, None)[0]
+
+
+@pytest.mark.parametrize("world_size,flags", [
+    (2, "--pipeline-model-parallel-size 2"),
+    (4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel"),
+])
+def test_tied_embeddings_across_stages_match_single_process(reference_tied, world_size, flags):
+    """The embedding on the first stage and its copy in the last stage's output layer get the
+    summed gradient of both uses, as the single process's one shared weight does."""
+    run = launch(_train, world_size, TIED + BATCH + flags.split(), world_size,
+                 reference_tied[1])[0]
+    _assert_same_run(reference_tied, run)
+
+
+def test_each_pipeline_stage_initializes_its_own_layers():
+    """Without given weights, stages draw different layers (Megatron-LM's seed + 100 x stage),
+    not the same draws for every stage."""
+    _, initial, _ = launch(_train, 2, MODEL + BATCH + ["--pipeline-model-parallel-size", "2",
+                                                       "--train-iters", "2"], 2, None)[0]
+    name = "decoder.layers.{}.self_attention.linear_qkv.weight"
+    assert not torch.equal(initial[name.format(0)], initial[name.format(2)])
