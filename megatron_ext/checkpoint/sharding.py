@@ -35,22 +35,10 @@ def _tp_rule(name: str, swiglu: bool):
     return None
 
 
-def _split(tensor: torch.Tensor, dim: int, stride: int, size: int) -> list:
-    chunks = torch.chunk(tensor, size * stride, dim=dim)
-    return [torch.cat(chunks[rank::size], dim=dim) for rank in range(size)]
-
-
 def _merge(tensors: list, dim: int, stride: int) -> torch.Tensor:
     size = len(tensors)
     pieces = [torch.chunk(t, stride, dim=dim) for t in tensors]
     return torch.cat([pieces[rank][s] for s in range(stride) for rank in range(size)], dim=dim)
-
-
-def resize_vocab(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Pad with zero rows or drop padding rows, so the vocabulary fits the target TP padding."""
-    if tensor.size(0) >= rows:
-        return tensor[:rows].clone()
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.size(0), *tensor.shape[1:])])
 
 
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
@@ -109,13 +97,13 @@ def merge_tensor(name: str, parts: list, *, swiglu: bool) -> torch.Tensor:
 
 def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int) -> Optional[str]:
     """The name of ``name`` on stage ``pp_rank``, or None if that stage does not hold it."""
-    per_stage = num_layers // pp_size
     match = _LAYER.match(name)
     if match:
+        layers = stage_layers(num_layers, pp_rank, pp_size)
         layer = int(match.group(1))
-        if layer // per_stage != pp_rank:
+        if layer not in layers:
             return None
-        return f"decoder.layers.{layer % per_stage}.{match.group(2)}"
+        return f"decoder.layers.{layer - layers.start}.{match.group(2)}"
     first, last = pp_rank == 0, pp_rank == pp_size - 1
     if name.startswith("embedding."):
         return name if first else None
@@ -146,14 +134,9 @@ def shard_state_dict(
         if tensor is None or name.endswith("._extra_state"):
             continue
         local = _stage_name(name, num_layers, pp_rank, pp_size)
-        if local is None:
-            continue
-        if name in _VOCAB and vocab_rows is not None:
-            tensor = resize_vocab(tensor, vocab_rows)
-        rule = _tp_rule(name, swiglu)
-        if rule is not None and tp_size > 1:
-            tensor = _split(tensor, *rule, tp_size)[tp_rank]
-        shard[local] = tensor.clone()
+        if local is not None:
+            shard[local] = shard_tensor(name, tensor, swiglu=swiglu, tp_rank=tp_rank,
+                                        tp_size=tp_size, vocab_rows=vocab_rows).clone()
     return shard
 
 
@@ -167,20 +150,19 @@ def merge_state_dicts(
     """Inverse of ``shard_state_dict``: ``shards[(tp_rank, pp_rank)]`` -> one full state dict."""
     tp_size = 1 + max(tp for tp, _ in shards)
     pp_size = 1 + max(pp for _, pp in shards)
-    per_stage = num_layers // pp_size
     full = {}
     for pp_rank in range(pp_size):
+        first_layer = stage_layers(num_layers, pp_rank, pp_size).start
         names = [n for n, t in shards[(0, pp_rank)].items()
                  if t is not None and not n.endswith("._extra_state")]
         for local in names:
             match = _LAYER.match(local)
-            name = (f"decoder.layers.{pp_rank * per_stage + int(match.group(1))}.{match.group(2)}"
+            name = (f"decoder.layers.{first_layer + int(match.group(1))}.{match.group(2)}"
                     if match else local)
             if name in full:  # the tied output layer copy on the last stage
                 continue
-            parts = [shards[(tp, pp_rank)][local] for tp in range(tp_size)]
-            rule = _tp_rule(name, swiglu)
-            full[name] = _merge(parts, *rule) if rule is not None and tp_size > 1 else parts[0]
+            full[name] = merge_tensor(name, [shards[(tp, pp_rank)][local] for tp in range(tp_size)],
+                                      swiglu=swiglu)
     if tied_embeddings:
         full.pop("output_layer.weight", None)
     return full
