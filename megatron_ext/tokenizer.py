@@ -12,16 +12,27 @@ EOD, the id appended after each document with `--append-eod`, per type:
   model's vocabulary, in that order, so EOD is the model's `<EOD>` piece or a new id (usually
   model size + 2). Unlike Megatron, literal special-token text inside a document is encoded as
   plain text instead of being mapped to the special id.
-- GPTSentencePieceTokenizer, Llama2Tokenizer: EOD = the model's EOS id; no BOS/EOS is added
-  to documents. A model trained with `eos_id=-1` is refused.
+- GPTSentencePieceTokenizer: EOD = the model's EOS id; no BOS/EOS is added to documents. A
+  model trained with `eos_id=-1` is refused.
+- Llama2Tokenizer: the same, but every document starts with the model's BOS, as Megatron's
+  `tokenize(text)` (bos=True) writes it; a model trained with `bos_id=-1` is refused too.
 - HuggingFaceTokenizer (alias PretrainedFromHF): EOD = eos_token_id. Documents are encoded
   with the tokenizer's post-processor, as `tokenizer(text).input_ids` does in Megatron (so a
   Llama-3 tokenizer adds its BOS to every document).
+
+`eos`, the id chat templates place for `{eos}`, is EOD except for SentencePieceTokenizer, whose
+EOD is an added `<EOD>` the model never saw: there it is the model's EOS piece (or the `<EOS>`
+id Megatron adds when the model has none, as Megatron's `eos`).
+`tokenize_without_special_tokens` encodes text alone, without the BOS that Llama2Tokenizer or an
+HF post-processor adds: chat templates place BOS/EOS themselves.
 """
 
 import json
 import os
+import re
 from typing import List, Optional, Sequence
+
+import numpy as np
 
 
 class _Tokenizer:
@@ -32,6 +43,14 @@ class _Tokenizer:
 
     def tokenize(self, text: str) -> List[int]:
         raise NotImplementedError
+
+    def tokenize_without_special_tokens(self, text: str) -> List[int]:
+        """Ids of ``text`` alone, without the special tokens ``tokenize`` adds to a document."""
+        return self.tokenize(text)
+
+    @property
+    def eos(self) -> int:
+        return self.eod
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
         return [self.tokenize(text) for text in texts]
@@ -44,6 +63,10 @@ class _Tokenizer:
         return None
 
 
+# What int() reads in base 10 (Unicode digits included, as `\d`), for naming a bad token.
+_INTEGER = re.compile(r"[+-]?\d+(?:_\d+)*")
+
+
 class NullTokenizer(_Tokenizer):
     def __init__(self, vocab_size: int):
         self._base = vocab_size
@@ -51,18 +74,24 @@ class NullTokenizer(_Tokenizer):
         self.eod = vocab_size
 
     def tokenize(self, text: str) -> List[int]:
-        ids = []
-        for token in text.split():
-            try:
-                ids.append(int(token))
-            except ValueError:
-                raise ValueError(f"{token!r} is not an integer token id (NullTokenizer reads "
+        tokens = text.split()
+        try:
+            ids = np.array(tokens, dtype=np.int64)  # int() of every token, in C
+        except (ValueError, OverflowError):  # a token int() cannot read, or one past int64
+            bad = next((t for t in tokens if not _INTEGER.fullmatch(t)), None)
+            if bad is not None:
+                raise ValueError(f"{bad!r} is not an integer token id (NullTokenizer reads "
                                  "whitespace-separated ids)") from None
+            bad = next(t for t in tokens if not -2**63 <= int(t) < 2**63)
+            raise ValueError(self._outside(bad)) from None
         # An id past the vocabulary would silently wrap around in a uint16 .bin file.
-        if ids and (min(ids) < 0 or max(ids) >= self._base):
-            bad = next(i for i in ids if not 0 <= i < self._base)
-            raise ValueError(f"token id {bad} is outside [0, {self._base}) given by --vocab-size")
-        return ids
+        outside = (ids < 0) | (ids >= self._base)
+        if outside.any():
+            raise ValueError(self._outside(ids[outside.argmax()]))
+        return ids.tolist()
+
+    def _outside(self, token_id) -> str:
+        return f"token id {token_id} is outside [0, {self._base}) given by --vocab-size"
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return " ".join(str(int(i)) for i in ids)
@@ -82,6 +111,7 @@ class ByteTokenizer(_Tokenizer):
 class GPTSentencePieceTokenizer(_Tokenizer):
     # Each process tokenizes on one thread: preprocessing parallelises over processes.
     threads = 1
+    add_bos = False  # whether `tokenize` starts a document with BOS
 
     def __init__(self, model_path: str):
         import sentencepiece
@@ -94,6 +124,12 @@ class GPTSentencePieceTokenizer(_Tokenizer):
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.eod = self._eod_id(model_path)
+        if self.add_bos and self.bos is None:
+            # sentencepiece would fail on every document, each a skippable record error.
+            raise ValueError(
+                f"--tokenizer-model {model_path} has no BOS id (trained with bos_id=-1), so "
+                f"{type(self).__name__} cannot start documents with BOS; use "
+                "--tokenizer-type GPTSentencePieceTokenizer or a model with a BOS piece")
 
     def _eod_id(self, model_path: str) -> int:
         if self._sp.eos_id() < 0:
@@ -104,17 +140,23 @@ class GPTSentencePieceTokenizer(_Tokenizer):
         return self._sp.eos_id()
 
     def tokenize(self, text: str) -> List[int]:
+        return self._sp.encode(text, add_bos=self.add_bos)
+
+    def tokenize_without_special_tokens(self, text: str) -> List[int]:
         return self._sp.encode(text)
 
     def tokenize_batch(self, texts: Sequence[str]) -> List[List[int]]:
-        return self._sp.encode(list(texts), num_threads=self.threads)
+        return self._sp.encode(list(texts), add_bos=self.add_bos, num_threads=self.threads)
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids if i < self._sp.vocab_size()])
 
 
 class Llama2Tokenizer(GPTSentencePieceTokenizer):
-    """Megatron's Llama2Tokenizer tokenizes without BOS/EOS, exactly as the GPT variant."""
+    """Megatron's `_Llama2Tokenizer.tokenize(s, bos=True, eos=False)`, which its
+    preprocess_data.py calls with the defaults: BOS, then the text's ids."""
+
+    add_bos = True
 
 
 class SentencePieceTokenizer(GPTSentencePieceTokenizer):
@@ -136,9 +178,13 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
         special("<MASK>")
         self.pad = special(piece_of(self._sp.pad_id(), "<PAD>"))
         self.bos = special(piece_of(self._sp.bos_id(), "<BOS>"))
-        special(piece_of(self._sp.eos_id(), "<EOS>"))
+        self._eos = special(piece_of(self._sp.eos_id(), "<EOS>"))
         self.vocab_size = len(vocab)
         return eod
+
+    @property
+    def eos(self) -> int:
+        return self._eos
 
 
 class HuggingFaceTokenizer(_Tokenizer):
@@ -185,8 +231,7 @@ class HuggingFaceTokenizer(_Tokenizer):
         return self._tok.encode(text).ids
 
     def tokenize_without_special_tokens(self, text: str) -> List[int]:
-        """Ids of ``text`` alone, without what the post-processor adds (a Llama-3 BOS per call):
-        for chat templates, which place BOS/EOS themselves."""
+        """Without what the post-processor adds (a Llama-3 BOS per call)."""
         if self._tok is None:
             return self._hf(text, add_special_tokens=False).input_ids
         return self._tok.encode(text, add_special_tokens=False).ids

@@ -75,19 +75,24 @@ def build_corpus(path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> int:
     standard library when it is smaller than asked. Returns the number of documents."""
     written = count = 0
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as out:
-        while written < max_bytes:
-            before = count
-            for doc in iter_documents():
-                line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
-                out.write(line)
-                written += len(line.encode("utf-8"))
-                count += 1
-                if written >= max_bytes:
-                    break
-            if count == before:
-                raise RuntimeError("no standard-library sources found to build a corpus from")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as out:
+            while written < max_bytes:
+                before = count
+                for doc in iter_documents():
+                    line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+                    out.write(line)
+                    written += len(line.encode("utf-8"))
+                    count += 1
+                    if written >= max_bytes:
+                        break
+                if count == before:
+                    raise RuntimeError("no standard-library sources found to build a corpus from")
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C included: a partial corpus must not stay behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return count
 
 

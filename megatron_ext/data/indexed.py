@@ -83,36 +83,37 @@ class IndexedDatasetWriter:
         else:
             self.abort()
 
-    @property
-    def num_documents(self) -> int:
-        return len(self._doc_ends) - 1
-
     def add_document(self, tokens, sequence_lengths=None) -> None:
         """Append one document: one sequence (may be empty), or with `sequence_lengths` as many
         sequences as it has entries (they add up to the token count), as Megatron's index
         allows (e.g. the conversations of a packed fine-tuning sample)."""
         values = as_token_array(tokens, self.dtype, self.path_prefix)
-        if sequence_lengths is None:
-            sequence_lengths = [values.size]
-        lengths = np.asarray(sequence_lengths, dtype=np.int64).ravel()
-        if lengths.size == 0 or (lengths < 0).any() or int(lengths.sum()) != values.size:
-            raise ValueError(f"sequence lengths {lengths.tolist()} do not split a document of "
-                             f"{values.size} tokens")
-        self._bin.write(values.tobytes())
-        self._lengths.frombytes(lengths.astype(np.int32).tobytes())
-        self._doc_ends.append(len(self._lengths))
+        self._append(values, [values.size] if sequence_lengths is None else sequence_lengths,
+                     one_document=True)
 
     def add_documents(self, tokens, lengths) -> None:
         """Append many documents at once: `tokens` concatenated, `lengths[i]` tokens each."""
-        values = as_token_array(tokens, self.dtype, self.path_prefix)
-        lengths = np.asarray(lengths, dtype=np.int64)
-        if int(lengths.sum()) != values.size:
-            raise ValueError(f"lengths add up to {int(lengths.sum())}, not {values.size} tokens")
+        self._append(as_token_array(tokens, self.dtype, self.path_prefix), lengths,
+                     one_document=False)
+
+    def _append(self, values: np.ndarray, lengths, one_document: bool) -> None:
+        """Write `values` as sequences of `lengths` tokens: one document of them all, or one
+        document per sequence. Lengths that do not split `values` would leave an index that
+        points past its `.bin` or skips tokens, so they are refused before anything is written."""
+        lengths = np.asarray(lengths, dtype=np.int64).ravel()
+        if ((one_document and lengths.size == 0) or (lengths < 0).any()
+                or int(lengths.sum()) != values.size):
+            shown = np.array2string(lengths, separator=", ", threshold=10)
+            raise ValueError(f"sequence lengths {shown} do not split "
+                             f"{'a document of ' if one_document else ''}{values.size} tokens")
         self._bin.write(values.tobytes())
         start = len(self._lengths)
         self._lengths.frombytes(lengths.astype(np.int32).tobytes())
-        self._doc_ends.frombytes(np.arange(start + 1, start + 1 + lengths.size,
-                                           dtype=np.int64).tobytes())
+        if one_document:
+            self._doc_ends.append(len(self._lengths))
+        else:
+            self._doc_ends.frombytes(np.arange(start + 1, start + 1 + lengths.size,
+                                               dtype=np.int64).tobytes())
 
     def append_dataset(self, path_prefix: str) -> None:
         """Append every document of an existing dataset of the same dtype (for merging)."""

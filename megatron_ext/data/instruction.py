@@ -27,17 +27,18 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from megatron_ext.data import preprocess as _pre
 from megatron_ext.data.handlers import build_handler
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
-from megatron_ext.data.readers import InputError, expand_inputs, json_records, read_chunks
+from megatron_ext.data.readers import (InputError, expand_inputs, file_format, json_records,
+                                       read_chunks)
 from megatron_ext.data.sft_packing import Packer
 from megatron_ext.data.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
-from megatron_ext.tokenizer import HuggingFaceTokenizer, build_tokenizer
+from megatron_ext.tokenizer import build_tokenizer
 
 INPUT_IDS_KEY = "input_ids"
 LOSS_MASK_KEY = "loss_mask"
@@ -52,14 +53,6 @@ def output_prefixes(output_prefix: str) -> Tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------- encoding
-
-
-def _text_encoder(tokenizer) -> Callable[[str], List[int]]:
-    """text -> ids without the special tokens a tokenizer's post-processor adds (a Llama-3 BOS
-    per call): templates place BOS/EOS themselves."""
-    if isinstance(tokenizer, HuggingFaceTokenizer):
-        return tokenizer.tokenize_without_special_tokens
-    return tokenizer.tokenize
 
 
 class ConversationEncoder:
@@ -83,12 +76,13 @@ class ConversationEncoder:
             self.hf, self.template = hf, None
             return
         self.template: Template = get_template(prompt_type)
-        self.specials = {"eos": tokenizer.eod, "bos": tokenizer.bos}
+        self.specials = {"eos": tokenizer.eos, "bos": tokenizer.bos}
         for name in self.template.specials:
             if self.specials[name] is None:
                 raise ValueError(f"--prompt-type {prompt_type} uses {{{name}}}, but "
                                  f"{type(tokenizer).__name__} has no {name.upper()} token")
-        self._encode_text = _text_encoder(tokenizer)
+        # Templates place BOS/EOS themselves: no BOS per text run (Llama2Tokenizer, Llama-3).
+        self._encode_text = tokenizer.tokenize_without_special_tokens
 
     def encode(self, turns: Sequence[Turn]) -> Tuple[np.ndarray, np.ndarray]:
         if self.template is None:
@@ -238,8 +232,7 @@ class InstructionSummary(_pre.Summary):
 
 def _check_inputs(files: Sequence[str]) -> None:
     for path in files:
-        name = path[:-3] if path.endswith(".gz") else path
-        if not name.endswith((".jsonl", ".json")):
+        if file_format(path) not in ("jsonl", "json"):
             raise InputError(f"--input {path}: instruction data is read from .jsonl or .json "
                              "(optionally .gz) files")
 

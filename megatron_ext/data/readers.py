@@ -37,7 +37,8 @@ class Chunk:
     nbytes: int  # input bytes the chunk stands for, for MB/s
 
 
-def _format(path: str) -> Optional[str]:
+def file_format(path: str) -> Optional[str]:
+    """"jsonl", "json", "txt" or "parquet" for a supported file name (".gz" aside), else None."""
     name = path[:-3] if path.endswith(".gz") else path
     for suffix in (".jsonl", ".json", ".txt", ".parquet"):
         if name.endswith(suffix) and not (suffix == ".parquet" and path.endswith(".gz")):
@@ -51,7 +52,7 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
     files = []
     for pattern in inputs:
         if os.path.isfile(pattern):
-            if _format(pattern) is None:
+            if file_format(pattern) is None:
                 raise InputError(f"--input {pattern}: unsupported file type; expected one of "
                                  f"{', '.join(SUFFIXES)}")
             files.append(pattern)
@@ -60,7 +61,7 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
             found = sorted(os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names)
         else:
             found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        matched = [p for p in found if _format(p) is not None]
+        matched = [p for p in found if file_format(p) is not None]
         if not matched:
             raise InputError(f"--input {pattern}: no {', '.join(SUFFIXES)} files found")
         files.extend(matched)
@@ -68,12 +69,20 @@ def expand_inputs(inputs: Sequence[str]) -> List[str]:
 
 
 def check_keys_fit(files: Sequence[str], keys: Sequence[str]) -> None:
-    if len(keys) > 1 and any(_format(p) == "txt" for p in files):
+    if len(keys) > 1 and any(file_format(p) == "txt" for p in files):
         raise InputError("--json-keys: .txt input has one text per line, give a single key")
 
 
+# What reading a damaged or truncated file raises (gzip.BadGzipFile is an OSError).
+_READ_ERRORS = (OSError, EOFError)
+
+
+def _unreadable(path: str, error: Exception, where: str = "") -> InputError:
+    return InputError(f"{path}: unreadable{where}: {error}")
+
+
 def _lines(path: str) -> Iterator[Chunk]:
-    kind = "txt" if _format(path) == "txt" else "jsonl"
+    kind = "txt" if file_format(path) == "txt" else "jsonl"
     opener = gzip.open if path.endswith(".gz") else open
     items, nbytes, first = [], 0, 1
     line_no = 0
@@ -86,8 +95,8 @@ def _lines(path: str) -> Iterator[Chunk]:
                 if len(items) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
                     yield Chunk(path, "line", first, kind, items, nbytes)
                     items, nbytes, first = [], 0, line_no + 1
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise InputError(f"{path}: unreadable after line {line_no}: {e}")
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e, f" after line {line_no}") from None
     if items:
         yield Chunk(path, "line", first, kind, items, nbytes)
 
@@ -100,6 +109,11 @@ def _json_array(path: str) -> Iterator[Chunk]:
     except json.JSONDecodeError as e:
         raise InputError(f"{path}, line {e.lineno}: invalid JSON array ({e.msg}, column "
                          f"{e.colno}); an array cannot be read in part, so fix the file")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); an array "
+                         "cannot be read in part, so fix the file") from None
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
     if not isinstance(elements, list):
         raise InputError(f"{path}: expected JSON lines or one JSON array")
     for start in range(0, len(elements), CHUNK_RECORDS):
@@ -111,14 +125,17 @@ def _json_array(path: str) -> Iterator[Chunk]:
 
 def _starts_with_bracket(path: str) -> bool:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        while True:
-            block = f.read(4096)
-            if not block:
-                return False
-            stripped = block.lstrip()
-            if stripped:
-                return stripped.startswith(b"[")
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                block = f.read(4096)
+                if not block:
+                    return False
+                stripped = block.lstrip()
+                if stripped:
+                    return stripped.startswith(b"[")
+    except _READ_ERRORS as e:
+        raise _unreadable(path, e) from None
 
 
 def _parquet(path: str, keys: Sequence[str]) -> Iterator[Chunk]:
@@ -145,7 +162,7 @@ def _parquet(path: str, keys: Sequence[str]) -> Iterator[Chunk]:
 
 
 def read_chunks(path: str, keys: Sequence[str]) -> Iterator[Chunk]:
-    fmt = _format(path)
+    fmt = file_format(path)
     if fmt == "parquet":
         return _parquet(path, keys)
     if fmt == "json" and _starts_with_bracket(path):
@@ -171,22 +188,41 @@ def _value(record, key: str) -> str:
     return value
 
 
+def _has_lone_surrogate(value) -> bool:
+    """Whether a parsed JSON value holds a lone surrogate: valid JSON (an escape such as
+    "\\ud800", or raw surrogate bytes, which json's decoding lets through), but no text a
+    tokenizer can take (`tokenizers` raises TypeError on it, beyond --skip-invalid's reach)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(map(_has_lone_surrogate, value))
+    return False
+
+
 def json_records(chunk: Chunk) -> Iterator[Tuple[str, object]]:
     """Yield (location, record) per record of a "jsonl" or "objects" chunk, or (location,
-    ValueError) for a line that is not JSON. Blank lines are not records."""
+    ValueError) for a line that is not JSON or not text. Blank lines are not records."""
     for i, item in enumerate(chunk.items):
         where = f"{chunk.path}, {chunk.unit} {chunk.first + i}"
         if chunk.kind == "objects":
-            yield where, item
+            record = item
+        elif not item.strip():
             continue
-        if not item.strip():
-            continue
-        try:
-            record = json.loads(item)
-        except json.JSONDecodeError as e:
-            record = ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
-        except UnicodeDecodeError:
-            record = ValueError("not valid UTF-8")
+        else:
+            try:
+                record = json.loads(item)
+            except json.JSONDecodeError as e:
+                record = ValueError(f"malformed JSON ({e.msg}, column {e.colno})")
+            except UnicodeDecodeError:
+                record = ValueError("not valid UTF-8")
+        if _has_lone_surrogate(record):
+            record = ValueError("not valid UTF-8 (lone surrogate)")
         yield where, record
 
 

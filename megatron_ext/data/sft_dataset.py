@@ -55,10 +55,10 @@ def check_prefix(prefix: str) -> None:
 
 
 class InstructionShards:
-    """The low-level dataset: token ids and loss mask, checked to describe the same documents."""
+    """The low-level dataset: token ids and loss mask, checked to describe the same documents.
+    ``build_sft_datasets`` has checked that both shards exist (``check_prefix``)."""
 
     def __init__(self, prefix: str):
-        check_prefix(prefix)
         ids_prefix, mask_prefix = output_prefixes(prefix)
         self.prefix = prefix
         self.ids = IndexedDataset(ids_prefix)
@@ -181,6 +181,8 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int]):
 
     d = config.data
     prefixes, weights = parse_blend(d.data_path)
+    # Here, not in InstructionShards: every prefix is checked on every rank before the builder
+    # starts building (and synchronising ranks).
     for prefix in prefixes:
         check_prefix(prefix)
     dataset_config = SFTDatasetConfig(

@@ -116,3 +116,22 @@ def test_reader_detects_inconsistent_pair(tmp_path):
     (tmp_path / "bad.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="bad magic"):
         IndexedDatasetReader(str(tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("add, tokens, lengths, message", [
+    ("add_document", [1, 2, 3], [1, 1], r"\[1, 1\] do not split a document of 3 tokens"),
+    ("add_document", [1, 2, 3], [4, -1], r"\[ 4, -1\] do not split a document of 3 tokens"),
+    ("add_document", [], [], r"\[\] do not split a document of 0 tokens"),
+    ("add_documents", [1, 2, 3], [2, 2], r"\[2, 2\] do not split 3 tokens"),
+    ("add_documents", [1, 2, 3], [4, -1], r"\[ 4, -1\] do not split 3 tokens"),
+])
+def test_lengths_that_do_not_split_the_tokens_are_refused(tmp_path, add, tokens, lengths,
+                                                          message):
+    prefix = str(tmp_path / "ds")
+    with IndexedDatasetWriter(prefix, np.uint16) as writer:
+        with pytest.raises(ValueError, match=message):
+            getattr(writer, add)(tokens, lengths)
+        writer.add_documents([7, 8, 9], [1, 0, 2])  # nothing of the refused call was written
+    dataset = IndexedDatasetReader(prefix)
+    assert [dataset.document(i).tolist() for i in range(dataset.num_documents)] == [
+        [7], [], [8, 9]]

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,10 @@ def reference(tokenizer_configs):
             return lambda text: [int(t) for t in text.split()], 70000
         if kind == "ByteTokenizer":
             return lambda text: list(text.encode("utf-8")), 256
-        if "SentencePiece" in kind or kind == "Llama2Tokenizer":
+        if kind == "Llama2Tokenizer":  # Megatron's tokenize(text): bos=True, eos=False
+            sp = spm.SentencePieceProcessor(model_file=model)
+            return (lambda text: [sp.bos_id()] + sp.encode(text)), sp.eos_id()
+        if "SentencePiece" in kind:
             sp = spm.SentencePieceProcessor(model_file=model)
             eod = sp.vocab_size() + 2 if kind == "SentencePieceTokenizer" else sp.eos_id()
             return sp.encode, eod
@@ -157,27 +161,45 @@ def test_workers_keep_input_order(tmp_path, monkeypatch, tokenizer_configs):
             assert a.read() == b.read()
 
 
+LONE_SURROGATE = "not valid UTF-8 (lone surrogate)"
 BAD_CASES = {
-    # name: (file name, content, location in the message, skippable)
+    # name: (file name, content, the message after the path, skippable)
     "malformed-json": ("in.jsonl", '{"text": "ok"}\n{"text": "broken\n{"text": "x"}\n',
-                       "line 2: malformed JSON", True),
-    "missing-key": ("in.jsonl", '{"text": "ok"}\n\n{"body": "x"}\n', "line 3: no key 'text'",
+                       ", line 2: malformed JSON", True),
+    "missing-key": ("in.jsonl", '{"text": "ok"}\n\n{"body": "x"}\n', ", line 3: no key 'text'",
                     True),
-    "non-string": ("in.jsonl", '{"text": "ok"}\n{"text": 12}\n', "line 2: key 'text' is int",
+    "non-string": ("in.jsonl", '{"text": "ok"}\n{"text": 12}\n', ", line 2: key 'text' is int",
                    True),
-    "not-an-object": ("in.json", '{"text": "ok"}\n["text"]\n', "line 2: expected a JSON object",
-                      True),
+    "not-an-object": ("in.json", '{"text": "ok"}\n["text"]\n',
+                      ", line 2: expected a JSON object", True),
     "array-element": ("in.json", '[{"text": "ok"}, {"text": null}]',
-                      "element 2: key 'text' is NoneType", True),
-    "bad-utf8-txt": ("in.txt", b"ok\n\xff\xfe bad\n", "line 2: not valid UTF-8", True),
+                      ", element 2: key 'text' is NoneType", True),
+    "bad-utf8-txt": ("in.txt", b"ok\n\xff\xfe bad\n", ", line 2: not valid UTF-8", True),
+    # Valid JSON, but no text: an escaped lone surrogate, or its raw (CESU-8) bytes.
+    "lone-surrogate": ("in.jsonl", '{"text": "ok"}\n{"text": "bad \\ud800"}\n',
+                       f", line 2: {LONE_SURROGATE}", True),
+    "lone-surrogate-bytes": ("in.jsonl", b'{"text": "ok"}\n{"text": "\xed\xa0\x80"}\n',
+                             f", line 2: {LONE_SURROGATE}", True),
+    "lone-surrogate-key": ("in.jsonl", '{"text": "ok"}\n{"text": "x", "\\udfff": 1}\n',
+                           f", line 2: {LONE_SURROGATE}", True),
+    "lone-surrogate-array": ("in.json", '[{"text": "ok"}, {"text": "\\udc00"}]',
+                             f", element 2: {LONE_SURROGATE}", True),
     "null-ids": ("in.jsonl", '{"text": "5"}\n{"text": "1 x 2"}\n',
-                 "line 2: 'x' is not an integer token id", True),
+                 ", line 2: 'x' is not an integer token id", True),
     "truncated-gzip": ("in.jsonl.gz", gzip.compress(b'{"text": "ok"}\n' * 100)[:-20],
-                       "unreadable after line", False),
-    "broken-array": ("in.json", '[{"text": "ok"},\n {"text": ]', "line 2: invalid JSON array",
+                       ": unreadable after line", False),
+    "truncated-gzip-array": ("in.json.gz",
+                             gzip.compress(b"[" + b'{"text": "ok"},\n' * 100 + b"{}]")[:-20],
+                             ": unreadable: Compressed file ended", False),
+    "not-gzip": ("in.json.gz", '[{"text": "ok"}]', ": unreadable: Not a gzipped file", False),
+    "not-gzip-lines": ("in.jsonl.gz", '{"text": "ok"}\n', ": unreadable after line 0: Not a "
+                       "gzipped file", False),
+    "broken-array": ("in.json", '[{"text": "ok"},\n {"text": ]', ", line 2: invalid JSON array",
                      False),
-    "bad-parquet": ("in.parquet", b"PAR1 this is not parquet PAR1", "row 1: unreadable Parquet",
-                    False),
+    "bad-utf8-array": ("in.json", b'[{"text": "ok"},\n {"text": "\xff"}]',
+                       ": not valid UTF-8 (invalid start byte at byte 28)", False),
+    "bad-parquet": ("in.parquet", b"PAR1 this is not parquet PAR1",
+                    ", row 1: unreadable Parquet", False),
 }
 
 
@@ -198,9 +220,7 @@ def test_bad_input_stops_naming_file_and_record(tmp_path, case):
     kind = "NullTokenizer" if case == "null-ids" else "ByteTokenizer"
     with pytest.raises(readers.InputError) as error:
         run(tmp_path, path, (kind, None, 1000))
-    assert f"{path}, {where}" in str(error.value) or (
-        case in ("truncated-gzip", "bad-parquet") and f"{path}" in str(error.value)
-        and where in str(error.value))
+    assert str(error.value).startswith(f"{path}{where}")
     assert ("--skip-invalid to skip" in str(error.value)) == skippable
     assert os.listdir(tmp_path / "out") == []  # no output, not even temporary files
 
@@ -211,11 +231,28 @@ def test_skip_invalid_skips_and_counts(tmp_path, case):
     kind = "NullTokenizer" if case == "null-ids" else "ByteTokenizer"
     log = io.StringIO()
     prefix, summary = run(tmp_path, path, (kind, None, 1000), skip_invalid=True, log=log)
-    assert log.getvalue().startswith(f"skipped {path}, {BAD_CASES[case][2]}")
+    assert log.getvalue().startswith(f"skipped {path}{BAD_CASES[case][2]}")
     docs = read_back(prefix + "_text_document")[0]
     assert summary.skipped == 1
     assert summary.read == summary.written + summary.skipped == len(docs) + 1
     assert docs[0] == ([5, 1000] if kind == "NullTokenizer" else [111, 107, 256])
+
+
+@pytest.mark.parametrize("name", ["HuggingFaceTokenizer-json", "GPTSentencePieceTokenizer"])
+def test_lone_surrogate_is_a_skippable_record_error_for_every_backend(tmp_path, name,
+                                                                      tokenizer_configs,
+                                                                      reference):
+    """`tokenizers` raises TypeError on a lone surrogate: the reader must stop it first."""
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "bad \\ud800"}\n{"text": "fine"}\n')
+    with pytest.raises(readers.InputError,
+                       match=rf"in.jsonl, line 2: {re.escape(LONE_SURROGATE)}"):
+        run(tmp_path, str(path), tokenizer_configs[name])
+    prefix, summary = run(tmp_path, str(path), tokenizer_configs[name], skip_invalid=True)
+    encode, eod = reference[name]
+    assert read_back(prefix + "_text_document")[0] == [encode("ok") + [eod],
+                                                      encode("fine") + [eod]]
+    assert (summary.read, summary.skipped) == (3, 1)
 
 
 def test_parquet_rows_and_columns(tmp_path, tokenizer_configs):

@@ -16,29 +16,55 @@ def test_null_tokenizer_is_megatrons():
     assert tok.detokenize([5, 7]) == "5 7"
     with pytest.raises(ValueError, match=r"token id 100 is outside \[0, 100\)"):
         tok.tokenize("1 100")
+    with pytest.raises(ValueError, match=r"token id -1 is outside \[0, 100\)"):
+        tok.tokenize("1 -1")
+    with pytest.raises(ValueError, match=r"^'0x1' is not an integer token id"):
+        tok.tokenize("1 +2 0x1 y")
+    with pytest.raises(ValueError, match=r"token id 99999999999999999999 is outside"):
+        tok.tokenize("1 99999999999999999999")
 
 
 def test_byte_tokenizer(docs):
     tok = build_tokenizer("ByteTokenizer")
-    assert (tok.vocab_size, tok.eod, tok.pad, tok.bos, tok.hf_tokenizer) == (257, 256, None,
-                                                                              None, None)
+    assert (tok.vocab_size, tok.eod, tok.eos, tok.pad, tok.bos, tok.hf_tokenizer) == (
+        257, 256, 256, None, None, None)
     for text in docs:
         assert tok.tokenize(text) == list(text.encode("utf-8"))
         assert tok.detokenize(tok.tokenize(text)) == text
     assert tok.tokenize_batch(docs) == [tok.tokenize(t) for t in docs]
 
 
-@pytest.mark.parametrize("kind", ["GPTSentencePieceTokenizer", "Llama2Tokenizer"])
-def test_gpt_sentencepiece_uses_model_eos(kind, sp_model, docs):
+@pytest.mark.parametrize("kind, bos", [("GPTSentencePieceTokenizer", False),
+                                       ("Llama2Tokenizer", True)])
+def test_gpt_sentencepiece_uses_model_eos(kind, bos, sp_model, docs):
+    """Megatron's _GPTSentencePieceTokenizer encodes text alone; its _Llama2Tokenizer.tokenize
+    (bos=True by default, as preprocess_data.py calls it) puts the model's BOS first."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=sp_model)
     tok = build_tokenizer(kind, sp_model)
-    assert (tok.vocab_size, tok.eod, tok.bos) == (sp.vocab_size(), sp.eos_id(), sp.bos_id())
-    assert tok.tokenize_batch(docs) == [sp.encode(t) for t in docs]
-    for text in docs:
-        assert tok.tokenize(text) == sp.encode(text)
+    assert (tok.vocab_size, tok.eod, tok.eos, tok.bos) == (sp.vocab_size(), sp.eos_id(),
+                                                           sp.eos_id(), sp.bos_id())
+    expected = [[sp.bos_id()] * bos + sp.encode(t) for t in docs]
+    assert tok.tokenize_batch(docs) == expected
+    for text, ids in zip(docs, expected):
+        assert tok.tokenize(text) == ids
+        assert tok.tokenize_without_special_tokens(text) == sp.encode(text)
         assert tok.detokenize(tok.tokenize(text)) == sp.decode(sp.encode(text))
+
+
+def test_llama2_model_without_bos_is_refused(tmp_path):
+    import sentencepiece as spm
+
+    text = tmp_path / "text.txt"
+    text.write_text("hello world\n" * 50, encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tok"),
+                                   vocab_size=20, hard_vocab_limit=False, bos_id=-1,
+                                   num_threads=1, minloglevel=2)
+    model = str(tmp_path / "tok.model")
+    with pytest.raises(ValueError, match="has no BOS id.*GPTSentencePieceTokenizer"):
+        build_tokenizer("Llama2Tokenizer", model)
+    assert build_tokenizer("GPTSentencePieceTokenizer", model).bos is None
 
 
 def test_sentencepiece_tokenizer_adds_megatron_special_ids(sp_model):
@@ -49,7 +75,9 @@ def test_sentencepiece_tokenizer_adds_megatron_special_ids(sp_model):
     n = sp.vocab_size()
     # Model has <unk>, <s>, </s> and no pad: <CLS>=n, <SEP>=n+1, <EOD>=n+2, <MASK>=n+3, <PAD>=n+4.
     assert (tok.eod, tok.pad, tok.bos, tok.vocab_size) == (n + 2, n + 4, sp.bos_id(), n + 5)
-    assert tok.tokenize("hello") == sp.encode("hello")
+    assert tok.eos == sp.eos_id() == sp.piece_to_id("</s>")  # the model's EOS, not the <EOD>
+    assert tok.tokenize("hello") == tok.tokenize_without_special_tokens("hello") == sp.encode(
+        "hello")
     assert tok.detokenize(tok.tokenize("hello") + [tok.eod]) == "hello"
 
 
@@ -61,8 +89,8 @@ def test_hf_tokenizer_json_and_directory_match_transformers(hf_tokenizer_json,
     for path in (hf_tokenizer_json, hf_tokenizer_dir):
         for kind in ("HuggingFaceTokenizer", "PretrainedFromHF"):
             tok = build_tokenizer(kind, path)
-            assert tok.eod == reference.eos_token_id == reference.convert_tokens_to_ids(
-                "<|endoftext|>")
+            assert tok.eod == tok.eos == reference.eos_token_id == \
+                reference.convert_tokens_to_ids("<|endoftext|>")
             assert tok.vocab_size == len(reference)
             assert tok.tokenize_batch(docs) == [reference(t).input_ids for t in docs]
             for text in docs:
@@ -99,8 +127,13 @@ def test_not_a_model_file_is_a_clear_error(tmp_path):
 def test_model_without_eos_has_no_eod(sp_model_without_eos):
     with pytest.raises(ValueError, match="has no EOS id.*SentencePieceTokenizer"):
         build_tokenizer("GPTSentencePieceTokenizer", sp_model_without_eos)
-    # Megatron's SentencePieceTokenizer brings its own <EOD>, so this one works.
-    assert build_tokenizer("SentencePieceTokenizer", sp_model_without_eos).eod >= 3
+    # Megatron's SentencePieceTokenizer brings its own <EOD>, so this one works; its EOS is
+    # the <EOS> it adds last (after <CLS> <SEP> <EOD> <MASK> <PAD>), as Megatron's `eos`.
+    import sentencepiece as spm
+
+    n = spm.SentencePieceProcessor(model_file=sp_model_without_eos).vocab_size()
+    tok = build_tokenizer("SentencePieceTokenizer", sp_model_without_eos)
+    assert (tok.eod, tok.eos, tok.vocab_size) == (n + 2, n + 5, n + 6)
 
 
 def test_hf_tokenizer_without_eos_is_refused(tmp_path):

@@ -133,3 +133,19 @@ def test_tokenizer_training_is_repeatable(small_corpus, sp_model, tmp_path):
     with open(sp_model[:-len(".model")] + ".vocab", "rb") as a, \
             open(again[:-len(".model")] + ".vocab", "rb") as b:
         assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("failure", ["error half-way", "no sources"])
+def test_build_corpus_leaves_no_temporary_file_on_failure(tmp_path, monkeypatch, failure):
+    from megatron_ext.data import default_corpus
+
+    def documents():
+        if failure == "error half-way":
+            yield "one document"
+            raise KeyboardInterrupt
+        yield from ()
+
+    monkeypatch.setattr(default_corpus, "iter_documents", documents)
+    with pytest.raises(KeyboardInterrupt if failure == "error half-way" else RuntimeError):
+        build_corpus(str(tmp_path / "corpus.jsonl"), max_bytes=1000)
+    assert os.listdir(tmp_path) == []

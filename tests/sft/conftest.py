@@ -70,3 +70,14 @@ def char_tokenizer_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("char_tok") / "tokenizer"
     hf.save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A small SentencePiece BPE with <unk>, <s>, </s> (ids 0, 1, 2), trained on the stdlib."""
+    from megatron_ext.data.default_corpus import build_corpus, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("sp")
+    corpus = str(directory / "corpus.jsonl")
+    build_corpus(corpus, max_bytes=100_000)
+    return train_tokenizer(corpus, str(directory / "tok"), vocab_size=600)

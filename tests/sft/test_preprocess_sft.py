@@ -144,6 +144,10 @@ BAD = {
     "wrong type": (json.dumps({"messages": {"role": "user"}}), "is dict, not a list"),
     "unknown role": (json.dumps({"messages": [{"role": "human", "content": "q"}]}),
                      "unknown role 'human'"),
+    # valid JSON, but `tokenizers` raises TypeError on it: the reader refuses it first
+    "lone surrogate": ('{"messages": [{"role": "user", "content": "q \\ud800"}, '
+                       '{"role": "assistant", "content": "a"}]}',
+                       r"not valid UTF-8 \(lone surrogate\)"),
 }
 
 

@@ -77,6 +77,21 @@ def test_default_system_prompt_and_no_system(tokenizer):
     assert ids[0] == BOS and ids[-1] == EOS
 
 
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                  "Llama2Tokenizer"])
+def test_sentencepiece_templates_use_the_models_bos_and_eos(sp_model, kind):
+    """{bos}/{eos} are the model's <s>/</s> (not SentencePieceTokenizer's added <EOD>), and
+    text runs get no BOS of their own (Llama2Tokenizer starts documents with one)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    ids, mask = _encode(build_tokenizer(kind, sp_model), "llama2",
+                        [("user", "q"), ("assistant", "a")])
+    prompt, answer = sp.encode("[INST] q [/INST]"), sp.encode("a")
+    assert ids == [sp.piece_to_id("<s>")] + prompt + answer + [sp.piece_to_id("</s>")]
+    assert mask == [0] * (1 + len(prompt)) + [1] * (len(answer) + 1)
+
+
 def test_hf_chat_template_matches_apply_chat_template(tokenizer):
     """``--prompt-type hf``: the ids are transformers' own; the mask covers what each assistant
     message adds to the rendering (its content, end token and the template's newline)."""
