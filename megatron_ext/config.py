@@ -10,7 +10,14 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
+import torch
+
 from megatron_ext import platform
+
+
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's default: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU."""
+    return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
 
 
 class ConfigError(ValueError):
@@ -57,6 +64,10 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = None
     bf16: bool = False
     fp16: bool = False
+
+    @property
+    def params_dtype(self):
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
 
 @dataclass
@@ -266,8 +277,7 @@ def validate(config: Config, world_size: int) -> None:
                  f"{m.num_attention_heads}; set --kv-channels")
         m.kv_channels = m.hidden_size // m.num_attention_heads
     if m.ffn_hidden_size is None:
-        # Megatron-LM's defaults: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU.
-        m.ffn_hidden_size = int(4 * m.hidden_size * 2 / 3 / 64) * 64 if m.swiglu else 4 * m.hidden_size
+        m.ffn_hidden_size = default_ffn_hidden_size(m.hidden_size, m.swiglu)
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
     _require(m.position_embedding_type == "rope" or m.seq_length <= m.max_position_embeddings,

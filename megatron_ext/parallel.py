@@ -83,11 +83,3 @@ class ParallelTopology:
         from megatron.core import parallel_state
 
         return parallel_state.get_data_parallel_rank()
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pipeline_parallel - 1

@@ -11,11 +11,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.checkpoint.format import CheckpointError
-
-
-def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
-    """Megatron-LM's default: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU."""
-    return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
+from megatron_ext.config import default_ffn_hidden_size
 
 
 def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_size: int) -> int:
@@ -92,26 +88,24 @@ def build_args(
 
 
 def _run_values(config, vocab_size: Optional[int]) -> dict:
-    """The model-defining values of a (validated or not) Config, derived defaults filled in."""
+    """The model-defining values of a validated Config (its derived defaults filled in)."""
     m, p = config.model, config.parallel
-    groups = m.num_query_groups if m.group_query_attention and m.num_query_groups else m.num_attention_heads
-    dtype = torch.bfloat16 if m.bf16 else torch.float16 if m.fp16 else torch.float32
     padded = (padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tensor_model_parallel_size)
               if vocab_size is not None else None)
     return dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
-        ffn_hidden_size=m.ffn_hidden_size or default_ffn_hidden_size(m.hidden_size, m.swiglu),
+        ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=groups,
-        kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
         vocab_size=vocab_size,
         padded_vocab_size=padded,
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         seq_length=m.seq_length,
-        max_position_embeddings=m.max_position_embeddings or m.seq_length,
+        max_position_embeddings=m.max_position_embeddings,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
         normalization=m.normalization,
@@ -120,7 +114,7 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
         add_bias_linear=not m.disable_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
-        params_dtype=dtype,
+        params_dtype=m.params_dtype,
         use_rope_scaling=m.use_rope_scaling,
         rope_scaling_factor=m.rope_scaling_factor,
     )

@@ -226,18 +226,6 @@ FINAL_NORM = ("model.norm.weight", "decoder.final_layernorm.weight")
 OUTPUT = ("lm_head.weight", "output_layer.weight")
 
 
-def hf_layer_names(layer: int, qkv_bias: bool) -> list:
-    p = f"model.layers.{layer}."
-    names = [p + n for n in (
-        "input_layernorm.weight", "post_attention_layernorm.weight",
-        "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight",
-        "mlp.down_proj.weight")]
-    if qkv_bias:
-        names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-    return names
-
-
 def hf_layer_shapes(layer: int, flags: dict) -> Dict[str, tuple]:
     """The shape of each HF tensor of ``layer`` for a model described by Megatron ``flags``."""
     h, f = flags["hidden_size"], flags["ffn_hidden_size"]

@@ -37,7 +37,6 @@ class HfReader:
             self.weight_map = {name: self.load_dir / file for name, file in weight_map.items()}
         elif single.is_file():
             self.weight_map = None
-            self._single = single
         else:
             bins = sorted(p.name for p in self.load_dir.glob("pytorch_model*.bin"))
             hint = (f" ({bins[0]} found: re-save it with save_pretrained(..., safe_serialization=True))"

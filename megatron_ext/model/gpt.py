@@ -4,7 +4,6 @@ Model code carries no parallel plumbing: the spec swaps in our norm (sequence-pa
 and our core attention (document-aware); megatron-core's GPTModel does the rest.
 """
 
-import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -20,7 +19,6 @@ from megatron_ext.model.norm import Norm
 
 def transformer_config(config: Config) -> TransformerConfig:
     m, p = config.model, config.parallel
-    dtype = torch.bfloat16 if m.bf16 else torch.float16 if m.fp16 else torch.float32
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -40,8 +38,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
+        params_dtype=m.params_dtype,
+        pipeline_dtype=m.params_dtype,
         bf16=m.bf16,
         fp16=m.fp16,
         recompute_granularity=m.recompute_granularity,
