@@ -1,6 +1,6 @@
 """Megatron-style offline preprocessing: see megatron_ext/data/preprocess.py and docs/preprocess.md."""
 
-from megatron_ext.data.preprocess import main
+from megatron_ext.data.cli import main
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ def get_batch(config: Config, eod: int, data_iterator) -> dict:
     batch = {k: v.to(platform.device(), non_blocking=True) for k, v in next(data_iterator).items()}
     batch["packed_seq_params"] = None
     if config.varlen:
-        from megatron_ext.data import packing
+        from megatron_ext.training import packing
 
         # megatron-core's THD path takes one row: flatten (b, s) in that order; the document
         # boundaries in packed_seq_params keep rows (and documents) apart.

@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
     # Chat templates and the built-in instruction set (docs/finetune.md) are data.
-    package_data={"megatron_ext.data": ["templates.json", "builtin_instructions.jsonl"]},
+    package_data={"megatron_ext.data.instruct": ["templates.json", "builtin_instructions.jsonl"]},
     py_modules=["preprocess_data", "pretrain_gpt", "convert_ckpt"],
     install_requires=[
         # Loose on purpose: a pre-installed torch (e.g. the 2.13.0 CPU build) must be kept,

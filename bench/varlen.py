@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from megatron_ext import platform  # noqa: E402
-from megatron_ext.data.packing import cumulative_seq_len, packed_seq_params_from_actual_seq_len  # noqa: E402
+from megatron_ext.training.packing import cumulative_seq_len, packed_seq_params_from_actual_seq_len  # noqa: E402
 
 BACKENDS = ("flash", "torch", "te", "sdpa")
 
@@ -163,7 +163,7 @@ def bench_attention(args, device, dtype, kv_heads):
 def bench_e2e(args, device, dtype, kv_heads):
     """Forward+backward of a small GPTModel over the packed sample, varlen vs causal."""
     from megatron_ext.config import parse_args
-    from megatron_ext.data.packing import packed_seq_params as make_params
+    from megatron_ext.training.packing import packed_seq_params as make_params
     from megatron_ext.model.attention import AttentionBackendError, select_backend
     from megatron_ext.model.gpt import build_model, transformer_config
     from megatron_ext.parallel import ParallelTopology

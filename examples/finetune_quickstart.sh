@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instruction fine-tuning of the quickstart model, end to end on CPU (gloo) or GPUs (nccl):
 # runs examples/quickstart.sh first when its checkpoint is missing, preprocesses the built-in
-# instruction set (megatron_ext/data/builtin_instructions.jsonl, ShareGPT format, multi-turn)
+# instruction set (megatron_ext/data/instruct/builtin_instructions.jsonl, ShareGPT format, multi-turn)
 # with the Llama-2 chat template into packed samples with an answer-only loss mask, then
 # fine-tunes with --load ... --finetune on TP=2 x PP=2 (+ sequence parallelism), the
 # conversations of a packed sample attending only to themselves (variable-length attention).
@@ -29,7 +29,7 @@ fi
 
 # Conversations -> token ids + loss mask, packed into samples of SEQ_LENGTH + 1 tokens.
 python preprocess_data.py \
-    --input megatron_ext/data/builtin_instructions.jsonl \
+    --input megatron_ext/data/instruct/builtin_instructions.jsonl \
     --output-prefix "$FT_DIR/data/builtin" \
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --handler-name SharegptStyleInstructionHandler --prompt-type llama2 \

@@ -104,7 +104,7 @@ class DataConfig:
     mock_data: bool = False
     data_cache_path: Optional[str] = None
     # Fine-tuning on instruction shards (PREFIX_input_ids/loss_mask_document): see
-    # megatron_ext/data/sft_dataset.py and docs/finetune.md.
+    # megatron_ext/training/sft_dataset.py and docs/finetune.md.
     is_instruction_dataset: bool = False
 
 

@@ -1,19 +1,12 @@
-"""`preprocess_data.py`: text files to Megatron indexed datasets, one per JSON key.
+"""Text files to Megatron indexed datasets, one per JSON key (flags: ``data/cli.py``).
 
-    python preprocess_data.py --input data/*.jsonl --output-prefix out/corpus \\
-        --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \\
-        --append-eod --workers 2
-
-writes `out/corpus_text_document.bin/.idx`. Merge mode:
-`python preprocess_data.py --merge --input-prefixes A B --output-prefix C`. Instruction data
-(`--handler-name ... --prompt-type ...`, token ids + loss mask, optionally packed) goes through
-the same reader, workers and progress: see `megatron_ext/data/instruction.py`.
+Instruction data (token ids + loss mask, optionally packed) goes through the same reader,
+workers and progress: see ``megatron_ext/data/instruct/pipeline.py``.
 
 The main process reads raw chunks and writes; N worker processes parse and tokenize. Output
 order is input order. torch is never imported, so start-up takes well under a second.
 """
 
-import argparse
 import multiprocessing
 import os
 import sys
@@ -29,7 +22,7 @@ import numpy as np
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
 from megatron_ext.data.readers import (Chunk, InputError, check_keys_fit, chunk_texts,
                                        expand_inputs, read_chunks)
-from megatron_ext.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_ext.tokenizer import build_tokenizer
 
 SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
 # With --skip-invalid, the first few skipped records are named, so a systematic problem
@@ -226,114 +219,3 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                 summary.empty[key] += empty
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="preprocess_data.py",
-        description="Tokenize JSONL/JSON/TXT/Parquet text into Megatron indexed datasets.")
-    group = parser.add_argument_group("input")
-    group.add_argument("--input", nargs="+", metavar="PATH",
-                       help="files, directories (recursive) or globs: .jsonl, .json, .txt "
-                            "(one document per line), each optionally .gz, and .parquet")
-    group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                       help="keys (Parquet columns) to tokenize, one output each "
-                            "(default: text)")
-    group.add_argument("--skip-invalid", action="store_true",
-                       help="skip and count malformed records instead of stopping")
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES))
-    group.add_argument("--tokenizer-model", "--tokenizer-name-or-path", dest="tokenizer_model",
-                       help="SentencePiece .model, tokenizer.json, or a saved HF directory")
-    group.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are in [0, V)")
-    group.add_argument("--append-eod", action="store_true",
-                       help="append the tokenizer's EOD id to every document")
-    group = parser.add_argument_group("output and runtime")
-    group.add_argument("--output-prefix", required=True,
-                       help="writes PREFIX_{key}_document.bin/.idx (merge: PREFIX.bin/.idx)")
-    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    group.add_argument("--log-interval", type=int, default=10000,
-                       help="progress line every N documents (0: none)")
-    from megatron_ext.data.handlers import HANDLERS
-    from megatron_ext.data.instruction import OVERLONG
-    from megatron_ext.data.templates import prompt_types
-
-    group = parser.add_argument_group(
-        "instruction data (fine-tuning; writes PREFIX_input_ids_document and "
-        "PREFIX_loss_mask_document, see docs/finetune.md)")
-    group.add_argument("--handler-name", choices=list(HANDLERS),
-                       help="read records as conversations in this format (default: pretraining "
-                            "text)")
-    group.add_argument("--prompt-type", metavar="NAME",
-                       help=f"chat template: {', '.join(prompt_types())} (hf: the tokenizer's "
-                            "chat_template), or a template .json file")
-    group.add_argument("--map-keys", metavar="JSON",
-                       help="rename the fields a handler reads, e.g. '{\"prompt\": \"question\"}'")
-    group.add_argument("--pack", action="store_true",
-                       help="pack conversations into samples of --seq-length (+1) tokens")
-    group.add_argument("--seq-length", type=int, metavar="N",
-                       help="the training --seq-length: a sample holds N + 1 tokens")
-    group.add_argument("--overlong", choices=OVERLONG, default="drop",
-                       help="a conversation longer than --seq-length + 1 tokens: drop it "
-                            "(default) or truncate it; counted in the summary")
-    group = parser.add_argument_group("merge mode")
-    group.add_argument("--merge", action="store_true",
-                       help="concatenate existing datasets instead of tokenizing")
-    group.add_argument("--input-prefixes", nargs="+", metavar="PREFIX",
-                       help="datasets to merge, in order (a directory means all its pairs)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.merge:
-        if not args.input_prefixes or args.input:
-            parser.error("--merge takes --input-prefixes (and no --input)")
-    elif args.input_prefixes:
-        parser.error("--input-prefixes is for --merge")
-    elif not args.input or not args.tokenizer_type:
-        parser.error("--input and --tokenizer-type are required (or --merge)")
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    instruction_flags = [flag for flag, given in (
-        ("--prompt-type", args.prompt_type), ("--map-keys", args.map_keys), ("--pack", args.pack),
-        ("--seq-length", args.seq_length is not None),
-        ("--overlong", args.overlong != "drop")) if given]
-    if args.handler_name:
-        if args.merge or args.append_eod or args.json_keys != ["text"]:
-            parser.error("--handler-name (instruction data) takes no --merge, --append-eod or "
-                         "--json-keys: the template ends every turn, the handler picks the fields")
-        if not args.prompt_type:
-            parser.error("--handler-name needs --prompt-type (a chat template)")
-        if args.pack and args.seq_length is None:
-            parser.error("--pack needs --seq-length (the training --seq-length)")
-    elif instruction_flags:
-        parser.error(f"{', '.join(instruction_flags)}: only with --handler-name (instruction data)")
-    try:
-        if args.handler_name:
-            from megatron_ext.data.instruction import output_prefixes, preprocess_instructions
-
-            summary = preprocess_instructions(
-                args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-                args.vocab_size, args.handler_name, args.prompt_type, args.map_keys, args.pack,
-                args.seq_length, args.overlong, args.workers, args.log_interval,
-                args.skip_invalid)
-            print(summary.report(), file=sys.stderr)
-            for prefix in output_prefixes(args.output_prefix):
-                print(f"wrote {prefix}.bin/.idx", file=sys.stderr)
-            return
-        if args.merge:
-            from megatron_ext.data.merge import merge_datasets
-
-            merge_datasets(args.input_prefixes, args.output_prefix, log=sys.stderr)
-            return
-        summary = preprocess(args.input, args.output_prefix, args.tokenizer_type,
-                             args.tokenizer_model, args.vocab_size, args.json_keys,
-                             args.append_eod, args.workers, args.log_interval,
-                             args.skip_invalid)
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
-    print(summary.report(), file=sys.stderr)
-    for key in args.json_keys:
-        print(f"wrote {output_prefix_for(args.output_prefix, key)}.bin/.idx", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 megatron-core's local ``DotProductAttention`` rejects ``packed_seq_params``; this module takes
 its place in the spec. With ``packed_seq_params`` (``qkv_format="thd"``, built from EOD
-positions by ``megatron_ext.data.packing``) q/k/v arrive as ``[t, heads, head_dim]`` and each
+positions by ``megatron_ext.training.packing``) q/k/v arrive as ``[t, heads, head_dim]`` and each
 document attends causally to itself only, exactly as if it were trained alone. Without it, the
 input is ``[s, b, heads, head_dim]`` and attention is plain causal over each sample (Megatron).
 
@@ -252,7 +252,7 @@ class CoreAttention(MegatronModule):
         if attention_mask is not None:
             raise ValueError(
                 "CoreAttention is causal by itself and takes document boundaries from "
-                "packed_seq_params (megatron_ext.data.packing); pass attention_mask=None "
+                "packed_seq_params (megatron_ext.training.packing); pass attention_mask=None "
                 "instead of a dense mask, which would otherwise be silently ignored"
             )
         dropout = self.dropout if self.training else 0.0

@@ -6,7 +6,6 @@ itself instead of receiving them by broadcast from TP rank 0: the datasets are d
 stage has the token ids it needs to derive document boundaries for variable-length attention.
 """
 
-import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -14,7 +13,9 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-from megatron_ext.config import Config, ConfigError
+from megatron_ext.config import Config
+from megatron_ext.training.blend import check_prefixes, parse_blend
+from megatron_ext.training.sft_dataset import build_sft_datasets
 
 
 @dataclass
@@ -32,36 +33,16 @@ class DatasetTokenizer:
         return {"eod": self.eod, "vocab_size": self.vocab_size, "pad": self.pad}
 
 
-def parse_blend(data_path: List[str]):
-    """``[A]`` or ``[w1, A, w2, B, ...]`` -> (prefixes, weights or None)."""
-    if len(data_path) == 1:
-        return [data_path[0]], None
-    weights = [float(w) for w in data_path[0::2]]
-    return list(data_path[1::2]), weights
-
-
-def _check_prefixes(prefixes: List[str]) -> None:
-    for prefix in prefixes:
-        for suffix in (".bin", ".idx"):
-            if not os.path.isfile(prefix + suffix):
-                raise ConfigError(
-                    f"--data-path: {prefix + suffix} does not exist; give the prefix written by "
-                    f"preprocess_data.py (e.g. PREFIX_text_document, without .bin/.idx)"
-                )
-
-
 def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int]):
     """(train, valid, test) GPTDatasets (None where the split is empty); instruction datasets
     (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to)."""
     d = config.data
     if d.is_instruction_dataset:
-        from megatron_ext.data.sft_dataset import build_sft_datasets
-
         return build_sft_datasets(config, eod, split_sizes)
     prefixes = None
     if not d.mock_data:
         prefixes, weights = parse_blend(d.data_path)
-        _check_prefixes(prefixes)
+        check_prefixes(prefixes)
     dataset_config = GPTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,

@@ -1,8 +1,8 @@
-"""Hand-worked document boundaries of packed samples (megatron_ext.data.packing)."""
+"""Hand-worked document boundaries of packed samples (megatron_ext.training.packing)."""
 
 import torch
 
-from megatron_ext.data.packing import (
+from megatron_ext.training.packing import (
     actual_seq_len,
     cumulative_seq_len,
     packed_seq_params,

@@ -2,7 +2,7 @@
 
 The reference runs every document by itself as a batch-1 sequence (plain causal attention,
 positions from 0) and sums; it is built from the lengths the samples were made of, not from
-``megatron_ext.data.packing``. The packed run uses ``packed_seq_params`` and
+``megatron_ext.training.packing``. The packed run uses ``packed_seq_params`` and
 ``reset_position_ids`` on ``tokens.reshape(1, b * s)``. Compared: per-token logits and loss,
 and the gradient of the summed per-token loss with respect to every parameter. Single process
 (micro-batch 1 and 2, with and without activation recomputation), TP=2 + SP and PP=2 on gloo.
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron_ext import platform
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import parse_args
-from megatron_ext.data.packing import actual_seq_len, packed_seq_params, reset_position_ids
+from megatron_ext.training.packing import actual_seq_len, packed_seq_params, reset_position_ids
 from megatron_ext.model.attention import AttentionBackendError, CoreAttention
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology

@@ -8,7 +8,7 @@ import torch
 
 import pretrain_gpt
 from megatron_ext.config import parse_args
-from megatron_ext.data.instruction import preprocess_instructions
+from megatron_ext.data.instruct.pipeline import preprocess_instructions
 from megatron_ext.training.trainer import Trainer
 from tests.launcher import launch
 

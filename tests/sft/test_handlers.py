@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_ext.data.handlers import build_handler
+from megatron_ext.data.instruct.handlers import build_handler
 
 ALPACA = "AlpacaStyleInstructionHandler"
 SHAREGPT = "SharegptStyleInstructionHandler"

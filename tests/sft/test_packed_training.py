@@ -23,8 +23,8 @@ import pretrain_gpt
 from megatron_ext.checkpoint.sharding import merge_state_dicts
 from megatron_ext.config import parse_args
 from megatron_ext.data.indexed import IndexedDatasetReader
-from megatron_ext.data.instruction import output_prefixes
-from megatron_ext.data.preprocess import main as preprocess_main
+from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.data.cli import main as preprocess_main
 from megatron_ext.training import data as training_data
 from megatron_ext.training.trainer import Trainer
 from tests.launcher import launch

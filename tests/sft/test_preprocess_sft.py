@@ -10,11 +10,12 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_ext.data import readers
-from megatron_ext.data.handlers import build_handler
-from megatron_ext.data.instruction import (ConversationEncoder, output_prefixes,
+from megatron_ext.data.instruct.handlers import build_handler
+from megatron_ext.data.instruct.pipeline import (ConversationEncoder, output_prefixes,
                                            preprocess_instructions)
-from megatron_ext.data.preprocess import SKIP_HINT, main
-from megatron_ext.data.sft_packing import Packer
+from megatron_ext.data.cli import main
+from megatron_ext.data.preprocess import SKIP_HINT
+from megatron_ext.data.instruct.packing import Packer
 from megatron_ext.tokenizer import build_tokenizer
 
 from .conftest import PAD

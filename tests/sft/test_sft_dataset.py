@@ -9,8 +9,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 import pretrain_gpt
 from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.data.indexed import IndexedDatasetWriter
-from megatron_ext.data.instruction import output_prefixes
-from megatron_ext.data.sft_dataset import build_sample
+from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.training.sft_dataset import build_sample
 from megatron_ext.training.data import build_datasets, data_iterator
 
 SEQ = 9  # rows of 10 tokens

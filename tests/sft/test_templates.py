@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from megatron_ext.data.handlers import build_handler
-from megatron_ext.data.instruction import ConversationEncoder
-from megatron_ext.data.templates import TemplateError, get_template, prompt_types
+from megatron_ext.data.instruct.handlers import build_handler
+from megatron_ext.data.instruct.pipeline import ConversationEncoder
+from megatron_ext.data.instruct.templates import TemplateError, get_template, prompt_types
 from megatron_ext.tokenizer import build_tokenizer
 
 from .conftest import BOS, EOS, expected

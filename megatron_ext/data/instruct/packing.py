@@ -1,6 +1,6 @@
 """Packing of instruction conversations into fixed-size training samples.
 
-Not to be confused with ``megatron_ext.data.packing``, which finds the document boundaries
+Not to be confused with ``megatron_ext.training.packing``, which finds the document boundaries
 inside a packed micro-batch at training time; this packs at preprocessing time, and the
 sequence lengths it returns are the boundaries the instruction shards store.
 """

@@ -9,7 +9,7 @@ ValueError that says which field is wrong; the caller adds the file and line.
 import json
 from typing import List, Optional, Sequence
 
-from megatron_ext.data.templates import Turn
+from megatron_ext.data.instruct.templates import Turn
 
 
 def _text(record: dict, key: str, required: bool, what: str = "") -> Optional[str]:

@@ -15,9 +15,9 @@ The mask is 1 on the tokens of every assistant turn and its end token, 0 elsewhe
 conversation's first token is never trained on, so the label that crosses from one packed
 conversation to the next is always masked.
 
-Records become turns in ``megatron_ext.data.handlers`` (``--handler-name``, ``--map-keys``);
+Records become turns in ``megatron_ext.data.instruct.handlers`` (``--handler-name``, ``--map-keys``);
 here turns become ids and mask with a chat template. The main process packs
-(``megatron_ext.data.sft_packing``), in input order, so the output does not depend on
+(``megatron_ext.data.instruct.packing``), in input order, so the output does not depend on
 ``--workers``. Reading, workers, ordering, skips and progress are preprocess_data.py's
 (``megatron_ext.data.preprocess``).
 """
@@ -32,12 +32,12 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from megatron_ext.data import preprocess as _pre
-from megatron_ext.data.handlers import build_handler
+from megatron_ext.data.instruct.handlers import build_handler
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
 from megatron_ext.data.readers import (InputError, expand_inputs, file_format, json_records,
                                        read_chunks)
-from megatron_ext.data.sft_packing import Packer
-from megatron_ext.data.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
+from megatron_ext.data.instruct.packing import Packer
+from megatron_ext.data.instruct.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
 from megatron_ext.tokenizer import build_tokenizer
 
 INPUT_IDS_KEY = "input_ids"

@@ -2,7 +2,7 @@
 
 The templates live in ``templates.json`` beside this module (``--prompt-type NAME``); a path to
 a JSON file holding one template object (the same fields) works too. ``--prompt-type hf`` is
-not rendered here: it is the tokenizer's own ``chat_template`` (``megatron_ext.data.instruction``).
+not rendered here: it is the tokenizer's own ``chat_template`` (``megatron_ext.data.instruct.pipeline``).
 
 A conversation renders as::
 

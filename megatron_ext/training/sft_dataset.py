@@ -35,7 +35,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megatron_ext.config import Config, ConfigError
-from megatron_ext.data.instruction import output_prefixes
+from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.training.blend import parse_blend
 
 logger = logging.getLogger("megatron_ext")
 
@@ -177,8 +178,6 @@ def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_len
 def build_sft_datasets(config: Config, pad: int, split_sizes: List[int]):
     """(train, valid, test) instruction datasets for ``--is-instruction-dataset`` (None where
     the split is empty)."""
-    from megatron_ext.training.data import parse_blend
-
     d = config.data
     prefixes, weights = parse_blend(d.data_path)
     # Here, not in InstructionShards: every prefix is checked on every rank before the builder
