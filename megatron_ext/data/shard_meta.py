@@ -1,0 +1,69 @@
+"""What a shard holds and how it was made: ``PREFIX.meta.json`` beside ``PREFIX.bin/.idx``.
+
+``preprocess_data.py`` writes it with the shard, so training can check the shard against the
+run's tokenizer (largest id vs the vocabulary, EOD id) without reading the tokens. Megatron-LM's
+tool writes none; training then scans the shard once and caches the result (see
+``megatron_ext/training/shard_checks.py``). The file is torch-free JSON so that any tool can
+read it; megatron-core ignores it.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+META_SUFFIX = ".meta.json"
+FORMAT = "megatron-ext-shard"
+VERSION = 1
+
+
+class ShardMetaError(ValueError):
+    """A metadata file that cannot be read; the message names it."""
+
+
+@dataclass
+class ShardMeta:
+    num_documents: int
+    num_tokens: int
+    max_id: int  # -1 for a shard without tokens
+    bin_bytes: int  # sizes of the pair when it was written: a pair from two runs differs
+    idx_bytes: int
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None  # as given to the tool
+    vocab_size: Optional[int] = None  # the tokenizer's, without Megatron's padding
+    eod: Optional[int] = None
+    eod_appended: Optional[bool] = None  # --append-eod (None: unknown, e.g. a scanned shard)
+    tool: str = ""  # "megatron-ext X.Y.Z preprocess_data.py", or "scan" for a scanned shard
+
+
+def meta_path(prefix: str) -> str:
+    return prefix + META_SUFFIX
+
+
+def write_meta(prefix: str, meta: ShardMeta) -> None:
+    """Atomically (a reader sees the old file or the new one, never a part)."""
+    path = meta_path(prefix)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, **asdict(meta)}, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_meta(prefix: str) -> Optional[ShardMeta]:
+    """The shard's metadata, or None when it has none (a shard made by Megatron-LM's tool)."""
+    path = meta_path(prefix)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        if raw.get("format") != FORMAT or raw.get("version") != VERSION:
+            raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, "
+                             f"expected {FORMAT!r} version {VERSION}")
+        names = {f.name for f in fields(ShardMeta)}
+        return ShardMeta(**{k: v for k, v in raw.items() if k in names})
+    except (OSError, ValueError, TypeError) as error:
+        raise ShardMetaError(
+            f"{path}: unreadable shard metadata ({error}); delete it to have the shard scanned "
+            f"again, or rewrite the shard with preprocess_data.py") from None
