@@ -156,7 +156,8 @@ def markdown(results, dry_run) -> str:
               "## Targets", "", _table(("target", "measured", "verdict"), targets(results, dry_run)),
               "", "## Steps", "",
               _table(("step", "status", "seconds", "command"),
-                     [(s["name"], s["status"], f"{s['seconds']:.0f}", f"`{s['command']}`")
+                     [(s["name"], s["status"] + (f" ({s['note']})" if "note" in s else ""),
+                       f"{s['seconds']:.0f}", f"`{s['command']}`")
                       for s in results["steps"]])]
     kernels, varlen = _result(results, "kernels"), _result(results, "varlen")
     lines += ["", "## 1. Varlen kernels vs the exact fp32 reference", "",

@@ -66,17 +66,13 @@ STEPS = {
 RESERVE_S = 10  # kept back from the deadline for writing the report
 
 
-def _wheel_name_version(path):
-    name, version = os.path.basename(path).split("-")[:2]
-    return name, version
-
-
-def install_command():
-    """pip's offline install of the carried wheels not installed at their version, or None."""
-    wheels = sorted(glob.glob(os.path.join(WHEEL_DIR, "*.whl")))
+def install(wheel_dir, site, env, log) -> dict:
+    """Step 0: pip's offline install into ``site`` of the carried wheels that are not installed
+    at their version already (--no-deps: torch and the image's packages stay as they are)."""
+    wheels = sorted(glob.glob(os.path.join(wheel_dir, "*.whl")))
     needed = []
     for wheel in wheels:
-        name, version = _wheel_name_version(wheel)
+        name, version = os.path.basename(wheel).split("-")[:2]
         try:
             if metadata.version(name) == version:
                 continue
@@ -84,9 +80,14 @@ def install_command():
             pass
         needed.append(wheel)
     if not needed:
-        return None, [os.path.basename(w) for w in wheels]
-    return ([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-             "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE] + needed), []
+        present = ", ".join(os.path.basename(w) for w in wheels)
+        return dict(name="install", status="ok", seconds=0.0, command="-",
+                    note=f"already installed: {present}" if wheels else "no wheels carried")
+    argv = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+            "--no-compile", "--no-cache-dir", "--upgrade", "--target", site] + needed
+    status, seconds, tail = run_step("install", argv, 60, env, log)
+    return dict(name="install", status=status, seconds=seconds, command=shlex.join(argv),
+                tail=tail)
 
 
 def run_step(name, argv, timeout, env, log):
@@ -176,18 +177,12 @@ def main():
                    p for p in [ROOT, SITE, os.environ.get("PYTHONPATH")] if p))
     if args.dry_run:  # tiny sizes on a shared CPU: thread pools only add spin-waiting
         env["OMP_NUM_THREADS"] = "1"
-    results = {"environment": environment(args.dry_run), "command": shlex.join(sys.argv),
-               "steps": []}
     scratch = tempfile.mkdtemp(prefix="gpu-proof-")
     with open(os.path.join(args.out, "run.log"), "w") as log:
-        install, present = install_command()
-        if install is None:
-            results["steps"].append(dict(name="install", status="ok", seconds=0.0, command="-",
-                                         note=f"already installed: {', '.join(present) or 'no wheels carried'}"))
-        else:
-            status, seconds, tail = run_step("install", install, 60, env, log)
-            results["steps"].append(dict(name="install", status=status, seconds=seconds,
-                                         command=shlex.join(install), tail=tail))
+        installed = install(WHEEL_DIR, SITE, env, log)
+        sys.path.append(SITE)  # so that the report names the versions the steps import
+        results = {"environment": environment(args.dry_run), "command": shlex.join(sys.argv),
+                   "steps": [installed]}
         for name in args.only or list(STEPS):
             timeout, gpu_argv, dry_argv = STEPS[name]
             json_path = os.path.join(scratch, f"{name}.json")

@@ -1,6 +1,8 @@
 """The GPU proof (bench/gpu/) rehearsed on this machine: the dry run through its shell entry,
 the kernel checker's verdicts, step isolation, the report's target verdicts, the wheel check."""
 
+import base64
+import hashlib
 import json
 import math
 import os
@@ -110,6 +112,42 @@ def test_a_failing_or_hanging_step_is_reported_and_the_next_one_runs(tmp_path):
     assert failed[0] == "failed: exit code 3" and "boom" in failed[2]
     assert hung[0] == "failed: timed out after 1 s" and hung[1] < 30
     assert ok[0] == "ok" and ok[2] == "fine\n"
+
+
+def _pure_wheel(wheel_dir, name="gpuproof_probe", version="1.0"):
+    """A minimal valid wheel of one module (``VALUE = 7``)."""
+    files = {f"{name}/__init__.py": "VALUE = 7\n",
+             f"{name}-{version}.dist-info/METADATA":
+                 f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{name}-{version}.dist-info/WHEEL":
+                 "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = f"{name}-{version}.dist-info/RECORD"
+    lines = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        lines.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    files[record] = "\n".join(lines + [f"{record},,"]) + "\n"
+    os.makedirs(wheel_dir, exist_ok=True)
+    path = os.path.join(wheel_dir, f"{name}-{version}-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as z:
+        for name_, text in files.items():
+            z.writestr(name_, text)
+    return path
+
+
+def test_install_step_installs_carried_wheels_offline_into_its_own_folder(tmp_path):
+    env = dict(os.environ, PIP_NO_INPUT="1")
+    with open(tmp_path / "log", "w") as log:
+        assert run.install(str(tmp_path / "none"), str(tmp_path / "site"), env, log)["note"] \
+            == "no wheels carried"
+        _pure_wheel(str(tmp_path / "wheels"))
+        step = run.install(str(tmp_path / "wheels"), str(tmp_path / "site"), env, log)
+    assert step["status"] == "ok", step
+    assert "--no-index" in step["command"] and "--no-deps" in step["command"]
+    probe = subprocess.run([sys.executable, "-c", "import gpuproof_probe; print(gpuproof_probe.VALUE)"],
+                           env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+                           capture_output=True, text=True)
+    assert probe.stdout == "7\n", probe.stderr
 
 
 def _gpu_results(mfu, speedup, kernel_status="ok"):
