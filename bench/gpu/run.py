@@ -126,6 +126,15 @@ def run_step(name, argv, timeout, env, log):
     return status, time.monotonic() - start, "".join(lines[-40:])
 
 
+def _git(*args) -> str:
+    """git's output, or "" where there is no git or no repository."""
+    try:
+        run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return run.stdout.strip() if run.returncode == 0 else ""
+
+
 def environment(dry_run):
     import torch
 
@@ -148,15 +157,19 @@ def environment(dry_run):
              "--format=csv,noheader"], capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         env["nvidia-smi"] = "not available"
+    # The device machine gets the files without .git: there the wheels' manifest names the
+    # commit they were prepared at.
+    commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain")
     manifest = os.path.join(WHEEL_DIR, "manifest.json")
-    if os.path.exists(manifest):
+    if commit:
+        env["tree"] = f"commit {commit}{' + uncommitted changes' if dirty else ''}"
+    elif os.path.exists(manifest):
         with open(manifest) as f:
             m = json.load(f)
         env["tree"] = (f"commit {m['commit']}{' + uncommitted changes' if m['uncommitted_changes'] else ''}"
-                       f" (wheels prepared {m['prepared_utc']})")
+                       f" (when the wheels were prepared, {m['prepared_utc']})")
     else:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        env["tree"] = f"commit {git.stdout.strip()}" if git.returncode == 0 else "unknown"
+        env["tree"] = "unknown"
     return env
 
 
