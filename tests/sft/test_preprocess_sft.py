@@ -180,7 +180,7 @@ def test_skip_invalid_counts_and_names_the_first_skips(tmp_path, char_tokenizer_
 def test_text_input_is_refused(tmp_path, char_tokenizer_dir):
     path = tmp_path / "chats.txt"
     path.write_text("hello\n")
-    with pytest.raises(readers.InputError, match="instruction data is read from .jsonl or .json"):
+    with pytest.raises(readers.InputError, match="instruction data is read from .jsonl, .ndjson or .json"):
         preprocess_instructions([str(path)], str(tmp_path / "x"), "HuggingFaceTokenizer",
                                 char_tokenizer_dir, handler_name=OPENAI, prompt_type="chatml")
 
