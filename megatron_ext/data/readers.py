@@ -31,7 +31,10 @@ class Chunk:
 
 
 def _unreadable(path: str, error: Exception, where: str = "") -> InputError:
-    return InputError(f"{path}: unreadable{where}: {error}")
+    # A decoder's complaint (no errno) means the bytes are bad, not the file system.
+    damaged = "" if getattr(error, "errno", None) else (
+        "; the file is damaged or truncated: fix it or fetch it again")
+    return InputError(f"{path}: unreadable{where}: {error}{damaged}")
 
 
 def _lines(path: str) -> Iterator[Chunk]:
@@ -48,7 +51,7 @@ def _lines(path: str) -> Iterator[Chunk]:
                     yield Chunk(path, "line", first, kind, items, nbytes)
                     items, nbytes, first = [], 0, line_no + 1
     except READ_ERRORS as e:
-        raise _unreadable(path, e, f" after line {line_no}") from None
+        raise _unreadable(path, e, f" after line {line_no}" if line_no else "") from None
     if items:
         yield Chunk(path, "line", first, kind, items, nbytes)
 
