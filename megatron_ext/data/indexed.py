@@ -168,11 +168,14 @@ class IndexedDatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if not self._done:
-                self.finalize()
-        else:
+        if exc_type is not None:
             self.abort()
+        elif not self._done:
+            try:
+                self.finalize()
+            except BaseException:  # e.g. the disk filled up with the last bytes
+                self.abort()
+                raise
 
     def add_document(self, tokens, sequence_lengths=None) -> None:
         """Append one document: one sequence (may be empty), or with `sequence_lengths` as many

@@ -178,17 +178,21 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path, repo_root):
     assert _read(str(prefix)) == [[97], [98]]
 
 
-def test_a_full_disk_names_the_file_and_the_way_out(tmp_path, monkeypatch):
-    """ENOSPC from the kernel: the writer's temporary file is a link to /dev/full."""
+@pytest.mark.parametrize("suffix,docs", [
+    ("bin", 200),  # while writing tokens
+    ("bin", 1),  # with the last buffered bytes, at finalize
+    ("idx", 200)])  # while writing the index
+def test_a_full_disk_names_the_file_and_the_way_out(tmp_path, monkeypatch, suffix, docs):
+    """ENOSPC from the kernel: one of the writer's temporary files is a link to /dev/full."""
     class FixedHex:
         hex = "0123abcd" * 4
 
     monkeypatch.setattr(indexed.uuid, "uuid4", lambda: FixedHex)
     (tmp_path / "out").mkdir()
-    tmp_bin = f"{tmp_path}/out/data_text_document.bin.tmp-{os.getpid()}-0123abcd"
-    os.symlink("/dev/full", tmp_bin)
-    (tmp_path / "in.jsonl").write_bytes(_lines(["a" * 100] * 200))
-    with pytest.raises(OSError, match=rf"^{tmp_bin}: No space left on device; free space there "
+    full = f"{tmp_path}/out/data_text_document.{suffix}.tmp-{os.getpid()}-0123abcd"
+    os.symlink("/dev/full", full)
+    (tmp_path / "in.jsonl").write_bytes(_lines(["a" * 100] * docs))
+    with pytest.raises(OSError, match=rf"^{full}: No space left on device; free space there "
                        "or give an --output-prefix on another file system$"):
         _run(tmp_path, [str(tmp_path / "in.jsonl")])
     assert os.listdir(tmp_path / "out") == []
