@@ -6,13 +6,19 @@ into `.bin`, int64[D+1] document boundaries as sequence indices (leading 0). `.b
 tokens back to back. megatron-core's `IndexedDataset` reads what this module writes.
 """
 
+import errno
+import glob
 import os
-import shutil
+import re
 import struct
+import sys
 import uuid
 from array import array
 
 import numpy as np
+
+from megatron_ext.data import shard_meta
+from megatron_ext.data.shard_meta import META_SUFFIX, ShardMeta, meta_path
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -33,6 +39,82 @@ def bin_path(path_prefix: str) -> str:
 
 def idx_path(path_prefix: str) -> str:
     return path_prefix + ".idx"
+
+
+class OutputError(OSError):
+    """An OS error while writing an output, with the path and what to do in its message."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+_WAY_OUT = {
+    errno.ENOSPC: "free space there or give an --output-prefix on another file system",
+    errno.EDQUOT: "free space there or give an --output-prefix on another file system",
+    errno.EACCES: "give an --output-prefix in a directory you can write to",
+    errno.EPERM: "give an --output-prefix in a directory you can write to",
+    errno.EROFS: "give an --output-prefix on a writable file system",
+}
+
+
+def output_error(error: OSError, path: str) -> OutputError:
+    """``error`` (raised writing ``path``) as a message that names the path and the way out."""
+    if isinstance(error, OutputError):
+        return error
+    way_out = _WAY_OUT.get(error.errno, "check the path and the file system")
+    return OutputError(error.errno, f"{path}: {error.strerror or error}; {way_out}")
+
+
+def prepare_output_dir(output_prefix: str) -> None:
+    """Create ``output_prefix``'s directory; a component that is a file is named (``makedirs``
+    would only say "File exists")."""
+    directory = os.path.dirname(output_prefix)
+    if not directory:
+        return
+    path = directory
+    while path and not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if path and not os.path.isdir(path):
+        raise OutputError(errno.ENOTDIR, f"--output-prefix {output_prefix}: {path} is a file, "
+                          "not a directory; move it away or give another --output-prefix")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise output_error(e, directory) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+_TEMPORARY = re.compile(r"\.tmp-(\d+)(?:-[0-9a-f]+)?$")
+
+
+def remove_stale_temporaries(path_prefix: str, log=None) -> list:
+    """Delete the temporary files a killed run on ``path_prefix`` left (``PREFIX.bin.tmp-PID-X``,
+    ``.idx``, ``.meta.json``): only those whose process is gone, so a run writing the same
+    prefix now keeps its files. PIDs are this machine's; a run on another host sharing the
+    directory would look dead, which is why each removal is reported. Returns the paths."""
+    removed = []
+    for suffix in (".bin", ".idx", META_SUFFIX):
+        for path in glob.glob(glob.escape(path_prefix + suffix) + ".tmp-*"):
+            match = _TEMPORARY.search(path[len(path_prefix + suffix):])
+            if match is None or _pid_alive(int(match.group(1))):
+                continue
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+            print(f"removed {path}: a temporary file of an earlier run (pid {match.group(1)}) "
+                  "that did not finish", file=log or sys.stderr)
+    return removed
 
 
 def as_token_array(tokens, dtype, where: str = "") -> np.ndarray:
@@ -56,32 +138,44 @@ class IndexedDatasetWriter:
 
     Data goes to temporary files beside the targets; `finalize()` renames `.bin` then `.idx`
     (after removing any old `.idx`), so an `.idx` never sits next to an incomplete `.bin`.
-    Leaving the `with` block through an exception deletes the temporary files instead.
+    Leaving the `with` block through an exception deletes the temporary files instead; those
+    of a killed run are deleted by the next writer of the same prefix. Any `PREFIX.meta.json`
+    is removed with the old pair, so it never describes another pair (see `meta`).
     Generic over dtype so that aligned datasets (token ids, loss masks) use the same writer.
     """
 
-    def __init__(self, path_prefix: str, dtype):
+    def __init__(self, path_prefix: str, dtype, log=None):
         self.dtype = np.dtype(dtype)
         if self.dtype not in _DTYPE_TO_CODE:
             raise ValueError(f"dtype {self.dtype} has no code in Megatron's index format")
         self.path_prefix = path_prefix
+        remove_stale_temporaries(path_prefix, log)
         tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp_bin = bin_path(path_prefix) + tag
         self._tmp_idx = idx_path(path_prefix) + tag
         self._lengths = array("i")  # int32, as the format stores them
         self._doc_ends = array("q", [0])
-        self._bin = open(self._tmp_bin, "wb")
+        self.num_tokens = 0
+        self.max_id = -1  # the largest value written, counted as it is written
         self._done = False
+        self.finalized = False
+        try:
+            self._bin = open(self._tmp_bin, "wb")
+        except OSError as e:
+            raise output_error(e, self._tmp_bin) from None
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if not self._done:
-                self.finalize()
-        else:
+        if exc_type is not None:
             self.abort()
+        elif not self._done:
+            try:
+                self.finalize()
+            except BaseException:  # e.g. the disk filled up with the last bytes
+                self.abort()
+                raise
 
     def add_document(self, tokens, sequence_lengths=None) -> None:
         """Append one document: one sequence (may be empty), or with `sequence_lengths` as many
@@ -106,7 +200,10 @@ class IndexedDatasetWriter:
             shown = np.array2string(lengths, separator=", ", threshold=10)
             raise ValueError(f"sequence lengths {shown} do not split "
                              f"{'a document of ' if one_document else ''}{values.size} tokens")
-        self._bin.write(values.tobytes())
+        self._write(values.tobytes())
+        if values.size:
+            self.max_id = max(self.max_id, int(values.max()))
+            self.num_tokens += values.size
         start = len(self._lengths)
         self._lengths.frombytes(lengths.astype(np.int32).tobytes())
         if one_document:
@@ -124,29 +221,65 @@ class IndexedDatasetWriter:
         offset = len(self._lengths)
         self._lengths.frombytes(np.asarray(other.sequence_lengths, np.int32).tobytes())
         self._doc_ends.frombytes((np.asarray(other.document_indices[1:]) + offset).tobytes())
+        # Copied in blocks of whole tokens, the largest id taken on the way (no second read).
+        block_bytes = (16 << 20) // self.dtype.itemsize * self.dtype.itemsize
         with open(bin_path(path_prefix), "rb") as f:
-            shutil.copyfileobj(f, self._bin, 16 << 20)
+            while block := f.read(block_bytes):
+                self._write(block)
+                self.max_id = max(self.max_id, int(np.frombuffer(block, self.dtype).max()))
+        self.num_tokens += other.num_tokens
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as e:
+            raise output_error(e, self._tmp_bin) from None
 
     def finalize(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()  # the last buffered bytes: a full disk may show only here
+        except OSError as e:
+            raise output_error(e, self._tmp_bin) from None
         lengths = np.frombuffer(self._lengths, dtype=np.int32)
         pointers = np.zeros(lengths.size, dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        with open(self._tmp_idx, "wb") as f:
-            f.write(_HEADER.pack(_MAGIC, _VERSION, _DTYPE_TO_CODE[self.dtype],
-                                 lengths.size, len(self._doc_ends)))
-            f.write(lengths.tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.frombuffer(self._doc_ends, dtype=np.int64).tobytes())
-        if os.path.exists(idx_path(self.path_prefix)):
-            os.remove(idx_path(self.path_prefix))
+        try:
+            with open(self._tmp_idx, "wb") as f:
+                f.write(_HEADER.pack(_MAGIC, _VERSION, _DTYPE_TO_CODE[self.dtype],
+                                     lengths.size, len(self._doc_ends)))
+                f.write(lengths.tobytes())
+                f.write(pointers.tobytes())
+                f.write(np.frombuffer(self._doc_ends, dtype=np.int64).tobytes())
+        except OSError as e:
+            raise output_error(e, self._tmp_idx) from None
+        for old in (meta_path(self.path_prefix), idx_path(self.path_prefix)):
+            if os.path.exists(old):
+                os.remove(old)
         os.replace(self._tmp_bin, bin_path(self.path_prefix))
         os.replace(self._tmp_idx, idx_path(self.path_prefix))
-        self._done = True
+        self._done = self.finalized = True
+
+    def write_meta(self, **made_with) -> ShardMeta:
+        """Write `PREFIX.meta.json` for the finalized pair: what it holds, counted while it was
+        written, and `made_with` (the ShardMeta fields on the tokenizer and the tool)."""
+        if not self.finalized:
+            raise RuntimeError(f"{self.path_prefix}: metadata before the pair is finalized")
+        meta = ShardMeta(num_documents=len(self._doc_ends) - 1, num_tokens=self.num_tokens,
+                         max_id=self.max_id,
+                         bin_bytes=os.path.getsize(bin_path(self.path_prefix)),
+                         idx_bytes=os.path.getsize(idx_path(self.path_prefix)), **made_with)
+        try:
+            shard_meta.write_meta(self.path_prefix, meta)
+        except OSError as e:
+            raise output_error(e, meta_path(self.path_prefix)) from None
+        return meta
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # the error that brought us here is the one to report
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)
