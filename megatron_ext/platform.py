@@ -20,6 +20,7 @@ megatron-core is used unchanged.
 import contextlib
 import functools
 import importlib
+import multiprocessing
 import os
 import random
 import types
@@ -55,7 +56,10 @@ _SHIMMED_MODULES = (
 # queue checks its workers with ``torch.cuda.current_device()`` tensors, synchronizes and sets
 # the worker's device (``async_utils``). The distributed optimizer's ``fully_reshardable`` state
 # is all-gathered over DP ranks by ``get_parameter_state_dp_zero`` (its default, non-gloo path),
-# which moves each shard with ``.cuda()``: it runs with ``.cuda()`` a no-op (2. above). Kept apart from the list above so that the
+# which moves each shard with ``.cuda()``: it runs with ``.cuda()`` a no-op (2. above). The
+# writer's results queue lives in a multiprocessing manager that megatron-core *spawns* (a
+# fresh interpreter, safe beside a CUDA context): it imports torch to unpickle the first write
+# results, some 10 s per process on a loaded 2-core machine; without CUDA it is forked. Kept apart from the list above so that the
 # megatron-core version guard and this list can change independently.
 _DIST_CKPT_MODULES = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
@@ -189,6 +193,14 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(current)
 
 
+def _forked_write_results_queue():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    return filesystem_async._results_queue
+
+
 def apply() -> None:
     """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
     global _applied
@@ -230,7 +242,10 @@ def apply() -> None:
     random.CudaRNGStatesTracker.fork = CpuRNGStatesTracker.fork
 
     # Distributed checkpoints (see _DIST_CKPT_MODULES).
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
     _with_cuda_tensor_names(DistributedOptimizer, "get_parameter_state_dp_zero")
+    filesystem_async._get_write_results_queue = _forked_write_results_queue
     _applied = True
 
 
