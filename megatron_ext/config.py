@@ -371,5 +371,7 @@ def validate(config: Config, world_size: int) -> None:
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
+    _require(not c.async_save or c.ckpt_format == "torch_dist",
+             "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
 
 

@@ -91,6 +91,11 @@ def save_checkpoint(trainer) -> None:
     logger.info(f"saved checkpoint at iteration {iteration} to {root}")
 
 
+def finalize_saves(blocking: bool = False) -> None:
+    """Publish finished ``--async-save`` checkpoints (torch_dist); collective, every rank."""
+    dist_checkpoint.finalize_saves(blocking)
+
+
 def _raise_layout_mismatch(root, iteration, topology) -> None:
     """Name the TP/PP layout a checkpoint was saved with when this rank's file is missing."""
     directory = ckpt.iteration_dir(root, iteration)

@@ -135,28 +135,21 @@ def _finalize(root, iteration, keep) -> None:
     logger.info(f"saved checkpoint at iteration {iteration} to {root} (torch_dist)")
 
 
-class _AsyncSaves:
-    """The in-flight ``--async-save`` of this process (megatron-core's queue), at most one."""
+_async_queue = None  # megatron-core's queue of --async-save requests in flight
 
-    queue = None
 
-    @classmethod
-    def schedule(cls, request) -> None:
-        cls.wait()
-        if cls.queue is None:
-            cls.queue = AsyncCallsQueue()
-        cls.queue.schedule_async_request(request)
-
-    @classmethod
-    def wait(cls) -> None:
-        if cls.queue is not None:
-            cls.queue.maybe_finalize_async_calls(blocking=True)
+def finalize_saves(blocking: bool = False) -> None:
+    """Publish the ``--async-save`` checkpoints whose writes have finished (all of them, waiting
+    for the writers, with ``blocking``). Collective: call it on every rank alike."""
+    if _async_queue is not None:
+        _async_queue.maybe_finalize_async_calls(blocking=blocking)
 
 
 def save(trainer) -> None:
     c = trainer.config.checkpoint
     root, iteration = Path(c.save), trainer.iteration
-    _AsyncSaves.wait()  # the previous checkpoint is published before the next one starts
+    global _async_queue
+    finalize_saves(blocking=True)  # the previous checkpoint is published before the next starts
     staging = _staging_dir(root, iteration)
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
@@ -170,12 +163,9 @@ def save(trainer) -> None:
         _finalize(root, iteration, c.save_total_limit)
     else:
         request.finalize_fns.append(lambda: _finalize(root, iteration, c.save_total_limit))
-        _AsyncSaves.schedule(request)
-
-
-def wait_for_saves() -> None:
-    """Block until an ``--async-save`` in flight is written and published."""
-    _AsyncSaves.wait()
+        if _async_queue is None:
+            _async_queue = AsyncCallsQueue()
+        _async_queue.schedule_async_request(request)
 
 
 # -- load ------------------------------------------------------------------------------------

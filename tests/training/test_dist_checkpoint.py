@@ -9,6 +9,7 @@ with megatron-core's own GPTModel (local layer spec) saved and loaded by megatro
 import argparse
 import multiprocessing
 import os
+import re
 
 import pytest
 import torch
@@ -247,3 +248,24 @@ def test_megatron_core_checkpoint_loads_here_and_ours_loads_there(tmp_path):
     assert loaded.keys() == saved.keys()
     for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor), name
+
+
+def test_resume_in_another_layout_from_the_command_line(tmp_path):
+    """torchrun pretrain_gpt.py: saved asynchronously at TP=2, resumed at PP=2."""
+    from tests.training.test_launch import RUN_TIMEOUT_S, TINY, _torchrun
+
+    argv = TINY + ["--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1",
+                   "--eval-interval", "1000", "--eval-iters", "0", "--ckpt-format", "torch_dist"]
+    first = _torchrun(2, argv + ["--tensor-model-parallel-size", "2", "--save", str(tmp_path),
+                                 "--save-interval", "2", "--exit-interval", "2", "--async-save"],
+                      RUN_TIMEOUT_S)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert ckpt.read_tracker(tmp_path) == 2
+    assert (tmp_path / "iter_0000002" / "metadata.json").is_file()
+    resumed = _torchrun(2, argv + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path)],
+                        RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "(torch_dist, saved at TP=2 PP=1) at iteration 2" in resumed.stdout, resumed.stdout
+    logged = [line for line in resumed.stdout.splitlines() if "iteration " in line and "/4 |" in line]
+    assert [line.split("iteration")[1].split("/")[0].strip() for line in logged] == ["3", "4"]
+    assert re.search(r"consumed samples\s+12 \|", logged[0]), logged[0]
