@@ -111,20 +111,26 @@ def open_input(path: str):
 class InputFiles:
     files: List[str]  # to read, in order
     ignored: List[str] = field(default_factory=list)  # in directories and globs, not read
+    unwalked: List[str] = field(default_factory=list)  # directories globs matched, not read
 
     def ignored_report(self) -> str:
-        """The summary's line about the files not read ("" when none)."""
-        if not self.ignored:
-            return ""
-        return (f"ignored {len(self.ignored)} file(s) of unsupported type in --input "
-                f"directories/globs: {', '.join(self.ignored)}")
+        """The summary's line about what was not read ("" when nothing)."""
+        parts = []
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} file(s) of unsupported type in --input "
+                         f"directories/globs: {', '.join(self.ignored)}")
+        if self.unwalked:
+            parts.append(f"ignored {len(self.unwalked)} director(y/ies) matched by --input "
+                         "globs, whose files no --input reads (name a directory without a "
+                         f"glob to read it): {', '.join(self.unwalked)}")
+        return "\n".join(parts)
 
 
 def expand_inputs(inputs: Sequence[str]) -> InputFiles:
     """Files for ``--input`` values: files, directories (recursive) and globs, in the order
     given, each directory or glob sorted. An unsupported file named outright, a directory or
     glob with nothing to read, and a file reached twice (compared by real path) are errors."""
-    files, ignored, given_as = [], [], {}
+    files, ignored, given_as, glob_dirs = [], [], {}, []
     for pattern in inputs:
         if os.path.isfile(pattern):
             if file_format(pattern) is None:
@@ -133,17 +139,21 @@ def expand_inputs(inputs: Sequence[str]) -> InputFiles:
             found = [pattern]
         else:
             if os.path.isdir(pattern):
+                dirs = []
                 found = sorted(os.path.join(d, f) for d, _, names in os.walk(pattern)
                                for f in names)
             else:
-                found = sorted(p for p in glob.glob(pattern, recursive=True)
-                               if os.path.isfile(p))
+                matches = glob.glob(pattern, recursive=True)
+                dirs = [p for p in matches if os.path.isdir(p)]
+                found = sorted(p for p in matches if os.path.isfile(p))
             skipped = [p for p in found if file_format(p) is None]
             found = [p for p in found if file_format(p) is not None]
             if not found:
-                what = f" ({len(skipped)} other file(s) there)" if skipped else ""
+                what = (f" ({len(skipped)} other file(s) and {len(dirs)} director(y/ies) "
+                        "there; a glob does not walk the directories it matches)")
                 raise InputError(f"--input {pattern}: no {DESCRIPTION} files found{what}")
             ignored.extend(skipped)
+            glob_dirs.extend(dirs)
         for path in found:
             real = os.path.realpath(path)
             if real in given_as:
@@ -152,11 +162,19 @@ def expand_inputs(inputs: Sequence[str]) -> InputFiles:
                     "the same file would be read twice: name each file once")
             given_as[real] = pattern
             files.append(path)
+    # A directory a glob matches is not walked (``**`` reaches into it already, and the files
+    # would be read twice); it is reported when no file below it is read.
+    read_dirs = set()
+    for real in given_as:
+        while real not in ("", os.sep) and os.path.dirname(real) not in read_dirs:
+            real = os.path.dirname(real)
+            read_dirs.add(real)
+    unwalked = [d for d in sorted(set(glob_dirs)) if os.path.realpath(d) not in read_dirs]
     if zstandard is None:
         zst = next((p for p in files if _split(p)[1] == ".zst"), None)
         if zst is not None:
             raise InputError(f"--input {zst}: {ZSTD_HINT}")
-    return InputFiles(files, ignored)
+    return InputFiles(files, ignored, unwalked)
 
 
 def check_keys_fit(files: Sequence[str], keys: Sequence[str]) -> None:

@@ -13,7 +13,8 @@ import sys
 from typing import List, Sequence
 
 from megatron_ext.data.indexed import (IndexedDatasetReader, IndexedDatasetWriter, bin_path,
-                                       idx_path, prepare_output_dir)
+                                       idx_path)
+from megatron_ext.data.outputs import prepare_output_dir
 from megatron_ext.data.shard_meta import TOOL, meta_path, read_meta
 
 _TOKENIZER_FIELDS = ("tokenizer_type", "tokenizer_model", "vocab_size", "eod")

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron_ext.data.indexed import (IndexedDatasetWriter, as_token_array, best_dtype,
-                                       prepare_output_dir)
+from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
 from megatron_ext.data.inputs import InputError, check_keys_fit, expand_inputs
+from megatron_ext.data.outputs import prepare_output_dir
 from megatron_ext.data.readers import Chunk, chunk_texts, read_chunks
 from megatron_ext.data.shard_meta import TOOL
 from megatron_ext.tokenizer import build_tokenizer

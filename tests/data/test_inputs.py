@@ -77,6 +77,17 @@ def test_compressed_ndjson_and_any_case_suffixes_are_read_and_the_rest_reported(
     assert summary.ignored == (f"ignored 4 file(s) of unsupported type in --input "
                                f"directories/globs: {listed}")
     assert summary.report().endswith("\n" + summary.ignored)
+    # A glob does not walk the directories it matches: sub/ is reported, unless ** reads it.
+    _, summary = _run(tmp_path, [str(data / "*")])
+    assert summary.ignored.splitlines()[1] == (
+        f"ignored 1 director(y/ies) matched by --input globs, whose files no --input reads "
+        f"(name a directory without a glob to read it): {data / 'sub'}")
+    _, summary = _run(tmp_path, [str(data / "**")])
+    assert len(summary.ignored.splitlines()) == 1
+    assert "matched by --input globs" not in summary.ignored
+    with pytest.raises(InputError, match=r"no .* files found \(0 other file\(s\) and 1 "
+                       r"director\(y/ies\) there; a glob does not walk"):
+        _run(tmp_path, [str(tmp_path / "d*")])
     # the same from the command line, where the user reads it
     result = _cli(repo_root, "--input", str(data / "sub" / "*"), "--output-prefix",
                   str(tmp_path / "cli"), "--tokenizer-type", "ByteTokenizer")

@@ -33,9 +33,9 @@ import numpy as np
 
 from megatron_ext.data import preprocess as _pre
 from megatron_ext.data.instruct.handlers import build_handler
-from megatron_ext.data.indexed import (IndexedDatasetWriter, as_token_array, best_dtype,
-                                       prepare_output_dir)
+from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
 from megatron_ext.data.inputs import InputError, expand_inputs, file_format
+from megatron_ext.data.outputs import prepare_output_dir
 from megatron_ext.data.readers import json_records, read_chunks
 from megatron_ext.data.shard_meta import TOOL
 from megatron_ext.data.instruct.packing import Packer
