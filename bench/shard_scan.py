@@ -31,6 +31,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from bench.preprocess import _cpu_name  # noqa: E402
 from megatron_ext.config import parse_args  # noqa: E402
 from megatron_ext.data.indexed import IndexedDatasetWriter  # noqa: E402
 from megatron_ext.data.shard_meta import ShardMeta, write_meta  # noqa: E402
@@ -78,17 +79,6 @@ def timed_check(prefix: str, cache: str) -> tuple:
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:
