@@ -37,7 +37,7 @@ logger = logging.getLogger("megatron_ext")
 
 SPLITS = ("train", "valid", "test")
 SCAN_CHUNK_BYTES = 64 << 20  # bounded memory for the comparison with EOD, large enough for speed
-SCAN_VERSION = 1  # of the cached scan's content
+SCAN_VERSION = 2  # of the cached scan's content
 IDX_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence and document counts 8 + 8
 
 
@@ -122,19 +122,23 @@ def _cache_file(cache_dir: str, key: Dict[str, object]) -> str:
 
 
 def scan_tokens(shard: Shard, eod: int) -> Dict[str, object]:
-    """Largest id and occurrences of ``eod`` (one chunked pass over the memory-mapped .bin),
-    and the most frequent last tokens of the documents (which end with the shard's EOD)."""
-    tokens = shard.reader._tokens
-    chunk = max(1, SCAN_CHUNK_BYTES // tokens.dtype.itemsize)
+    """Largest id, occurrences of ``eod`` and documents ending with it (one chunked pass over
+    the memory-mapped .bin), and the most frequent last tokens of the documents (a shard written
+    with --append-eod ends every document with its own EOD)."""
+    size = os.path.getsize(bin_path(shard.prefix))
+    dtype = shard.reader.dtype
+    tokens = np.memmap(bin_path(shard.prefix), dtype, "r") if size else np.zeros(0, dtype)
+    chunk = max(1, SCAN_CHUNK_BYTES // dtype.itemsize)
     max_id, eod_count = -1, 0
     for start in range(0, tokens.size, chunk):
         part = tokens[start:start + chunk]
         max_id = max(max_id, int(part.max()))
         eod_count += int(np.count_nonzero(part == eod))
-    ends = np.cumsum(shard.document_tokens)[shard.document_tokens > 0] - 1
-    values, counts = np.unique(np.asarray(tokens[ends]), return_counts=True)
+    last = np.asarray(tokens[np.cumsum(shard.document_tokens)[shard.document_tokens > 0] - 1])
+    values, counts = np.unique(last, return_counts=True)
     order = np.argsort(-counts, kind="stable")[:3]
-    return {"max_id": max_id, "eod_counts": {str(eod): eod_count},
+    return {"max_id": max_id,
+            "eod_counts": {str(eod): [eod_count, int(np.count_nonzero(last == eod))]},
             "last_tokens": [[int(values[i]), int(counts[i])] for i in order]}
 
 
@@ -227,19 +231,17 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
             logger.warning(f"{shard.prefix} was written without --append-eod: {flags} find no "
                            f"EOD between its documents, which attend to each other")
         return
-    occurrences = facts["eod_counts"][str(eod)]
+    occurrences, ending = facts["eod_counts"][str(eod)]
     nonempty = int(np.count_nonzero(shard.document_tokens))
-    ending = dict((value, count) for value, count in facts["last_tokens"])
     common = ", ".join(f"{count} with id {value}" for value, count in facts["last_tokens"])
     found = (f"the run's EOD id {eod} ({tokenizer_flags(config)}) occurs {occurrences} times "
-             f"and ends {ending.get(eod, 0)} of its {nonempty} non-empty documents (most end: "
-             f"{common})")
+             f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
     if occurrences == 0:
         raise ShardError(
             f"--data-path {shard.prefix}: {found}: {flags} would find no document boundaries; "
             f"train with the tokenizer the shard was made with (an EOD appended by "
             f"preprocess_data.py --append-eod)")
-    if 2 * ending.get(eod, 0) < nonempty:
+    if 2 * ending < nonempty:
         logger.warning(f"{shard.prefix}: {found}; was it written with --append-eod and this "
                        f"tokenizer?")
 
