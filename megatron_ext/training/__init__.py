@@ -32,8 +32,10 @@ def die_with_launcher() -> None:
             return
     except (OSError, AttributeError):
         return
-    # The parent may have died before prctl took effect (the signal then never comes): this
-    # process was re-parented already, to init (1) or to another reaper.
+    # The parent may have died before prctl took effect, and the signal then never comes: the
+    # rank was re-parented already, to init (pid 1: caught here), or between the two reads
+    # (caught by the second). A subreaper adopting it during the imports before pretrain()
+    # cannot be told from the launcher (torchrun does not export its pid).
     if parent == 1 or os.getppid() != parent:
         os._exit(1)
 

@@ -2,7 +2,8 @@
 
 A bad topology must stop every rank quickly, before any process group exists (a rank waiting
 in a rendezvous for a peer that already exited would hang until the timeout); a tiny valid run
-must train and print Megatron-style iteration lines.
+must train and print Megatron-style iteration lines; a killed launcher must take its ranks with
+it.
 """
 
 import os
