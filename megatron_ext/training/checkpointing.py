@@ -5,10 +5,11 @@ any TP/PP/DP: see ``dist_checkpoint.py``. ``--load`` recognises either format wh
 ``--ckpt-format`` says. The rest of this module is ``--ckpt-format torch`` (checkpoint/format.py):
 
 Each (tp, pp) rank of data-parallel rank 0 writes ``model_optim_rng.pt``: model, optimizer
-(its non-sharded part), scheduler, every DP rank's RNG states, iteration and consumed samples.
-With the distributed optimizer, the optimizer state sharded over DP ranks is gathered to DP
-rank 0 and written beside it as ``distrib_optim.pt``. Every file is written atomically and the
-tracker last, so a run killed mid-save leaves the previous checkpoint as the latest.
+(its non-sharded part), scheduler, every DP rank's RNG states, iteration, consumed training and
+validation samples. With the distributed optimizer, the optimizer state sharded over DP ranks
+is gathered to DP rank 0 and written beside it as ``distrib_optim.pt``. Every file is written
+atomically and the tracker last, so a run killed mid-save leaves the previous checkpoint as the
+latest.
 """
 
 import logging
@@ -76,6 +77,7 @@ def save_checkpoint(trainer) -> None:
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
+            "consumed_valid_samples": trainer.consumed_valid_samples,
             "model": ckpt.model_state_dict(trainer.model[0].module),
             "optimizer": trainer.optimizer.state_dict(),
             "opt_param_scheduler": trainer.scheduler.state_dict(),
@@ -167,4 +169,9 @@ def load_checkpoint(trainer) -> None:
             set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
     trainer.consumed_samples = payload.get("consumed_samples", 0)
+    # Where the validation batches resume; for an older checkpoint, Megatron-LM's estimate.
+    l, batch = trainer.config.logging, trainer.config.training.global_batch_size
+    trainer.consumed_valid_samples = payload.get(
+        "consumed_valid_samples",
+        trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0)
     logger.info(f"resumed from {path} at iteration {trainer.iteration}")

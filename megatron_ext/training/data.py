@@ -33,12 +33,15 @@ class DatasetTokenizer:
         return {"eod": self.eod, "vocab_size": self.vocab_size, "pad": self.pad}
 
 
-def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int]):
+def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int],
+                   split_matrix=None):
     """(train, valid, test) GPTDatasets (None where the split is empty); instruction datasets
-    (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to)."""
+    (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to).
+    ``split_matrix`` (from ``shard_checks.check_data``) replaces the one of ``--split``, less
+    the splits that the run does not read."""
     d = config.data
     if d.is_instruction_dataset:
-        return build_sft_datasets(config, eod, split_sizes)
+        return build_sft_datasets(config, eod, split_sizes, split_matrix)
     prefixes = None
     if not d.mock_data:
         prefixes, weights = parse_blend(d.data_path)
@@ -58,6 +61,8 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
+    if split_matrix is not None:
+        dataset_config.split_matrix = split_matrix
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
         dataset_cls, split_sizes, lambda: True, dataset_config
@@ -101,7 +106,16 @@ def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
     return iter(loader)
 
 
-def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
-    """Validation batches: restart from the beginning when the split is exhausted."""
+def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
+                    consumed_samples: int = 0):
+    """Validation batches: from ``consumed_samples`` on (where a resumed run's evaluations
+    stopped), restarting from the beginning when the split is exhausted."""
+    block = micro_batch_size * dp_size
+    per_pass = len(dataset) // block * block  # what one pass of the sampler yields
+    if per_pass == 0:
+        raise ValueError(f"the evaluation split has {len(dataset)} samples, fewer than "
+                         f"--micro-batch-size x data-parallel size = {block}")
+    start = consumed_samples % per_pass
     while True:
-        yield from data_iterator(dataset, 0, micro_batch_size, dp_rank, dp_size)
+        yield from data_iterator(dataset, start, micro_batch_size, dp_rank, dp_size)
+        start = 0

@@ -92,15 +92,18 @@ class MetricsLogger:
             self.writer.add_scalar("tokens_per_s", tokens_per_s, iteration)
             self.writer.add_scalar("tflops_per_device", tflops, iteration)
 
-    def log_eval(self, iteration: int, loss: float) -> None:
+    def log_eval(self, iteration: int, loss: float, split: str = "valid") -> None:
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
-        logger.info(f"validation at iteration {iteration} | lm loss {loss:.6E} | "
-                    f"lm loss PPL {ppl:.6E}")
+        # The test split's line has Megatron-LM's words for it.
+        where = (f"validation at iteration {iteration}" if split == "valid"
+                 else f"validation loss at iteration {iteration} on test set")
+        logger.info(f"{where} | lm loss {loss:.6E} | lm loss PPL {ppl:.6E}")
         if self.writer:
-            self.writer.add_scalar("validation_lm_loss", loss, iteration)
-            self.writer.add_scalar("validation_ppl", ppl, iteration)
+            name = "validation" if split == "valid" else split
+            self.writer.add_scalar(f"{name}_lm_loss", loss, iteration)
+            self.writer.add_scalar(f"{name}_ppl", ppl, iteration)
 
     def close(self) -> None:
         if self.writer:

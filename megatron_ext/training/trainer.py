@@ -26,7 +26,7 @@ from megatron_ext.config import Config
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer
-from megatron_ext.training import checkpointing, data
+from megatron_ext.training import checkpointing, data, shard_checks
 from megatron_ext.training.metrics import MetricsLogger
 
 logger = logging.getLogger("megatron_ext")
@@ -49,6 +49,8 @@ class Trainer:
         d = config.data
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
+        #    The shards against it and --split, while a bad one still fails every rank alike.
+        split_matrix = shard_checks.check_data(config, self.tokenizer)
         # 2. Topology and process groups (flags were validated before this point). Megatron-LM's
         #    seeding: each pipeline stage draws its own layers' initial weights.
         self.topology = ParallelTopology.from_config(config.parallel, world_size)
@@ -94,6 +96,8 @@ class Trainer:
         # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load.
         self.iteration = 0
         self.consumed_samples = 0
+        self.consumed_valid_samples = 0  # Megatron-LM's: where the next evaluation starts
+        self.exited = False  # stopped by --exit-interval (to be resumed)
         if config.checkpoint.load:
             checkpointing.load_checkpoint(self)
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off.
@@ -101,9 +105,10 @@ class Trainer:
         l = config.logging
         # Validation batches advance from one evaluation to the next, as in Megatron-LM.
         evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_interval else 0
-        self.train_ds, self.valid_ds, _ = data.build_datasets(
+        self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
             config, self.tokenizer.eod, self.vocab_size,
             [train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
+            split_matrix,
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
         self.valid_iterator = None
@@ -187,25 +192,35 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
-        """Mean per-token loss over ``--eval-iters`` global batches of the validation split."""
-        if self.valid_ds is None or not self.config.logging.eval_iters:
+    def evaluate(self, split: str = "valid") -> Optional[float]:
+        """Mean per-token loss over ``--eval-iters`` global batches of the validation split
+        (each evaluation continuing where the last one stopped, across a resume too) or of the
+        test split (from its start)."""
+        dataset = self.valid_ds if split == "valid" else self.test_ds
+        if dataset is None or not self.config.logging.eval_iters:
             return None
-        t = self.config.training
-        if self.valid_iterator is None:
-            self.valid_iterator = data.cyclic_iterator(
-                self.valid_ds, t.micro_batch_size, self.topology.dp_rank,
-                self.topology.data_parallel)
+        t, topo = self.config.training, self.topology
+        if split == "valid":
+            if self.valid_iterator is None:
+                self.valid_iterator = data.cyclic_iterator(
+                    dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
+                    self.consumed_valid_samples)
+            iterator = self.valid_iterator
+        else:
+            iterator = data.cyclic_iterator(dataset, t.micro_batch_size, topo.dp_rank,
+                                            topo.data_parallel)
         for chunk in self.model:
             chunk.eval()
         loss_sum, tokens = 0.0, 0
         for _ in range(self.config.logging.eval_iters):
-            loss, count = self._forward_backward(self.valid_iterator, forward_only=True)
+            loss, count = self._forward_backward(iterator, forward_only=True)
             loss_sum, tokens = loss_sum + loss * count, tokens + count
         for chunk in self.model:
             chunk.train()
+        if split == "valid":
+            self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
         loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss)
+        self.metrics.log_eval(self.iteration, loss, split)
         return loss
 
     def train(self) -> List[Dict[str, float]]:
@@ -235,6 +250,7 @@ class Trainer:
                 checkpointing.finalize_saves()
             if exiting:
                 logger.info(f"exiting at iteration {self.iteration} (--exit-interval)")
+                self.exited = True
                 break
             if window_steps == 0:
                 # The next window times training steps alone, not evaluation or saving.
