@@ -56,6 +56,8 @@ def local_suffix(suffix: str) -> str:
 
 
 def is_dist_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` (an iteration directory) is a complete torch_dist checkpoint
+    (megatron-core writes its ``metadata.json`` last)."""
     from megatron.core import dist_checkpointing
 
     return dist_checkpointing.check_is_distributed_checkpoint(str(directory))
