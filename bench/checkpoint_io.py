@@ -8,14 +8,15 @@ forks processes that share the parent's pages copy-on-write), reported above the
 the call. The optimizer is fresh (its Adam moments are allocated at the first step):
 the checkpoints hold weights, optimizer param groups, scheduler and RNG, and are loaded with
 ``--no-load-optim`` (weights, RNG, iteration); Adam moments would
-add two more copies of the weights, which do not fit beside the model on a 23 GB machine
-shared with other jobs (``--layers`` makes a smaller model for that).
+add two more copies of the weights. Host memory needed: about 2x the weights for the model and
+its gradient buffer, plus the load's transient copy (~3x in all: 11.5 GB at 16 layers).
 
-    python bench/checkpoint_io.py                 # ~1B: 16 layers, hidden 2048, FFN 5632
-    python bench/checkpoint_io.py --layers 2      # quick
+    python bench/checkpoint_io.py                 # ~1B: 16 layers, hidden 2048, SwiGLU FFN 5632
+    python bench/checkpoint_io.py --layers 8      # ~0.5B
 """
 
 import argparse
+import gc
 import os
 import shutil
 import sys
@@ -76,6 +77,11 @@ class PeakRss:
         self.peak = max(self.peak, self._rss())
 
 
+def checksums(model) -> dict:
+    return {k: (v.double().sum().item(), v.double().abs().sum().item())
+            for k, v in model.state_dict().items() if torch.is_tensor(v)}
+
+
 def disk_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
@@ -90,14 +96,16 @@ def run(fmt: str, layers: int, root: str) -> dict:
     argv = model_flags(layers) + ["--ckpt-format", fmt, "--save", save]
     trainer = Trainer(parse_args(argv, world_size=1), pretrain_gpt.forward_step, world_size=1)
     params = sum(p.numel() for p in trainer.model[0].module.parameters())
-    expected = {k: v.clone() for k, v in trainer.model[0].module.state_dict().items()
-                if torch.is_tensor(v)}
+    # Checksums, not copies: a copy of the weights would take as much memory as a checkpoint.
+    expected = checksums(trainer.model[0].module)
+    weights = sum(p.numel() * p.element_size() for p in trainer.model[0].module.parameters())
     with PeakRss() as save_mem:
         start = time.perf_counter()
         checkpointing.save_checkpoint(trainer)
         save_s = time.perf_counter() - start
     trainer.close()
     del trainer
+    gc.collect()
     # A different seed: the load must overwrite every weight.
     trainer = Trainer(parse_args(model_flags(layers) + ["--seed", "7"], world_size=1),
                       pretrain_gpt.forward_step, world_size=1)
@@ -107,12 +115,13 @@ def run(fmt: str, layers: int, root: str) -> dict:
         start = time.perf_counter()
         checkpointing.load_checkpoint(trainer)
         load_s = time.perf_counter() - start
-    loaded = trainer.model[0].module.state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in expected.items()), "weights differ"
+    assert checksums(trainer.model[0].module) == expected, "weights differ"
     trainer.close()
+    del trainer
+    gc.collect()
     result = dict(fmt=fmt, params=params, disk=disk_bytes(save), save_s=save_s, load_s=load_s,
                   save_mem=save_mem.peak - save_mem.start, load_mem=load_mem.peak - load_mem.start,
-                  weights=sum(v.numel() * v.element_size() for v in expected.values()))
+                  weights=weights)
     shutil.rmtree(save)
     return result
 
