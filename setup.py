@@ -17,6 +17,9 @@ setup(
         "megatron-core>=0.16,<0.17",
         "numpy",
         "sentencepiece",
+        # megatron-core's dist_checkpointing (--ckpt-format torch_dist, the default) imports it
+        # to watch its writer processes.
+        "psutil",
     ],
     extras_require={
         "hf": ["tokenizers", "transformers", "safetensors"],

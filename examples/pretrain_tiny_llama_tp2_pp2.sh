@@ -37,7 +37,7 @@ DATA_ARGS=(
 )
 EVAL_AND_LOGGING_ARGS=(
     --log-interval 10 --eval-interval 100 --eval-iters 5
-    --save "$CHECKPOINT_DIR" --save-interval 100
+    --save "$CHECKPOINT_DIR" --save-interval 100 --ckpt-format torch_dist
 )
 if python -c "import tensorboard" 2>/dev/null; then
     EVAL_AND_LOGGING_ARGS+=(--tensorboard-dir "$TENSORBOARD_DIR")

@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
+from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import dist_checkpoint
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
 
@@ -123,7 +124,7 @@ def load_checkpoint(trainer) -> None:
     if iteration is None:
         logger.warning(f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
         return
-    found = (dist_checkpoint.FORMAT if dist_checkpoint.is_dist_checkpoint(
+    found = (dist_checkpoint.FORMAT if is_dist_checkpoint(
         ckpt.iteration_dir(c.load, iteration)) else "torch")
     if found != c.ckpt_format:
         logger.info(f"{ckpt.iteration_dir(c.load, iteration)} is a {found} checkpoint "

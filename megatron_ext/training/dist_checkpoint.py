@@ -42,17 +42,13 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
+from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
 
 logger = logging.getLogger("megatron_ext")
 
 FORMAT = "torch_dist"
 SHARDING_TYPE = "fully_reshardable"
-
-
-def is_dist_checkpoint(directory) -> bool:
-    """Whether ``directory`` (an iteration directory) is a complete torch_dist checkpoint."""
-    return dist_checkpointing.check_is_distributed_checkpoint(str(directory))
 
 
 def _metadata(trainer, sharding_type=SHARDING_TYPE) -> dict:
