@@ -69,7 +69,7 @@ def _saved_args(trainer):
     args.world_size = trainer.topology.world_size
     args.data_parallel_size = trainer.topology.data_parallel
     args.consumed_train_samples = trainer.consumed_samples
-    args.consumed_valid_samples = getattr(trainer, "consumed_valid_samples", 0)
+    args.consumed_valid_samples = trainer.consumed_valid_samples
     return args
 
 
@@ -82,12 +82,11 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         "checkpoint_version": ckpt.CHECKPOINT_VERSION,
         "iteration": trainer.iteration,
         "consumed_samples": trainer.consumed_samples,
-        "num_floating_point_operations_so_far":
-            getattr(trainer, "num_floating_point_operations_so_far", 0),
+        "consumed_valid_samples": trainer.consumed_valid_samples,
+        # Megatron-LM's key, which its loader reads; nothing here counts FLOPs across runs.
+        "num_floating_point_operations_so_far": 0,
         "model": trainer.model[0].module.sharded_state_dict(metadata=metadata),
     }
-    if hasattr(trainer, "consumed_valid_samples"):
-        state["consumed_valid_samples"] = trainer.consumed_valid_samples
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata)
@@ -286,8 +285,7 @@ def load(trainer, iteration) -> None:
     trainer.iteration = state["iteration"]
     trainer.consumed_samples = state.get(
         "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
-    valid = state.get("consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", None))
-    if valid is not None and hasattr(trainer, "consumed_valid_samples"):
-        trainer.consumed_valid_samples = valid
+    trainer.consumed_valid_samples = state.get(
+        "consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", 0))
     logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
                 f"PP={saved_layout[1]}) at iteration {trainer.iteration}")
