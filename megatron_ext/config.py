@@ -114,6 +114,9 @@ class LoggingConfig:
     eval_interval: int = 1000
     eval_iters: int = 100
     tensorboard_dir: Optional[str] = None
+    # Every rank logs at INFO and library warnings/INFO dumps are shown unfiltered
+    # (megatron_ext/training/logs.py).
+    verbose: bool = False
 
 
 @dataclass

@@ -19,6 +19,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
+from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
 
@@ -140,7 +141,8 @@ def load_checkpoint(trainer) -> None:
     c, topology = trainer.config.checkpoint, trainer.topology
     iteration = ckpt.read_tracker(c.load)
     if iteration is None:
-        logger.warning(f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
+        log_once(logger, logging.WARNING,
+                 f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
         return
     path = _rank_file(c.load, iteration, topology)
     if not path.is_file():
@@ -174,8 +176,9 @@ def load_checkpoint(trainer) -> None:
                 f"checkpoint file {path} has no RNG state (a converted checkpoint?); pass "
                 f"--no-load-rng, or --finetune to load the weights alone")
         if len(rng_states) != topology.data_parallel:
-            logger.warning(f"{path} was saved with {len(rng_states)} data-parallel ranks, this "
-                           f"run has {topology.data_parallel}: RNG states not restored")
+            log_once(logger, logging.WARNING,
+                     f"{path.parent.parent} was saved with {len(rng_states)} data-parallel ranks, "
+                     f"this run has {topology.data_parallel}: RNG states not restored")
         else:
             _set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
