@@ -17,10 +17,14 @@ setup(
         "megatron-core>=0.16,<0.17",
         "numpy",
         "sentencepiece",
+        # --tensorboard-dir works out of the box (about 60 MB with grpcio and protobuf).
+        "tensorboard",
     ],
     extras_require={
         "hf": ["tokenizers", "transformers", "safetensors"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors"],
+        # python -m megatron_ext.plot (loss curves as PNG); training does not need it.
+        "plot": ["matplotlib"],
+        "dev": ["pytest", "pyarrow", "matplotlib", "tokenizers", "transformers", "safetensors"],
     },
 )
