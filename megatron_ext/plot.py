@@ -121,11 +121,11 @@ def plot(runs: Dict[str, Dict[str, Series]], output: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 2, figsize=(12, 8))
-    panels = [("lm loss", axes[0][0], True), ("learning rate", axes[0][1], False),
-              ("grad norm", axes[1][0], True), ("tokens/s", axes[1][1], False)]
+    panels = [("lm loss", axes[0][0]), ("learning rate", axes[0][1]),
+              ("grad norm", axes[1][0]), ("tokens/s", axes[1][1])]
     for index, (label, found) in enumerate(runs.items()):
         color = f"C{index % 10}"
-        for name, ax, _ in panels:
+        for name, ax in panels:
             series = found[name]
             if series:
                 steps = sorted(series)
@@ -135,12 +135,10 @@ def plot(runs: Dict[str, Dict[str, Series]], output: str) -> None:
             steps = sorted(validation)
             axes[0][0].plot(steps, [validation[s] for s in steps], color=color, linestyle="--",
                             marker="o", markersize=3, label=f"{label} (validation)")
-    for name, ax, log_scale in panels:
+    for name, ax in panels:
         ax.set_title(name)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        if log_scale and any(found[name] for found in runs.values()):
-            ax.set_yscale("log")
         if ax.lines:
             ax.legend(fontsize=8)
     figure.tight_layout()
