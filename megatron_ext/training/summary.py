@@ -153,7 +153,7 @@ def _model_lines(config: Config, vocab_size: int, ranks: List[RankParams]) -> Li
     dp0 = [r for r in ranks if r.dp == 0]
     total = sum(r.unique for r in dp0)
     embedding, output = sum(r.embedding for r in dp0), sum(r.output_layer for r in dp0)
-    lines = [
+    return [
         f"model      {m.num_layers} layers, hidden {m.hidden_size}, ffn {m.ffn_hidden_size}"
         f"{' (SwiGLU)' if m.swiglu else ''}, heads {m.num_attention_heads}, query groups "
         f"{m.num_query_groups}, head dim {m.kv_channels}, seq {m.seq_length}, "
@@ -165,7 +165,6 @@ def _model_lines(config: Config, vocab_size: int, ranks: List[RankParams]) -> Li
         + (f"output layer {_n(output)}" if output else "output layer tied to the embedding")
         + f", transformer {_n(total - embedding - output)}",
     ]
-    return lines
 
 
 def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
@@ -189,10 +188,12 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
         for r in on_stage:
             by_count.setdefault(r.local, []).append(r.rank)
         held = "; ".join(f"{_n(count)} on ranks {_ranks(rs)}" for count, rs in by_count.items())
-        tp_groups = sorted({tuple(sorted(r.rank for r in on_stage if r.dp == d))
-                            for d in range(dp)})
+        groups = sorted({tuple(sorted(r.rank for r in on_stage if r.dp == d)) for d in range(dp)})
+        # One screen at any scale: the first TP groups stand for the rest.
+        shown = " ".join(f"[{_ranks(list(g))}]" for g in groups[:4])
+        shown += f" ... ({len(groups)} groups)" if len(groups) > 4 else ""
         lines.append(f"  stage {stage}: {' + '.join(parts)}: {_n(unique)} parameters; per rank "
-                     f"{held}; TP groups {' '.join('[' + _ranks(list(g)) + ']' for g in tp_groups)}")
+                     f"{held}; TP groups {shown}")
     return lines
 
 
@@ -202,8 +203,8 @@ def _batch_lines(config: Config, dp: int, num_microbatches: int) -> List[str]:
     return [
         f"batch      micro {t.micro_batch_size} x DP {dp} x accumulation {num_microbatches} = "
         f"global {t.global_batch_size} samples = {t.global_batch_size * m.seq_length} tokens "
-        f"per step; {t.train_iters} steps = {_n(t.train_iters * t.global_batch_size * m.seq_length)}"
-        f" tokens",
+        f"per step; {t.train_iters} steps = "
+        f"{_n(t.train_iters * t.global_batch_size * m.seq_length)} tokens",
         f"precision  {precision} weights"
         + (", fp32 main weights in the optimizer" if m.bf16 or m.fp16 else "")
         + ", gradients reduced in fp32",
