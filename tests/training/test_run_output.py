@@ -3,6 +3,7 @@ once or not at all (everything with --verbose), shared messages once, TensorBoar
 to the console's, and ``python -m megatron_ext.plot`` drawing them from the log and from the
 event files."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -16,6 +17,9 @@ from megatron_ext import plot
 from tests.training.test_launch import ROOT, RUN_TIMEOUT_S, TINY, _torchrun
 
 ITERS = 4
+# megatron-core warns when either is missing (as on the CPU machine).
+APEX_OR_TE_MISSING = any(importlib.util.find_spec(name) is None
+                         for name in ("apex", "transformer_engine"))
 # PP=2 puts the last rank (the one that logs progress) on a first-in-stage rank, where
 # megatron-core lists the distributed optimizer's buckets.
 FLAGS = TINY + ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
@@ -51,7 +55,7 @@ def test_summary_once_and_library_noise_filtered(run):
         assert heading in summary, (heading, summary)
     # Printed by every rank before; now once.
     assert out.count("latest_checkpointed_iteration.txt") == 1, out
-    assert out.count("Apex / Transformer Engine not installed") == 1, out
+    assert out.count("Apex / Transformer Engine not installed") == int(APEX_OR_TE_MISSING), out
     for noise in ("UserWarning", "FutureWarning", "Params for bucket", "Setting up",
                   "path_to_cache is None", "Megatron-FSDP"):
         assert noise not in out + err, noise
@@ -62,9 +66,10 @@ def test_verbose_shows_everything(tmp_path):
     result = _torchrun(2, FLAGS + ["--verbose", "--train-iters", "1"], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
-    for shown in ("UserWarning", "Apex is not installed", "Params for bucket",
-                  "Setting up DistributedDataParallel"):
+    for shown in ("Params for bucket", "Setting up DistributedDataParallel"):
         assert shown in output, shown
+    if APEX_OR_TE_MISSING:
+        assert "UserWarning" in output and "are not installed" in output
 
 
 def test_tensorboard_holds_every_console_scalar(run):

@@ -76,7 +76,10 @@ def _run(argv, world_size):
                                     exclude={p.untyped_storage().data_ptr() for p in params}),
         "activations": activations,
     }
+    named = list(trainer.model[0].module.named_parameters())
     result = dict(local=sum(p.numel() for p in params), counts=trainer.parameter_counts,
+                  embedding=sum(p.numel() for n, p in named if n.startswith("embedding.")),
+                  output_layer=sum(p.numel() for n, p in named if n.startswith("output_layer.")),
                   lines=trainer.summary_lines, measured=measured, stage=trainer.topology.pp_rank,
                   dp=trainer.topology.data_parallel, vocab=trainer.vocab_size)
     trainer.close()
@@ -109,6 +112,8 @@ def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, 
     for result in results:
         counts = result["counts"]
         assert _total(counts) == reference["local"]
+        for part in ("embedding", "output_layer"):
+            assert sum(getattr(r, part) for r in counts if r.dp == 0) == reference[part], part
         assert [r.local for r in counts] == [r["local"] for r in results]
         assert f"parameters {summary._n(reference['local'])} ({reference['local']})" in \
             "\n".join(result["lines"])
