@@ -25,6 +25,8 @@ setup(
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         # python -m megatron_ext.plot (loss curves as PNG); training does not need it.
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pyarrow", "matplotlib", "tokenizers", "transformers", "safetensors"],
+        # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one).
+        "dev": ["pytest", "pyarrow", "matplotlib", "tokenizers", "transformers", "safetensors",
+                "zstandard"],
     },
 )
