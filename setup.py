@@ -20,12 +20,16 @@ setup(
         # megatron-core's dist_checkpointing (--ckpt-format torch_dist, the default) imports it
         # to watch its writer processes.
         "psutil",
+        # --tensorboard-dir works out of the box (about 60 MB with grpcio and protobuf).
+        "tensorboard",
     ],
     extras_require={
         "hf": ["tokenizers", "transformers", "safetensors"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        # python -m megatron_ext.plot (loss curves as PNG); training does not need it.
+        "plot": ["matplotlib"],
         # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one).
-        "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors",
+        "dev": ["pytest", "pyarrow", "matplotlib", "tokenizers", "transformers", "safetensors",
                 "zstandard"],
     },
 )

@@ -15,6 +15,9 @@ import torch
 from megatron_ext import platform
 
 
+DATA_CACHE_DIR = "data_cache"
+
+
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
     """Megatron-LM's default: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU."""
     return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
@@ -102,6 +105,9 @@ class DataConfig:
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     mock_data: bool = False
+    # Dataset index caches (megatron-core's GPTDataset/BlendedDataset .npy files). Default
+    # (validate): DATA_CACHE_DIR under --save, else under .cache/ in the working directory;
+    # never megatron-core's default of a folder beside each shard prefix.
     data_cache_path: Optional[str] = None
     # Fine-tuning on instruction shards (PREFIX_input_ids/loss_mask_document): see
     # megatron_ext/training/sft_dataset.py and docs/finetune.md.
@@ -114,6 +120,9 @@ class LoggingConfig:
     eval_interval: int = 1000
     eval_iters: int = 100
     tensorboard_dir: Optional[str] = None
+    # Every rank logs at INFO and library warnings/INFO dumps are shown unfiltered
+    # (megatron_ext/training/logs.py).
+    verbose: bool = False
 
 
 @dataclass
@@ -368,6 +377,9 @@ def validate(config: Config, world_size: int) -> None:
                  f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
 
     c = config.checkpoint
+    if d.data_cache_path is None and not d.mock_data:
+        # One cache folder beside the run: shards stay read-only and can be shared.
+        d.data_cache_path = os.path.join(c.save or ".cache", DATA_CACHE_DIR)
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")

@@ -14,10 +14,18 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_ext.data.preprocess import output_prefix_for, preprocess
-from megatron_ext.data.instruct.handlers import HANDLERS
+from megatron_ext.data.instruct.handlers import HANDLERS, handler_name
 from megatron_ext.data.instruct.pipeline import OVERLONG, output_prefixes, preprocess_instructions
 from megatron_ext.data.instruct.templates import prompt_types
 from megatron_ext.tokenizer import TOKENIZER_TYPES
+
+
+def _handler_name(name: str) -> str:
+    try:
+        return handler_name(name)
+    except ValueError as error:
+        message = str(error).replace("unknown --handler-name ", "unknown name ")
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group(
         "instruction data (fine-tuning; writes PREFIX_input_ids_document and "
         "PREFIX_loss_mask_document, see docs/finetune.md)")
-    group.add_argument("--handler-name", choices=list(HANDLERS),
-                       help="read records as conversations in this format (default: pretraining "
-                            "text)")
+    group.add_argument("--handler-name", type=_handler_name, metavar="NAME",
+                       help=f"read records as conversations in this format: {', '.join(HANDLERS)}"
+                            f" or their short forms (Alpaca, Sharegpt, ...; any case); default: "
+                            f"pretraining text")
     group.add_argument("--prompt-type", metavar="NAME",
                        help=f"chat template: {', '.join(prompt_types())} (hf: the tokenizer's "
                             "chat_template), or a template .json file")

@@ -1,12 +1,12 @@
 """Training: the loop (``Trainer``) and the ``pretrain`` entry point used by pretrain_gpt.py."""
 
 import ctypes
-import logging
 import os
 import signal
 import sys
 
 from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.training import logs
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -44,15 +44,13 @@ def pretrain(forward_step, argv=None):
     """Parse flags, validate them and the data before any process group exists, train,
     evaluate (validation, then the test split as Megatron-LM)."""
     die_with_launcher()
-    rank = int(os.environ.get("RANK", "0"))
-    last_rank = int(os.environ.get("WORLD_SIZE", "1")) - 1
-    # Progress from the last rank (which holds the loss, as in Megatron-LM); problems from all.
-    logging.basicConfig(level=logging.INFO if rank == last_rank else logging.WARNING,
-                        format="[%(asctime)s] %(message)s", stream=sys.stdout)
+    rank = os.environ.get("RANK", "0")
     try:
         config = parse_args(argv)
     except ConfigError as error:
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
+    # Before megatron-core is imported: its optional-dependency warnings fire at import time.
+    logs.setup(config.logging.verbose)
     from megatron_ext.training.trainer import Trainer
 
     try:

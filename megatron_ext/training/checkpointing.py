@@ -23,6 +23,7 @@ from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import dist_checkpoint
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
 
@@ -122,7 +123,8 @@ def load_checkpoint(trainer) -> None:
     c, topology = trainer.config.checkpoint, trainer.topology
     iteration = ckpt.read_tracker(c.load)
     if iteration is None:
-        logger.warning(f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
+        log_once(logger, logging.WARNING,
+                 f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
         return
     found = (dist_checkpoint.FORMAT if is_dist_checkpoint(
         ckpt.iteration_dir(c.load, iteration)) else "torch")
@@ -164,8 +166,9 @@ def load_checkpoint(trainer) -> None:
                 f"checkpoint file {path} has no RNG state (a converted checkpoint?); pass "
                 f"--no-load-rng, or --finetune to load the weights alone")
         if len(rng_states) != topology.data_parallel:
-            logger.warning(f"{path} was saved with {len(rng_states)} data-parallel ranks, this "
-                           f"run has {topology.data_parallel}: RNG states not restored")
+            log_once(logger, logging.WARNING,
+                     f"{path.parent.parent} was saved with {len(rng_states)} data-parallel ranks, "
+                     f"this run has {topology.data_parallel}: RNG states not restored")
         else:
             set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]

@@ -44,6 +44,7 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
 
@@ -257,9 +258,10 @@ def load(trainer, iteration) -> None:
             f"checkpoint {directory} has no optimizer state; pass --no-load-optim or "
             f"--finetune to load the weights alone")
     if load_rng and not same_layout:
-        logger.warning(f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, "
-                       f"this run has TP={topology.tensor_parallel} "
-                       f"PP={topology.pipeline_parallel}: RNG states not restored")
+        log_once(logger, logging.WARNING,
+                 f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, this run "
+                 f"has TP={topology.tensor_parallel} PP={topology.pipeline_parallel}: RNG states "
+                 f"not restored")
         load_rng = False
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout)

@@ -26,7 +26,7 @@ from megatron_ext.config import Config
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer
-from megatron_ext.training import checkpointing, data, shard_checks
+from megatron_ext.training import checkpointing, data, shard_checks, summary
 from megatron_ext.training.metrics import MetricsLogger
 
 logger = logging.getLogger("megatron_ext")
@@ -117,6 +117,8 @@ class Trainer:
                                       config.parallel.tensor_model_parallel_size),
             world_size, enabled=dist.get_rank() == world_size - 1)
         self.history: List[Dict[str, float]] = []
+        # 8. What is trained, where, on what data, at what memory (printed by rank 0).
+        self.parameter_counts, self.summary_lines = summary.log_summary(self)
 
     # -- weights -----------------------------------------------------------------------------
     def _shard_args(self) -> dict:

@@ -29,6 +29,8 @@ from megatron_ext.training import data as training_data
 from megatron_ext.training.trainer import Trainer
 from tests.launcher import launch
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd")  # dataset caches there
+
 SEQ = 128
 PACKED_ROWS = 8  # the global batch: every packed sample once
 NUM_LAYERS = 2
