@@ -42,7 +42,6 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
-from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
 from megatron_ext.training.logs import log_once
 
