@@ -113,4 +113,6 @@ def test_cache_not_shared_between_nodes_stops_every_rank(gpt2_data, tmp_path):
     results = _agents(launches)
     for rc, _, err in results:
         assert rc != 0
-        assert "is not shared by every node" in err and "--data-cache-path" in err, err[-3000:]
+    for rc, _, err in results:
+        assert "is not shared by every node" in err and "--data-cache-path" in err, \
+            "\n=====\n".join(e[-2500:] for _, _, e in results)
