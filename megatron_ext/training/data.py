@@ -101,3 +101,46 @@ def check_cache_visible(cache_dirs: List[str]) -> None:
             f"the dataset index cache written by rank 0 ({', '.join(cache_dirs)}) is not shared "
             f"by every node: {where}. megatron-core writes the indices on global rank 0 only; "
             "put --data-cache-path on a filesystem all nodes mount")
+
+
+class PretrainingSampler:
+    """Megatron-LM's sampler: consecutive global batches; DP rank r takes slice r of each
+    ``micro_batch_size x dp`` block, so the global batch does not depend on the DP size."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int):
+        self.total_samples = total_samples
+        self.consumed_samples = consumed_samples
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.block = micro_batch_size * dp_size
+
+    def __len__(self) -> int:
+        return (self.total_samples - self.consumed_samples) // self.block
+
+    def __iter__(self) -> Iterator[List[int]]:
+        offset = self.dp_rank * self.micro_batch_size
+        for block_start in range(self.consumed_samples, self.total_samples - self.block + 1,
+                                 self.block):
+            start = block_start + offset
+            yield list(range(start, start + self.micro_batch_size))
+
+
+def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                  dp_size: int) -> Optional[Iterator[dict]]:
+    if dataset is None:
+        return None
+    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, pin_memory=False,
+        # Its own generator: creating the iterator would otherwise draw from the global torch
+        # RNG and shift dropout after a resume (the samples themselves are seeded indices).
+        generator=torch.Generator().manual_seed(0),
+    )
+    return iter(loader)
+
+
+def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
+    """Validation batches: restart from the beginning when the split is exhausted."""
+    while True:
+        yield from data_iterator(dataset, 0, micro_batch_size, dp_rank, dp_size)
