@@ -17,7 +17,7 @@ from megatron_ext.data.preprocess import output_prefix_for, preprocess
 from megatron_ext.data.instruct.handlers import HANDLERS
 from megatron_ext.data.instruct.pipeline import OVERLONG, output_prefixes, preprocess_instructions
 from megatron_ext.data.instruct.templates import prompt_types
-from megatron_ext.tokenizer import TOKENIZER_TYPES, TokenizerOptions, vocab_size_note
+from megatron_ext.tokenizer import add_tokenizer_flags, options_from_args, vocab_size_note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--lang", default="english",
                        help="punkt model for --split-sentences (default: english)")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES))
-    group.add_argument("--tokenizer-model", "--tokenizer-name-or-path", dest="tokenizer_model",
-                       help="SentencePiece .model, tokenizer.json, or a saved HF directory")
-    group.add_argument("--vocab-size", type=int,
-                       help="NullTokenizer: ids are in [0, V); TikTokenizer: the whole "
-                            "vocabulary (default 131072); ignored by the others")
-    group.add_argument("--vocab-file", help="GPT2BPETokenizer: GPT-2's vocab.json")
-    group.add_argument("--merge-file", help="GPT2BPETokenizer: GPT-2's merges.txt")
-    group.add_argument("--tiktoken-pattern", choices=["v1", "v2"],
-                       help="TikTokenizer: the pre-tokenization regex (default v2)")
-    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
-                       help="TikTokenizer: ids 0..N-1 are special tokens (default 1000)")
-    group.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens",
-                       dest="special_tokens", nargs="+", metavar="TOKEN",
-                       help="TikTokenizer: the named special tokens, in id order (must include "
-                            "<unk> <s> </s> <mask> <pad> <cls> <sep>, the default)")
+    add_tokenizer_flags(group)
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's EOD id to every document")
     group = parser.add_argument_group("output and runtime")
@@ -121,9 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     note = vocab_size_note(args.tokenizer_type, args.vocab_size) if args.tokenizer_type else None
     if note:
         print(note, file=sys.stderr)
-    options = TokenizerOptions(args.vocab_file, args.merge_file, args.tiktoken_pattern,
-                               args.tiktoken_num_special_tokens,
-                               tuple(args.special_tokens) if args.special_tokens else None)
+    options = options_from_args(args)
     instruction_flags = [flag for flag, given in (
         ("--prompt-type", args.prompt_type), ("--map-keys", args.map_keys), ("--pack", args.pack),
         ("--seq-length", args.seq_length is not None),

@@ -70,6 +70,35 @@ class TokenizerOptions:
     special_tokens: Optional[Tuple[str, ...]] = None  # --tokenizer-special-tokens
 
 
+def add_tokenizer_flags(group) -> None:
+    """The tokenizer flags of the offline tools (preprocess_data.py, the dataset inspector),
+    with Megatron-LM's names and defaults."""
+    group.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES))
+    group.add_argument("--tokenizer-model", "--tokenizer-name-or-path", dest="tokenizer_model",
+                       help="SentencePiece .model, tokenizer.json, a saved HF directory, or a "
+                            "TikTokenizer rank file")
+    group.add_argument("--vocab-size", type=int,
+                       help="NullTokenizer: ids are in [0, V); TikTokenizer: the whole "
+                            "vocabulary (default 131072); ignored by the others")
+    group.add_argument("--vocab-file", help="GPT2BPETokenizer: GPT-2's vocab.json")
+    group.add_argument("--merge-file", help="GPT2BPETokenizer: GPT-2's merges.txt")
+    group.add_argument("--tiktoken-pattern", choices=["v1", "v2"],
+                       help="TikTokenizer: the pre-tokenization regex (default v2)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids 0..N-1 are special tokens (default 1000)")
+    group.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens",
+                       dest="special_tokens", nargs="+", metavar="TOKEN",
+                       help="TikTokenizer: the named special tokens, in id order (must include "
+                            "<unk> <s> </s> <mask> <pad> <cls> <sep>, the default)")
+
+
+def options_from_args(args) -> TokenizerOptions:
+    """The TokenizerOptions of flags added by `add_tokenizer_flags`."""
+    return TokenizerOptions(args.vocab_file, args.merge_file, args.tiktoken_pattern,
+                            args.tiktoken_num_special_tokens,
+                            tuple(args.special_tokens) if args.special_tokens else None)
+
+
 def vocab_size_note(tokenizer_type: str, vocab_size: Optional[int]) -> Optional[str]:
     """The one line to print when --vocab-size is given to a type that ignores it."""
     if vocab_size is None or tokenizer_type in ("NullTokenizer", "TikTokenizer"):
