@@ -26,7 +26,8 @@ setup(
         # preprocess_data.py --split-sentences (plus NLTK's punkt_tab data, installed once).
         "text": ["nltk"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one).
         "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors",
-                "tiktoken", "nltk"],
+                "zstandard", "tiktoken", "nltk"],
     },
 )

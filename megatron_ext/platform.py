@@ -14,21 +14,24 @@ megatron-core is used unchanged.
    ``.cuda()`` a no-op, for the duration of the call only.
 3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
    recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
-4. Streams (0.19+): DDP's grad sync waits on ``torch.cuda.current_stream()`` for CUDA-graph
+4. Distributed checkpoints (``--ckpt-format torch_dist``): see ``_DIST_CKPT_MODULES``.
+5. Streams (0.19+): DDP's grad sync waits on ``torch.cuda.current_stream()`` for CUDA-graph
    events; on CPU there are no events, and the shim's ``current_stream()`` waits for none.
-5. triton (0.18+): ``import megatron.core`` imports triton (MoE/inference kernels that never
+6. triton (0.18+): ``import megatron.core`` imports triton (MoE/inference kernels that never
    run here), and torch then sees a triton and imports its compiler modules, so no small
    stand-in can take its place: install triton (about 290 MB; CPU machines too) with
    megatron-core 0.18+. GPU images have it; CI installs it only into its 0.19.2 environment.
 
-Supported: megatron-core 0.16 through 0.19 (``SUPPORTED``). Each adaptation was checked on
-0.16.1, 0.17.1, 0.18.2 and 0.19.2: the suite's numbers are bit-identical across them
-(/work/shared/notes/megatron-core-findings.md), and CI runs a core subset on 0.19.2.
+Supported: megatron-core 0.16 through 0.19 (``SUPPORTED``). Adaptations 1-3, 5 and 6 were
+checked on 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (parallel equivalence, varlen and checkpoint
+tests pass on each; /work/shared/notes/megatron-core-findings.md); CI runs that subset on
+0.19.2.
 """
 
 import contextlib
 import functools
 import importlib
+import multiprocessing
 import os
 import random
 import types
@@ -54,6 +57,25 @@ _SHIMMED_MODULES = (
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+)
+
+# -- Distributed checkpoints (--ckpt-format torch_dist; training/dist_checkpoint.py) ---------
+# megatron-core 0.16's ``dist_checkpointing`` writes on CPU once these see the CPU as their
+# device: the async file writer calls ``torch.cuda.synchronize()`` after staging tensors to the
+# host (``filesystem_async``); the save planner and finalizer all-reduce/broadcast flags in
+# ``device="cuda"`` / ``torch.cuda.current_device()`` tensors (``state_dict_saver``); the async
+# queue checks its workers with ``torch.cuda.current_device()`` tensors, synchronizes and sets
+# the worker's device (``async_utils``). The distributed optimizer's ``fully_reshardable`` state
+# is all-gathered over DP ranks by ``get_parameter_state_dp_zero`` (its default, non-gloo path),
+# which moves each shard with ``.cuda()``: it runs with ``.cuda()`` a no-op (2. above). The
+# writer's results queue lives in a multiprocessing manager that megatron-core *spawns* (a
+# fresh interpreter, safe beside a CUDA context): it imports torch to unpickle the first write
+# results, some 10 s per process on a loaded 2-core machine; without CUDA it is forked. Kept apart from the list above so that the
+# megatron-core version guard and this list can change independently.
+_DIST_CKPT_MODULES = (
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 _applied = False
@@ -88,6 +110,7 @@ class _CpuCuda:
         pass
 
     empty_cache = synchronize
+    set_device = synchronize  # the async checkpoint writer's worker picks its "GPU"
 
     @staticmethod
     def current_stream(*_args, **_kwargs):
@@ -198,6 +221,14 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(current)
 
 
+def _forked_write_results_queue():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    return filesystem_async._results_queue
+
+
 def apply() -> None:
     """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
     global _applied
@@ -212,7 +243,7 @@ def apply() -> None:
             f"found {version}. Install megatron-core>=0.16,<0.20 or check the adaptations."
         )
     proxy = _CpuTorch()
-    for module_name in _SHIMMED_MODULES:
+    for module_name in _SHIMMED_MODULES + _DIST_CKPT_MODULES:
         importlib.import_module(module_name).torch = proxy
 
     from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -237,6 +268,12 @@ def apply() -> None:
     random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     random.CudaRNGStatesTracker.add = CpuRNGStatesTracker.add
     random.CudaRNGStatesTracker.fork = CpuRNGStatesTracker.fork
+
+    # Distributed checkpoints (see _DIST_CKPT_MODULES).
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _with_cuda_tensor_names(DistributedOptimizer, "get_parameter_state_dp_zero")
+    filesystem_async._get_write_results_queue = _forked_write_results_queue
     _applied = True
 
 

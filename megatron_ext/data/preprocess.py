@@ -21,10 +21,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
-from megatron_ext.data.readers import (Chunk, InputError, check_keys_fit, chunk_texts,
-                                       expand_inputs, read_chunks)
-from megatron_ext.data.merge import merge_datasets
+from megatron_ext.data.inputs import InputError, check_keys_fit, expand_inputs
+from megatron_ext.data.outputs import prepare_output_dir
+from megatron_ext.data.readers import Chunk, chunk_texts, read_chunks
 from megatron_ext.data.sentences import SentenceSplitter
+from megatron_ext.data.shard_meta import TOOL
 from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer
 
 SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
@@ -41,6 +42,7 @@ class Summary:
     seconds: float = 0.0
     tokens: Dict[str, int] = field(default_factory=dict)  # per key, EODs included
     empty: Dict[str, int] = field(default_factory=dict)  # per key: no tokens before EOD
+    ignored: str = ""  # the files in --input directories/globs not read (InputFiles)
 
     @property
     def written(self) -> int:
@@ -56,7 +58,10 @@ class Summary:
                             for k in self.tokens)
         return (f"done: {self.read} documents read, {self.written} written, {self.skipped} "
                 f"skipped; {per_key}; {self.bytes / 1e6:.2f} MB in {self.seconds:.2f} s "
-                f"({self.rates()})")
+                f"({self.rates()}){self.ignored_line()}")
+
+    def ignored_line(self) -> str:
+        return f"\n{self.ignored}" if self.ignored else ""
 
 
 @dataclass
@@ -234,16 +239,18 @@ def _select_documents(arrays: tuple, documents: np.ndarray) -> tuple:
 class _Outputs:
     """The writers of one run. With `partitions` N > 1, Megatron-LM's round robin: document i
     goes to partition i mod N, and the final dataset is partition 0, then 1, ..., N-1 (Megatron's
-    order of documents); the partitions are temporary datasets beside the output, merged at
-    the end and removed whatever happens."""
+    order of documents); the partitions are temporary datasets beside the output, concatenated
+    at the end and removed whatever happens. `final` holds the writers of the outputs."""
 
-    def __init__(self, stack: ExitStack, prefixes: List[str], dtype, partitions: int):
-        self.prefixes, self.dtype, self.partitions = prefixes, dtype, partitions
+    def __init__(self, stack: ExitStack, prefixes: List[str], dtype, partitions: int, log):
+        self.prefixes, self.dtype, self.partitions, self._log = prefixes, dtype, partitions, log
         self.documents = 0
         if partitions == 1:
-            self.writers = [[stack.enter_context(IndexedDatasetWriter(p, dtype))]
-                            for p in prefixes]
+            self.final = [stack.enter_context(IndexedDatasetWriter(p, dtype, log))
+                          for p in prefixes]
+            self.writers = [[writer] for writer in self.final]
             return
+        self._outer = stack
         directory = os.path.dirname(prefixes[0]) or "."
         self._parts = stack.enter_context(tempfile.TemporaryDirectory(
             dir=directory, prefix=f".{os.path.basename(prefixes[0])}.partitions-"))
@@ -269,11 +276,34 @@ class _Outputs:
             self.documents += count
 
     def finish(self) -> None:
+        """Concatenate the partitions into the outputs (finalized as the run's `with` ends)."""
         if self.partitions == 1:
             return
         self._stack.close()  # finalizes every partition
+        self.final = []
         for key, prefix in enumerate(self.prefixes):
-            merge_datasets([self._part(key, p) for p in range(self.partitions)], prefix)
+            writer = self._outer.enter_context(IndexedDatasetWriter(prefix, self.dtype, self._log))
+            for p in range(self.partitions):
+                writer.append_dataset(self._part(key, p))
+            self.final.append(writer)
+
+
+def made_with(tokenizer, tokenizer_type: str, tokenizer_model: Optional[str],
+              eod_appended: bool) -> dict:
+    """The ShardMeta fields on how a token shard was made."""
+    return dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
+                vocab_size=tokenizer.vocab_size, eod=tokenizer.eod, eod_appended=eod_appended,
+                tool=TOOL)
+
+
+def check_not_empty(inputs: Sequence[str], tokens: int, counts: str) -> None:
+    """No shard without tokens: megatron-core's IndexedDataset memory-maps the `.bin` with
+    numpy, which cannot map an empty file, and a shard without documents has no sample to give,
+    so writing one would only move the failure to training. Called inside the writers' `with`,
+    so nothing is written."""
+    if not tokens:
+        raise InputError(f"--input {' '.join(inputs)}: nothing to write ({counts}); a shard "
+                         "without tokens cannot be read by megatron-core, so none is written")
 
 
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
@@ -300,22 +330,24 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
     sentences = (lang, keep_newlines) if split_sentences else None
     if sentences:
         SentenceSplitter(*sentences)  # a missing NLTK or punkt model fails here, once
-    files = expand_inputs(inputs)
+    found = expand_inputs(inputs)
+    files = found.files
     check_keys_fit(files, json_keys)
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     if partitions < 1:
         raise ValueError("--partitions must be at least 1")
     dtype = best_dtype(tokenizer.vocab_size)
-    if os.path.dirname(output_prefix):
-        os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+    prepare_output_dir(output_prefix)
 
-    summary = Summary(tokens={k: 0 for k in json_keys}, empty={k: 0 for k in json_keys})
+    summary = Summary(tokens={k: 0 for k in json_keys}, empty={k: 0 for k in json_keys},
+                      ignored=found.ignored_report())
     init_args = (tokenizer_args, json_keys, append_eod, skip_invalid, dtype, workers > 1,
                  sentences)
     prefixes = [output_prefix_for(output_prefix, k, split_sentences) for k in json_keys]
     with ExitStack() as stack:
-        outputs = _Outputs(stack, prefixes, dtype, 1 if keep_sequential_samples else partitions)
+        outputs = _Outputs(stack, prefixes, dtype, 1 if keep_sequential_samples else partitions,
+                           log)
         chunks = (chunk for path in files for chunk in read_chunks(path, json_keys))
         results = _encoded(chunks, workers, init_args, stack)
         for result in checked(results, summary, start, log, log_interval):
@@ -324,6 +356,15 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                 outputs.add(index, arrays)
                 summary.tokens[key] += arrays[0].size
                 summary.empty[key] += empty
+        for key in json_keys:
+            empty = (f", all {'--json-keys ' + key + ' ' if len(json_keys) > 1 else ''}empty "
+                     "(--append-eod would give each its EOD)" if summary.written else "")
+            check_not_empty(inputs, summary.tokens[key],
+                            f"{summary.read} documents read, {summary.skipped} skipped, "
+                            f"{summary.written} written{empty}")
         outputs.finish()
+    fields = made_with(tokenizer, tokenizer_type, tokenizer_model, append_eod)
+    for writer in outputs.final:  # finalized: the with block is done
+        writer.write_meta(**fields)
     summary.seconds = time.perf_counter() - start
     return summary

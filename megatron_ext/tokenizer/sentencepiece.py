@@ -16,7 +16,9 @@ class GPTSentencePieceTokenizer(Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"--tokenizer-model {model_path} is not a SentencePiece model: {e}")
+            raise ValueError(f"--tokenizer-model {model_path} is not a SentencePiece model: {e} "
+                             "(a tokenizer.json or a saved HF directory is read by "
+                             "--tokenizer-type HuggingFaceTokenizer)") from None
         self.vocab_size = self._sp.vocab_size()
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None

@@ -43,7 +43,8 @@ def test_partitions_megatron_order_and_names(repo_root, tmp_path, partitions):
                "--partitions", str(partitions), "--workers", "2")
     assert run.returncode == 0, run.stderr
     # Megatron-LM's final names only: no partition inputs or datasets are left behind.
-    assert sorted(os.listdir(out)) == ["part_text_document.bin", "part_text_document.idx"]
+    assert sorted(os.listdir(out)) == ["part_text_document.bin", "part_text_document.idx",
+                                       "part_text_document.meta.json"]
     # Its round robin: line i went to partition i mod N, merged in partition order.
     expected = [DOCS[i] for p in range(partitions) for i in range(p, len(DOCS), partitions)]
     assert _documents(str(out / "part_text_document")) == [
