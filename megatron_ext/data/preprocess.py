@@ -10,7 +10,6 @@ order is input order. torch is never imported, so start-up takes well under a se
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 from collections import deque
 from contextlib import ExitStack
@@ -20,9 +19,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
+from megatron_ext.data.indexed import as_token_array, best_dtype
 from megatron_ext.data.inputs import InputError, check_keys_fit, expand_inputs
 from megatron_ext.data.outputs import prepare_output_dir
+from megatron_ext.data.partitions import Outputs
 from megatron_ext.data.readers import Chunk, chunk_texts, read_chunks
 from megatron_ext.data.sentences import SentenceSplitter
 from megatron_ext.data.shard_meta import TOOL
@@ -226,68 +226,6 @@ def output_prefix_for(output_prefix: str, key: str, split_sentences: bool = Fals
     return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
-def _select_documents(arrays: tuple, documents: np.ndarray) -> tuple:
-    """The (tokens, lengths, per_document) of the documents where `documents` is True."""
-    tokens, lengths, per_document = arrays
-    if per_document is None:
-        per_document = np.ones(len(lengths), np.int64)
-    sequences = np.repeat(documents, per_document)
-    return (tokens[np.repeat(sequences, lengths)], lengths[sequences],
-            per_document[documents])
-
-
-class _Outputs:
-    """The writers of one run. With `partitions` N > 1, Megatron-LM's round robin: document i
-    goes to partition i mod N, and the final dataset is partition 0, then 1, ..., N-1 (Megatron's
-    order of documents); the partitions are temporary datasets beside the output, concatenated
-    at the end and removed whatever happens. `final` holds the writers of the outputs."""
-
-    def __init__(self, stack: ExitStack, prefixes: List[str], dtype, partitions: int, log):
-        self.prefixes, self.dtype, self.partitions, self._log = prefixes, dtype, partitions, log
-        self.documents = 0
-        if partitions == 1:
-            self.final = [stack.enter_context(IndexedDatasetWriter(p, dtype, log))
-                          for p in prefixes]
-            self.writers = [[writer] for writer in self.final]
-            return
-        self._outer = stack
-        directory = os.path.dirname(prefixes[0]) or "."
-        self._parts = stack.enter_context(tempfile.TemporaryDirectory(
-            dir=directory, prefix=f".{os.path.basename(prefixes[0])}.partitions-"))
-        self._stack = stack.enter_context(ExitStack())
-        self.writers = [[self._stack.enter_context(IndexedDatasetWriter(
-            self._part(k, p), dtype)) for p in range(partitions)] for k in range(len(prefixes))]
-
-    def _part(self, key: int, partition: int) -> str:
-        return os.path.join(self._parts, f"{key}_{partition}")
-
-    def add(self, key: int, arrays: tuple) -> None:
-        tokens, lengths, per_document = arrays
-        count = len(lengths) if per_document is None else len(per_document)
-        if self.partitions == 1:
-            parts = [(self.writers[key][0], arrays)]
-        else:
-            partition = (self.documents + np.arange(count)) % self.partitions
-            parts = [(writer, _select_documents(arrays, partition == p))
-                     for p, writer in enumerate(self.writers[key])]
-        for writer, (tokens, lengths, per_document) in parts:
-            writer.add_documents(tokens, lengths, per_document)
-        if key == len(self.prefixes) - 1:
-            self.documents += count
-
-    def finish(self) -> None:
-        """Concatenate the partitions into the outputs (finalized as the run's `with` ends)."""
-        if self.partitions == 1:
-            return
-        self._stack.close()  # finalizes every partition
-        self.final = []
-        for key, prefix in enumerate(self.prefixes):
-            writer = self._outer.enter_context(IndexedDatasetWriter(prefix, self.dtype, self._log))
-            for p in range(self.partitions):
-                writer.append_dataset(self._part(key, p))
-            self.final.append(writer)
-
-
 def made_with(tokenizer, tokenizer_type: str, tokenizer_model: Optional[str],
               eod_appended: bool) -> dict:
     """The ShardMeta fields on how a token shard was made."""
@@ -318,7 +256,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
     (`_sentence` with `split_sentences`: one sequence per sentence, Megatron-LM's punkt split).
 
     `partitions` and `keep_sequential_samples` are Megatron-LM's `--partitions` and
-    `--keep-sequential-samples`: they fix the order of documents in the output (see `_Outputs`;
+    `--keep-sequential-samples`: they fix the order of documents in the output (see `Outputs`;
     sequential partitions keep the input order), never the parallelism, which is `workers`.
 
     Raises ValueError (InputError for bad data) before creating any file when the
@@ -346,7 +284,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                  sentences)
     prefixes = [output_prefix_for(output_prefix, k, split_sentences) for k in json_keys]
     with ExitStack() as stack:
-        outputs = _Outputs(stack, prefixes, dtype, 1 if keep_sequential_samples else partitions,
+        outputs = Outputs(stack, prefixes, dtype, 1 if keep_sequential_samples else partitions,
                            log)
         chunks = (chunk for path in files for chunk in read_chunks(path, json_keys))
         results = _encoded(chunks, workers, init_args, stack)
