@@ -38,11 +38,14 @@ def _run(python, *args):
 
 
 @pytest.mark.skipif(not OTHER, reason="MEGATRON_EXT_OTHER_CORE_PYTHON is not set")
-def test_checkpoint_resumes_under_the_other_megatron_core(tmp_path):
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_checkpoint_resumes_under_the_other_megatron_core(tmp_path, ckpt_format):
     here, there = _core_version(sys.executable), _core_version(OTHER)
     assert here != there, f"both interpreters have megatron-core {here}"
-    _run(sys.executable, "--train-iters", "2", "--save", str(tmp_path), "--save-interval", "2")
-    resumed_here = _run(sys.executable, "--train-iters", "4", "--load", str(tmp_path))
-    resumed_there = _run(OTHER, "--train-iters", "4", "--load", str(tmp_path))
+    fmt = ["--ckpt-format", ckpt_format]
+    _run(sys.executable, *fmt, "--train-iters", "2", "--save", str(tmp_path),
+         "--save-interval", "2")
+    resumed_here = _run(sys.executable, *fmt, "--train-iters", "4", "--load", str(tmp_path))
+    resumed_there = _run(OTHER, *fmt, "--train-iters", "4", "--load", str(tmp_path))
     assert [i for i, _ in resumed_here] == [3, 4]
     assert resumed_there == resumed_here, (here, there)
