@@ -101,6 +101,12 @@ class DataConfig:
     tokenizer_type: Optional[str] = None
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None
+    # GPT2BPETokenizer's files and TikTokenizer's layout (megatron_ext/tokenizer/).
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tiktoken_pattern: Optional[str] = None
+    tiktoken_num_special_tokens: int = 1000
+    tokenizer_special_tokens: Optional[List[str]] = None
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
@@ -207,6 +213,8 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     _add_dataclass_flags(
         parser, DataConfig, "data", data_path={"nargs": "+"},
         tokenizer_model={"aliases": ("--tokenizer-name-or-path",)},
+        tiktoken_pattern={"choices": ["v1", "v2"]},
+        tokenizer_special_tokens={"nargs": "+", "aliases": ("--tiktoken-special-tokens",)},
     )
     _add_dataclass_flags(parser, LoggingConfig, "logging and evaluation")
     _add_dataclass_flags(parser, CheckpointConfig, "checkpointing",
@@ -372,6 +380,9 @@ def validate(config: Config, world_size: int) -> None:
     _require(d.tokenizer_type is not None, "--tokenizer-type is required")
     if d.tokenizer_type == "NullTokenizer":
         _require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+    elif d.tokenizer_type == "GPT2BPETokenizer":
+        _require(d.vocab_file is not None and d.merge_file is not None,
+                 "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     else:
         _require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
                  f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
