@@ -69,7 +69,7 @@ def _assert_same_run(reference, run):
 def test_initial_weights_are_the_same_in_every_layout(reference, world_size, flags):
     """Each parameter is drawn from (seed, its full-model name): bit-identical to one process,
     and layers differ from each other (no stage repeats another's draws)."""
-    argv = MODEL + BATCH + flags.split() + ["--train-iters", "1"]
+    argv = MODEL + BATCH + flags.split() + ["--train-iters", "2"]
     initial = launch(_train, world_size, argv, world_size)[0][1]
     ref_initial = reference[1]
     assert initial.keys() == ref_initial.keys()
