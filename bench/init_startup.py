@@ -100,6 +100,7 @@ def main(argv=None):
     if args.case:
         print(json.dumps(run_case(args.case[0], int(args.case[1]), args.layers, args.bf16)))
         return
+    load = os.getloadavg()[0]
     rows = []
     for tp in args.tp:
         for init in args.init:
@@ -121,7 +122,8 @@ def main(argv=None):
             f.write(f"# Model initialization start-up, CPU\n\n"
                     f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n"
                     f"- device: {host.processor() or host.machine()}, {os.cpu_count()} cores "
-                    f"(shared), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}\n"
+                    f"(shared; load average {load:.1f} at start), "
+                    f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}\n"
                     f"- command: `python bench/init_startup.py {' '.join(argv or sys.argv[1:])}`\n"
                     f"- model: {args.layers} layers, hidden 2048, FFN 5632, 32 heads, 4 KV groups, "
                     f"vocabulary {VOCAB}, untied, {'bf16' if args.bf16 else 'fp32'}\n\n"
