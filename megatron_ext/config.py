@@ -125,6 +125,12 @@ class CheckpointConfig:
     no_load_rng: bool = False
     finetune: bool = False
     save_total_limit: Optional[int] = None
+    # Megatron-LM's default: megatron-core dist_checkpointing, resumable at any TP/PP/DP
+    # (training/dist_checkpoint.py); "torch" is the per-rank model_optim_rng.pt layout.
+    ckpt_format: str = "torch_dist"
+    async_save: bool = False
+    # Accepted as Megatron-LM's; torch_dist always saves the distributed optimizer that way.
+    dist_ckpt_optim_fully_reshardable: bool = False
 
 
 @dataclass
@@ -194,7 +200,8 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
         tokenizer_model={"aliases": ("--tokenizer-name-or-path",)},
     )
     _add_dataclass_flags(parser, LoggingConfig, "logging and evaluation")
-    _add_dataclass_flags(parser, CheckpointConfig, "checkpointing")
+    _add_dataclass_flags(parser, CheckpointConfig, "checkpointing",
+                         ckpt_format={"choices": ["torch", "torch_dist"]})
     if extra_args_provider is not None:
         extra_args_provider(parser)
     return parser
@@ -364,5 +371,7 @@ def validate(config: Config, world_size: int) -> None:
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
+    _require(not c.async_save or c.ckpt_format == "torch_dist",
+             "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
 
 

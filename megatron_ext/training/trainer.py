@@ -232,12 +232,15 @@ class Trainer:
             last = exiting or self.iteration == t.train_iters
             if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
                 checkpointing.save_checkpoint(self)
+            if c.async_save:
+                checkpointing.finalize_saves()
             if exiting:
                 logger.info(f"exiting at iteration {self.iteration} (--exit-interval)")
                 break
             if window_steps == 0:
                 # The next window times training steps alone, not evaluation or saving.
                 window_start = time.perf_counter()
+        checkpointing.finalize_saves(blocking=True)
         if self.iteration == start_iteration:
             logger.info(f"nothing to train: at iteration {self.iteration} of --train-iters "
                         f"{t.train_iters}")
