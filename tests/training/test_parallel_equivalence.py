@@ -28,8 +28,6 @@ BATCH = "--micro-batch-size 2 --global-batch-size 8".split()
 # Loss: relative; weights: absolute, after 4 Adam steps of lr 1e-3 on O(0.02..1) weights.
 LOSS_RTOL = 2e-5
 WEIGHT_ATOL = 2e-5
-
-
 VOCAB = 300  # NullTokenizer --vocab-size 299: 384 rows at TP=1, 512 at TP=2
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
