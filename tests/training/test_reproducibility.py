@@ -32,8 +32,8 @@ MODEL = (
     "--attention-dropout 0 --hidden-dropout 0 --tokenizer-type NullTokenizer --vocab-size 299 "
     "--split 100,0,0 --micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --lr-warmup-iters 1 "
     "--lr-decay-style constant --weight-decay 0.1 --log-interval 1 --eval-interval 0 "
-    "--eval-iters 0 --distributed-backend gloo"
-).split()
+    "--eval-iters 0 --distributed-backend gloo --ckpt-format torch"
+).split()  # Megatron-LM's per-rank files: merged here and resharded by convert_ckpt.py
 SEED = ["--seed", "7"]
 RUN_TIMEOUT_S = 600
 # Loss: relative (the bound; float32 summation order gives ~1e-7). Grad norm: as logged
