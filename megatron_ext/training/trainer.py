@@ -58,8 +58,9 @@ class Trainer:
         self.vocab_size = self.tokenizer.vocab_size
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
-        # 2. Topology and process groups (flags were validated before this point). Megatron-LM's
-        #    seeding: each pipeline stage draws its own layers' initial weights.
+        # 2. Topology and process groups (flags were validated before this point). The runtime
+        #    RNG (dropout) is seeded per pipeline stage as in Megatron-LM, so that stages do not
+        #    repeat each other's masks; the initial weights do not depend on it (model/init.py).
         self.topology = ParallelTopology.from_config(config.parallel, world_size)
         self.topology.initialize(config.parallel.distributed_backend)
         platform.manual_seed(config.training.seed + 100 * self.topology.pp_rank)

@@ -15,9 +15,8 @@ import time
 
 import pytest
 
-from tests.launcher import free_port
+from tests.launcher import ROOT, free_port, iteration_records, torchrun as _torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A hang shows as a test failure after these, not as a stuck session. Failing on a bad flag
 # takes a few seconds (two interpreters importing torch); a training run also builds the model
 # and mock datasets, and a 2-core machine shared with other jobs can be several times slower.
@@ -29,25 +28,6 @@ TINY = (
     "--micro-batch-size 2 --tokenizer-type NullTokenizer --vocab-size 255 --mock-data "
     "--attention-dropout 0 --hidden-dropout 0 --lr 1e-3 --seed 11"
 ).split()
-
-
-def _torchrun(nproc, args, timeout, launcher_flags=()):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher_flags,
-           os.path.join(ROOT, "pretrain_gpt.py")] + args
-    # Own process group: on a hang, the launcher and its workers are killed together.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s (hang?)\n{stdout[-2000:]}"
-                    f"\n{stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def test_invalid_topology_stops_every_rank_naming_the_flag():
@@ -79,15 +59,7 @@ def test_tiny_tp2_run_logs_iterations():
         "--eval-iters", "1",
     ], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Megatron-style line: "iteration 1/3 | consumed samples 4 | lm loss 5.5E+00 | ...";
-    # fields are read by name, so added or reordered fields do not matter.
-    records = []
-    for line in result.stdout.splitlines():
-        found = re.search(rf"iteration\s+(\d+)/{iters} \| (.*)$", line)
-        if found:
-            pairs = (f.strip().rsplit(" ", 1) for f in found.group(2).split(" | "))
-            fields = {name.strip(): value for name, value in pairs}
-            records.append((int(found.group(1)), fields))
+    records = iteration_records(result.stdout, iters)
     # One line per iteration, written once (by the last rank), not once per rank.
     assert [it for it, _ in records] == list(range(1, iters + 1)), result.stdout
     for iteration, fields in records:
@@ -135,8 +107,9 @@ def _poll(condition, deadline_s, what):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
 def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path):
     """kill -9 of torchrun's agent, mid-training with a save every iteration: within seconds no
-    rank is alive, and the tracker names a checkpoint whose every rank file loads."""
+    rank is alive, and the tracker names a complete checkpoint."""
     from megatron_ext.checkpoint import format as ckpt
+    from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 
     save = tmp_path / "ckpt"
     log = open(tmp_path / "log.txt", "w")
@@ -166,7 +139,7 @@ def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path):
         if agent.poll() is None:
             os.killpg(agent.pid, signal.SIGKILL)
         log.close()
+    # The default --ckpt-format torch_dist: the tracked directory is complete (megatron-core
+    # writes metadata.json after every rank's shards; ours renames the directory after that).
     iteration = ckpt.read_tracker(save)
-    for tp in range(2):
-        payload = ckpt.load_rank_file(ckpt.rank_file(save, iteration, tp, 0, 1))
-        assert payload["iteration"] == iteration
+    assert is_dist_checkpoint(ckpt.iteration_dir(save, iteration)), iteration
