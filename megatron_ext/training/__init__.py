@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 
-from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.config import ConfigError, UnknownFlagsError, parse_args
 
 
 def pretrain(forward_step, argv=None):
@@ -16,6 +16,9 @@ def pretrain(forward_step, argv=None):
                         format="[%(asctime)s] %(message)s", stream=sys.stdout)
     try:
         config = parse_args(argv)
+    except UnknownFlagsError as error:
+        # The same on every rank: said once.
+        sys.exit(f"[rank {rank}] invalid arguments: {error}" if rank == 0 else 2)
     except ConfigError as error:
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
     from megatron_ext.training.trainer import Trainer
@@ -25,7 +28,7 @@ def pretrain(forward_step, argv=None):
         trainer.train()
         eval_interval = config.logging.eval_interval
         if not (eval_interval and trainer.iteration % eval_interval == 0):
-            trainer.evaluate()
+            trainer.evaluate(final=True)
     finally:
         trainer.close()
     return trainer

@@ -57,6 +57,7 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         eod_mask_loss=d.eod_mask_loss,
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
+        mmap_bin_files=d.mmap_bin_files,
     )
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
@@ -88,12 +89,13 @@ class PretrainingSampler:
 
 
 def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                  dp_size: int) -> Optional[Iterator[dict]]:
+                  dp_size: int, num_workers: int = 0) -> Optional[Iterator[dict]]:
     if dataset is None:
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, pin_memory=False,
+        dataset, batch_sampler=sampler, pin_memory=False, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         # Its own generator: creating the iterator would otherwise draw from the global torch
         # RNG and shift dropout after a resume (the samples themselves are seeded indices).
         generator=torch.Generator().manual_seed(0),
@@ -101,7 +103,8 @@ def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
     return iter(loader)
 
 
-def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
+def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
+                    num_workers: int = 0):
     """Validation batches: restart from the beginning when the split is exhausted."""
     while True:
-        yield from data_iterator(dataset, 0, micro_batch_size, dp_rank, dp_size)
+        yield from data_iterator(dataset, 0, micro_batch_size, dp_rank, dp_size, num_workers)

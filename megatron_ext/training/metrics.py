@@ -2,7 +2,8 @@
 
 import logging
 import math
-from typing import Dict, Optional
+import re
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -61,47 +62,91 @@ class MetricsLogger:
                 ) from error
             self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
 
-    def log_train(self, iteration: int, stats: Dict[str, float], seconds_per_iter: float) -> None:
+    def log_train(self, iteration: int, window: List[Dict[str, float]],
+                  seconds_per_iter: float) -> None:
+        """Megatron-LM's iteration line for the steps since the last one (loss averaged over
+        them, skipped and NaN steps counted), then our fields."""
         if not self.enabled:
             return
-        t = self.config.training
-        tokens = t.global_batch_size * self.config.model.seq_length
+        t, stats = self.config.training, window[-1]
+        tokens = stats["global_batch_size"] * self.config.model.seq_length
         tokens_per_s = tokens / seconds_per_iter
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
-        parts = [
-            f"iteration {iteration:8d}/{t.train_iters}",
-            f"consumed samples {stats['consumed_samples']:10d}",
-            f"lm loss {stats['lm loss']:.6E}",
-            f"trained tokens {stats['trained_tokens']:d}",
-            f"grad norm {stats['grad_norm']:.4f}",
-            f"learning rate {stats['lr']:.6E}",
+        advanced = [s for s in window if not s["skipped"]]
+        loss = sum(s["lm loss"] for s in advanced) / max(len(advanced), 1)
+        fields = [
+            f"iteration {iteration:8d}/{t.train_iters:8d}",
+            f"consumed samples: {stats['consumed_samples']:12d}",
+            f"elapsed time per iteration (ms): {1000 * seconds_per_iter:.1f}",
         ]
-        if self.config.model.fp16:
-            parts.append(f"loss scale {stats['loss_scale']:.1f}")
-        parts += [
-            f"s/iter {seconds_per_iter:.3f}",
-            f"tokens/s {tokens_per_s:.0f}",
-            f"TFLOP/s/device {tflops:.3g}",
+        if self.config.logging.log_throughput:
+            fields.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+        fields += [
+            f"learning rate: {stats['lr']:.6E}",
+            f"global batch size: {stats['global_batch_size']:5d}",
+        ]
+        if advanced:
+            fields.append(f"lm loss: {loss:.6E}")
+        fields += [
+            f"loss scale: {stats['loss_scale']:.1f}",
+            f"grad norm: {stats['grad_norm']:.3f}",
+            f"number of skipped iterations: {sum(s['skipped'] for s in window):3d}",
+            f"number of nan iterations: {sum(s['nan'] for s in window):3d}",
+            # Ours, after Megatron-LM's.
+            f"trained tokens: {stats['trained_tokens']:d}",
+            f"tokens/s: {tokens_per_s:.0f}",
+            f"TFLOP/s/device: {tflops:.3g}",
         ]
         if self.peak:
-            parts.append(f"MFU {100 * tflops / self.peak:.1f}%")
-        logger.info(" | ".join(parts))
+            fields.append(f"MFU: {100 * tflops / self.peak:.1f}%")
+        logger.info(" " + " | ".join(fields) + " |")
         if self.writer:
-            for key in ("lm loss", "grad_norm", "lr"):
-                self.writer.add_scalar(key.replace(" ", "_"), stats[key], iteration)
+            self.writer.add_scalar("lm loss", loss, iteration)
+            for key in ("grad_norm", "lr", "global_batch_size"):
+                self.writer.add_scalar(key, stats[key], iteration)
             self.writer.add_scalar("tokens_per_s", tokens_per_s, iteration)
             self.writer.add_scalar("tflops_per_device", tflops, iteration)
 
-    def log_eval(self, iteration: int, loss: float) -> None:
+    def log_eval(self, iteration: int, loss: float, final: bool = False) -> None:
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
-        logger.info(f"validation at iteration {iteration} | lm loss {loss:.6E} | "
-                    f"lm loss PPL {ppl:.6E}")
+        where = f"iteration {iteration}" + (" on validation set" if final else "")
+        line = f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        logger.info("-" * (len(line) + 1))
+        logger.info(line)
+        logger.info("-" * (len(line) + 1))
         if self.writer:
-            self.writer.add_scalar("validation_lm_loss", loss, iteration)
-            self.writer.add_scalar("validation_ppl", ppl, iteration)
+            self.writer.add_scalar("lm loss validation", loss, iteration)
+            self.writer.add_scalar("lm loss validation ppl", ppl, iteration)
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+_ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
+_VALIDATION = re.compile(r"validation loss at iteration (\d+)( on validation set)? \|(.*)$")
+
+
+def _fields(text: str) -> Dict[str, str]:
+    pairs = (part.split(":", 1) for part in text.split("|") if ":" in part)
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def parse_log(text: str) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+    """(iteration records, validation records) from Megatron-LM-format log text, ours
+    included: each a dict of field name -> text ("lm loss", "consumed samples", ...) plus
+    "iteration" (and "iterations" for the run's total). The one parser tests and tools use."""
+    train, valid = [], []
+    for line in text.splitlines():
+        found = _VALIDATION.search(line)
+        if found:
+            valid.append({"iteration": found.group(1), "final": bool(found.group(2)),
+                          **_fields(found.group(3))})
+            continue
+        found = _ITERATION.search(line)
+        if found:
+            train.append({"iteration": found.group(1), "iterations": found.group(2),
+                          **_fields(found.group(3))})
+    return train, valid

@@ -1,0 +1,46 @@
+"""Data and tokenizer flags (Megatron-LM's ``data and dataloader`` and ``tokenizer`` groups)."""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron_ext.config.flags import NO_OP, OURS, flag
+
+
+@dataclass
+class DataConfig:
+    GROUP = "data and dataloader"
+
+    data_path: List[str] = flag(
+        [], "Shard prefix, or weight/prefix pairs to blend: 0.3 A 0.7 B.", nargs="+")
+    split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1.")
+    mock_data: bool = flag(False, "Synthetic data (megatron-core's MockGPTDataset).")
+    data_cache_path: Optional[str] = flag(None, "Directory for the dataset index caches.")
+    num_workers: int = flag(2, "DataLoader worker processes per rank (0: load in the "
+                            "training process).")
+    mmap_bin_files: bool = flag(
+        True, "Read .bin shards without memory-mapping them.", name="--no-mmap-bin-files",
+        action="store_false")
+    create_attention_mask_in_dataloader: bool = flag(
+        True, "Do not build a dense attention mask per sample.",
+        name="--no-create-attention-mask-in-dataloader", action="store_false", status=NO_OP,
+        note="never built here: causal and document masks live in the attention kernel")
+    reset_position_ids: bool = flag(
+        False, "Positions restart after each EOD; packed documents attend only to themselves "
+        "(variable-length attention).")
+    reset_attention_mask: bool = flag(
+        False, "Packed documents attend only to themselves (variable-length attention; no "
+        "dense mask).")
+    eod_mask_loss: bool = flag(False, "No loss on EOD tokens.")
+    # Fine-tuning on instruction shards (PREFIX_input_ids/loss_mask_document): see
+    # megatron_ext/training/sft_dataset.py and docs/finetune.md.
+    is_instruction_dataset: bool = flag(
+        False, "Train on instruction shards from preprocess_data.py --handler-name (answer-only "
+        "loss, packed conversations).", status=OURS)
+
+    tokenizer_type: Optional[str] = flag(None, "Tokenizer (as preprocess_data.py's).",
+                                         group="tokenizer")
+    tokenizer_model: Optional[str] = flag(
+        None, "Tokenizer model file or directory.", group="tokenizer",
+        aliases=("--tokenizer-name-or-path",))
+    vocab_size: Optional[int] = flag(None, "Vocabulary size (NullTokenizer).",
+                                     group="tokenizer")
