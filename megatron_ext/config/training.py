@@ -24,7 +24,7 @@ class TrainingConfig:
         "tokens, suffixes K M B T), e.g. '0:16 2.4B:320'; the first threshold is 0.",
         nargs="+")
     train_iters: Optional[int] = flag(
-        None, "Iterations to train (exclusive with --train-samples).")
+        None, "Iterations to train (exclusive with --train-samples; neither: 10).")
     train_samples: Optional[int] = flag(
         None, "Samples to train (exclusive with --train-iters).")
     exit_interval: Optional[int] = flag(

@@ -8,6 +8,11 @@ from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 
 
+# Megatron-LM has no default (and fails late without either flag); short runs are what a
+# missing flag means here.
+DEFAULT_TRAIN_ITERS = 10
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -172,8 +177,10 @@ def _validate_schedule(config: Config, dp: int) -> None:
                  f"--global-batch-size {size} is not divisible by "
                  f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
     # Iteration- or sample-based, as in Megatron-LM: one form for all three quantities.
-    _require((t.train_iters is None) != (t.train_samples is None),
-             "give exactly one of --train-iters and --train-samples")
+    _require(t.train_iters is None or t.train_samples is None,
+             "--train-iters and --train-samples are exclusive; pick one")
+    if t.train_iters is None and t.train_samples is None:
+        t.train_iters = DEFAULT_TRAIN_ITERS
     if t.train_samples is not None:
         bad = [f for f in ("lr_decay_iters", "lr_warmup_iters") if f in given]
         _require(not bad, f"--{bad[0].replace('_', '-') if bad else ''} with --train-samples: "
@@ -199,10 +206,15 @@ def _validate_schedule(config: Config, dp: int) -> None:
              "exclusive; pick one")
     if t.lr_warmup_fraction is not None:
         t.lr_warmup_samples = t.lr_warmup_fraction * t.lr_decay_samples
+    if "train_samples" in given:
+        decay = f"--lr-decay-samples {t.lr_decay_samples} (default: --train-samples)"
+        warmup = f"{t.lr_warmup_samples} samples from --lr-warmup-samples/--lr-warmup-fraction"
+    else:
+        decay = f"--lr-decay-iters {t.lr_decay_iters} (default: --train-iters)"
+        warmup = (f"{t.lr_warmup_samples / t.global_batch_size:g} iterations from "
+                  "--lr-warmup-iters/--lr-warmup-fraction")
     _require(t.lr_warmup_samples < t.lr_decay_samples,
-             f"the warmup ({t.lr_warmup_samples} samples from --lr-warmup-iters/-samples/"
-             f"-fraction) must be shorter than the decay ({t.lr_decay_samples} samples, "
-             "--lr-decay-iters/-samples, default: the whole run)")
+             f"the warmup ({warmup}) must be shorter than {decay}")
     _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
     if t.decoupled_lr is not None and t.decoupled_min_lr is not None:
         _require(t.decoupled_min_lr <= t.decoupled_lr,

@@ -160,11 +160,12 @@ class Trainer:
 
     # -- steps -------------------------------------------------------------------------------
     def _forward_backward(self, iterator, forward_only: bool,
-                          global_batch_size: int) -> Tuple[float, int]:
-        """Runs the schedule over one global batch: (mean per-token loss, trained tokens), the
-        same on every rank."""
+                          global_batch_size: Optional[int] = None) -> Tuple[float, int]:
+        """Runs the schedule over one global batch (by default of --global-batch-size): (mean
+        per-token loss, trained tokens), the same on every rank."""
         t, m = self.config.training, self.config.model
-        num_microbatches = global_batch_size // (t.micro_batch_size * self.topology.data_parallel)
+        num_microbatches = ((global_batch_size or t.global_batch_size)
+                            // (t.micro_batch_size * self.topology.data_parallel))
         # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
         rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
                      else (t.micro_batch_size, m.seq_length))
@@ -238,7 +239,7 @@ class Trainer:
             chunk.eval()
         loss_sum, tokens = 0.0, 0
         for _ in range(self.config.logging.eval_iters):
-            loss, count = self._forward_backward(self.valid_iterator, True, t.global_batch_size)
+            loss, count = self._forward_backward(self.valid_iterator, forward_only=True)
             loss_sum, tokens = loss_sum + loss * count, tokens + count
         for chunk in self.model:
             chunk.train()

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from megatron_ext.training.metrics import parse_log
 from tests.launcher import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,23 +78,24 @@ def test_tiny_tp2_run_logs_iterations():
         "--eval-iters", "1",
     ], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Megatron-style line: "iteration 1/3 | consumed samples 4 | lm loss 5.5E+00 | ...";
-    # fields are read by name, so added or reordered fields do not matter.
-    records = []
-    for line in result.stdout.splitlines():
-        found = re.search(rf"iteration\s+(\d+)/{iters} \| (.*)$", line)
-        if found:
-            pairs = (f.strip().rsplit(" ", 1) for f in found.group(2).split(" | "))
-            fields = {name.strip(): value for name, value in pairs}
-            records.append((int(found.group(1)), fields))
+    # Megatron-LM's line: "iteration 1/ 3 | consumed samples: 4 | ... | lm loss: 5.5E+00 |
+    # ..."; fields are read by name (one parser, metrics.parse_log), so order does not matter.
+    records, validation = parse_log(result.stdout)
     # One line per iteration, written once (by the last rank), not once per rank.
-    assert [it for it, _ in records] == list(range(1, iters + 1)), result.stdout
-    for iteration, fields in records:
-        for name in ("consumed samples", "lm loss", "grad norm", "learning rate", "tokens/s"):
+    assert [int(r["iteration"]) for r in records] == list(range(1, iters + 1)), result.stdout
+    for fields in records:
+        iteration = int(fields["iteration"])
+        assert int(fields["iterations"]) == iters
+        for name in ("consumed samples", "elapsed time per iteration (ms)", "learning rate",
+                     "global batch size", "lm loss", "loss scale", "grad norm",
+                     "number of skipped iterations", "number of nan iterations", "tokens/s"):
             assert name in fields, (name, fields)
         assert int(fields["consumed samples"]) == 4 * iteration
+        assert int(fields["global batch size"]) == 4
         # Untrained: cross entropy near ln(vocab): 256 ids padded to 256, ln 256 = 5.55.
         assert 4.5 < float(fields["lm loss"]) < 6.5
         assert float(fields["grad norm"]) > 0 and float(fields["tokens/s"]) > 0
         assert 0 <= float(fields["learning rate"]) <= 1e-3
-    assert "validation at iteration 3 | lm loss" in result.stdout
+        assert int(fields["number of skipped iterations"]) == 0
+    assert [(v["iteration"], v["final"]) for v in validation] == [("3", True)], result.stdout
+    assert 4.5 < float(validation[0]["lm loss value"]) < 6.5
