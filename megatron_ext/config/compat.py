@@ -78,6 +78,8 @@ DIFFERENCES = [
     ("--rampup-batch-size", "megatron-core 0.19 ignores it (deprecated)",
      "honoured on every megatron-core version, with 0.16's rule",
      "the schedule is computed here, not by megatron-core's version-specific calculator"),
+    ("--num-workers", "default 2", "default 2 with a GPU, 0 without",
+     "on a CPU the workers compete with training for the same cores"),
     ("--train-iters / --train-samples", "no default: without either, training fails",
      "neither given: 10 iterations", "short runs (tests, smoke checks) need no schedule flags"),
     ("--sequence-parallel with packed documents",

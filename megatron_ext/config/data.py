@@ -15,8 +15,9 @@ class DataConfig:
     split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1.")
     mock_data: bool = flag(False, "Synthetic data (megatron-core's MockGPTDataset).")
     data_cache_path: Optional[str] = flag(None, "Directory for the dataset index caches.")
-    num_workers: int = flag(2, "DataLoader worker processes per rank (0: load in the "
-                            "training process).")
+    num_workers: Optional[int] = flag(
+        None, "DataLoader worker processes per rank (0: load in the training process); "
+        "unset: 2 with a GPU, as Megatron-LM, 0 without.")
     mmap_bin_files: bool = flag(
         True, "Read .bin shards without memory-mapping them.", name="--no-mmap-bin-files",
         action="store_false")

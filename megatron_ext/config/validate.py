@@ -279,6 +279,9 @@ def _validate_data(config: Config) -> None:
     # training dataset for a zero first part (a TypeError at the first batch).
     _require(float(split[0]) > 0, f"--split {d.split!r}: the training split (first number) is "
              "empty")
+    if d.num_workers is None:
+        # Megatron-LM's 2 overlap loading with GPU work; on a CPU they compete for its cores.
+        d.num_workers = 2 if platform.cuda_available() else 0
     _require(d.num_workers >= 0, f"--num-workers {d.num_workers}: must be >= 0")
     if "create_attention_mask_in_dataloader" in config.given:
         config.notices.append("--no-create-attention-mask-in-dataloader: no effect (no dense "

@@ -18,7 +18,8 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import (OptimizerParamScheduler,
+                                                     get_canonical_lr_for_logging)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import platform
@@ -88,6 +89,12 @@ class Trainer:
             ),
             self.model,
         )
+        if t.decoupled_lr is not None:
+            # megatron-core (0.16) matches saved param groups to live ones by (wd_mult, lr_mult,
+            # is_expert_parallel, is_decoupled_lr) but leaves is_decoupled_lr False on the
+            # decoupled group, so a resume loads its state into the wrong group (or fails).
+            for group in self.optimizer.param_groups:
+                group["is_decoupled_lr"] = group.get("max_lr") == t.decoupled_lr != t.lr
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.lr_warmup_samples, lr_decay_steps=t.lr_decay_samples,
@@ -200,7 +207,8 @@ class Trainer:
             "iteration": self.iteration, "consumed_samples": self.consumed_samples,
             "global_batch_size": global_batch_size,
             "lm loss": loss, "trained_tokens": tokens, "grad_norm": float(grad_norm or 0.0),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            # The schedule's lr, not the decoupled one (group order changes across a resume).
+            "lr": get_canonical_lr_for_logging(self.optimizer.param_groups),
             "loss_scale": float(self.optimizer.get_loss_scale()), "skipped": not update_ok,
             "nan": not math.isfinite(loss),
         }
