@@ -304,6 +304,8 @@ class Trainer:
                 # The next window times training steps alone, not evaluation or saving.
                 window_start = time.perf_counter()
         profiler.stop()
+        self._sync_params()  # the model holds the final weights when training returns
+        self._resume_param_overlap()
         if t.manual_gc:
             gc.enable()
         if self.iteration == start_iteration:
