@@ -12,12 +12,14 @@ class DataConfig:
 
     data_path: List[str] = flag(
         [], "Shard prefix, or weight/prefix pairs to blend: 0.3 A 0.7 B.", nargs="+")
-    split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1.")
+    split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1.",
+                      note="quoted values (the scripts' \"--split '99,1,0'\") accepted")
     mock_data: bool = flag(False, "Synthetic data (megatron-core's MockGPTDataset).")
     data_cache_path: Optional[str] = flag(None, "Directory for the dataset index caches.")
     num_workers: Optional[int] = flag(
         None, "DataLoader worker processes per rank (0: load in the training process); "
-        "unset: 2 with a GPU, as Megatron-LM, 0 without.")
+        "unset: 2 with a GPU, as Megatron-LM, 0 without.",
+        note="default 2 with a GPU, 0 without")
     mmap_bin_files: bool = flag(
         True, "Read .bin shards without memory-mapping them.", name="--no-mmap-bin-files",
         action="store_false")

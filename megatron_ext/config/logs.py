@@ -20,7 +20,8 @@ class LoggingConfig:
                                 "to each log line.")
     profile: bool = flag(
         False, "Record a torch profiler trace of steps --profile-step-start to "
-        "--profile-step-end on rank 0, into --tensorboard-dir (else ./profile).")
+        "--profile-step-end on rank 0, into --tensorboard-dir (else ./profile).",
+        note="torch profiler (Megatron-LM's --use-pytorch-profiler), CPU too")
     profile_step_start: int = flag(10, "First profiled step.")
     profile_step_end: int = flag(12, "Step at which profiling stops.")
     wandb_project: Optional[str] = flag(None, "Weights & Biases project.", **_WANDB)

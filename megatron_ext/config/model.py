@@ -74,7 +74,8 @@ class ModelConfig:
         name="--no-masked-softmax-fusion", action="store_false", status=NO_OP,
         note="our core attention has no masked-softmax kernel to disable")
     cross_entropy_loss_fusion: bool = flag(
-        False, "megatron-core's fused vocab-parallel cross entropy.", group="training")
+        False, "megatron-core's fused vocab-parallel cross entropy.", group="training",
+        note="fused with a GPU; on CPU the unfused cross entropy (same result), said once")
 
     attention_dropout: float = flag(0.1, "Dropout on the attention probabilities.",
                                     group="regularization")

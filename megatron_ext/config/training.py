@@ -18,11 +18,13 @@ class TrainingConfig:
     rampup_batch_size: Optional[List[int]] = flag(
         None, "Batch-size ramp-up: START INCREMENT SAMPLES. The global batch grows from START "
         "by INCREMENT to --global-batch-size, evenly over the first SAMPLES samples.",
-        nargs=3, metavar=("START", "INCREMENT", "SAMPLES"))
+        nargs=3, metavar=("START", "INCREMENT", "SAMPLES"),
+        note="megatron-core 0.16's rule, on every version")
     step_batch_size_schedule: Optional[List[str]] = flag(
         None, "Step-wise global batch size: THRESHOLD:SIZE entries (thresholds in consumed "
         "tokens, suffixes K M B T), e.g. '0:16 2.4B:320'; the first threshold is 0.",
-        nargs="+")
+        nargs="+", note="0.19's rule, on every version; --global-batch-size may repeat the last "
+        "size")
     train_iters: Optional[int] = flag(
         None, "Iterations to train (exclusive with --train-samples; neither: 10).")
     train_samples: Optional[int] = flag(
@@ -33,14 +35,15 @@ class TrainingConfig:
         None, "Save and exit once training has run this many minutes.")
     calculate_per_token_loss: bool = flag(
         False, "Average the loss over all tokens of the global batch; without it, each "
-        "micro-batch's per-token mean is averaged over micro-batches and data-parallel ranks.")
+        "micro-batch's per-token mean is averaged over micro-batches and data-parallel ranks.",
+        note="off by default, as in Megatron-LM; our examples and fine-tuning pass it")
     manual_gc: bool = flag(
         False, "Disable Python's automatic garbage collector; collect around evaluation and "
         "every --manual-gc-interval steps instead, at the same point on every rank.")
     manual_gc_interval: int = flag(0, "Steps between manual collections (0: none).")
     empty_unused_memory_level: int = flag(
         0, "Release cached CUDA memory: 1 after each forward-backward, 2 also after each "
-        "optimizer step.", choices=[0, 1, 2])
+        "optimizer step.", choices=[0, 1, 2], note="no effect without a GPU (said once)")
 
     lr: float = flag(1e-4, "Peak learning rate.", group="learning rate")
     min_lr: float = flag(0.0, "Final learning rate of the decay.", group="learning rate")
@@ -71,6 +74,6 @@ class TrainingConfig:
                                      group="mixed precision")
     grad_reduce_in_bf16: bool = flag(
         False, "Reduce gradients over data-parallel ranks in bf16 instead of fp32.",
-        group="mixed precision")
+        group="mixed precision", note="with --bf16 (otherwise no effect, said once)")
     seed: int = flag(1234, "Random seed (weights, dropout, data order).",
                      group="initialization")
