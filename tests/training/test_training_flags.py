@@ -106,3 +106,37 @@ def test_grad_reduce_in_bf16_stays_within_bf16_rounding():
     run = _run(2, base + " --grad-reduce-in-bf16")
     # bf16 keeps 8 bits of mantissa: relative rounding 2^-8 per reduced gradient.
     assert run[0] == pytest.approx(reference[0], rel=2 ** -7)
+
+
+def _model_flags_and_exit_duration(argv, save):
+    config = parse_args(argv + ["--save", save], world_size=1)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=1)
+    module = trainer.model[0].module
+    norm = module.decoder.layers[0].input_layernorm
+    x = torch.randn(3, 32)
+    # Megatron-LM's 1p norm with weight w is the plain norm with weight 1 + w.
+    with torch.no_grad():
+        initial = norm.weight.clone()
+        norm.weight.normal_()
+        plain = torch.nn.RMSNorm(32, eps=norm.eps)
+        plain.weight.copy_(norm.weight + 1)
+        same_output = torch.allclose(norm(x), plain(x))
+    rotary_dims = 2 * module.rotary_pos_emb.inv_freq.numel()
+    with torch.no_grad():
+        norm.weight.copy_(initial)
+    # --exit-duration-in-mins 1, one minute already spent: save and stop after the first step.
+    trainer.start_time -= 61
+    steps = len(trainer.train())
+    trainer.close()
+    return bool((initial == 0).all()), same_output, rotary_dims, steps
+
+
+def test_rotary_percent_layernorm_1p_and_exit_duration(tmp_path):
+    argv = TINY + ("--micro-batch-size 2 --train-iters 5 --apply-layernorm-1p "
+                   "--rotary-percent 0.5 --exit-duration-in-mins 1").split()
+    zero_init, same_output, rotary_dims, steps = launch(_model_flags_and_exit_duration, 1, argv,
+                                                        str(tmp_path))[0]
+    assert zero_init and same_output
+    assert rotary_dims == 8 // 2  # head size 32 / 4 = 8, half of it rotated
+    assert steps == 1
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
