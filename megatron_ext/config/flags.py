@@ -66,7 +66,8 @@ def _add_argument(group, f) -> None:
     default = field_default(f)
     text = meta.get("help", "")
     if typ is not bool and default is not None:
-        text += f" (default: {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        text += f" (default: {shown})"
     kwargs["help"] = text.replace("%", "%%")
     group.add_argument(flag_name(f), *meta.get("aliases", ()), **kwargs)
 

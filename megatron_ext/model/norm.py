@@ -16,22 +16,19 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
-class _LayerNorm1p(torch.nn.LayerNorm):
+class _ZeroCenteredWeight:
     def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.elementwise_affine:
             torch.nn.init.zeros_(self.weight)
 
+
+class _LayerNorm1p(_ZeroCenteredWeight, torch.nn.LayerNorm):
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
 
 
-class _RMSNorm1p(torch.nn.RMSNorm):
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.elementwise_affine:
-            torch.nn.init.zeros_(self.weight)
-
+class _RMSNorm1p(_ZeroCenteredWeight, torch.nn.RMSNorm):
     def forward(self, x):
         return F.rms_norm(x, self.normalized_shape, self.weight + 1, self.eps)
 

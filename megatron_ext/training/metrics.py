@@ -112,7 +112,8 @@ class MetricsLogger:
             return
         ppl = math.exp(min(loss, 20.0))
         where = f"iteration {iteration}" + (" on validation set" if final else "")
-        line = f" validation loss at {where} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} | "
+        line = (f" validation loss at {where} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} | ")
         logger.info("-" * (len(line) + 1))
         logger.info(line)
         logger.info("-" * (len(line) + 1))
