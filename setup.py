@@ -21,6 +21,8 @@ setup(
     extras_require={
         "hf": ["tokenizers", "transformers", "safetensors"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors"],
+        # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one).
+        "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors",
+                "zstandard"],
     },
 )

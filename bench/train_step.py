@@ -17,13 +17,19 @@ CPU mode (default): a tiny Llama-style model across topologies on forked gloo ra
 
 GPU mode: a Llama-3.2-1B-shaped model (16 layers, hidden 2048, 32 heads / 8 KV groups, SwiGLU
 FFN 8192, RMSNorm, RoPE base 500000, tied embeddings, vocabulary 128256), bf16, sequence 4096,
-on one GPU, reporting tokens/s, model TFLOP/s and MFU against the device's dense bf16 peak.
+in one process on one GPU, reporting tokens/s, model TFLOP/s and MFU against the device's dense
+bf16 peak. ``--reset-position-ids`` isolates the mock data's documents (megatron-core's mock
+documents are 1..4095 tokens long) with the varlen kernel; the model FLOPs stay those of full
+causal attention, so compare tokens/s. ``--dry-run`` runs the same path with a tiny model of
+the same shape family on whatever device is here (bench/gpu/run.py's CPU rehearsal).
 
     python bench/train_step.py --gpu
-    python bench/train_step.py --gpu --micro-batch-size 2 --global-batch-size 16
+    python bench/train_step.py --gpu --micro-batch-size 2 --global-batch-size 16 --reset-position-ids
+    python bench/train_step.py --gpu --dry-run --warmup 1 --steps 2 --json /tmp/step.json
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -65,6 +71,14 @@ GPU_MODEL = (
     "--attention-dropout 0 --hidden-dropout 0 --bf16 --tokenizer-type NullTokenizer "
     "--vocab-size 128256"
 )
+# The same family at rehearsal size (bench/gpu/run.py --dry-run), bf16 only on a GPU.
+DRY_RUN_MODEL = (
+    "--num-layers 2 --hidden-size 128 --ffn-hidden-size 512 --num-attention-heads 4 "
+    "--group-query-attention --num-query-groups 2 --swiglu --normalization RMSNorm "
+    "--norm-epsilon 1e-5 --position-embedding-type rope --rotary-base 500000 "
+    "--disable-bias-linear --seq-length 256 --max-position-embeddings 256 "
+    "--attention-dropout 0 --hidden-dropout 0 --tokenizer-type NullTokenizer --vocab-size 1023"
+)
 COMMON = "--mock-data --lr 1e-4 --lr-warmup-iters 1 --log-interval 1000000 --eval-iters 0"
 
 
@@ -77,7 +91,7 @@ def _bench(argv, world_size, warmup, steps):
     import pretrain_gpt
     from megatron_ext.config import parse_args
     from megatron_ext.training.data import data_iterator
-    from megatron_ext.training.metrics import flops_per_token
+    from megatron_ext.training.metrics import device_peak_tflops, flops_per_token
     from megatron_ext.training.trainer import Trainer
 
     logging.getLogger("megatron.core").setLevel(logging.ERROR)  # dataset-cache chatter
@@ -105,11 +119,20 @@ def _bench(argv, world_size, warmup, steps):
         "flops_per_token": flops_per_token(config, trainer.vocab_size),
         "tokens_per_step": config.training.global_batch_size * config.model.seq_length,
         "params": sum(p.numel() for p in trainer.model[0].module.parameters()),
+        "peak_tflops": device_peak_tflops(config),
+        "docs_per_sample": _docs_per_sample(trainer.train_ds, trainer.tokenizer.eod),
         "max_memory_gb": (torch.cuda.max_memory_allocated() / 2**30
                           if torch.cuda.is_available() else None),
     }
     trainer.close()
     return result
+
+
+def _docs_per_sample(dataset, eod, samples=64):
+    """Mean documents per sample over the first samples (a row's tail counts as one)."""
+    n = min(samples, len(dataset))
+    tokens = torch.stack([torch.as_tensor(dataset[i]["tokens"]) for i in range(n)])
+    return float((tokens[:, :-1] == eod).sum(1).add(1).float().mean())
 
 
 def _summary(results):
@@ -156,36 +179,49 @@ def run_cpu(args):
 
 
 def run_gpu(args):
-    if not torch.cuda.is_available():
-        sys.exit("--gpu needs a CUDA device")
-    from megatron_ext.training.metrics import device_peak_tflops
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        sys.exit("--gpu needs a CUDA device (--dry-run rehearses it at tiny size on the CPU)")
+    from tests.launcher import free_port
 
     # One process, no fork (CUDA must not be initialized before a fork): torchrun's env here.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), RANK="0",
-                      LOCAL_RANK="0", WORLD_SIZE="1")
-    argv = (GPU_MODEL + " " + COMMON).split() + [
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port or free_port()),
+                      RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    model = (DRY_RUN_MODEL + (" --bf16" if cuda else "")) if args.dry_run else GPU_MODEL
+    argv = (model + " " + COMMON).split() + [
         "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(args.global_batch_size or args.micro_batch_size),
         "--attention-backend", args.attention_backend,
-    ]
+    ] + (["--reset-position-ids"] if args.reset_position_ids else [])
     result = _bench(argv, 1, args.warmup, args.steps)
     step_s, fastest, slowest, tokens_per_s, flops = _summary([result])
     tflops = flops / 1e12
-    peak = device_peak_tflops()
-    print(f"device: {torch.cuda.get_device_name()} (dense bf16 peak "
-          f"{peak if peak else 'unknown'} TFLOP/s); torch {torch.__version__}")
-    print(f"model: Llama-3.2-1B shape, {result['params'] / 1e9:.3f} B parameters, "
-          f"{result['flops_per_token'] / 1e9:.2f} GFLOP/token; flags: {' '.join(argv)}")
+    peak = result["peak_tflops"]
+    mfu = 100 * tflops / peak if peak else None
+    device = torch.cuda.get_device_name() if cuda else "CPU"
+    memory = f"{result['max_memory_gb']:.1f} GiB" if cuda else "n/a (CPU)"
+    print(f"device: {device} (dense bf16 peak {peak or 'unknown'} TFLOP/s); "
+          f"torch {torch.__version__}")
+    print(f"model: {'tiny (dry run)' if args.dry_run else 'Llama-3.2-1B'} shape, "
+          f"{result['params'] / 1e9:.3f} B parameters, {result['flops_per_token'] / 1e9:.2f} "
+          f"GFLOP/token; {result['docs_per_sample']:.2f} documents per sample; "
+          f"flags: {' '.join(argv)}")
     print(f"{args.warmup} warm-up steps excluded, median of {args.steps} timed steps; "
-          f"peak memory {result['max_memory_gb']:.1f} GiB")
+          f"peak memory {memory}")
     print()
-    print("| micro-batch | global batch | step s (median) | min..max s | tokens/s | TFLOP/s | MFU "
-          "| last loss |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+    print("| micro-batch | global batch | reset-position-ids | step s (median) | min..max s "
+          "| tokens/s | TFLOP/s | MFU | last loss |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.micro_batch_size} | {args.global_batch_size or args.micro_batch_size} "
-          f"| {step_s:.3f} | {fastest:.3f}..{slowest:.3f} | {tokens_per_s:,.0f} | {tflops:.1f} "
-          f"| {mfu} | {result['loss']:.4f} |")
+          f"| {'yes' if args.reset_position_ids else 'no'} | {step_s:.3f} "
+          f"| {fastest:.3f}..{slowest:.3f} | {tokens_per_s:,.0f} | {tflops:.1f} "
+          f"| {f'{mfu:.1f}%' if mfu is not None else 'n/a'} | {result['loss']:.4f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(result, argv=argv, device=device, torch=torch.__version__,
+                           step_s=step_s, fastest_s=fastest, slowest_s=slowest,
+                           tokens_per_s=tokens_per_s, tflops=tflops, mfu_percent=mfu,
+                           reset_position_ids=args.reset_position_ids), f, indent=1)
 
 
 def main():
@@ -199,7 +235,12 @@ def main():
     p.add_argument("--global-batch-size", type=int, default=8, help="--gpu only")
     p.add_argument("--attention-backend", default="auto",
                    choices=["auto", "flash", "torch", "sdpa"], help="--gpu only")
-    p.add_argument("--port", type=int, default=29531, help="--gpu only: rendezvous port")
+    p.add_argument("--reset-position-ids", action="store_true",
+                   help="--gpu only: isolate documents (varlen attention)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="--gpu only: a tiny model on whatever device is here")
+    p.add_argument("--json", help="--gpu only: also write the result here")
+    p.add_argument("--port", type=int, default=0, help="--gpu only: rendezvous port (0: a free one)")
     args = p.parse_args()
     run_gpu(args) if args.gpu else run_cpu(args)
 

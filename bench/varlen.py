@@ -13,9 +13,11 @@ The causal column's TFLOP/s uses its own work, seq_length^2 in place of sum_i(L_
     python bench/varlen.py                                          # GPU: 8192 tokens, 32 heads, bf16
     python bench/varlen.py --seq-length 2048 --heads 4 --threads 1 --clock process  # CPU, ~1 min
     python bench/varlen.py --e2e                                    # also a GPTModel step
+    python bench/varlen.py --json rows.json                         # also the rows as JSON
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -54,6 +56,7 @@ def parse():
     p.add_argument("--e2e", action="store_true", help="also time a GPTModel forward+backward")
     p.add_argument("--e2e-layers", type=int, default=2)
     p.add_argument("--e2e-vocab", type=int, default=32000)
+    p.add_argument("--json", help="also write the header, skipped backends and rows here")
     return p.parse_args()
 
 
@@ -115,7 +118,8 @@ def core_attention(backend, heads, kv_heads, head_dim, dtype):
     return CoreAttention(config, 1, AttnMaskType.causal, "self", backend=backend)
 
 
-def bench_attention(args, device, dtype, kv_heads):
+def bench_attention(args, device, dtype, kv_heads, skipped):
+    """Rows of timings; ``skipped`` collects {backend: why} for backends that cannot run."""
     from megatron_ext.model.attention import AttentionBackendError
 
     s, h, d = args.seq_length, args.heads, args.head_dim
@@ -125,6 +129,7 @@ def bench_attention(args, device, dtype, kv_heads):
             module = core_attention(backend, h, kv_heads, d, dtype)
         except AttentionBackendError as error:
             print(f"skip {backend}: {error}", file=sys.stderr)
+            skipped[backend] = str(error)
             continue
         variants = [(backend, module)]
         if backend == "sdpa" and args.sdpa_mask:
@@ -244,17 +249,25 @@ def main():
     tensor_parallel.get_cuda_rng_tracker().reset()
     tensor_parallel.get_cuda_rng_tracker().add("model-parallel-rng", args.seed + 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {name}; torch {torch.__version__}; {dtype}; seq {args.seq_length}, heads {args.heads}, "
-          f"kv heads {kv_heads}, head dim {args.head_dim}; median of {args.reps}, {args.clock} clock\n")
-    rows = bench_attention(args, device, dtype, kv_heads)
+    header = (f"{name}; torch {torch.__version__}; {dtype}; seq {args.seq_length}, heads "
+              f"{args.heads}, kv heads {kv_heads}, head dim {args.head_dim}; median of "
+              f"{args.reps}, {args.clock} clock")
+    print(f"# {header}\n")
+    skipped = {}
+    rows = bench_attention(args, device, dtype, kv_heads, skipped)
     print("Attention forward+backward (TFLOP/s: useful per-document causal FLOPs x 3.5)\n")
     print(table(rows, ["backend", "mean", "docs", "varlen_ms", "causal_ms", "speedup",
                        "varlen_tflops", "causal_tflops"]))
+    result = dict(header=header, skipped=skipped, attention=rows)
     if args.e2e:
         tensor_parallel.get_cuda_rng_tracker().reset()
         rows = bench_e2e(args, device, dtype, kv_heads)
         print(f"\nGPTModel forward+backward, {args.e2e_layers} layers, vocab {args.e2e_vocab}\n")
         print(table(rows, ["backend", "mean", "docs", "varlen_ms", "causal_ms", "speedup"]))
+        result["e2e"] = rows
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

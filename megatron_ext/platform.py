@@ -14,11 +14,13 @@ megatron-core is used unchanged.
    ``.cuda()`` a no-op, for the duration of the call only.
 3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
    recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
+4. Distributed checkpoints (``--ckpt-format torch_dist``): see ``_DIST_CKPT_MODULES``.
 """
 
 import contextlib
 import functools
 import importlib
+import multiprocessing
 import os
 import random
 import types
@@ -44,6 +46,25 @@ _SHIMMED_MODULES = (
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+)
+
+# -- Distributed checkpoints (--ckpt-format torch_dist; training/dist_checkpoint.py) ---------
+# megatron-core 0.16's ``dist_checkpointing`` writes on CPU once these see the CPU as their
+# device: the async file writer calls ``torch.cuda.synchronize()`` after staging tensors to the
+# host (``filesystem_async``); the save planner and finalizer all-reduce/broadcast flags in
+# ``device="cuda"`` / ``torch.cuda.current_device()`` tensors (``state_dict_saver``); the async
+# queue checks its workers with ``torch.cuda.current_device()`` tensors, synchronizes and sets
+# the worker's device (``async_utils``). The distributed optimizer's ``fully_reshardable`` state
+# is all-gathered over DP ranks by ``get_parameter_state_dp_zero`` (its default, non-gloo path),
+# which moves each shard with ``.cuda()``: it runs with ``.cuda()`` a no-op (2. above). The
+# writer's results queue lives in a multiprocessing manager that megatron-core *spawns* (a
+# fresh interpreter, safe beside a CUDA context): it imports torch to unpickle the first write
+# results, some 10 s per process on a loaded 2-core machine; without CUDA it is forked. Kept apart from the list above so that the
+# megatron-core version guard and this list can change independently.
+_DIST_CKPT_MODULES = (
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
 )
 
 _applied = False
@@ -78,6 +99,7 @@ class _CpuCuda:
         pass
 
     empty_cache = synchronize
+    set_device = synchronize  # the async checkpoint writer's worker picks its "GPU"
 
 
 def _on_cpu(factory):
@@ -171,6 +193,14 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(current)
 
 
+def _forked_write_results_queue():
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    return filesystem_async._results_queue
+
+
 def apply() -> None:
     """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
     global _applied
@@ -185,7 +215,7 @@ def apply() -> None:
             f"found {version}. Install megatron-core 0.16.x or check the adaptations."
         )
     proxy = _CpuTorch()
-    for module_name in _SHIMMED_MODULES:
+    for module_name in _SHIMMED_MODULES + _DIST_CKPT_MODULES:
         importlib.import_module(module_name).torch = proxy
 
     from megatron.core.models.common.language_module.language_module import LanguageModule
@@ -210,6 +240,12 @@ def apply() -> None:
     random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     random.CudaRNGStatesTracker.add = CpuRNGStatesTracker.add
     random.CudaRNGStatesTracker.fork = CpuRNGStatesTracker.fork
+
+    # Distributed checkpoints (see _DIST_CKPT_MODULES).
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    _with_cuda_tensor_names(DistributedOptimizer, "get_parameter_state_dp_zero")
+    filesystem_async._get_write_results_queue = _forked_write_results_queue
     _applied = True
 
 

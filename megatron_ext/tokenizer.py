@@ -119,7 +119,9 @@ class GPTSentencePieceTokenizer(_Tokenizer):
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"--tokenizer-model {model_path} is not a SentencePiece model: {e}")
+            raise ValueError(f"--tokenizer-model {model_path} is not a SentencePiece model: {e} "
+                             "(a tokenizer.json or a saved HF directory is read by "
+                             "--tokenizer-type HuggingFaceTokenizer)") from None
         self.vocab_size = self._sp.vocab_size()
         self.pad = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
         self.bos = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
@@ -187,11 +189,29 @@ class SentencePieceTokenizer(GPTSentencePieceTokenizer):
         return self._eos
 
 
+_SENTENCEPIECE_TYPES = ("use --tokenizer-type GPTSentencePieceTokenizer (EOD = its EOS), "
+                        "Llama2Tokenizer (BOS before every document, as Megatron) or "
+                        "SentencePieceTokenizer (Megatron's own added <EOD>)")
+
+
+def _is_sentencepiece(path: str) -> bool:
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
 class HuggingFaceTokenizer(_Tokenizer):
     """A local `tokenizer.json`, or a directory saved by transformers; never a hub name."""
 
     # Used only for a bare tokenizer.json, which does not say which token is EOS.
     _KNOWN_EOS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+    # What a directory needs: a fast tokenizer's tokenizer.json, or transformers' config with
+    # the vocabulary files of a slow (Python) tokenizer.
+    LOOKED_FOR = ("tokenizer.json", "tokenizer_config.json")
 
     def __init__(self, path: str):
         self._path = path
@@ -199,6 +219,15 @@ class HuggingFaceTokenizer(_Tokenizer):
         self._tok = None
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         json_file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name))
+                                           for name in self.LOOKED_FOR):
+            sp_model = os.path.join(path, "tokenizer.model")
+            hint = (f"; it holds a SentencePiece tokenizer.model: for it "
+                    f"{_SENTENCEPIECE_TYPES} with --tokenizer-model {sp_model}"
+                    if os.path.isfile(sp_model) else
+                    "; give the directory save_pretrained() wrote, or a tokenizer.json")
+            raise ValueError(f"--tokenizer-model {path}: no tokenizer files in this directory "
+                             f"(looked for {' and '.join(self.LOOKED_FOR)}){hint}")
         special = _special_tokens_from_config(directory)
         if os.path.isfile(json_file):
             # `tokenizers` loads in milliseconds; transformers would import torch.
@@ -207,14 +236,25 @@ class HuggingFaceTokenizer(_Tokenizer):
             try:
                 self._tok = tokenizers.Tokenizer.from_file(json_file)
             except Exception as e:
-                raise ValueError(f"--tokenizer-model {json_file} is not a tokenizers JSON: {e}")
+                if _is_sentencepiece(json_file):
+                    raise ValueError(
+                        f"--tokenizer-model {json_file} is a SentencePiece model, not a "
+                        f"tokenizer.json or a saved HF directory; {_SENTENCEPIECE_TYPES}"
+                    ) from None
+                raise ValueError(f"--tokenizer-model {json_file} is not a tokenizers JSON: "
+                                 f"{e}") from None
             self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
             ids = {name: self._tok.token_to_id(tok) for name, tok in special.items()}
             if "eos" not in special:
                 known = [self._tok.token_to_id(t) for t in self._KNOWN_EOS]
                 ids["eos"] = next((i for i in known if i is not None), None)
         else:
-            hf = self.hf_tokenizer  # a directory with only a slow (Python) tokenizer
+            try:
+                hf = self.hf_tokenizer  # a directory with only a slow (Python) tokenizer
+            except Exception as e:  # transformers raises several types for what is missing
+                raise ValueError(f"--tokenizer-model {path}: no tokenizer.json, and transformers "
+                                 f"cannot load a slow tokenizer from its tokenizer_config.json "
+                                 f"({type(e).__name__}: {e})") from None
             self.vocab_size = len(hf)
             ids = {"eos": hf.eos_token_id, "pad": hf.pad_token_id, "bos": hf.bos_token_id}
         if ids.get("eos") is None:

@@ -45,7 +45,9 @@ def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        # Not daemonic: megatron-core's torch_dist writer forks its own writer processes, which
+        # a daemonic process may not do. Ranks still left at the end are killed below.
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
         for rank in range(world_size)
     ]
     for proc in procs:

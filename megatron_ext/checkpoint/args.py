@@ -191,15 +191,19 @@ def _show(flag: str, attr: str, value) -> str:
     return f"{flag} {value}"
 
 
-def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_size: Optional[int], path) -> None:
+def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_size: Optional[int], path,
+                     *, reshardable: bool = False) -> None:
     """Raise ``CheckpointError`` naming ``path`` and every model-defining flag in which the
     checkpoint's ``args`` differ from this run (``config`` and the tokenizer's ``vocab_size``).
+    A ``reshardable`` checkpoint (torch_dist) may have another TP/PP.
     """
     if saved_args is None:
         raise CheckpointError(f"checkpoint file {path} has no 'args': cannot check that it fits this model")
     run = _run_values(config, vocab_size)
     problems = []
     for flag, what, attr in _CHECKS:
+        if reshardable and what == "other TP/PP":
+            continue
         saved, mine = saved_value(saved_args, attr), run[attr]
         if attr == "norm_epsilon" and saved is not None and abs(saved - mine) <= 1e-12:
             continue

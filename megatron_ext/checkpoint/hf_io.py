@@ -20,8 +20,21 @@ TOKENIZER_FILES = (
 )
 
 
+def check_finite(tensor: torch.Tensor, name: str, file) -> torch.Tensor:
+    """``tensor``, or an error naming it and its file when it holds NaN or Inf: a file damaged
+    in place has no checksum, and a converted checkpoint would carry the values on silently.
+    One pass per tensor as it streams through (no second read)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ConversionError(
+            f"{file}: tensor {name} holds {bad} NaN/Inf value(s) of {tensor.numel()}; the file "
+            "is damaged or the model diverged: re-download or re-save it (nothing converted)")
+    return tensor
+
+
 class HfReader:
-    """Lazy access to the tensors of a safetensors checkpoint (sharded with an index or not)."""
+    """Lazy access to the tensors of a safetensors checkpoint (sharded with an index or not);
+    a tensor holding NaN or Inf is an error."""
 
     def __init__(self, load_dir):
         from safetensors import safe_open  # noqa: F401  (fail early if missing)
@@ -75,11 +88,12 @@ class HfReader:
         try:
             # A copy: a tensor served from the memory map pins the whole file's mapping (and
             # every page read from it stays resident) for as long as the tensor lives.
-            return self._open(self.weight_map[name]).get_tensor(name).clone()
+            tensor = self._open(self.weight_map[name]).get_tensor(name).clone()
         except ConversionError:
             raise
         except Exception as exc:
             raise ConversionError(f"cannot read {name} from {self.weight_map[name]}: {exc}") from exc
+        return check_finite(tensor, name, self.weight_map[name])
 
     def close(self):
         self._handles.clear()

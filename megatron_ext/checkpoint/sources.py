@@ -15,7 +15,7 @@ from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint import hf
 from megatron_ext.checkpoint.args import build_args, saved_value
 from megatron_ext.checkpoint.hf import ConversionError
-from megatron_ext.checkpoint.hf_io import HfReader
+from megatron_ext.checkpoint.hf_io import HfReader, check_finite
 from megatron_ext.checkpoint.sharding import merge_tensor
 
 HF_OUTPUT_ITERATION = 1
@@ -170,7 +170,9 @@ class MegatronSource:
         if local_name not in models[0]:
             path = fmt.rank_file(self.path, self.iteration, 0, pp_rank, self.pp)
             raise ConversionError(f"{path}: tensor {local_name} is missing")
-        parts = [m[local_name] for m in models]
+        parts = [check_finite(m[local_name], local_name,
+                              fmt.rank_file(self.path, self.iteration, t, pp_rank, self.pp))
+                 for t, m in enumerate(models)]
         full = merge_tensor(local_name, parts, swiglu=self.swiglu)
         return full.clone() if full is parts[0] else full  # never a view of the mapped file
 

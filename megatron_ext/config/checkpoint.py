@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.config.flags import OURS, REFUSED, flag
+from megatron_ext.config.flags import NO_OP, OURS, flag
 
 
 @dataclass
@@ -20,7 +20,10 @@ class CheckpointConfig:
     save_total_limit: Optional[int] = flag(
         None, "Keep only the newest this many checkpoints.", status=OURS)
     ckpt_format: str = flag(
-        "torch", "Checkpoint format: torch (Megatron-LM's per-rank model_optim_rng.pt).",
-        status=REFUSED, choices=["torch", "torch_dist"],
-        note="torch is honoured (our default; Megatron-LM's is torch_dist); torch_dist is "
-        "refused until distributed checkpoints land: use --ckpt-format torch")
+        "torch_dist", "Checkpoint format: torch_dist (megatron-core dist_checkpointing, "
+        "resumable at any TP/PP/DP; training/dist_checkpoint.py) or torch (per-rank "
+        "model_optim_rng.pt).", choices=["torch", "torch_dist"])
+    async_save: bool = flag(False, "Save torch_dist checkpoints in the background.")
+    dist_ckpt_optim_fully_reshardable: bool = flag(
+        False, "Accepted as Megatron-LM's: torch_dist always saves the distributed optimizer "
+        "fully reshardable.", status=NO_OP, note="always on here")

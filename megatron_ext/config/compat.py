@@ -58,10 +58,6 @@ DIFFERENCES = [
      "the padding rows of the output layer take part in the softmax",
      "the same padding; the rows are kept out of the loss by the vocabulary work of issue 11",
      "padding is a layout detail and should not change the loss"),
-    ("--ckpt-format", "default torch_dist (distributed checkpoint)",
-     "default torch (per-rank model_optim_rng.pt); torch_dist refused for now",
-     "the torch_dist writer is being added separately; one check in config/validate.py "
-     "refuses it until then"),
     ("--profile", "nsys (CUDA profiler range) unless --use-pytorch-profiler",
      "always the torch profiler, rank 0, trace in --tensorboard-dir (else ./profile)",
      "runs on CPU and GPU alike, no nsys needed"),

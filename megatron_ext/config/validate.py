@@ -135,9 +135,6 @@ def _refuse_unsupported(config: Config) -> None:
     _require(p.context_parallel_size == 1,
              f"--context-parallel-size {p.context_parallel_size}: context parallelism is not "
              "supported yet; use --context-parallel-size 1 (and tensor/pipeline parallelism)")
-    _require(config.checkpoint.ckpt_format == "torch",
-             f"--ckpt-format {config.checkpoint.ckpt_format}: not supported yet; use "
-             "--ckpt-format torch (Megatron-LM's per-rank model_optim_rng.pt)")
 
 
 def _validate_schedule(config: Config, dp: int) -> None:
@@ -303,3 +300,5 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
+    _require(not c.async_save or c.ckpt_format == "torch_dist",
+             "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")

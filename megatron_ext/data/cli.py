@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tokenize JSONL/JSON/TXT/Parquet text into Megatron indexed datasets.")
     group = parser.add_argument_group("input")
     group.add_argument("--input", nargs="+", metavar="PATH",
-                       help="files, directories (recursive) or globs: .jsonl, .json, .txt "
-                            "(one document per line), each optionally .gz, and .parquet")
+                       help="files, directories (recursive) or globs: .jsonl, .ndjson, .json, "
+                            ".txt (one document per line), each optionally .gz, .bz2, .xz or "
+                            ".zst, and .parquet; suffixes in any case")
     group.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
                        help="keys (Parquet columns) to tokenize, one output each "
                             "(default: text)")
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="append the tokenizer's EOD id to every document")
     group = parser.add_argument_group("output and runtime")
     group.add_argument("--output-prefix", required=True,
-                       help="writes PREFIX_{key}_document.bin/.idx (merge: PREFIX.bin/.idx)")
+                       help="writes PREFIX_{key}_document.bin/.idx/.meta.json (merge: "
+                            "PREFIX.bin/.idx/.meta.json)")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="progress line every N documents (0: none)")
@@ -107,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 args.skip_invalid)
             print(summary.report(), file=sys.stderr)
             for prefix in output_prefixes(args.output_prefix):
-                print(f"wrote {prefix}.bin/.idx", file=sys.stderr)
+                print(f"wrote {prefix}.bin/.idx/.meta.json", file=sys.stderr)
             return
         if args.merge:
             from megatron_ext.data.merge import merge_datasets
@@ -122,4 +124,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(f"error: {e}")
     print(summary.report(), file=sys.stderr)
     for key in args.json_keys:
-        print(f"wrote {output_prefix_for(args.output_prefix, key)}.bin/.idx", file=sys.stderr)
+        print(f"wrote {output_prefix_for(args.output_prefix, key)}.bin/.idx/.meta.json",
+              file=sys.stderr)

@@ -7,12 +7,15 @@ tokens back to back. megatron-core's `IndexedDataset` reads what this module wri
 """
 
 import os
-import shutil
 import struct
 import uuid
 from array import array
 
 import numpy as np
+
+from megatron_ext.data import shard_meta
+from megatron_ext.data.outputs import output_error, remove_stale_temporaries
+from megatron_ext.data.shard_meta import ShardMeta, meta_path
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _VERSION = 1
@@ -56,32 +59,44 @@ class IndexedDatasetWriter:
 
     Data goes to temporary files beside the targets; `finalize()` renames `.bin` then `.idx`
     (after removing any old `.idx`), so an `.idx` never sits next to an incomplete `.bin`.
-    Leaving the `with` block through an exception deletes the temporary files instead.
+    Leaving the `with` block through an exception deletes the temporary files instead; those
+    of a killed run are deleted by the next writer of the same prefix. Any `PREFIX.meta.json`
+    is removed with the old pair, so it never describes another pair (see `meta`).
     Generic over dtype so that aligned datasets (token ids, loss masks) use the same writer.
     """
 
-    def __init__(self, path_prefix: str, dtype):
+    def __init__(self, path_prefix: str, dtype, log=None):
         self.dtype = np.dtype(dtype)
         if self.dtype not in _DTYPE_TO_CODE:
             raise ValueError(f"dtype {self.dtype} has no code in Megatron's index format")
         self.path_prefix = path_prefix
+        remove_stale_temporaries(path_prefix, log)
         tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._tmp_bin = bin_path(path_prefix) + tag
         self._tmp_idx = idx_path(path_prefix) + tag
         self._lengths = array("i")  # int32, as the format stores them
         self._doc_ends = array("q", [0])
-        self._bin = open(self._tmp_bin, "wb")
+        self.num_tokens = 0
+        self.max_id = -1  # the largest value written, counted as it is written
         self._done = False
+        self.finalized = False
+        try:
+            self._bin = open(self._tmp_bin, "wb")
+        except OSError as e:
+            raise output_error(e, self._tmp_bin) from None
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            if not self._done:
-                self.finalize()
-        else:
+        if exc_type is not None:
             self.abort()
+        elif not self._done:
+            try:
+                self.finalize()
+            except BaseException:  # e.g. the disk filled up with the last bytes
+                self.abort()
+                raise
 
     def add_document(self, tokens, sequence_lengths=None) -> None:
         """Append one document: one sequence (may be empty), or with `sequence_lengths` as many
@@ -106,7 +121,10 @@ class IndexedDatasetWriter:
             shown = np.array2string(lengths, separator=", ", threshold=10)
             raise ValueError(f"sequence lengths {shown} do not split "
                              f"{'a document of ' if one_document else ''}{values.size} tokens")
-        self._bin.write(values.tobytes())
+        self._write(values.tobytes())
+        if values.size:
+            self.max_id = max(self.max_id, int(values.max()))
+            self.num_tokens += values.size
         start = len(self._lengths)
         self._lengths.frombytes(lengths.astype(np.int32).tobytes())
         if one_document:
@@ -124,29 +142,65 @@ class IndexedDatasetWriter:
         offset = len(self._lengths)
         self._lengths.frombytes(np.asarray(other.sequence_lengths, np.int32).tobytes())
         self._doc_ends.frombytes((np.asarray(other.document_indices[1:]) + offset).tobytes())
+        # Copied in blocks of whole tokens, the largest id taken on the way (no second read).
+        block_bytes = (16 << 20) // self.dtype.itemsize * self.dtype.itemsize
         with open(bin_path(path_prefix), "rb") as f:
-            shutil.copyfileobj(f, self._bin, 16 << 20)
+            while block := f.read(block_bytes):
+                self._write(block)
+                self.max_id = max(self.max_id, int(np.frombuffer(block, self.dtype).max()))
+        self.num_tokens += other.num_tokens
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self._bin.write(data)
+        except OSError as e:
+            raise output_error(e, self._tmp_bin) from None
 
     def finalize(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()  # the last buffered bytes: a full disk may show only here
+        except OSError as e:
+            raise output_error(e, self._tmp_bin) from None
         lengths = np.frombuffer(self._lengths, dtype=np.int32)
         pointers = np.zeros(lengths.size, dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        with open(self._tmp_idx, "wb") as f:
-            f.write(_HEADER.pack(_MAGIC, _VERSION, _DTYPE_TO_CODE[self.dtype],
-                                 lengths.size, len(self._doc_ends)))
-            f.write(lengths.tobytes())
-            f.write(pointers.tobytes())
-            f.write(np.frombuffer(self._doc_ends, dtype=np.int64).tobytes())
-        if os.path.exists(idx_path(self.path_prefix)):
-            os.remove(idx_path(self.path_prefix))
+        try:
+            with open(self._tmp_idx, "wb") as f:
+                f.write(_HEADER.pack(_MAGIC, _VERSION, _DTYPE_TO_CODE[self.dtype],
+                                     lengths.size, len(self._doc_ends)))
+                f.write(lengths.tobytes())
+                f.write(pointers.tobytes())
+                f.write(np.frombuffer(self._doc_ends, dtype=np.int64).tobytes())
+        except OSError as e:
+            raise output_error(e, self._tmp_idx) from None
+        for old in (meta_path(self.path_prefix), idx_path(self.path_prefix)):
+            if os.path.exists(old):
+                os.remove(old)
         os.replace(self._tmp_bin, bin_path(self.path_prefix))
         os.replace(self._tmp_idx, idx_path(self.path_prefix))
-        self._done = True
+        self._done = self.finalized = True
+
+    def write_meta(self, **made_with) -> ShardMeta:
+        """Write `PREFIX.meta.json` for the finalized pair: what it holds, counted while it was
+        written, and `made_with` (the ShardMeta fields on the tokenizer and the tool)."""
+        if not self.finalized:
+            raise RuntimeError(f"{self.path_prefix}: metadata before the pair is finalized")
+        meta = ShardMeta(num_documents=len(self._doc_ends) - 1, num_tokens=self.num_tokens,
+                         max_id=self.max_id,
+                         bin_bytes=os.path.getsize(bin_path(self.path_prefix)),
+                         idx_bytes=os.path.getsize(idx_path(self.path_prefix)), **made_with)
+        try:
+            shard_meta.write_meta(self.path_prefix, meta)
+        except OSError as e:
+            raise output_error(e, meta_path(self.path_prefix)) from None
+        return meta
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:
+            pass  # the error that brought us here is the one to report
         for path in (self._tmp_bin, self._tmp_idx):
             if os.path.exists(path):
                 os.remove(path)

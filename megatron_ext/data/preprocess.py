@@ -20,8 +20,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
-from megatron_ext.data.readers import (Chunk, InputError, check_keys_fit, chunk_texts,
-                                       expand_inputs, read_chunks)
+from megatron_ext.data.inputs import InputError, check_keys_fit, expand_inputs
+from megatron_ext.data.outputs import prepare_output_dir
+from megatron_ext.data.readers import Chunk, chunk_texts, read_chunks
+from megatron_ext.data.shard_meta import TOOL
 from megatron_ext.tokenizer import build_tokenizer
 
 SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
@@ -38,6 +40,7 @@ class Summary:
     seconds: float = 0.0
     tokens: Dict[str, int] = field(default_factory=dict)  # per key, EODs included
     empty: Dict[str, int] = field(default_factory=dict)  # per key: no tokens before EOD
+    ignored: str = ""  # the files in --input directories/globs not read (InputFiles)
 
     @property
     def written(self) -> int:
@@ -53,7 +56,10 @@ class Summary:
                             for k in self.tokens)
         return (f"done: {self.read} documents read, {self.written} written, {self.skipped} "
                 f"skipped; {per_key}; {self.bytes / 1e6:.2f} MB in {self.seconds:.2f} s "
-                f"({self.rates()})")
+                f"({self.rates()}){self.ignored_line()}")
+
+    def ignored_line(self) -> str:
+        return f"\n{self.ignored}" if self.ignored else ""
 
 
 @dataclass
@@ -183,6 +189,24 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
     return f"{output_prefix}_{key}_document"
 
 
+def made_with(tokenizer, tokenizer_type: str, tokenizer_model: Optional[str],
+              eod_appended: bool) -> dict:
+    """The ShardMeta fields on how a token shard was made."""
+    return dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
+                vocab_size=tokenizer.vocab_size, eod=tokenizer.eod, eod_appended=eod_appended,
+                tool=TOOL)
+
+
+def check_not_empty(inputs: Sequence[str], tokens: int, counts: str) -> None:
+    """No shard without tokens: megatron-core's IndexedDataset memory-maps the `.bin` with
+    numpy, which cannot map an empty file, and a shard without documents has no sample to give,
+    so writing one would only move the failure to training. Called inside the writers' `with`,
+    so nothing is written."""
+    if not tokens:
+        raise InputError(f"--input {' '.join(inputs)}: nothing to write ({counts}); a shard "
+                         "without tokens cannot be read by megatron-core, so none is written")
+
+
 def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None,
                json_keys: Sequence[str] = ("text",), append_eod: bool = False,
@@ -196,19 +220,20 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
     start = time.perf_counter()
     tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
     tokenizer = build_tokenizer(*tokenizer_args)
-    files = expand_inputs(inputs)
+    found = expand_inputs(inputs)
+    files = found.files
     check_keys_fit(files, json_keys)
     if workers < 1:
         raise ValueError("--workers must be at least 1")
     dtype = best_dtype(tokenizer.vocab_size)
-    if os.path.dirname(output_prefix):
-        os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+    prepare_output_dir(output_prefix)
 
-    summary = Summary(tokens={k: 0 for k in json_keys}, empty={k: 0 for k in json_keys})
+    summary = Summary(tokens={k: 0 for k in json_keys}, empty={k: 0 for k in json_keys},
+                      ignored=found.ignored_report())
     init_args = (tokenizer_args, json_keys, append_eod, skip_invalid, dtype, workers > 1)
     with ExitStack() as stack:
         writers = [stack.enter_context(IndexedDatasetWriter(output_prefix_for(output_prefix, k),
-                                                            dtype)) for k in json_keys]
+                                                            dtype, log)) for k in json_keys]
         chunks = (chunk for path in files for chunk in read_chunks(path, json_keys))
         results = _encoded(chunks, workers, init_args, stack)
         for result in checked(results, summary, start, log, log_interval):
@@ -217,5 +242,14 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                 writer.add_documents(tokens, lengths)
                 summary.tokens[key] += tokens.size
                 summary.empty[key] += empty
+        for key in json_keys:
+            empty = (f", all {'--json-keys ' + key + ' ' if len(json_keys) > 1 else ''}empty "
+                     "(--append-eod would give each its EOD)" if summary.written else "")
+            check_not_empty(inputs, summary.tokens[key],
+                            f"{summary.read} documents read, {summary.skipped} skipped, "
+                            f"{summary.written} written{empty}")
+    fields = made_with(tokenizer, tokenizer_type, tokenizer_model, append_eod)
+    for writer in writers:  # finalized: the with block is done
+        writer.write_meta(**fields)
     summary.seconds = time.perf_counter() - start
     return summary

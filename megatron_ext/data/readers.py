@@ -4,27 +4,20 @@ The main process only splits files into chunks (cheap: raw lines, no JSON parsin
 workers parse them with `chunk_texts`, so parsing is parallel too. Every record carries its
 position ("FILE, line N"; "element N" for a JSON array, "row N" for Parquet) for errors.
 
-Formats: `.jsonl` (JSON lines), `.json` (JSON lines, or one JSON array when the file starts
-with `[`), `.txt` (one document per line, the line's newline removed), each optionally `.gz`,
-and `.parquet` (one string column per key). Blank lines in JSON-lines files are not records.
+Which files are read and how they are opened: ``megatron_ext.data.inputs``. Blank lines in
+JSON-lines files are not records.
 """
 
-import glob
-import gzip
 import json
-import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, Sequence, Tuple, Union
 
-SUFFIXES = (".jsonl", ".json", ".txt", ".jsonl.gz", ".json.gz", ".txt.gz", ".parquet")
+from megatron_ext.data.inputs import READ_ERRORS, InputError, file_format, open_input
+
 # Small enough that progress is smooth and workers stay busy, large enough that a chunk's
 # pickling and hand-off cost little next to tokenizing it.
 CHUNK_RECORDS = 2048
 CHUNK_BYTES = 1 << 20
-
-
-class InputError(ValueError):
-    """Bad input data; the message names the file and record."""
 
 
 @dataclass
@@ -37,57 +30,19 @@ class Chunk:
     nbytes: int  # input bytes the chunk stands for, for MB/s
 
 
-def file_format(path: str) -> Optional[str]:
-    """"jsonl", "json", "txt" or "parquet" for a supported file name (".gz" aside), else None."""
-    name = path[:-3] if path.endswith(".gz") else path
-    for suffix in (".jsonl", ".json", ".txt", ".parquet"):
-        if name.endswith(suffix) and not (suffix == ".parquet" and path.endswith(".gz")):
-            return suffix[1:]
-    return None
-
-
-def expand_inputs(inputs: Sequence[str]) -> List[str]:
-    """Files for `--input` values: files, directories (recursive) and globs, in the order
-    given, each directory or glob sorted. Unsupported files named outright are an error."""
-    files = []
-    for pattern in inputs:
-        if os.path.isfile(pattern):
-            if file_format(pattern) is None:
-                raise InputError(f"--input {pattern}: unsupported file type; expected one of "
-                                 f"{', '.join(SUFFIXES)}")
-            files.append(pattern)
-            continue
-        if os.path.isdir(pattern):
-            found = sorted(os.path.join(d, f) for d, _, names in os.walk(pattern) for f in names)
-        else:
-            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        matched = [p for p in found if file_format(p) is not None]
-        if not matched:
-            raise InputError(f"--input {pattern}: no {', '.join(SUFFIXES)} files found")
-        files.extend(matched)
-    return files
-
-
-def check_keys_fit(files: Sequence[str], keys: Sequence[str]) -> None:
-    if len(keys) > 1 and any(file_format(p) == "txt" for p in files):
-        raise InputError("--json-keys: .txt input has one text per line, give a single key")
-
-
-# What reading a damaged or truncated file raises (gzip.BadGzipFile is an OSError).
-_READ_ERRORS = (OSError, EOFError)
-
-
 def _unreadable(path: str, error: Exception, where: str = "") -> InputError:
-    return InputError(f"{path}: unreadable{where}: {error}")
+    # A decoder's complaint (no errno) means the bytes are bad, not the file system.
+    damaged = "" if getattr(error, "errno", None) else (
+        "; the file is damaged or truncated: fix it or fetch it again")
+    return InputError(f"{path}: unreadable{where}: {error}{damaged}")
 
 
 def _lines(path: str) -> Iterator[Chunk]:
     kind = "txt" if file_format(path) == "txt" else "jsonl"
-    opener = gzip.open if path.endswith(".gz") else open
     items, nbytes, first = [], 0, 1
     line_no = 0
     try:
-        with opener(path, "rb") as f:
+        with open_input(path) as f:
             for line in f:
                 line_no += 1
                 items.append(line)
@@ -95,16 +50,15 @@ def _lines(path: str) -> Iterator[Chunk]:
                 if len(items) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
                     yield Chunk(path, "line", first, kind, items, nbytes)
                     items, nbytes, first = [], 0, line_no + 1
-    except _READ_ERRORS as e:
-        raise _unreadable(path, e, f" after line {line_no}") from None
+    except READ_ERRORS as e:
+        raise _unreadable(path, e, f" after line {line_no}" if line_no else "") from None
     if items:
         yield Chunk(path, "line", first, kind, items, nbytes)
 
 
 def _json_array(path: str) -> Iterator[Chunk]:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with open_input(path) as f:
             elements = json.load(f)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}, line {e.lineno}: invalid JSON array ({e.msg}, column "
@@ -112,7 +66,7 @@ def _json_array(path: str) -> Iterator[Chunk]:
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); an array "
                          "cannot be read in part, so fix the file") from None
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         raise _unreadable(path, e) from None
     if not isinstance(elements, list):
         raise InputError(f"{path}: expected JSON lines or one JSON array")
@@ -124,9 +78,8 @@ def _json_array(path: str) -> Iterator[Chunk]:
 
 
 def _starts_with_bracket(path: str) -> bool:
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with open_input(path) as f:
             while True:
                 block = f.read(4096)
                 if not block:
@@ -134,7 +87,7 @@ def _starts_with_bracket(path: str) -> bool:
                 stripped = block.lstrip()
                 if stripped:
                     return stripped.startswith(b"[")
-    except _READ_ERRORS as e:
+    except READ_ERRORS as e:
         raise _unreadable(path, e) from None
 
 

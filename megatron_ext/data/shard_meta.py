@@ -12,9 +12,12 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
+from megatron_ext import __version__
+
 META_SUFFIX = ".meta.json"
 FORMAT = "megatron-ext-shard"
 VERSION = 1
+TOOL = f"megatron-ext {__version__} preprocess_data.py"
 
 
 class ShardMetaError(ValueError):
@@ -44,10 +47,15 @@ def write_meta(prefix: str, meta: ShardMeta) -> None:
     """Atomically (a reader sees the old file or the new one, never a part)."""
     path = meta_path(prefix)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, **asdict(meta)}, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"format": FORMAT, "version": VERSION, **asdict(meta)}, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_meta(prefix: str) -> Optional[ShardMeta]:

@@ -1,4 +1,8 @@
-"""Save and resume training in Megatron-LM's checkpoint layout (see checkpoint/format.py).
+"""Save and resume training in Megatron-LM's checkpoint layouts.
+
+``--ckpt-format torch_dist`` (the default) is megatron-core's distributed format, resumable at
+any TP/PP/DP: see ``dist_checkpoint.py``. ``--load`` recognises either format whatever
+``--ckpt-format`` says. The rest of this module is ``--ckpt-format torch`` (checkpoint/format.py):
 
 Each (tp, pp) rank of data-parallel rank 0 writes ``model_optim_rng.pt``: model, optimizer
 (its non-sharded part), scheduler, every DP rank's RNG states, iteration and consumed samples.
@@ -8,40 +12,19 @@ tracker last, so a run killed mid-save leaves the previous checkpoint as the lat
 """
 
 import logging
-import random
-import shutil
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
+from megatron_ext.training import dist_checkpoint
+from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
 
 logger = logging.getLogger("megatron_ext")
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
-
-
-def _rng_state() -> dict:
-    return {
-        "random_rng_state": random.getstate(),
-        "np_rng_state": np.random.get_state(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["random_rng_state"])
-    np.random.set_state(state["np_rng_state"])
-    torch.set_rng_state(state["torch_rng_state"])
-    if state["cuda_rng_state"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng_state"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 def _distributed_optimizers(optimizer) -> list:
@@ -75,12 +58,15 @@ def _rank_file(root, iteration, topology):
 
 
 def save_checkpoint(trainer) -> None:
+    if trainer.config.checkpoint.ckpt_format == dist_checkpoint.FORMAT:
+        dist_checkpoint.save(trainer)
+        return
     root, topology = trainer.config.checkpoint.save, trainer.topology
     iteration = trainer.iteration
     path = _rank_file(root, iteration, topology)
     dp_group = parallel_state.get_data_parallel_group()
     rng_states = [None] * dist.get_world_size(dp_group)
-    dist.all_gather_object(rng_states, _rng_state(), group=dp_group)
+    dist.all_gather_object(rng_states, rng_state(), group=dp_group)
     # Collective over DP ranks: every rank takes part, DP rank 0 receives the full state.
     distrib_states = [opt.get_parameter_state_dp_zero()
                       for opt in _distributed_optimizers(trainer.optimizer)]
@@ -100,21 +86,14 @@ def save_checkpoint(trainer) -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         ckpt.write_tracker(root, iteration)
-        _prune(root, trainer.config.checkpoint.save_total_limit)
+        prune(root, trainer.config.checkpoint.save_total_limit)
     dist.barrier()
     logger.info(f"saved checkpoint at iteration {iteration} to {root}")
 
 
-def _prune(root, keep) -> None:
-    """Delete all but the newest ``keep`` iteration directories (never the tracked one)."""
-    if not keep:
-        return
-    iterations = sorted(int(p.name[len("iter_"):]) for p in Path(root).glob("iter_*")
-                        if p.name[len("iter_"):].isdigit())
-    latest = ckpt.read_tracker(root)
-    for iteration in iterations[:-keep]:
-        if iteration != latest:
-            shutil.rmtree(ckpt.iteration_dir(root, iteration), ignore_errors=True)
+def finalize_saves(blocking: bool = False) -> None:
+    """Publish finished ``--async-save`` checkpoints (torch_dist); collective, every rank."""
+    dist_checkpoint.finalize_saves(blocking)
 
 
 def _raise_layout_mismatch(root, iteration, topology) -> None:
@@ -141,6 +120,14 @@ def load_checkpoint(trainer) -> None:
     iteration = ckpt.read_tracker(c.load)
     if iteration is None:
         logger.warning(f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
+        return
+    found = (dist_checkpoint.FORMAT if dist_checkpoint.is_dist_checkpoint(
+        ckpt.iteration_dir(c.load, iteration)) else "torch")
+    if found != c.ckpt_format:
+        logger.info(f"{ckpt.iteration_dir(c.load, iteration)} is a {found} checkpoint "
+                    f"(--ckpt-format {c.ckpt_format} applies to saving): loading it as {found}")
+    if found == dist_checkpoint.FORMAT:
+        dist_checkpoint.load(trainer, iteration)
         return
     path = _rank_file(c.load, iteration, topology)
     if not path.is_file():
@@ -177,7 +164,7 @@ def load_checkpoint(trainer) -> None:
             logger.warning(f"{path} was saved with {len(rng_states)} data-parallel ranks, this "
                            f"run has {topology.data_parallel}: RNG states not restored")
         else:
-            _set_rng_state(rng_states[topology.dp_rank])
+            set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
     trainer.consumed_samples = payload.get("consumed_samples", 0)
     logger.info(f"resumed from {path} at iteration {trainer.iteration}")

@@ -296,6 +296,8 @@ class Trainer:
                 self._sync_params()
                 checkpointing.save_checkpoint(self)
                 self._resume_param_overlap()
+            if c.async_save:
+                checkpointing.finalize_saves()
             if exiting:
                 logger.info(f"exiting at iteration {self.iteration} (--exit-interval or "
                             f"--exit-duration-in-mins)")
@@ -303,6 +305,7 @@ class Trainer:
             if not window:
                 # The next window times training steps alone, not evaluation or saving.
                 window_start = time.perf_counter()
+        checkpointing.finalize_saves(blocking=True)
         profiler.stop()
         self._sync_params()  # the model holds the final weights when training returns
         self._resume_param_overlap()

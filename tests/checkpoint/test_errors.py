@@ -194,3 +194,32 @@ def test_main_reports_errors(tmp_path, capsys):
                     str(tmp_path / "nope"), "--save-dir", str(tmp_path / "out")])
     assert rc == 1
     assert "convert_ckpt.py: error: --load-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_hf_weights_are_an_error_naming_tensor_and_file(hf_llama, tmp_path, value):
+    from safetensors.torch import load_file, save_file
+
+    damaged = copy_hf(hf_llama, tmp_path / "damaged")
+    index = json.loads((damaged / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.2.self_attn.k_proj.weight"
+    file = damaged / index[name]
+    tensors = load_file(str(file))
+    tensors[name][3, 5] = value
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    save = tmp_path / "out"
+    expect_error(rf"{file}: tensor {name} holds 1 NaN/Inf value\(s\) of \d+; the file is "
+                 "damaged", "hf", "mg", damaged, save, save=save)
+
+
+def test_non_finite_megatron_weights_are_an_error_naming_tensor_and_rank_file(mg_tp2pp2, tmp_path):
+    import torch
+
+    damaged = copy_hf(mg_tp2pp2, tmp_path / "damaged")
+    path = fmt.rank_file(damaged, 1, 1, 1, 2)
+    payload = fmt.load_rank_file(path, mmap=False)
+    name = "decoder.layers.0.mlp.linear_fc2.weight"
+    payload["model"][name].view(-1)[7] = float("nan")
+    torch.save(payload, path)
+    save = tmp_path / "out"
+    expect_error(rf"{path}: tensor {name} holds 1 NaN/Inf", "mg", "hf", damaged, save, save=save)

@@ -152,3 +152,28 @@ def test_import_is_light(repo_root):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=repo_root)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("kind", ["HuggingFaceTokenizer", "PretrainedFromHF"])
+def test_hf_tokenizer_on_the_wrong_path_says_what_it_looked_for(kind, tmp_path, sp_model):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--tokenizer-model .*empty: no tokenizer files in this "
+                       r"directory \(looked for tokenizer.json and tokenizer_config.json\)"):
+        build_tokenizer(kind, str(empty))
+    # A SentencePiece model, alone in a directory or named outright: which types read it.
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "tokenizer.model").write_bytes(open(sp_model, "rb").read())
+    with pytest.raises(ValueError, match=r"holds a SentencePiece tokenizer.model: for it use "
+                       r"--tokenizer-type GPTSentencePieceTokenizer .* --tokenizer-model "
+                       r".*llama/tokenizer.model"):
+        build_tokenizer(kind, str(llama))
+    with pytest.raises(ValueError, match=r"tok.model is a SentencePiece model, not a "
+                       r"tokenizer.json .*use --tokenizer-type GPTSentencePieceTokenizer"):
+        build_tokenizer(kind, sp_model)
+    # and the way back: a tokenizer.json given to a SentencePiece type names the HF type
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"--tokenizer-type HuggingFaceTokenizer"):
+        build_tokenizer("GPTSentencePieceTokenizer", str(tmp_path / "tokenizer.json"))

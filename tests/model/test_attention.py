@@ -21,11 +21,13 @@ def _config(**kwargs):
 
 
 def _reference(q, k, v, lengths, scale=None):
-    """Plain math: softmax(q k^T * scale) v over the packed row, masked to causal-within-document."""
+    """Plain math: softmax(q k^T * scale) v over the packed row, masked to causal-within-document.
+    On q's device and in q's dtype (bench/gpu/kernels.py checks the GPU kernels against it)."""
     groups = q.size(1) // k.size(1)
     k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))  # query head i -> group i // groups
-    doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    pos = torch.arange(q.size(0))
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                  torch.tensor(lengths, device=q.device))
+    pos = torch.arange(q.size(0), device=q.device)
     allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
     scores = torch.einsum("qhd,khd->hqk", q, k) * (scale or q.size(-1) ** -0.5)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)

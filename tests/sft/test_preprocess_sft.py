@@ -180,7 +180,8 @@ def test_skip_invalid_counts_and_names_the_first_skips(tmp_path, char_tokenizer_
 def test_text_input_is_refused(tmp_path, char_tokenizer_dir):
     path = tmp_path / "chats.txt"
     path.write_text("hello\n")
-    with pytest.raises(readers.InputError, match="instruction data is read from .jsonl or .json"):
+    with pytest.raises(readers.InputError,
+                       match="instruction data is read from .jsonl, .ndjson or .json"):
         preprocess_instructions([str(path)], str(tmp_path / "x"), "HuggingFaceTokenizer",
                                 char_tokenizer_dir, handler_name=OPENAI, prompt_type="chatml")
 
@@ -243,3 +244,29 @@ def test_packer_is_first_fit_and_deterministic():
     assert packer.add(*conv(8)) == [] and packer.add(*conv(7)) == []
     [fullest] = packer.add(*conv(5))
     assert fullest[2] == [8, 2]
+
+
+def test_both_shards_get_metadata_that_megatron_core_confirms(tmp_path, char_tokenizer_dir,
+                                                              tokenizer):
+    from tests.shard_reference import assert_meta_matches
+
+    prefix = _run(tmp_path, char_tokenizer_dir, RECORDS, "--pack", "--seq-length", str(SEQ))
+    ids_prefix, mask_prefix = output_prefixes(prefix)
+    ids, mask = assert_meta_matches(ids_prefix), assert_meta_matches(mask_prefix)
+    assert (ids.tokenizer_type, ids.tokenizer_model, ids.vocab_size, ids.eod,
+            ids.eod_appended) == ("HuggingFaceTokenizer", char_tokenizer_dir,
+                                  tokenizer.hf_tokenizer.backend_tokenizer.get_vocab_size(),
+                                  tokenizer.hf_tokenizer.eos_token_id, False)
+    # The mask is aligned with the ids and is no token shard: values 0/1, no tokenizer.
+    assert (mask.num_documents, mask.num_tokens) == (ids.num_documents, ids.num_tokens)
+    assert (mask.max_id, mask.tokenizer_type, mask.vocab_size, mask.eod) == (1, None, None, None)
+
+
+def test_nothing_to_write_is_an_error_and_writes_nothing(tmp_path, char_tokenizer_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # every conversation is longer than 10 + 1
+        _run(tmp_path, char_tokenizer_dir, RECORDS, "--seq-length", "10", name="o/out")
+    assert exit_info.value.code == (
+        f"error: --input {tmp_path / 'chats.jsonl'}: nothing to write ({len(RECORDS)} records "
+        f"read, 0 skipped, {len(RECORDS)} dropped as overlong); a shard without tokens cannot be "
+        "read by megatron-core, so none is written")
+    assert os.listdir(tmp_path / "o") == []

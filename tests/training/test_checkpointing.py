@@ -1,4 +1,5 @@
-"""Save/resume in Megatron's layout: exact resume, atomic saves, clear errors on mismatch."""
+"""Save/resume in Megatron's legacy layout (--ckpt-format torch): exact resume, atomic saves,
+clear errors on mismatch. The torch_dist format: test_dist_checkpoint.py."""
 
 import multiprocessing
 import os
@@ -20,7 +21,7 @@ MODEL = (
     "--vocab-size 127 --lr 1e-3 --lr-warmup-iters 2 --lr-decay-style cosine --lr-decay-iters 6 "
     "--train-iters 6 "
     "--micro-batch-size 2 --global-batch-size 8 --log-interval 1 --eval-interval 1000 "
-    "--eval-iters 0 --seed 11"
+    "--eval-iters 0 --seed 11 --ckpt-format torch"
 ).split()
 
 

@@ -78,7 +78,6 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
     ("--num-experts 8 --moe-router-topk 2", "--moe-router-topk --num-experts: MoE is not "
      "supported yet"),
     ("--context-parallel-size 2", "use --context-parallel-size 1"),
-    ("--ckpt-format torch_dist", "use --ckpt-format torch"),
     ("--no-position-embedding", "use --position-embedding-type rope"),
 ])
 def test_refusals_are_one_line_with_the_way_out(extra, expected):

@@ -34,8 +34,10 @@ import numpy as np
 from megatron_ext.data import preprocess as _pre
 from megatron_ext.data.instruct.handlers import build_handler
 from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
-from megatron_ext.data.readers import (InputError, expand_inputs, file_format, json_records,
-                                       read_chunks)
+from megatron_ext.data.inputs import InputError, expand_inputs, file_format
+from megatron_ext.data.outputs import prepare_output_dir
+from megatron_ext.data.readers import json_records, read_chunks
+from megatron_ext.data.shard_meta import TOOL
 from megatron_ext.data.instruct.packing import Packer
 from megatron_ext.data.instruct.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
 from megatron_ext.tokenizer import build_tokenizer
@@ -227,14 +229,14 @@ class InstructionSummary(_pre.Summary):
                          f"{self.dropped_overlong} dropped, {self.truncated} truncated")
         parts.append(f"{tokens} tokens, {self.trained} trained on; {self.bytes / 1e6:.2f} MB "
                      f"in {self.seconds:.2f} s ({self.rates()})")
-        return "; ".join(parts)
+        return "; ".join(parts) + self.ignored_line()
 
 
 def _check_inputs(files: Sequence[str]) -> None:
     for path in files:
         if file_format(path) not in ("jsonl", "json"):
-            raise InputError(f"--input {path}: instruction data is read from .jsonl or .json "
-                             "(optionally .gz) files")
+            raise InputError(f"--input {path}: instruction data is read from .jsonl, .ndjson "
+                             "or .json (optionally compressed) files")
 
 
 def preprocess_instructions(
@@ -262,22 +264,22 @@ def preprocess_instructions(
         raise ValueError("--seq-length must be >= 1")
     if workers < 1:
         raise ValueError("--workers must be at least 1")
-    files = expand_inputs(inputs)
+    found = expand_inputs(inputs)
+    files = found.files
     _check_inputs(files)
     dtype = best_dtype(tokenizer.vocab_size)
-    if os.path.dirname(output_prefix):
-        os.makedirs(os.path.dirname(output_prefix), exist_ok=True)
+    prepare_output_dir(output_prefix)
 
     capacity = None if seq_length is None else seq_length + 1
     summary = InstructionSummary(tokens={INPUT_IDS_KEY: 0}, empty={INPUT_IDS_KEY: 0},
-                                 capacity=capacity, packed=pack)
+                                 capacity=capacity, packed=pack, ignored=found.ignored_report())
     pad_id = tokenizer.pad if tokenizer.pad is not None else tokenizer.eod
     packer = Packer(capacity, pad_id) if pack else None
     init_args = (tokenizer_args, handler_name, map_keys, prompt_type, skip_invalid, workers > 1)
     with ExitStack() as stack:
         ids_prefix, mask_prefix = output_prefixes(output_prefix)
-        ids_writer = stack.enter_context(IndexedDatasetWriter(ids_prefix, dtype))
-        mask_writer = stack.enter_context(IndexedDatasetWriter(mask_prefix, MASK_DTYPE))
+        ids_writer = stack.enter_context(IndexedDatasetWriter(ids_prefix, dtype, log))
+        mask_writer = stack.enter_context(IndexedDatasetWriter(mask_prefix, MASK_DTYPE, log))
 
         def write(ids, mask, lengths=None):
             ids_writer.add_document(as_token_array(ids, dtype, ids_prefix), lengths)
@@ -312,5 +314,12 @@ def preprocess_instructions(
                     write_packed(packer.add(ids, mask))
         if packer is not None:
             write_packed(packer.flush())
+        _pre.check_not_empty(inputs, summary.tokens[INPUT_IDS_KEY],
+                             f"{summary.read} records read, {summary.skipped} skipped, "
+                             f"{summary.dropped_overlong} dropped as overlong")
+    ids_writer.write_meta(**_pre.made_with(tokenizer, tokenizer_type, tokenizer_model, False))
+    # The mask is no token shard: no tokenizer, no EOD; its largest value is 1 (its counts and
+    # sizes still tell whether it belongs to the ids shard beside it).
+    mask_writer.write_meta(eod_appended=False, tool=TOOL)
     summary.seconds = time.perf_counter() - start
     return summary

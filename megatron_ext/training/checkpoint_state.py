@@ -1,0 +1,43 @@
+"""What both checkpoint formats save the same way: RNG states and the pruning of old iterations."""
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import tensor_parallel
+
+from megatron_ext.checkpoint import format as ckpt
+
+
+def rng_state() -> dict:
+    """This rank's generators, under Megatron-LM's keys."""
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state["cuda_rng_state"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def prune(root, keep) -> None:
+    """Delete all but the newest ``keep`` iteration directories (never the tracked one)."""
+    if not keep:
+        return
+    iterations = sorted(int(p.name[len("iter_"):]) for p in Path(root).glob("iter_*")
+                        if p.name[len("iter_"):].isdigit())
+    latest = ckpt.read_tracker(root)
+    for iteration in iterations[:-keep]:
+        if iteration != latest:
+            shutil.rmtree(ckpt.iteration_dir(root, iteration), ignore_errors=True)

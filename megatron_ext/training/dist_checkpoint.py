@@ -1,0 +1,297 @@
+"""Save and resume in megatron-core's distributed format (``--ckpt-format torch_dist``).
+
+The layout is Megatron-LM's::
+
+    DIR/latest_checkpointed_iteration.txt     the iteration; written last
+    DIR/iter_0000100/common.pt                what is not sharded: args, checkpoint_version,
+                                              iteration, optimizer param groups,
+                                              opt_param_scheduler, consumed samples, ...
+    DIR/iter_0000100/__0_0.distcp ...         model and optimizer tensors, RNG states
+    DIR/iter_0000100/.metadata                torch.distributed.checkpoint's index of them
+    DIR/iter_0000100/metadata.json            megatron-core's format marker, written last
+
+Tensors are stored under their global names and offsets (``GPTModel.sharded_state_dict``), so
+a checkpoint loads at any TP/PP/DP. The distributed optimizer's state is saved with
+megatron-core's ``fully_reshardable`` sharding (what Megatron-LM writes with
+``--dist-ckpt-optim-fully-reshardable``): every parameter's fp32 copy and Adam moments in the
+parameter's own shape and sharding, so they reshard exactly as the weights do. The alternatives
+cannot: ``dp_reshardable`` stores the optimizer's flat per-bucket DP shards, whose layout depends
+on TP/PP (it reshards along DP only), and ``fully_sharded_model_space`` relies on flattened
+ShardedTensors, which megatron-core 0.16 refuses. The price is an all-gather of the optimizer
+state over DP ranks at save time. A Megatron-LM checkpoint saved as ``dp_reshardable`` loads at
+its own TP/PP (its DP may change); elsewhere the error says so.
+
+Atomic: every rank writes into ``DIR/.iter_0000100.incomplete``; once megatron-core has written
+``metadata.json`` (after every rank finished) rank 0 renames it to ``iter_0000100`` and then
+points the tracker at it. A save killed at any moment leaves the previous checkpoint the latest.
+"""
+
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.optimizer import distrib_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
+from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+
+logger = logging.getLogger("megatron_ext")
+
+FORMAT = "torch_dist"
+SHARDING_TYPE = "fully_reshardable"
+
+
+def is_dist_checkpoint(directory) -> bool:
+    """Whether ``directory`` (an iteration directory) is a complete torch_dist checkpoint."""
+    return dist_checkpointing.check_is_distributed_checkpoint(str(directory))
+
+
+def _metadata(trainer, sharding_type=SHARDING_TYPE) -> dict:
+    """megatron-core's sharded-state-dict options, as Megatron-LM passes them."""
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if trainer.config.parallel.use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = sharding_type
+        if sharding_type == "fully_reshardable":
+            metadata["distrib_optim_fully_reshardable_mem_efficient"] = False
+    return metadata
+
+
+def _saved_args(trainer):
+    """Megatron-LM's ``args``: the model-defining flags, the layout and the consumed samples."""
+    args = model_args_namespace(trainer.config, trainer.vocab_size)
+    args.ckpt_format = FORMAT
+    args.use_distributed_optimizer = trainer.config.parallel.use_distributed_optimizer
+    args.world_size = trainer.topology.world_size
+    args.data_parallel_size = trainer.topology.data_parallel
+    args.consumed_train_samples = trainer.consumed_samples
+    args.consumed_valid_samples = getattr(trainer, "consumed_valid_samples", 0)
+    return args
+
+
+def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loading: bool):
+    topology = trainer.topology
+    metadata = dict(metadata, dp_cp_group=parallel_state.get_data_parallel_group(
+        with_context_parallel=True))
+    state = {
+        "args": _saved_args(trainer),
+        "checkpoint_version": ckpt.CHECKPOINT_VERSION,
+        "iteration": trainer.iteration,
+        "consumed_samples": trainer.consumed_samples,
+        "num_floating_point_operations_so_far":
+            getattr(trainer, "num_floating_point_operations_so_far", 0),
+        "model": trainer.model[0].module.sharded_state_dict(metadata=metadata),
+    }
+    if hasattr(trainer, "consumed_valid_samples"):
+        state["consumed_valid_samples"] = trainer.consumed_valid_samples
+    if optimizer:
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(
+            state["model"], is_loading=is_loading, metadata=metadata)
+        state["opt_param_scheduler"] = trainer.scheduler.state_dict()
+    if rng:
+        # Megatron-LM's: one entry per (pp, tp) rank; data-parallel ranks hold replicas (their
+        # generators are seeded alike and draw alike).
+        state["rng_state"] = ShardedObject(
+            "rng_state", [rng_state()],
+            (topology.pipeline_parallel, topology.tensor_parallel),
+            (topology.pp_rank, topology.tp_rank), replica_id=topology.dp_rank)
+    return state
+
+
+# -- save ------------------------------------------------------------------------------------
+
+
+def _staging_dir(root, iteration) -> Path:
+    return Path(root) / f".{ckpt.iteration_dir(root, iteration).name}.incomplete"
+
+
+def _publish(root, iteration, keep) -> None:
+    """Rank 0, once every rank's shards and metadata.json are written: rename the staging
+    directory into place, then point the tracker at it."""
+    final = ckpt.iteration_dir(root, iteration)
+    replaced = Path(root) / f".{final.name}.replaced"
+    if final.exists():  # an untracked earlier save of the same iteration
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(_staging_dir(root, iteration), final)
+    ckpt._fsync_dir(Path(root))
+    ckpt.write_tracker(root, iteration)
+    shutil.rmtree(replaced, ignore_errors=True)
+    prune(root, keep)
+
+
+def _finalize(root, iteration, keep) -> None:
+    if dist.get_rank() == 0:
+        _publish(root, iteration, keep)
+    dist.barrier()
+    logger.info(f"saved checkpoint at iteration {iteration} to {root} (torch_dist)")
+
+
+_async_queue = None  # megatron-core's queue of --async-save requests in flight
+
+
+def finalize_saves(blocking: bool = False) -> None:
+    """Publish the ``--async-save`` checkpoints whose writes have finished (all of them, waiting
+    for the writers, with ``blocking``). Collective: call it on every rank alike."""
+    if _async_queue is not None:
+        _async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def save(trainer) -> None:
+    c = trainer.config.checkpoint
+    root, iteration = Path(c.save), trainer.iteration
+    global _async_queue
+    finalize_saves(blocking=True)  # the previous checkpoint is published before the next starts
+    staging = _staging_dir(root, iteration)
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
+        staging.mkdir(parents=True)
+    dist.barrier()
+    metadata = _metadata(trainer)
+    state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False)
+    request = dist_checkpointing.save(state, str(staging), async_sharded_save=c.async_save,
+                                      content_metadata=metadata)
+    if request is None:
+        _finalize(root, iteration, c.save_total_limit)
+    else:
+        request.finalize_fns.append(lambda: _finalize(root, iteration, c.save_total_limit))
+        if _async_queue is None:
+            _async_queue = AsyncCallsQueue()
+        _async_queue.schedule_async_request(request)
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layout: bool):
+    """The sharded-state-dict options that read this checkpoint's optimizer state, or an error
+    that says what to change."""
+    saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
+    mine = trainer.config.parallel.use_distributed_optimizer
+    if saved_distributed is not None and bool(saved_distributed) != mine:
+        raise ckpt.CheckpointError(
+            f"checkpoint {directory} was saved {'with' if saved_distributed else 'without'} "
+            f"--use-distributed-optimizer and this run is {'with' if mine else 'without'} it: "
+            f"its optimizer state does not fit; use the same flag, or pass --no-load-optim")
+    if not mine:
+        return _metadata(trainer)
+    # Megatron-LM before content metadata (megatron-core < 0.13) wrote these by default.
+    sharding = content.get("distrib_optim_sharding_type") or (
+        "fully_sharded_model_space" if getattr(saved_args, "ckpt_fully_parallel_save", False)
+        else "dp_zero_gather_scatter")
+    if not same_layout and sharding not in DistributedOptimizer.checkpoint_fully_reshardable_formats:
+        raise ckpt.CheckpointError(
+            f"checkpoint {directory} holds the distributed optimizer's state as '{sharding}' "
+            f"(Megatron-LM without --dist-ckpt-optim-fully-reshardable), which loads only at its "
+            f"own --tensor-model-parallel-size {saved_value(saved_args, 'tensor_model_parallel_size')}"
+            f" --pipeline-model-parallel-size "
+            f"{saved_value(saved_args, 'pipeline_model_parallel_size')}; resume at that layout, "
+            f"or pass --no-load-optim")
+    return dict(content, distrib_optim_sharding_type=sharding)
+
+
+def _torch_adam_optimizers(optimizer) -> list:
+    """The distributed optimizers that drive torch's Adam (megatron-core without Apex/TE)."""
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return []
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt for opt in chained if isinstance(opt, DistributedOptimizer)]
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """megatron-core 0.16's ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` calls
+    its ``state_dict()``, which with torch's Adam reads every parameter's ``step``: state that
+    torch allocates at the first step only. Allocate it (zeros, overwritten by the load)."""
+    for opt in _torch_adam_optimizers(optimizer):
+        adam = opt.optimizer
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.zeros(()),
+                                         "exp_avg": torch.zeros_like(param),
+                                         "exp_avg_sq": torch.zeros_like(param)}
+
+
+@contextlib.contextmanager
+def _adam_steps_kept(optimizer):
+    """``DistributedOptimizer.load_state_dict`` with torch's Adam (as the legacy format's
+    ``_load_distributed_state``): it sets ``step`` from the param groups, then copies the loaded
+    shards into every key of the Adam state, ``step`` included, which the shards lack: the copy
+    keeps each parameter's ``step``. It also hands every parameter the same ``step`` tensor,
+    which Adam then increments once per parameter: each gets its own copy afterwards."""
+    optimizers = _torch_adam_optimizers(optimizer)
+    for opt in optimizers:
+        def set_states(model_param, tensors, opt=opt, original=opt._set_main_param_and_optimizer_states):
+            step = opt._get_main_param_and_optimizer_states(model_param).get("step")
+            original(model_param, tensors if step is None else dict(tensors, step=step))
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
+            for entry in opt.optimizer.state.values():
+                entry["step"] = entry["step"].clone()
+
+
+def load(trainer, iteration) -> None:
+    """Resume from the torch_dist checkpoint of ``iteration`` in ``--load`` at this run's
+    TP/PP/DP (the RNG states only at the layout they were saved with)."""
+    c, topology = trainer.config.checkpoint, trainer.topology
+    directory = ckpt.iteration_dir(c.load, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(directory))
+    saved_args = common.get("args")
+    check_compatible(saved_args, trainer.config, trainer.vocab_size, directory, reshardable=True)
+    saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
+                    saved_value(saved_args, "pipeline_model_parallel_size"))
+    same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)
+    weights_only = c.finetune or iteration == ckpt.RELEASE
+    load_optim = not weights_only and not c.no_load_optim
+    load_rng = not weights_only and not c.no_load_rng
+    if load_optim and "opt_param_scheduler" not in common:
+        raise ckpt.CheckpointError(
+            f"checkpoint {directory} has no optimizer state; pass --no-load-optim or "
+            f"--finetune to load the weights alone")
+    if load_rng and not same_layout:
+        logger.warning(f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, "
+                       f"this run has TP={topology.tensor_parallel} "
+                       f"PP={topology.pipeline_parallel}: RNG states not restored")
+        load_rng = False
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout)
+                if load_optim else _metadata(trainer))
+    if load_optim:
+        _allocate_adam_state(trainer.optimizer)
+    sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
+                                  is_loading=True)
+    state = dist_checkpointing.load(sharded, str(directory))
+    trainer.model[0].module.load_state_dict(state["model"], strict=True)
+    if load_optim:
+        with _adam_steps_kept(trainer.optimizer):
+            trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
+    elif trainer.config.model.bf16 or trainer.config.model.fp16:
+        trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
+    if load_rng:
+        set_rng_state(state["rng_state"][0])
+    if weights_only:
+        logger.info(f"loaded model weights from {directory} (iteration 0, fresh optimizer, "
+                    f"scheduler and data order)")
+        return
+    trainer.iteration = state["iteration"]
+    trainer.consumed_samples = state.get(
+        "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
+    valid = state.get("consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", None))
+    if valid is not None and hasattr(trainer, "consumed_valid_samples"):
+        trainer.consumed_valid_samples = valid
+    logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
+                f"PP={saved_layout[1]}) at iteration {trainer.iteration}")

@@ -1,0 +1,271 @@
+"""torch_dist checkpoints (megatron-core dist_checkpointing, ``--ckpt-format torch_dist``).
+
+Resumed in another TP/PP/DP layout, the loss curve and final weights are the uninterrupted
+run's (float32 rounding), optimizer state included; in the same layout, bit for bit. A save
+killed before it completes leaves the previous checkpoint the latest. Checkpoints interchange
+with megatron-core's own GPTModel (local layer spec) saved and loaded by megatron-core alone.
+"""
+
+import argparse
+import multiprocessing
+import os
+import re
+
+import pytest
+import torch
+
+from megatron_ext.checkpoint import format as ckpt
+from tests.launcher import free_port, launch
+from tests.training.test_checkpointing import _train, _train_with_weights
+
+BASE = (
+    "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
+    "--num-query-groups 2 --swiglu --normalization RMSNorm --position-embedding-type rope "
+    "--disable-bias-linear --untie-embeddings-and-output-weights --seq-length 16 "
+    "--mock-data --tokenizer-type NullTokenizer --vocab-size 127 --lr 1e-3 --lr-warmup-iters 2 "
+    "--lr-decay-style cosine --lr-decay-iters 6 --train-iters 6 --micro-batch-size 2 "
+    "--global-batch-size 8 --log-interval 1 --eval-interval 1000 --eval-iters 0 --seed 11 "
+    "--ckpt-format torch_dist"
+).split()
+DROPOUT = "--attention-dropout 0.1 --hidden-dropout 0.1".split()
+# Across layouts: no dropout (RNG streams are per TP/PP rank), and a vocabulary padded to 128
+# rows at TP 1 and 2 alike (the padding takes part in the softmax).
+RESHARD = BASE + "--attention-dropout 0 --hidden-dropout 0 --make-vocab-size-divisible-by 64".split()
+TP2PP2 = "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel"
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """The uninterrupted single-process run: (losses, final full state dict). Data parallelism
+    and TP do not change the initial weights; PP does (each stage seeds its own layers)."""
+    losses, _, final = launch(_train_with_weights, 1, RESHARD, 1)[0]
+    return losses, final
+
+
+def _assert_close(losses, expected, final, expected_final):
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-5, atol=0)
+    assert final.keys() == expected_final.keys()
+    for name, tensor in expected_final.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("saved_ws,saved,resumed_ws,resumed", [
+    (1, "", 4, TP2PP2),
+    (4, TP2PP2, 1, ""),
+    (2, "--use-distributed-optimizer", 1, "--use-distributed-optimizer"),
+], ids=["tp1pp1-to-tp2pp2", "tp2pp2-to-tp1pp1", "dp2-to-dp1-distributed-optimizer"])
+def test_resume_in_another_layout(tmp_path, single_process, saved_ws, saved, resumed_ws, resumed):
+    """Stopped at 3 in one layout, resumed in another == uninterrupted in the first."""
+    reference = single_process
+    if "pipeline" in saved:
+        reference = launch(_train_with_weights, saved_ws, RESHARD + saved.split(), saved_ws)[0][::2]
+    first = launch(_train, saved_ws, RESHARD + saved.split() + [
+        "--save", str(tmp_path), "--exit-interval", "3"], saved_ws)[-1]
+    argv = RESHARD + resumed.split() + ["--load", str(tmp_path)]
+    rest, _, final = launch(_train_with_weights, resumed_ws, argv, resumed_ws)[0]
+    _assert_close(first + rest, reference[0], final, reference[1])
+    if saved_ws == 2:
+        # The restored Adam moments matter: without them the curve leaves the reference.
+        fresh = launch(_train, resumed_ws, argv + ["--no-load-optim"], resumed_ws)[-1]
+        assert abs(fresh[1] - reference[0][4]) > 1e-3 * abs(reference[0][4])
+
+
+@pytest.mark.parametrize("world_size,flags", [
+    (1, ""),
+    (4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer"),
+])
+def test_resume_is_bit_identical(tmp_path, world_size, flags):
+    """Same layout, dropout on: stopped at 3 and resumed == uninterrupted, bit for bit."""
+    argv = BASE + DROPOUT + flags.split()
+    full = launch(_train_with_weights, world_size, argv, world_size)[0]
+    first = launch(_train, world_size, argv + ["--save", str(tmp_path), "--save-interval", "3",
+                                               "--exit-interval", "3"], world_size)[-1]
+    assert (tmp_path / "iter_0000003" / "metadata.json").is_file()
+    assert (tmp_path / "iter_0000003" / "common.pt").is_file()
+    resumed = launch(_train_with_weights, world_size, argv + ["--load", str(tmp_path)], world_size)[0]
+    assert first + resumed[0] == full[0]
+    for name, tensor in full[2].items():
+        assert torch.equal(resumed[2][name], tensor), name
+
+
+def _train_and_die_in_second_save(argv):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.set_num_threads(1)
+    import psutil
+    from megatron.core.dist_checkpointing import serialization
+
+    real_save_config, calls = serialization.save_config, []
+
+    def save_config_then_die(*args, **kwargs):
+        # megatron-core writes metadata.json once every shard is on disk: the second
+        # checkpoint is all there but this one file, when the job is killed (with its writers).
+        calls.append(1)
+        if len(calls) == 2:
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
+            os._exit(9)
+        return real_save_config(*args, **kwargs)
+
+    serialization.save_config = save_config_then_die
+    _train(argv, 1)
+
+
+def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
+    argv = BASE + ["--save", str(tmp_path), "--save-interval", "2"]
+    proc = multiprocessing.get_context("fork").Process(
+        target=_train_and_die_in_second_save, args=(argv,))
+    proc.start()
+    proc.join(timeout=300)
+    if proc.is_alive():
+        proc.kill()
+    assert proc.exitcode == 9
+    assert ckpt.read_tracker(tmp_path) == 2
+    assert not (tmp_path / "iter_0000004").exists()
+    assert list(tmp_path.glob(".iter_0000004.*"))  # the half-written one, under its temp name
+    # Resumed from 2 with --save again: the stale temp directory of 4 is replaced.
+    resumed = launch(_train, 1, argv + ["--load", str(tmp_path)], 1)[0]
+    assert len(resumed) == 4  # iterations 3..6
+    assert ckpt.read_tracker(tmp_path) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000004", "iter_0000006", ckpt.TRACKER_FILENAME]
+
+
+def test_the_other_format_is_recognised_and_loaded(tmp_path):
+    """--load reads whichever format the checkpoint is in, whatever --ckpt-format says."""
+    for saved, loading in (("torch", "torch_dist"), ("torch_dist", "torch")):
+        root = tmp_path / saved
+        argv = BASE + DROPOUT
+        _, _, weights = launch(_train_with_weights, 1, argv + [
+            "--ckpt-format", saved, "--save", str(root), "--exit-interval", "2"], 1)[0]
+        losses, loaded, _ = launch(_train_with_weights, 1, argv + [
+            "--ckpt-format", loading, "--load", str(root)], 1)[0]
+        assert len(losses) == 4
+        for name, tensor in weights.items():
+            assert torch.equal(loaded[name], tensor), name
+
+
+# -- megatron-core's own model and dist_checkpointing, without our code ------------------------
+
+VOCAB_ROWS = 128  # 127 padded as megatron-core's GPTModel gets it
+
+
+def _mcore_model():
+    """megatron-core's GPTModel with its local layer spec, shaped as BASE."""
+    import torch.nn.functional as F
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+        num_query_groups=2, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, use_cpu_initialization=True)
+    return GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"),
+                    vocab_size=VOCAB_ROWS, max_sequence_length=16, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False)
+
+
+def _megatron_lm_args():
+    """The model-defining part of Megatron-LM's saved ``args`` for that model."""
+    return argparse.Namespace(
+        num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
+        group_query_attention=True, num_query_groups=2, kv_channels=8, seq_length=16,
+        max_position_embeddings=16, position_embedding_type="rope", rotary_base=10000,
+        normalization="RMSNorm", norm_epsilon=1e-5, swiglu=True,
+        untie_embeddings_and_output_weights=True, add_bias_linear=False, add_qkv_bias=False,
+        vocab_size=127, padded_vocab_size=VOCAB_ROWS, make_vocab_size_divisible_by=128,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        consumed_train_samples=56, consumed_valid_samples=0, ckpt_format="torch_dist")
+
+
+def _mcore_init():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_ext import platform
+
+    platform.apply()  # megatron-core's CPU adaptations; no model or checkpoint code of ours
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(1, 1)
+    platform.manual_seed(5)
+
+
+def _mcore_save(root):
+    from megatron.core import dist_checkpointing
+
+    _mcore_init()
+    model = _mcore_model()
+    directory = root / "iter_0000007"
+    directory.mkdir(parents=True)
+    dist_checkpointing.save({
+        "model": model.sharded_state_dict(), "args": _megatron_lm_args(),
+        "checkpoint_version": 3.0, "iteration": 7, "num_floating_point_operations_so_far": 0,
+    }, str(directory))
+    (root / "latest_checkpointed_iteration.txt").write_text("7")
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _mcore_load(directory):
+    from megatron.core import dist_checkpointing
+
+    _mcore_init()
+    model = _mcore_model()
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(directory))
+    model.load_state_dict(state["model"])
+    return {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def _loaded_weights(argv, world_size):
+    from megatron_ext.config import parse_args
+    from megatron_ext.training.trainer import Trainer
+    import pretrain_gpt
+
+    trainer = Trainer(parse_args(argv, world_size=world_size), pretrain_gpt.forward_step,
+                      world_size=world_size)
+    weights = trainer.full_state_dict()
+    state = (trainer.iteration, trainer.consumed_samples)
+    trainer.close()
+    return weights, state
+
+
+def test_megatron_core_checkpoint_loads_here_and_ours_loads_there(tmp_path):
+    # Megatron-LM's way (megatron-core's model and save) -> our trainer, at TP=2.
+    expected = launch(_mcore_save, 1, tmp_path / "mcore")[0]
+    argv = BASE + ["--load", str(tmp_path / "mcore"), "--no-load-optim", "--no-load-rng",
+                   "--tensor-model-parallel-size", "2", "--make-vocab-size-divisible-by", "64",
+                   "--train-iters", "7", "--lr-decay-iters", "7"]
+    weights, state = launch(_loaded_weights, 2, argv, 2)[0]
+    assert state == (7, 56)
+    assert weights.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    # Ours, saved at TP=1 x PP=2 -> megatron-core's model and load.
+    ours = tmp_path / "ours"
+    _, _, saved = launch(_train_with_weights, 2, BASE + [
+        "--pipeline-model-parallel-size", "2", "--train-iters", "2", "--save", str(ours)], 2)[0]
+    loaded = launch(_mcore_load, 1, ours / "iter_0000002")[0]
+    assert loaded.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_resume_in_another_layout_from_the_command_line(tmp_path):
+    """torchrun pretrain_gpt.py: saved asynchronously at TP=2, resumed at PP=2."""
+    from tests.training.test_launch import RUN_TIMEOUT_S, TINY, _torchrun
+
+    argv = TINY + ["--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1",
+                   "--eval-interval", "1000", "--eval-iters", "0", "--ckpt-format", "torch_dist"]
+    first = _torchrun(2, argv + ["--tensor-model-parallel-size", "2", "--save", str(tmp_path),
+                                 "--save-interval", "2", "--exit-interval", "2", "--async-save"],
+                      RUN_TIMEOUT_S)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert ckpt.read_tracker(tmp_path) == 2
+    assert (tmp_path / "iter_0000002" / "metadata.json").is_file()
+    resumed = _torchrun(2, argv + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path)],
+                        RUN_TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "(torch_dist, saved at TP=2 PP=1) at iteration 2" in resumed.stdout, resumed.stdout
+    logged = [line for line in resumed.stdout.splitlines() if "iteration " in line and "/4 |" in line]
+    assert [line.split("iteration")[1].split("/")[0].strip() for line in logged] == ["3", "4"]
+    assert re.search(r"consumed samples\s+12 \|", logged[0]), logged[0]
