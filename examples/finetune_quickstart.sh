@@ -45,6 +45,7 @@ FINETUNE_ARGS=(
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
     --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5
     --weight-decay 0.0 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
+    --calculate-per-token-loss  # each answer token weighs the same, whatever its conversation
 )
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel

@@ -26,6 +26,7 @@ TRAINING_ARGS=(
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
     --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 20
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
+    --calculate-per-token-loss  # every unmasked token weighs the same (packed documents)
 )
 MODEL_PARALLEL_ARGS=(
     --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel

@@ -6,9 +6,9 @@ file, or a directory holding either (event files are preferred, found recursivel
 dashed), learning rate, grad norm and tokens/s against the iteration. It prints which series
 it found per run, so a missing one is said, not silently left blank.
 
-Console lines are read by field name, in both ``key value`` (ours) and ``key: value``
-(Megatron-LM's) forms, so adding, reordering or renaming fields within those forms keeps it
-working. A resumed run's repeated iterations take the later value.
+Console lines are Megatron-LM's (``key: value | ...``, which ours follow), read by field name
+with ``metrics.parse_log``, so added or reordered fields keep it working. A resumed run's
+repeated iterations take the later value.
 """
 
 import argparse
@@ -29,42 +29,25 @@ SERIES = {
     "grad norm": ("grad norm", "grad-norm"),
     "tokens/s": ("tokens/s", "tokens-per-sec", "tokens per sec"),
 }
-_VALIDATION_KEYS = ("lm loss value", "lm loss")  # Megatron-LM's, ours
-_TRAIN = re.compile(r"iteration\s+(\d+)\s*/\s*\d+\s*\|(.*)")
-_VALIDATION = re.compile(r"validation\b.*?\bat iteration\s+(\d+)[^|]*\|(.*)")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?%?$")
 
 
-def _fields(text: str) -> Dict[str, float]:
-    """'a b: 1.5 | c 2 |' -> {'a b': 1.5, 'c': 2.0}; fields without a number are skipped."""
-    fields = {}
-    for part in text.split("|"):
-        part = part.strip()
-        key, sep, value = part.rpartition(":") if ":" in part else part.rpartition(" ")
-        value = value.strip()
-        if sep and _NUMBER.match(value):
-            fields[key.strip().lower()] = float(value.rstrip("%"))
-    return fields
-
-
 def read_log(path: str) -> Dict[str, Series]:
-    found: Dict[str, Series] = {name: {} for name in SERIES}
+    """The series of a console log (Megatron-LM's line format, read by ``metrics.parse_log``);
+    a resumed run's repeated iterations take the later value."""
+    from megatron_ext.training.metrics import parse_log
+
     with open(path, errors="replace") as log:
-        for line in log:
-            match = _VALIDATION.search(line)
-            if match:
-                fields = _fields(match.group(2))
-                key = next((k for k in _VALIDATION_KEYS if k in fields), None)
-                if key:
-                    found["validation lm loss"][int(match.group(1))] = fields[key]
-                continue
-            match = _TRAIN.search(line)
-            if match:
-                fields = _fields(match.group(2))
-                for name, keys in SERIES.items():
-                    key = next((k for k in keys if k in fields), None)
-                    if key and name != "validation lm loss":
-                        found[name][int(match.group(1))] = fields[key]
+        train, valid = parse_log(log.read())
+    found: Dict[str, Series] = {name: {} for name in SERIES}
+    for record in train:
+        for name, keys in SERIES.items():
+            key = next((k for k in keys if k in record), None)
+            if key and name != "validation lm loss" and _NUMBER.match(record[key]):
+                found[name][int(record["iteration"])] = float(record[key].rstrip("%"))
+    for record in valid:
+        if record["split"] == "validation" and "lm loss value" in record:
+            found["validation lm loss"][int(record["iteration"])] = float(record["lm loss value"])
     return found
 
 

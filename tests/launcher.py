@@ -8,7 +8,6 @@ initializes exactly as under torchrun.
 
 import os
 import pickle
-import re
 import signal
 import socket
 import subprocess
@@ -100,12 +99,9 @@ def torchrun(nproc, args, timeout, launcher_flags=(), script="pretrain_gpt.py"):
 
 
 def iteration_records(stdout: str, train_iters: int) -> list:
-    """[(iteration, {field: text})] of the Megatron-style lines "iteration 1/3 | lm loss
-    5.5E+00 | ..."; fields are read by name, so added or reordered fields do not matter."""
-    records = []
-    for line in stdout.splitlines():
-        found = re.search(rf"iteration\s+(\d+)/{train_iters} \| (.*)$", line)
-        if found:
-            pairs = (f.strip().rsplit(" ", 1) for f in found.group(2).split(" | "))
-            records.append((int(found.group(1)), {name.strip(): value for name, value in pairs}))
-    return records
+    """[(iteration, {field: text})] of a run's iteration lines (``metrics.parse_log``, the one
+    parser of Megatron-LM's log format)."""
+    from megatron_ext.training.metrics import parse_log
+
+    return [(int(r["iteration"]), r) for r in parse_log(stdout)[0]
+            if int(r["iterations"]) == train_iters]

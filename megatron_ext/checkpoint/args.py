@@ -50,6 +50,8 @@ def build_args(
     params_dtype: torch.dtype = torch.float32,
     use_rope_scaling: bool = False,
     rope_scaling_factor: float = 8.0,
+    rotary_percent: float = 1.0,
+    apply_layernorm_1p: bool = False,
     **extra,
 ) -> argparse.Namespace:
     """A Namespace with the model-defining flags under Megatron-LM's names (both spellings of
@@ -80,6 +82,8 @@ def build_args(
         vocab_size=vocab_size,
         use_rope_scaling=use_rope_scaling,
         rope_scaling_factor=rope_scaling_factor,
+        rotary_percent=rotary_percent,
+        apply_layernorm_1p=apply_layernorm_1p,
         **dtype_flags(params_dtype),
     )
     for key, value in extra.items():
@@ -117,6 +121,8 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         params_dtype=m.params_dtype,
         use_rope_scaling=m.use_rope_scaling,
         rope_scaling_factor=m.rope_scaling_factor,
+        rotary_percent=m.rotary_percent,
+        apply_layernorm_1p=m.apply_layernorm_1p,
     )
 
 
@@ -141,7 +147,10 @@ def saved_value(args: argparse.Namespace, name: str):
         return not get("disable_bias_linear", False)
     if name == "position_embedding_type":
         return get("position_embedding_type", "learned_absolute")
-    if name in ("swiglu", "untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling"):
+    if name == "rotary_percent":
+        return get(name, 1.0)
+    if name in ("swiglu", "untie_embeddings_and_output_weights", "add_qkv_bias", "use_rope_scaling",
+                "apply_layernorm_1p"):
         return bool(get(name, False))
     if name == "normalization":
         return get("normalization", "LayerNorm")
@@ -169,6 +178,8 @@ _CHECKS = (
     ("--disable-bias-linear", "other linear biases", "add_bias_linear"),
     ("--add-qkv-bias", "other QKV bias", "add_qkv_bias"),
     ("--use-rope-scaling", "other RoPE scaling", "use_rope_scaling"),
+    ("--rotary-percent", "other rotary fraction", "rotary_percent"),
+    ("--apply-layernorm-1p", "other norm weight convention", "apply_layernorm_1p"),
 )
 
 

@@ -157,6 +157,13 @@ def convert(argv=None) -> Path:
                     else MegatronSink(source, 1 if tp is None else tp, 1 if pp is None else pp,
                                       dtype, divisible_by, opts.tokenizer_model))
         else:
+            # HF Llama/Qwen2 have neither: their norms scale by the weight, RoPE rotates all.
+            if saved_value(source.args, "apply_layernorm_1p") or \
+                    saved_value(source.args, "rotary_percent") != 1.0:
+                raise ConversionError(
+                    f"{opts.load_dir} was trained with --apply-layernorm-1p or --rotary-percent "
+                    "< 1, which Hugging Face Llama/Qwen2 models cannot express; convert a model "
+                    "trained without them")
             sink = HfSink(source, opts.model_type_hf, dtype, opts.tokenizer_model, max_shard_bytes)
         with staged_output(opts.save_dir) as tmp:
             sink.write(source, tmp)

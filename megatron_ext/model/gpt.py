@@ -35,6 +35,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         layernorm_epsilon=m.norm_epsilon,
+        layernorm_zero_centered_gamma=m.apply_layernorm_1p,
         normalization=m.normalization,
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
@@ -58,10 +59,11 @@ def transformer_config(config: Config) -> TransformerConfig:
         # Every micro-batch has one shape ([s, b, h], or [b*s, 1, h] when packed), known to all
         # stages: no shape exchange between pipeline stages is needed.
         variable_seq_lengths=False,
-        # Loss is summed over tokens per micro-batch and divided by the global token count once:
-        # per-token averaging across micro-batches and DP ranks (Megatron-LM's
-        # --calculate-per-token-loss, always on here, so masked losses are averaged exactly).
-        calculate_per_token_loss=True,
+        # The loss function returns (loss sum, token count). With --calculate-per-token-loss
+        # megatron-core divides the gradients by the global token count; without it, each
+        # micro-batch's sum by its own count, then by micro-batches and DP ranks (Megatron-LM).
+        calculate_per_token_loss=config.training.calculate_per_token_loss,
+        cross_entropy_loss_fusion=m.cross_entropy_loss_fusion,
     )
 
 
@@ -113,6 +115,7 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
         post_process=post_process,
         share_embeddings_and_output_weights=tied,
         position_embedding_type=m.position_embedding_type,
+        rotary_percent=m.rotary_percent,
         rotary_base=m.rotary_base,
         rope_scaling=m.use_rope_scaling,
         rope_scaling_factor=m.rope_scaling_factor,
@@ -125,4 +128,6 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         pp_size=p.pipeline_model_parallel_size,
     )
-    return model
+    # 16-bit: every weight in params_dtype, as Megatron-LM's Float16Module casts the model
+    # (megatron-core builds the learned position table as a plain fp32 torch Embedding).
+    return model.to(m.params_dtype) if m.bf16 or m.fp16 else model

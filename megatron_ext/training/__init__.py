@@ -5,7 +5,7 @@ import os
 import signal
 import sys
 
-from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.config import ConfigError, UnknownFlagsError, parse_args
 from megatron_ext.training import logs
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -47,6 +47,9 @@ def pretrain(forward_step, argv=None):
     rank = os.environ.get("RANK", "0")
     try:
         config = parse_args(argv)
+    except UnknownFlagsError as error:
+        # The same on every rank: said once.
+        sys.exit(f"[rank {rank}] invalid arguments: {error}" if rank == "0" else 2)
     except ConfigError as error:
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
     # Before megatron-core is imported: its optional-dependency warnings fire at import time.
@@ -63,8 +66,8 @@ def pretrain(forward_step, argv=None):
         if not trainer.exited:
             eval_interval = config.logging.eval_interval
             if not (eval_interval and trainer.iteration % eval_interval == 0):
-                trainer.evaluate()
-            trainer.evaluate("test")
+                trainer.evaluate(final=True)
+            trainer.evaluate("test", final=True)
     finally:
         trainer.close()
     return trainer

@@ -71,6 +71,7 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         eod_mask_loss=d.eod_mask_loss,
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
+        mmap_bin_files=d.mmap_bin_files,
     )
     if split_matrix is not None:
         dataset_config.split_matrix = split_matrix
@@ -132,12 +133,13 @@ class PretrainingSampler:
 
 
 def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
-                  dp_size: int) -> Optional[Iterator[dict]]:
+                  dp_size: int, num_workers: int = 0) -> Optional[Iterator[dict]]:
     if dataset is None:
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, pin_memory=False,
+        dataset, batch_sampler=sampler, pin_memory=False, num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         # Its own generator: creating the iterator would otherwise draw from the global torch
         # RNG and shift dropout after a resume (the samples themselves are seeded indices).
         generator=torch.Generator().manual_seed(0),
@@ -146,7 +148,7 @@ def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
 
 
 def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
-                    consumed_samples: int = 0):
+                    consumed_samples: int = 0, num_workers: int = 0):
     """Validation batches: from ``consumed_samples`` on (where a resumed run's evaluations
     stopped), restarting from the beginning when the split is exhausted."""
     block = micro_batch_size * dp_size
@@ -156,5 +158,6 @@ def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
                          f"--micro-batch-size x data-parallel size = {block}")
     start = consumed_samples % per_pass
     while True:
-        yield from data_iterator(dataset, start, micro_batch_size, dp_rank, dp_size)
+        yield from data_iterator(dataset, start, micro_batch_size, dp_rank, dp_size,
+                                 num_workers)
         start = 0

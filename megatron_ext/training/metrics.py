@@ -2,7 +2,8 @@
 
 import logging
 import math
-from typing import Dict, Optional
+import re
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -61,35 +62,49 @@ class MetricsLogger:
                 ) from error
             self.writer = SummaryWriter(log_dir=config.logging.tensorboard_dir)
 
-    def log_train(self, iteration: int, stats: Dict[str, float], seconds_per_iter: float) -> None:
+    def log_train(self, iteration: int, window: List[Dict[str, float]],
+                  seconds_per_iter: float) -> None:
+        """Megatron-LM's iteration line for the steps since the last one (loss averaged over
+        them, skipped and NaN steps counted), then our fields."""
         if not self.enabled:
             return
-        t = self.config.training
-        tokens = t.global_batch_size * self.config.model.seq_length
+        t, stats = self.config.training, window[-1]
+        tokens = stats["global_batch_size"] * self.config.model.seq_length
         tokens_per_s = tokens / seconds_per_iter
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
-        parts = [
-            f"iteration {iteration:8d}/{t.train_iters}",
-            f"consumed samples {stats['consumed_samples']:10d}",
-            f"lm loss {stats['lm loss']:.6E}",
-            f"trained tokens {stats['trained_tokens']:d}",
-            f"grad norm {stats['grad_norm']:.4f}",
-            f"learning rate {stats['lr']:.6E}",
+        advanced = [s for s in window if not s["skipped"]]
+        loss = sum(s["lm loss"] for s in advanced) / max(len(advanced), 1)
+        fields = [
+            f"iteration {iteration:8d}/{t.train_iters:8d}",
+            f"consumed samples: {stats['consumed_samples']:12d}",
+            f"elapsed time per iteration (ms): {1000 * seconds_per_iter:.1f}",
         ]
-        if self.config.model.fp16:
-            parts.append(f"loss scale {stats['loss_scale']:.1f}")
-        parts += [
-            f"s/iter {seconds_per_iter:.3f}",
-            f"tokens/s {tokens_per_s:.0f}",
-            f"TFLOP/s/device {tflops:.3g}",
+        if self.config.logging.log_throughput:
+            fields.append(f"throughput per GPU (TFLOP/s/GPU): {tflops:.1f}")
+        fields += [
+            f"learning rate: {stats['lr']:.6E}",
+            f"global batch size: {stats['global_batch_size']:5d}",
+        ]
+        if advanced:
+            fields.append(f"lm loss: {loss:.6E}")
+        fields += [
+            f"loss scale: {stats['loss_scale']:.1f}",
+            f"grad norm: {stats['grad_norm']:.3f}",
+            f"number of skipped iterations: {sum(s['skipped'] for s in window):3d}",
+            f"number of nan iterations: {sum(s['nan'] for s in window):3d}",
+            # Ours, after Megatron-LM's.
+            f"trained tokens: {stats['trained_tokens']:d}",
+            f"tokens/s: {tokens_per_s:.0f}",
+            f"TFLOP/s/device: {tflops:.3g}",
         ]
         if self.peak:
-            parts.append(f"MFU {100 * tflops / self.peak:.1f}%")
-        logger.info(" | ".join(parts))
+            fields.append(f"MFU: {100 * tflops / self.peak:.1f}%")
+        logger.info(" " + " | ".join(fields) + " |")
         self._write_scalars(iteration, {
-            "lm loss": stats["lm loss"], "learning-rate": stats["lr"],
+            "lm loss": loss, "learning-rate": stats["lr"],
             "grad-norm": stats["grad_norm"], "loss-scale": stats["loss_scale"],
-            "batch-size": t.global_batch_size, "consumed-samples": stats["consumed_samples"],
+            "batch-size": stats["global_batch_size"],
+            "consumed-samples": stats["consumed_samples"],
             "trained-tokens": stats["trained_tokens"], "iteration-time": seconds_per_iter,
             "tokens-per-sec": tokens_per_s, "throughput": tflops,
             **({"mfu": 100 * tflops / self.peak} if self.peak else {}),
@@ -103,17 +118,52 @@ class MetricsLogger:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, iteration)
 
-    def log_eval(self, iteration: int, loss: float, split: str = "valid") -> None:
+    def log_eval(self, iteration: int, loss: float, split: str = "valid",
+                 final: bool = False) -> None:
+        """Megatron-LM's validation line; at the end of training its words for the split."""
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
-        # The test split's line has Megatron-LM's words for it.
-        where = (f"validation at iteration {iteration}" if split == "valid"
-                 else f"validation loss at iteration {iteration} on test set")
-        logger.info(f"{where} | lm loss {loss:.6E} | lm loss PPL {ppl:.6E}")
+        where = f"iteration {iteration}"
+        if split == "test":
+            where += " on test set"
+        elif final:
+            where += " on validation set"
+        line = (f" validation loss at {where} | lm loss value: {loss:.6E} | "
+                f"lm loss PPL: {ppl:.6E} | ")
+        logger.info("-" * (len(line) + 1))
+        logger.info(line)
+        logger.info("-" * (len(line) + 1))
         name = "validation" if split == "valid" else split
         self._write_scalars(iteration, {f"lm loss {name}": loss, f"lm loss {name} ppl": ppl})
 
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+_ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
+_VALIDATION = re.compile(r"validation loss at iteration (\d+)( on (validation|test) set)? \|(.*)$")
+
+
+def _fields(text: str) -> Dict[str, str]:
+    pairs = (part.split(":", 1) for part in text.split("|") if ":" in part)
+    return {name.strip(): value.strip() for name, value in pairs}
+
+
+def parse_log(text: str) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
+    """(iteration records, validation records) from Megatron-LM-format log text, ours
+    included: each a dict of field name -> text ("lm loss", "consumed samples", ...) plus
+    "iteration" (and "iterations" for the run's total). The one parser tests and tools use."""
+    train, valid = [], []
+    for line in text.splitlines():
+        found = _VALIDATION.search(line)
+        if found:
+            valid.append({"iteration": found.group(1), "final": bool(found.group(2)),
+                          "split": found.group(3) or "validation", **_fields(found.group(4))})
+            continue
+        found = _ITERATION.search(line)
+        if found:
+            train.append({"iteration": found.group(1), "iterations": found.group(2),
+                          **_fields(found.group(3))})
+    return train, valid

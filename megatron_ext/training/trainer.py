@@ -5,7 +5,9 @@ forward step (batch -> model -> loss function), as in Megatron-LM's ``pretrain_g
 """
 
 import functools
+import gc
 import logging
+import math
 import os
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -16,18 +18,21 @@ from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import (OptimizerParamScheduler,
+                                                     get_canonical_lr_for_logging)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import platform
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import Config
+from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer, vocab_size_note
 from megatron_ext.training import checkpointing, data, shard_checks, summary
 from megatron_ext.training.metrics import MetricsLogger
+from megatron_ext.training.profiling import StepProfiler
 
 logger = logging.getLogger("megatron_ext")
 
@@ -43,6 +48,7 @@ class Trainer:
         init_state_dict: Optional[Dict[str, torch.Tensor]] = None,
     ):
         self.config = config
+        self.start_time = time.time()  # --exit-duration-in-mins counts from here
         world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
         #    any process group exists, so a bad tokenizer file fails every rank alike.
@@ -62,20 +68,25 @@ class Trainer:
         #    RNG (dropout) is seeded per pipeline stage as in Megatron-LM, so that stages do not
         #    repeat each other's masks; the initial weights do not depend on it (model/init.py).
         self.topology = ParallelTopology.from_config(config.parallel, world_size)
-        self.topology.initialize(config.parallel.distributed_backend)
+        self.topology.initialize(config.parallel.distributed_backend,
+                                 timeout_minutes=config.parallel.distributed_timeout_minutes)
         platform.manual_seed(config.training.seed + 100 * self.topology.pp_rank)
         # 3. Model chunk of this stage, on the device, wrapped in megatron-core DDP.
         module = build_model(config, self.vocab_size).to(platform.device())
         if init_state_dict is not None:
             self._load_full_state_dict(module, init_state_dict)
         self.model_config = module.config
+        p, t, m = config.parallel, config.training, config.model
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+            # Megatron-LM: --grad-reduce-in-bf16 keeps bf16 gradients for the reduction.
+            grad_reduce_in_fp32=not (m.bf16 and t.grad_reduce_in_bf16),
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.use_distributed_optimizer,
         )
         self.model = [DistributedDataParallel(self.model_config, ddp_config, module)]
-        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples).
-        t, m = config.training, config.model
+        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples; the
+        #    decoupled rates apply to the embedding and output layer).
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
@@ -84,18 +95,21 @@ class Trainer:
                 params_dtype=self.model_config.params_dtype,
                 initial_loss_scale=t.initial_loss_scale,
                 use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+                decoupled_lr=t.decoupled_lr, decoupled_min_lr=t.decoupled_min_lr,
             ),
             self.model,
         )
-        train_samples = t.train_iters * t.global_batch_size
-        decay_samples = t.lr_decay_iters * t.global_batch_size
-        warmup_samples = (t.lr_warmup_fraction * decay_samples if t.lr_warmup_fraction is not None
-                          else t.lr_warmup_iters * t.global_batch_size)
+        if t.decoupled_lr is not None:
+            # megatron-core (0.16) matches saved param groups to live ones by (wd_mult, lr_mult,
+            # is_expert_parallel, is_decoupled_lr) but leaves is_decoupled_lr False on the
+            # decoupled group, so a resume loads its state into the wrong group (or fails).
+            for group in self.optimizer.param_groups:
+                group["is_decoupled_lr"] = group.get("max_lr") == t.decoupled_lr != t.lr
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=warmup_samples, lr_decay_steps=decay_samples,
+            lr_warmup_steps=t.lr_warmup_samples, lr_decay_steps=t.lr_decay_samples,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=train_samples, wd_incr_style="constant",
+            wd_incr_steps=t.train_samples, wd_incr_style="constant",
         )
         # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
         self.model_config.no_sync_func = self.model[0].no_sync
@@ -108,14 +122,18 @@ class Trainer:
         self.exited = False  # stopped by --exit-interval (to be resumed)
         if config.checkpoint.load:
             checkpointing.load_checkpoint(self)
-        # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off.
-        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.topology.data_parallel)
+        # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off; the
+        #    global batch size may ramp up (in consumed samples, as Megatron-LM's).
+        self.batch_schedule = BatchSizeSchedule(
+            t.global_batch_size, t.rampup_batch_size,
+            parse_step_schedule(t.step_batch_size_schedule, m.seq_length)
+            if t.step_batch_size_schedule else None)
         l = config.logging
         # Validation batches advance from one evaluation to the next, as in Megatron-LM.
         evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_interval else 0
         self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
             config, self.tokenizer.eod, self.vocab_size,
-            [train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
+            [t.train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
             split_matrix,
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
@@ -163,16 +181,19 @@ class Trainer:
         return merge_state_dicts(dict(g for g in gathered if g is not None), **self._shard_args())
 
     # -- steps -------------------------------------------------------------------------------
-    def _forward_backward(self, iterator, forward_only: bool) -> Tuple[float, int]:
-        """Runs the schedule over one global batch: (mean per-token loss, trained tokens), the
-        same on every rank."""
+    def _forward_backward(self, iterator, forward_only: bool,
+                          global_batch_size: Optional[int] = None) -> Tuple[float, int]:
+        """Runs the schedule over one global batch (by default of --global-batch-size): (mean
+        per-token loss, trained tokens), the same on every rank."""
         t, m = self.config.training, self.config.model
+        num_microbatches = ((global_batch_size or t.global_batch_size)
+                            // (t.micro_batch_size * self.topology.data_parallel))
         # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
         rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
                      else (t.micro_batch_size, m.seq_length))
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
-            num_microbatches=self.num_microbatches, seq_length=seq, micro_batch_size=rows,
+            num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=rows,
             decoder_seq_length=seq, forward_only=forward_only,
         )
         # [loss sum, token count] summed over micro-batches on the last stage, then over DP;
@@ -188,21 +209,44 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss, tokens = self._forward_backward(iterator, forward_only=False)
+        global_batch_size = self.batch_schedule.at(self.consumed_samples)
+        loss, tokens = self._forward_backward(iterator, False, global_batch_size)
+        self._empty_cache(level=1)
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
-            self.scheduler.step(increment=self.config.training.global_batch_size)
+            self.scheduler.step(increment=global_batch_size)
+        self._empty_cache(level=2)
         self.iteration += 1
-        self.consumed_samples += self.config.training.global_batch_size
+        self.consumed_samples += global_batch_size
         return {
             "iteration": self.iteration, "consumed_samples": self.consumed_samples,
+            "global_batch_size": global_batch_size,
             "lm loss": loss, "trained_tokens": tokens, "grad_norm": float(grad_norm or 0.0),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            # The schedule's lr, not the decoupled one (group order changes across a resume).
+            "lr": get_canonical_lr_for_logging(self.optimizer.param_groups),
             "loss_scale": float(self.optimizer.get_loss_scale()), "skipped": not update_ok,
+            "nan": not math.isfinite(loss),
         }
 
+    def _empty_cache(self, level: int) -> None:
+        # --empty-unused-memory-level (Megatron-LM): 1 after forward-backward, 2 after the step.
+        if self.config.training.empty_unused_memory_level >= level and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _sync_params(self) -> None:
+        """With --overlap-param-gather the updated parameters arrive at the next forward's
+        pre-hooks; evaluation and saving need them now (Megatron-LM disables the hooks)."""
+        if self.config.parallel.overlap_param_gather:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook(param_sync=True)
+
+    def _resume_param_overlap(self) -> None:
+        if self.config.parallel.overlap_param_gather:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+
     @torch.no_grad()
-    def evaluate(self, split: str = "valid") -> Optional[float]:
+    def evaluate(self, split: str = "valid", final: bool = False) -> Optional[float]:
         """Mean per-token loss over ``--eval-iters`` global batches of the validation split
         (each evaluation continuing where the last one stopped, across a resume too) or of the
         test split (from its start)."""
@@ -214,11 +258,15 @@ class Trainer:
             if self.valid_iterator is None:
                 self.valid_iterator = data.cyclic_iterator(
                     dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-                    self.consumed_valid_samples)
+                    self.consumed_valid_samples, self.config.data.num_workers)
             iterator = self.valid_iterator
         else:
             iterator = data.cyclic_iterator(dataset, t.micro_batch_size, topo.dp_rank,
-                                            topo.data_parallel)
+                                            topo.data_parallel,
+                                            num_workers=self.config.data.num_workers)
+        if t.manual_gc:
+            gc.collect()
+        self._sync_params()
         for chunk in self.model:
             chunk.eval()
         loss_sum, tokens = 0.0, 0
@@ -227,49 +275,83 @@ class Trainer:
             loss_sum, tokens = loss_sum + loss * count, tokens + count
         for chunk in self.model:
             chunk.train()
+        self._resume_param_overlap()
+        if t.manual_gc:
+            gc.collect()
         if split == "valid":
             self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
         loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss, split)
+        self.metrics.log_eval(self.iteration, loss, split, final)
         return loss
 
     def train(self) -> List[Dict[str, float]]:
         t, l, c = self.config.training, self.config.logging, self.config.checkpoint
         iterator = data.data_iterator(self.train_ds, self.consumed_samples, t.micro_batch_size,
-                                      self.topology.dp_rank, self.topology.data_parallel)
+                                      self.topology.dp_rank, self.topology.data_parallel,
+                                      self.config.data.num_workers)
         for chunk in self.model:
             chunk.train()
+        profiler = StepProfiler(l.profile_step_start, l.profile_step_end,
+                                l.tensorboard_dir or "profile",
+                                enabled=l.profile and dist.get_rank() == 0)
+        if t.manual_gc:
+            # Megatron-LM's --manual-gc: collections at chosen points, the same on every rank.
+            gc.disable()
+            gc.collect()
         start_iteration = self.iteration
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window = time.perf_counter(), []
         while self.iteration < t.train_iters:
+            profiler.before_step(self.iteration)
             stats = self.train_step(iterator)
             self.history.append(stats)
-            window_steps += 1
+            window.append(stats)
+            if t.manual_gc and t.manual_gc_interval and self.iteration % t.manual_gc_interval == 0:
+                gc.collect()
             if self.iteration % l.log_interval == 0 or self.iteration == t.train_iters:
                 elapsed = time.perf_counter() - window_start
-                self.metrics.log_train(self.iteration, stats, elapsed / window_steps)
-                window_steps = 0
+                self.metrics.log_train(self.iteration, window, elapsed / len(window))
+                window = []
             if l.eval_interval and self.iteration % l.eval_interval == 0:
                 self.evaluate()
-            # Megatron-LM's --exit-interval: stop (after saving) to resume later, same flags.
-            exiting = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+            # Megatron-LM's --exit-interval and --exit-duration-in-mins: stop (after saving) to
+            # resume later with the same flags.
+            exiting = ((bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
+                       or self._out_of_time())
             last = exiting or self.iteration == t.train_iters
             if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
+                self._sync_params()
                 checkpointing.save_checkpoint(self)
+                self._resume_param_overlap()
             if c.async_save:
                 checkpointing.finalize_saves()
             if exiting:
-                logger.info(f"exiting at iteration {self.iteration} (--exit-interval)")
+                logger.info(f"exiting at iteration {self.iteration} (--exit-interval or "
+                            f"--exit-duration-in-mins)")
                 self.exited = True
                 break
-            if window_steps == 0:
+            if not window:
                 # The next window times training steps alone, not evaluation or saving.
                 window_start = time.perf_counter()
         checkpointing.finalize_saves(blocking=True)
+        profiler.stop()
+        self._sync_params()  # the model holds the final weights when training returns
+        self._resume_param_overlap()
+        if t.manual_gc:
+            gc.enable()
         if self.iteration == start_iteration:
             logger.info(f"nothing to train: at iteration {self.iteration} of --train-iters "
                         f"{t.train_iters}")
         return self.history
+
+    def _out_of_time(self) -> bool:
+        """--exit-duration-in-mins, decided alike on every rank (the slowest clock wins)."""
+        limit = self.config.training.exit_duration_in_mins
+        if not limit:  # as Megatron-LM: 0 means no limit
+            return False
+        over = torch.tensor([float(time.time() - self.start_time > 60 * limit)],
+                            device=platform.device())
+        dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        return bool(over.item())
 
     def close(self) -> None:
         self.metrics.close()

@@ -34,7 +34,8 @@ MODEL_ARGS = (
     "--num-query-groups 2 --swiglu --normalization RMSNorm --position-embedding-type rope "
     "--disable-bias-linear --untie-embeddings-and-output-weights --attention-dropout 0 "
     f"--hidden-dropout 0 --mock-data --tokenizer-type NullTokenizer --vocab-size {VOCAB - 1} "
-    "--make-vocab-size-divisible-by 64 --attention-backend sdpa --reset-position-ids"
+    "--make-vocab-size-divisible-by 64 --attention-backend sdpa --reset-position-ids "
+    "--calculate-per-token-loss"  # the references average the loss over all tokens
 ).split()
 
 # Document lengths per row; a row's last document ends without an EOD when its entry is

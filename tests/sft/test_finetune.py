@@ -52,7 +52,7 @@ def test_finetune_loads_the_weights_and_trains_on_the_answers(tmp_path, char_tok
 
     finetune = MODEL + ["--tokenizer-model", char_tokenizer_dir, "--load", ckpt, "--finetune",
                         "--is-instruction-dataset", "--data-path", instruction_data,
-                        "--split", "100,0,0", "--train-iters", "4"]
+                        "--split", "100,0,0", "--train-iters", "4", "--calculate-per-token-loss"]
     (iteration, start), history, final, samples = launch(_train, 1, finetune)[0]
     assert iteration == 0 and [s["iteration"] for s in history] == [1, 2, 3, 4]
     for name, tensor in pretrained.items():

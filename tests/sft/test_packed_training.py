@@ -40,7 +40,7 @@ MODEL = (
     "--disable-bias-linear --untie-embeddings-and-output-weights --attention-dropout 0 "
     "--hidden-dropout 0 --make-vocab-size-divisible-by 64 --attention-backend sdpa "
     f"--seq-length {SEQ} --lr 1e-3 --train-iters 1 --log-interval 1 --eval-interval 1000 "
-    "--eval-iters 0 --split 100,0,0 --seed 11 --is-instruction-dataset"
+    "--eval-iters 0 --split 100,0,0 --seed 11 --is-instruction-dataset --calculate-per-token-loss"
 ).split()
 LOSS_RTOL = 1e-5
 GRAD_ATOL = 1e-6  # gradients are up to ~0.4; float32 differences ~1e-7

@@ -134,9 +134,10 @@ def test_finetune_loads_weights_only(tmp_path):
 
 
 def _validation_lines(stdout):
-    """Every validation (and test split) line, without its timestamp."""
-    return [line.split("] ", 1)[1] for line in stdout.splitlines() if "validation" in line
-            and "| lm loss" in line]
+    """Every validation (and test split) record: iteration, split, loss and perplexity."""
+    from megatron_ext.training.metrics import parse_log
+
+    return parse_log(stdout)[1]
 
 
 def test_resumed_validation_continues_where_it_stopped(tmp_path):
@@ -154,10 +155,9 @@ def test_resumed_validation_continues_where_it_stopped(tmp_path):
         return _validation_lines(result.stdout)
 
     full = run()
-    assert [line.split(" |")[0] for line in full] == [
-        "validation at iteration 2", "validation at iteration 4", "validation at iteration 6",
-        "validation loss at iteration 6 on test set"]
-    assert len({line.split("| lm loss ")[1] for line in full[:3]}) == 3
+    assert [(r["iteration"], r["split"]) for r in full] == [
+        ("2", "validation"), ("4", "validation"), ("6", "validation"), ("6", "test")]
+    assert len({r["lm loss value"] for r in full[:3]}) == 3
     stopped = run("--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3")
     resumed = run("--load", str(tmp_path))
     assert stopped + resumed == full

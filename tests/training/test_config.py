@@ -7,7 +7,7 @@ with the library's own helpers.
 
 import pytest
 
-from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.config import ConfigError, UnknownFlagsError, parse_args
 
 BASE = ("--num-layers 4 --hidden-size 64 --num-attention-heads 8 --seq-length 32 "
         "--micro-batch-size 2 --tokenizer-type NullTokenizer --vocab-size 255").split()
@@ -42,8 +42,6 @@ INVALID_TOPOLOGY = {
         ["--num-attention-heads 8", "--num-query-groups 3"]),
     "layers-not-divisible-by-pp": ("--num-layers 3 --pipeline-model-parallel-size 2", 2,
                                    ["--num-layers 3", "--pipeline-model-parallel-size 2"]),
-    "sp-without-tp": ("--sequence-parallel", 2,
-                      ["--sequence-parallel", "--tensor-model-parallel-size"]),
     "sp-sequence-not-divisible-by-tp": (
         "--sequence-parallel --tensor-model-parallel-size 2 --seq-length 33 "
         "--max-position-embeddings 64", 2, ["--seq-length 33", "--tensor-model-parallel-size 2"]),
@@ -126,9 +124,20 @@ def test_contradictory_or_malformed_flags_name_the_flag(name):
         assert text in str(info.value), (text, str(info.value))
 
 
+@pytest.mark.parametrize("extra, closest", [
+    ("--warmup-fraction 0.1", "--lr-warmup-fraction"),  # not a Megatron-LM flag
+    # An abbreviation of --tensor-model-parallel-size: no prefix matching.
+    ("--tensor-parallel 2", "--tensor-model-parallel-size"),
+])
+def test_unknown_flags_name_the_closest_known_flag(extra, closest):
+    with pytest.raises(UnknownFlagsError) as info:
+        _parse(extra)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{extra.split()[0]} (did you mean {closest}?)" in message
+
+
 @pytest.mark.parametrize("extra", [
-    "--warmup-fraction 0.1",  # not a Megatron-LM flag
-    "--tensor-parallel 2",  # an abbreviation of --tensor-model-parallel-size: no prefix matching
     "--tensor-model-parallel-size two",  # not an int
     "--lr-decay-style exponential",  # not a choice
 ])

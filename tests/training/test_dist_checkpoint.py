@@ -9,12 +9,12 @@ with megatron-core's own GPTModel (local layer spec) saved and loaded by megatro
 import argparse
 import multiprocessing
 import os
-import re
 
 import pytest
 import torch
 
 from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.training.metrics import parse_log
 from tests.launcher import free_port, launch
 from tests.training.test_checkpointing import _train, _train_with_weights
 
@@ -279,6 +279,6 @@ def test_resume_in_another_layout_from_the_command_line(tmp_path):
                         RUN_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "(torch_dist, saved at TP=2 PP=1) at iteration 2" in resumed.stdout, resumed.stdout
-    logged = [line for line in resumed.stdout.splitlines() if "iteration " in line and "/4 |" in line]
-    assert [line.split("iteration")[1].split("/")[0].strip() for line in logged] == ["3", "4"]
-    assert re.search(r"consumed samples\s+12 \|", logged[0]), logged[0]
+    logged, _ = parse_log(resumed.stdout)
+    assert [r["iteration"] for r in logged] == ["3", "4"], resumed.stdout
+    assert logged[0]["consumed samples"] == "12", logged[0]

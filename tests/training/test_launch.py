@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from tests.launcher import ROOT, free_port, iteration_records, torchrun as _torchrun
+from megatron_ext.training.metrics import parse_log
+from tests.launcher import ROOT, free_port, torchrun as _torchrun
 
 # A hang shows as a test failure after these, not as a stuck session. Failing on a bad flag
 # takes a few seconds (two interpreters importing torch); a training run also builds the model
@@ -59,18 +60,28 @@ def test_tiny_tp2_run_logs_iterations():
         "--eval-iters", "1",
     ], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = iteration_records(result.stdout, iters)
+    # Megatron-LM's line: "iteration 1/ 3 | consumed samples: 4 | ... | lm loss: 5.5E+00 |
+    # ..."; fields are read by name (one parser, metrics.parse_log), so order does not matter.
+    records, validation = parse_log(result.stdout)
     # One line per iteration, written once (by the last rank), not once per rank.
-    assert [it for it, _ in records] == list(range(1, iters + 1)), result.stdout
-    for iteration, fields in records:
-        for name in ("consumed samples", "lm loss", "grad norm", "learning rate", "tokens/s"):
+    assert [int(r["iteration"]) for r in records] == list(range(1, iters + 1)), result.stdout
+    for fields in records:
+        iteration = int(fields["iteration"])
+        assert int(fields["iterations"]) == iters
+        for name in ("consumed samples", "elapsed time per iteration (ms)", "learning rate",
+                     "global batch size", "lm loss", "loss scale", "grad norm",
+                     "number of skipped iterations", "number of nan iterations", "tokens/s"):
             assert name in fields, (name, fields)
         assert int(fields["consumed samples"]) == 4 * iteration
+        assert int(fields["global batch size"]) == 4
         # Untrained: cross entropy near ln(vocab): 256 ids padded to 256, ln 256 = 5.55.
         assert 4.5 < float(fields["lm loss"]) < 6.5
         assert float(fields["grad norm"]) > 0 and float(fields["tokens/s"]) > 0
         assert 0 <= float(fields["learning rate"]) <= 1e-3
-    assert "validation at iteration 3 | lm loss" in result.stdout
+        assert int(fields["number of skipped iterations"]) == 0
+    assert [(v["iteration"], v["split"], v["final"]) for v in validation] == [
+        ("3", "validation", True), ("3", "test", True)], result.stdout
+    assert 4.5 < float(validation[0]["lm loss value"]) < 6.5
 
 
 def _children(pid):

@@ -5,7 +5,6 @@ event files."""
 
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_ext import plot
+from megatron_ext.training.metrics import parse_log
 from tests.training.test_launch import ROOT, RUN_TIMEOUT_S, TINY, _torchrun
 
 ITERS = 4
@@ -39,9 +39,10 @@ def run(tmp_path_factory):
 
 
 def _console(stdout):
-    """{iteration: {field: value}} of the console's iteration lines, read as plot reads them."""
-    return {int(m.group(1)): plot._fields(m.group(2))
-            for m in map(plot._TRAIN.search, stdout.splitlines()) if m}
+    """{iteration: {field: value}} of the console's iteration lines (numbers only)."""
+    return {int(r["iteration"]): {k: float(v.rstrip("%")) for k, v in r.items()
+                                  if plot._NUMBER.match(v)}
+            for r in parse_log(stdout)[0]}
 
 
 def test_summary_once_and_library_noise_filtered(run):
@@ -91,8 +92,8 @@ def test_tensorboard_holds_every_console_scalar(run):
             # The console rounds (6 significant digits, tokens/s to integers).
             assert value == pytest.approx(console[step][field], rel=1e-3, abs=1), (tag, step)
     validation = {e.step: e.value for e in events.Scalars("lm loss validation")}
-    logged = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
-        r"validation at iteration (\d+) \| lm loss ([\d.E+-]+)", result.stdout)}
+    logged = {int(r["iteration"]): float(r["lm loss value"])
+              for r in parse_log(result.stdout)[1] if r["split"] == "validation"}
     assert sorted(validation) == sorted(logged) == [2, 4]
     for step, value in logged.items():
         assert validation[step] == pytest.approx(value, rel=1e-5)

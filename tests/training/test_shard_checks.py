@@ -21,6 +21,7 @@ from megatron_ext.config import parse_args
 from megatron_ext.data.indexed import IndexedDatasetWriter
 from megatron_ext.data.shard_meta import ShardMeta, write_meta
 from megatron_ext.tokenizer import build_tokenizer
+from megatron_ext.training.metrics import parse_log
 from megatron_ext.training.shard_checks import ShardError, check_data
 from tests.training.test_launch import RUN_TIMEOUT_S, _torchrun
 
@@ -251,8 +252,8 @@ def test_torchrun_test_split_is_evaluated_when_not_empty(shard):
                    shard]
     result = _torchrun(1, argv + ["--split", "98,1,1"], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "on test set" in line]
-    assert len(lines) == 1 and "validation loss at iteration 2 on test set | lm loss" in lines[0]
-    valid = [line.split("| lm loss ")[1] for line in result.stdout.splitlines()
-             if "validation at iteration 2" in line]
-    assert valid and lines[0].split("| lm loss ")[1] != valid[0]  # another split, another loss
+    records = parse_log(result.stdout)[1]
+    tests = [r for r in records if r["split"] == "test"]
+    valid = [r for r in records if r["split"] == "validation" and r["iteration"] == "2"]
+    assert len(tests) == 1 and tests[0]["iteration"] == "2", records
+    assert valid and tests[0]["lm loss value"] != valid[0]["lm loss value"]  # another split

@@ -1,0 +1,79 @@
+"""Training flags (Megatron-LM's ``training``, ``learning rate``, ``regularization`` and
+``mixed precision`` groups)."""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron_ext.config.flags import flag
+
+
+@dataclass
+class TrainingConfig:
+    GROUP = "training"
+
+    micro_batch_size: int = flag(1, "Samples per micro-batch on each data-parallel rank.")
+    global_batch_size: Optional[int] = flag(
+        None, "Samples per optimizer step; unset: --micro-batch-size x data-parallel size. "
+        "With a ramp-up or schedule: the final size.")
+    rampup_batch_size: Optional[List[int]] = flag(
+        None, "Batch-size ramp-up: START INCREMENT SAMPLES. The global batch grows from START "
+        "by INCREMENT to --global-batch-size, evenly over the first SAMPLES samples.",
+        nargs=3, metavar=("START", "INCREMENT", "SAMPLES"),
+        note="megatron-core 0.16's rule, on every version")
+    step_batch_size_schedule: Optional[List[str]] = flag(
+        None, "Step-wise global batch size: THRESHOLD:SIZE entries (thresholds in consumed "
+        "tokens, suffixes K M B T), e.g. '0:16 2.4B:320'; the first threshold is 0.",
+        nargs="+", note="0.19's rule, on every version; --global-batch-size may repeat the last "
+        "size")
+    train_iters: Optional[int] = flag(
+        None, "Iterations to train (exclusive with --train-samples; neither: 10).")
+    train_samples: Optional[int] = flag(
+        None, "Samples to train (exclusive with --train-iters).")
+    exit_interval: Optional[int] = flag(
+        None, "Save and exit when the iteration is a multiple of this.")
+    exit_duration_in_mins: Optional[int] = flag(
+        None, "Save and exit once training has run this many minutes.")
+    calculate_per_token_loss: bool = flag(
+        False, "Average the loss over all tokens of the global batch; without it, each "
+        "micro-batch's per-token mean is averaged over micro-batches and data-parallel ranks.",
+        note="off by default, as in Megatron-LM; our examples and fine-tuning pass it")
+    manual_gc: bool = flag(
+        False, "Disable Python's automatic garbage collector; collect around evaluation and "
+        "every --manual-gc-interval steps instead, at the same point on every rank.")
+    manual_gc_interval: int = flag(0, "Steps between manual collections (0: none).")
+    empty_unused_memory_level: int = flag(
+        0, "Release cached CUDA memory: 1 after each forward-backward, 2 also after each "
+        "optimizer step.", choices=[0, 1, 2], note="no effect without a GPU (said once)")
+
+    lr: float = flag(1e-4, "Peak learning rate.", group="learning rate")
+    min_lr: float = flag(0.0, "Final learning rate of the decay.", group="learning rate")
+    decoupled_lr: Optional[float] = flag(
+        None, "Peak learning rate of the input embedding and output layer.",
+        group="learning rate")
+    decoupled_min_lr: Optional[float] = flag(
+        None, "Final learning rate of the input embedding and output layer.",
+        group="learning rate")
+    lr_decay_style: str = flag("linear", "Learning-rate decay.", group="learning rate",
+                               choices=["constant", "linear", "cosine"])
+    lr_warmup_iters: int = flag(0, "Warmup iterations.", group="learning rate")
+    lr_warmup_samples: int = flag(0, "Warmup samples.", group="learning rate")
+    lr_warmup_fraction: Optional[float] = flag(
+        None, "Warmup as a fraction of the decay.", group="learning rate")
+    lr_decay_iters: Optional[int] = flag(
+        None, "Iterations of the decay; unset: --train-iters.", group="learning rate")
+    lr_decay_samples: Optional[int] = flag(
+        None, "Samples of the decay; unset: --train-samples.", group="learning rate")
+
+    weight_decay: float = flag(0.01, "Weight decay.", group="regularization")
+    adam_beta1: float = flag(0.9, "Adam beta1.", group="regularization")
+    adam_beta2: float = flag(0.999, "Adam beta2.", group="regularization")
+    adam_eps: float = flag(1e-8, "Adam epsilon.", group="regularization")
+    clip_grad: float = flag(1.0, "Clip the global gradient norm to this.",
+                            group="regularization")
+    initial_loss_scale: float = flag(2.0**32, "First loss scale of --fp16.",
+                                     group="mixed precision")
+    grad_reduce_in_bf16: bool = flag(
+        False, "Reduce gradients over data-parallel ranks in bf16 instead of fp32.",
+        group="mixed precision", note="with --bf16 (otherwise no effect, said once)")
+    seed: int = flag(1234, "Random seed (weights, dropout, data order).",
+                     group="initialization")

@@ -1,0 +1,314 @@
+"""``validate``: the one place of checks. It fills derived defaults by Megatron-LM's rules,
+raises ``ConfigError`` naming the flag to change, and records in ``config.notices`` what it
+decided about flags that are accepted but not honoured as such (no-ops, warned-and-disabled)."""
+
+import os
+
+from megatron_ext import platform
+from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size
+from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
+from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
+
+
+# Megatron-LM has no default (and fails late without either flag); short runs are what a
+# missing flag means here.
+DEFAULT_TRAIN_ITERS = 10
+# Under --save (or .cache/): the dataset index caches and shard scans of a run.
+DATA_CACHE_DIR = "data_cache"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(config: Config, world_size: int) -> None:
+    """Check every flag and fill derived defaults (Megatron's rules), naming the flag to change."""
+    dp = _validate_parallel(config, world_size)
+    _validate_model(config)
+    _refuse_unsupported(config)
+    _validate_schedule(config, dp)
+    _validate_data(config)
+    _validate_logging_and_checkpoint(config)
+
+
+def _validate_parallel(config: Config, world_size: int) -> int:
+    p = config.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and "
+             "--pipeline-model-parallel-size must be >= 1")
+    _require(world_size % (tp * pp) == 0,
+             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+             f"--pipeline-model-parallel-size {pp}; change them or --nproc-per-node")
+    _require(p.distributed_backend != "nccl" or platform.cuda_available(),
+             "--distributed-backend nccl needs a CUDA device; use gloo (the default on CPU)")
+    _require(p.distributed_backend != "gloo" or not platform.cuda_available(),
+             "--distributed-backend gloo cannot reduce-scatter CUDA tensors (sequence parallelism, "
+             "the distributed optimizer); use nccl (the default with a GPU)")
+    if p.sequence_parallel and tp == 1:
+        # Megatron-LM's rule: sequence parallelism needs TP ranks to split over.
+        p.sequence_parallel = False
+        config.notices.append("--sequence-parallel with --tensor-model-parallel-size 1: "
+                              "disabled (nothing to split the sequence over)")
+    _require(p.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1")
+    _require(not p.overlap_param_gather or p.use_distributed_optimizer,
+             "--overlap-param-gather needs --use-distributed-optimizer")
+    _require(not p.overlap_param_gather or p.overlap_grad_reduce,
+             "--overlap-param-gather needs --overlap-grad-reduce")
+    return world_size // (tp * pp)
+
+
+def _validate_model(config: Config) -> None:
+    m, tp = config.model, config.parallel.tensor_model_parallel_size
+    _require(m.num_attention_heads % tp == 0,
+             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    if m.group_query_attention:
+        _require(m.num_query_groups is not None,
+                 "--group-query-attention needs --num-query-groups")
+    else:
+        _require(m.num_query_groups is None,
+                 "--num-query-groups needs --group-query-attention")
+        m.num_query_groups = m.num_attention_heads
+    _require(m.num_attention_heads % m.num_query_groups == 0,
+             f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+             f"--num-query-groups {m.num_query_groups}")
+    _require(m.num_query_groups % tp == 0,
+             f"--num-query-groups {m.num_query_groups} is not divisible by "
+             f"--tensor-model-parallel-size {tp}")
+    _require(m.num_layers % config.parallel.pipeline_model_parallel_size == 0,
+             f"--num-layers {m.num_layers} is not divisible by "
+             f"--pipeline-model-parallel-size {config.parallel.pipeline_model_parallel_size}")
+    if m.kv_channels is None:
+        _require(m.hidden_size % m.num_attention_heads == 0,
+                 f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
+                 f"{m.num_attention_heads}; set --kv-channels")
+        m.kv_channels = m.hidden_size // m.num_attention_heads
+    if m.ffn_hidden_size is None:
+        m.ffn_hidden_size = default_ffn_hidden_size(m.hidden_size, m.swiglu)
+    if m.max_position_embeddings is None:
+        m.max_position_embeddings = m.seq_length
+    _require(m.position_embedding_type == "rope" or m.seq_length <= m.max_position_embeddings,
+             f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
+             f"{m.max_position_embeddings}")
+    _require(m.add_position_embedding or m.position_embedding_type == "rope",
+             "--no-position-embedding is deprecated (as in Megatron-LM); use "
+             "--position-embedding-type rope")
+    _require(0.0 < m.rotary_percent <= 1.0, f"--rotary-percent {m.rotary_percent}: must be in "
+             "(0, 1]")
+    _require(not (m.bf16 and m.fp16), "--bf16 and --fp16 are exclusive; pick one")
+    if m.recompute_granularity == "full":
+        _require(m.recompute_method is not None,
+                 "--recompute-granularity full needs --recompute-method uniform|block")
+        if m.recompute_num_layers is None:
+            m.recompute_num_layers = 1
+    if m.cross_entropy_loss_fusion and not platform.cuda_available():
+        # megatron-core compiles its fused kernel with torch.compile: over a minute of C++
+        # compilation per process on a CPU, for the same numbers.
+        m.cross_entropy_loss_fusion = False
+        config.notices.append("--cross-entropy-loss-fusion: megatron-core's fused kernel is "
+                              "for GPUs; on this CPU the unfused cross entropy (same result) "
+                              "runs")
+    if m.attention_backend in MEGATRON_ATTENTION_BACKENDS:
+        ours = MEGATRON_ATTENTION_BACKENDS[m.attention_backend]
+        config.notices.append(f"--attention-backend {m.attention_backend} (Megatron-LM's name) "
+                              f"runs as our --attention-backend {ours}")
+        m.attention_backend = ours
+    for name, flag, why in (
+            ("use_mcore_models", "--use-mcore-models", "megatron-core models are the only ones"),
+            ("masked_softmax_fusion", "--no-masked-softmax-fusion",
+             "our core attention has no masked-softmax kernel"),
+            ("add_position_embedding", "--no-position-embedding", "rope has no position table")):
+        if name in config.given:
+            config.notices.append(f"{flag}: no effect ({why})")
+
+
+def _refuse_unsupported(config: Config) -> None:
+    """Flags of Megatron-LM's scripts that the parser accepts and this project cannot honour
+    yet; each refusal is one check, removed when its feature lands."""
+    p, given = config.parallel, config.given
+    fp8 = sorted("--" + n.replace("_", "-") for n in given if n.startswith("fp8_"))
+    _require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
+             "(Hopper or newer), and is not wired here yet; drop the --fp8-* flags and train "
+             "with --bf16")
+    moe = sorted("--" + n.replace("_", "-") for n in given
+                 if n.startswith("moe_") or n == "num_experts")
+    _require(not moe and p.expert_model_parallel_size == 1,
+             f"{' '.join(moe) or '--expert-model-parallel-size'}: MoE is not supported yet; "
+             "drop the MoE flags to train the dense model")
+    _require(p.context_parallel_size == 1,
+             f"--context-parallel-size {p.context_parallel_size}: context parallelism is not "
+             "supported yet; use --context-parallel-size 1 (and tensor/pipeline parallelism)")
+
+
+def _validate_schedule(config: Config, dp: int) -> None:
+    t, m, given = config.training, config.model, config.given
+    logs = config.logging
+    _require(t.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+    _require(logs.log_interval >= 1, f"--log-interval {logs.log_interval}: must be >= 1")
+    _require(logs.eval_interval >= 0 and logs.eval_iters >= 0,
+             "--eval-interval and --eval-iters must be >= 0 (0: no evaluation)")
+    # Batch size and its schedule.
+    _require(t.rampup_batch_size is None or t.step_batch_size_schedule is None,
+             "--rampup-batch-size and --step-batch-size-schedule are exclusive; pick one")
+    steps = None
+    if t.step_batch_size_schedule is not None:
+        try:
+            steps = parse_step_schedule(t.step_batch_size_schedule, m.seq_length)
+        except ValueError as error:
+            raise ConfigError(f"--step-batch-size-schedule: {error}") from None
+        # Megatron-LM takes the final size from the schedule; its own script also passes it as
+        # --global-batch-size, accepted here when the two agree.
+        _require(t.global_batch_size in (None, steps[-1][1]),
+                 f"--global-batch-size {t.global_batch_size} differs from the last size of "
+                 f"--step-batch-size-schedule ({steps[-1][1]}); drop --global-batch-size")
+        t.global_batch_size = steps[-1][1]
+    if t.global_batch_size is None:
+        t.global_batch_size = t.micro_batch_size * dp
+    if t.rampup_batch_size is not None:
+        start, increment, samples = t.rampup_batch_size
+        _require(0 < start < t.global_batch_size and increment > 0 and samples >= 0
+                 and (t.global_batch_size - start) % increment == 0,
+                 f"--rampup-batch-size {start} {increment} {samples}: needs 0 < START < "
+                 f"--global-batch-size {t.global_batch_size}, INCREMENT > 0 dividing their "
+                 "difference, SAMPLES >= 0")
+    schedule = BatchSizeSchedule(t.global_batch_size, t.rampup_batch_size, steps)
+    for size in schedule.sizes():
+        _require(size % (t.micro_batch_size * dp) == 0,
+                 f"--global-batch-size {size} is not divisible by "
+                 f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
+    # Iteration- or sample-based, as in Megatron-LM: one form for all three quantities.
+    _require(t.train_iters is None or t.train_samples is None,
+             "--train-iters and --train-samples are exclusive; pick one")
+    if t.train_iters is None and t.train_samples is None:
+        t.train_iters = DEFAULT_TRAIN_ITERS
+    if t.train_samples is not None:
+        bad = [f for f in ("lr_decay_iters", "lr_warmup_iters") if f in given]
+        _require(not bad, f"--{bad[0].replace('_', '-') if bad else ''} with --train-samples: "
+                 "sample-based training takes --lr-decay-samples/--lr-warmup-samples")
+        _require(t.train_samples >= 1, f"--train-samples {t.train_samples}: must be >= 1")
+        t.train_iters = schedule.iterations(t.train_samples)
+    else:
+        bad = [f for f in ("lr_decay_samples", "lr_warmup_samples") if f in given]
+        _require(not bad, f"--{bad[0].replace('_', '-') if bad else ''} with --train-iters: "
+                 "iteration-based training takes --lr-decay-iters/--lr-warmup-iters")
+        t.train_samples = t.train_iters * t.global_batch_size
+        if t.lr_decay_iters is not None:
+            t.lr_decay_samples = t.lr_decay_iters * t.global_batch_size
+        t.lr_warmup_samples = t.lr_warmup_iters * t.global_batch_size
+    _require(t.train_iters >= 1, f"--train-iters {t.train_iters}: must be >= 1")
+    if t.lr_decay_samples is None:
+        t.lr_decay_samples = t.train_samples
+    if t.lr_decay_iters is None:
+        t.lr_decay_iters = -(-t.lr_decay_samples // t.global_batch_size)
+    warmup_flags = [f for f in ("lr_warmup_iters", "lr_warmup_samples") if f in given]
+    _require(t.lr_warmup_fraction is None or not warmup_flags,
+             f"--lr-warmup-fraction and --{(warmup_flags or ['x'])[0].replace('_', '-')} are "
+             "exclusive; pick one")
+    if t.lr_warmup_fraction is not None:
+        t.lr_warmup_samples = t.lr_warmup_fraction * t.lr_decay_samples
+    if "train_samples" in given:
+        decay = f"--lr-decay-samples {t.lr_decay_samples} (default: --train-samples)"
+        warmup = f"{t.lr_warmup_samples} samples from --lr-warmup-samples/--lr-warmup-fraction"
+    else:
+        decay = f"--lr-decay-iters {t.lr_decay_iters} (default: --train-iters)"
+        warmup = (f"{t.lr_warmup_samples / t.global_batch_size:g} iterations from "
+                  "--lr-warmup-iters/--lr-warmup-fraction")
+    _require(t.lr_warmup_samples < t.lr_decay_samples,
+             f"the warmup ({warmup}) must be shorter than {decay}")
+    _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
+    if t.decoupled_lr is not None and t.decoupled_min_lr is not None:
+        _require(t.decoupled_min_lr <= t.decoupled_lr,
+                 f"--decoupled-min-lr {t.decoupled_min_lr} is above --decoupled-lr "
+                 f"{t.decoupled_lr}")
+    if t.grad_reduce_in_bf16 and not m.bf16:
+        config.notices.append("--grad-reduce-in-bf16: no effect without --bf16 (gradients are "
+                              "reduced in the parameters' fp32, as in Megatron-LM)")
+    _require(t.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0")
+    _require(t.exit_duration_in_mins is None or t.exit_duration_in_mins >= 0,
+             "--exit-duration-in-mins must be >= 0")
+    if t.empty_unused_memory_level and not platform.cuda_available():
+        config.notices.append(f"--empty-unused-memory-level {t.empty_unused_memory_level}: no "
+                              "effect without a CUDA device (no cached CUDA memory to release)")
+    if logs.profile:
+        _require(0 <= logs.profile_step_start < logs.profile_step_end,
+                 f"--profile-step-start {logs.profile_step_start} must be below "
+                 f"--profile-step-end {logs.profile_step_end}")
+
+
+def _validate_data(config: Config) -> None:
+    d, t, m, p = config.data, config.training, config.model, config.parallel
+    tp = p.tensor_model_parallel_size
+    if d.is_instruction_dataset:
+        _require(not d.mock_data, "--is-instruction-dataset reads instruction shards from "
+                 "--data-path PREFIX (preprocess_data.py --handler-name ...); it cannot be used "
+                 "with --mock-data")
+        _require(bool(d.data_path), "--is-instruction-dataset needs --data-path PREFIX (the "
+                 "--output-prefix of preprocess_data.py --handler-name ...)")
+        _require(not d.eod_mask_loss, "--eod-mask-loss cannot be used with "
+                 "--is-instruction-dataset: the loss mask comes from the data (assistant turns "
+                 "and their end tokens)")
+    if p.sequence_parallel:
+        # SP splits each micro-batch's sequence over TP ranks; packed (varlen) micro-batches are
+        # one row of micro-batch x seq-length tokens.
+        if config.varlen:
+            _require((t.micro_batch_size * m.seq_length) % tp == 0,
+                     f"--sequence-parallel with packed documents splits --micro-batch-size "
+                     f"{t.micro_batch_size} x --seq-length {m.seq_length} tokens over "
+                     f"--tensor-model-parallel-size {tp}: make it divisible")
+        else:
+            _require(m.seq_length % tp == 0,
+                     f"--sequence-parallel splits --seq-length {m.seq_length} over "
+                     f"--tensor-model-parallel-size {tp}: make it divisible")
+    _require(bool(d.data_path) != d.mock_data,
+             "give exactly one of --data-path PREFIX... and --mock-data")
+    if d.data_path and len(d.data_path) > 1:
+        _require(len(d.data_path) % 2 == 0,
+                 "--data-path with several datasets takes weight/prefix pairs: 0.3 A 0.7 B")
+        for weight in d.data_path[0::2]:
+            try:
+                float(weight)
+            except ValueError:
+                raise ConfigError(
+                    f"--data-path: {weight!r} is not a weight; use 0.3 A 0.7 B") from None
+            # megatron-core's BlendedDataset asserts every weight > 0.
+            _require(float(weight) > 0, f"--data-path: weight {weight} must be > 0")
+    split = d.split.replace("/", ",").split(",")
+    _require(all(s.strip().replace(".", "", 1).isdigit() for s in split) and len(split) <= 3,
+             f"--split {d.split!r}: expected up to three numbers like 949,50,1")
+    # megatron-core divides by the sum (0,0,0 is a ZeroDivisionError there) and returns no
+    # training dataset for a zero first part (a TypeError at the first batch).
+    _require(float(split[0]) > 0, f"--split {d.split!r}: the training split (first number) is "
+             "empty")
+    if d.num_workers is None:
+        # Megatron-LM's 2 overlap loading with GPU work; on a CPU they compete for its cores.
+        d.num_workers = 2 if platform.cuda_available() else 0
+    _require(d.num_workers >= 0, f"--num-workers {d.num_workers}: must be >= 0")
+    if "create_attention_mask_in_dataloader" in config.given:
+        config.notices.append("--no-create-attention-mask-in-dataloader: no effect (no dense "
+                              "attention mask is ever built here)")
+    _require(d.tokenizer_type is not None, "--tokenizer-type is required")
+    if d.tokenizer_type == "NullTokenizer":
+        _require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+    elif d.tokenizer_type == "GPT2BPETokenizer":
+        _require(d.vocab_file is not None and d.merge_file is not None,
+                 "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
+    else:
+        _require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
+                 f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+
+
+def _validate_logging_and_checkpoint(config: Config) -> None:
+    c, d = config.checkpoint, config.data
+    if d.data_cache_path is None and not d.mock_data:
+        # One cache folder beside the run: shards stay read-only and can be shared.
+        d.data_cache_path = os.path.join(c.save or ".cache", DATA_CACHE_DIR)
+    for name in ("wandb_project", "wandb_exp_name"):
+        if name in config.given:
+            config.notices.append(f"--{name.replace('_', '-')}: no effect (Weights & Biases is "
+                                  "not integrated; use --tensorboard-dir)")
+    _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
+    _require(c.save_total_limit is None or c.save_total_limit >= 1,
+             "--save-total-limit must be >= 1")
+    _require(not c.async_save or c.ckpt_format == "torch_dist",
+             "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
