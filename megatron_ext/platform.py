@@ -15,6 +15,9 @@ megatron-core is used unchanged.
 3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
    recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
 4. Distributed checkpoints (``--ckpt-format torch_dist``): see ``_DIST_CKPT_MODULES``.
+5. KV cache (``megatron_ext.generation``): megatron-core's attention allocates the static
+   inference context's key/value buffers on ``torch.cuda.current_device()``; the shim (1.) on
+   ``megatron.core.transformer.attention`` puts them on the CPU.
 """
 
 import contextlib
@@ -46,6 +49,7 @@ _SHIMMED_MODULES = (
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.transformer.attention",
 )
 
 # -- Distributed checkpoints (--ckpt-format torch_dist; training/dist_checkpoint.py) ---------
