@@ -114,6 +114,9 @@ class LoggingConfig:
     eval_interval: int = 1000
     eval_iters: int = 100
     tensorboard_dir: Optional[str] = None
+    # XTuner's chat hook: the model's answers to these prompts at each evaluation
+    # (megatron_ext/generation/eval_prompts.py).
+    eval_prompts: Optional[str] = None
 
 
 @dataclass
@@ -303,6 +306,11 @@ def validate(config: Config, world_size: int) -> None:
     _require(logs.log_interval >= 1, f"--log-interval {logs.log_interval}: must be >= 1")
     _require(logs.eval_interval >= 0 and logs.eval_iters >= 0,
              "--eval-interval and --eval-iters must be >= 0 (0: no evaluation)")
+    _require(logs.eval_prompts is None or os.path.isfile(logs.eval_prompts),
+             f"--eval-prompts {logs.eval_prompts}: no such file (one prompt per line, or JSONL "
+             f'with "prompt")')
+    _require(logs.eval_prompts is None or logs.eval_interval > 0,
+             "--eval-prompts answers at each evaluation: set --eval-interval > 0")
     if t.global_batch_size is None:
         t.global_batch_size = t.micro_batch_size * dp
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,

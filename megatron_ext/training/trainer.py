@@ -49,6 +49,14 @@ class Trainer:
         d = config.data
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
         self.vocab_size = self.tokenizer.vocab_size
+        self.eval_prompts = None
+        if config.logging.eval_prompts:
+            from megatron_ext.generation.eval_prompts import EvalPrompts
+
+            m = config.model
+            self.eval_prompts = EvalPrompts(
+                config.logging.eval_prompts, self.tokenizer,
+                m.max_position_embeddings if m.position_embedding_type == "learned_absolute" else None)
         # 2. Topology and process groups (flags were validated before this point). Megatron-LM's
         #    seeding: each pipeline stage draws its own layers' initial weights.
         self.topology = ParallelTopology.from_config(config.parallel, world_size)
@@ -188,7 +196,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean per-token loss over ``--eval-iters`` global batches of the validation split."""
+        """Mean per-token loss over ``--eval-iters`` global batches of the validation split
+        (and the answers to ``--eval-prompts``)."""
+        if self.eval_prompts is not None:
+            self.eval_prompts.run(self.model[0].module, self.iteration, self.metrics)
         if self.valid_ds is None or not self.config.logging.eval_iters:
             return None
         t = self.config.training
