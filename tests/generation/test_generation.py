@@ -177,13 +177,23 @@ def test_eval_prompts_answers_at_each_evaluation(tmp_path):
             "--attention-dropout 0 --hidden-dropout 0 --lr 1e-3 --seed 11 --train-iters 4 "
             "--eval-interval 2 --eval-iters 1 --log-interval 2 "
             "--tensor-model-parallel-size 2 --sequence-parallel "
-            "--position-embedding-type rope").split() + ["--eval-prompts", str(prompts)]
-    stdout, stderr = _torchrun(2, "pretrain_gpt.py", args)
+            "--position-embedding-type rope").split()
+    stdout, stderr = _torchrun(2, "pretrain_gpt.py", args + [
+        "--eval-prompts", prompts, "--save", tmp_path / "ckpt"])  # torch_dist, the default
     lines = [l for l in (stdout + stderr).splitlines() if "eval prompt" in l]
+    answers = {}
     for iteration in (2, 4):
         for n, prompt in enumerate(["3 1 4 1 5", "9 2 6"]):
             hits = [l for l in lines if f"eval prompt {n} at iteration {iteration} | {prompt!r} -> "
                     in l]
             assert len(hits) == 1, lines
-            answer = hits[0].split(" -> ", 1)[1].strip("'")
-            assert all(0 <= int(t) < 256 for t in answer.split())
+            answers[iteration, n] = hits[0].split(" -> ", 1)[1].strip("'")
+    # The answers at iteration 4 (SP: no cache) are what generate_gpt.py writes with the
+    # checkpoint saved right after (torch_dist, TP=2 without SP: KV cache), greedy.
+    from megatron_ext.generation.eval_prompts import EVAL_MAX_NEW_TOKENS
+
+    stdout, _ = _torchrun(2, "generate_gpt.py", [
+        "--load", tmp_path / "ckpt", "--tokenizer-type", "NullTokenizer", "--vocab-size", 255,
+        "--max-new-tokens", EVAL_MAX_NEW_TOKENS, "--prompt", "3 1 4 1 5", "--prompt", "9 2 6"])
+    assert stdout.splitlines() == [answers[4, 0], answers[4, 1]]
+    assert any(answers.values()), "a model that answers nothing at once would prove little"
