@@ -2,7 +2,8 @@
 # The main job end to end on the embedded default, on a fresh machine (CPU or GPU):
 # install, build a corpus and a SentencePiece tokenizer from this machine's Python standard
 # library, preprocess it into Megatron shards with EOD, then pretrain a small Llama-style model
-# with TP=2 x PP=2 and sequence parallelism on 4 ranks, evaluate and save a checkpoint.
+# with TP=2 x PP=2 and sequence parallelism on 4 ranks, evaluate and save a checkpoint, and
+# print what the trained model writes for two prompts (generate_gpt.py, greedy).
 #
 # Environment overrides: WORK_DIR, TRAIN_ITERS, NPROC_PER_NODE, MASTER_PORT, SKIP_INSTALL=1.
 set -euo pipefail
@@ -38,4 +39,11 @@ CHECKPOINT_DIR=$WORK_DIR/checkpoints \
 TENSORBOARD_DIR=$WORK_DIR/tensorboard \
 TRAIN_ITERS=$TRAIN_ITERS \
     bash examples/pretrain_tiny_llama_tp2_pp2.sh
+# The torch_dist checkpoint loads at any TP/PP: one process is enough for this model.
+echo "what the model writes (greedy, 32 tokens):"
+python generate_gpt.py --load "$WORK_DIR/checkpoints" \
+    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$DATA_DIR/tokenizer.model" \
+    --prompt "def __init__(self" --prompt "Return the number of" --max-new-tokens 32 \
+    2>"$WORK_DIR/generate.log"
 echo "quickstart done: checkpoint in $WORK_DIR/checkpoints"

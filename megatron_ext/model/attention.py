@@ -5,6 +5,8 @@ its place in the spec. With ``packed_seq_params`` (``qkv_format="thd"``, built f
 positions by ``megatron_ext.training.packing``) q/k/v arrive as ``[t, heads, head_dim]`` and each
 document attends causally to itself only, exactly as if it were trained alone. Without it, the
 input is ``[s, b, heads, head_dim]`` and attention is plain causal over each sample (Megatron).
+With megatron-core's KV cache (``megatron_ext.generation``), a decoding step comes as
+``no_mask``: one new query per sample attends to every cached key.
 
 Backends (``--attention-backend``; ``auto`` takes the first that can run here):
 - ``flash``: flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16, dropout, GQA);
