@@ -7,7 +7,10 @@ initializes exactly as under torchrun.
 
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import traceback
 
 import torch
@@ -37,6 +40,32 @@ def _worker(rank, world_size, port, fn, args, queue):
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun(nproc, script, args, timeout, launcher_flags=()) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node N ROOT/script args`` from the repo
+    root; a run past ``timeout`` (a hang) is killed with its workers and fails the test."""
+    import pytest
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher_flags,
+           os.path.join(ROOT, script)] + [str(a) for a in args]
+    # Own process group: on a hang, the launcher and its workers are killed together.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s (hang?)\n{stdout[-2000:]}"
+                    f"\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:

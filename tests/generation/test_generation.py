@@ -10,21 +10,15 @@
 """
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import warnings
 
 import numpy as np
-import pytest
 import torch
 
 from megatron_ext.generation.sampling import SamplingParams, sample
 from tests.checkpoint.conftest import make_hf_model, run_convert
-from tests.launcher import free_port, launch
+from tests.launcher import launch, torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT_S = 300
 VOCAB = 100  # NullTokenizer --vocab-size 99: 99 ids + EOD, padded to 128 rows
 
@@ -123,25 +117,10 @@ def test_chat_prompt_is_the_training_rendering_up_to_the_answer():
     assert prompt == ids[:answer_start].tolist()
 
 
-def _run(cmd, timeout=TIMEOUT_S):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{cmd[:6]} did not finish in {timeout} s\n{stdout[-2000:]}\n{stderr[-2000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    return stdout, stderr
-
-
 def _torchrun(nproc, script, args):
-    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                 "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-                 os.path.join(ROOT, script), *map(str, args)])
+    result = torchrun(nproc, script, args, TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout, result.stderr
 
 
 def test_generate_gpt_tp2_equals_transformers_greedy(tmp_path):

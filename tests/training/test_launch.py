@@ -5,17 +5,10 @@ in a rendezvous for a peer that already exited would hang until the timeout); a 
 must train and print Megatron-style iteration lines.
 """
 
-import os
 import re
-import signal
-import subprocess
-import sys
 
-import pytest
+from tests.launcher import torchrun
 
-from tests.launcher import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A hang shows as a test failure after these, not as a stuck session. Failing on a bad flag
 # takes a few seconds (two interpreters importing torch); a training run also builds the model
 # and mock datasets, and a 2-core machine shared with other jobs can be several times slower.
@@ -30,22 +23,7 @@ TINY = (
 
 
 def _torchrun(nproc, args, timeout, launcher_flags=()):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher_flags,
-           os.path.join(ROOT, "pretrain_gpt.py")] + args
-    # Own process group: on a hang, the launcher and its workers are killed together.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s (hang?)\n{stdout[-2000:]}"
-                    f"\n{stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return torchrun(nproc, "pretrain_gpt.py", args, timeout, launcher_flags)
 
 
 def test_invalid_topology_stops_every_rank_naming_the_flag():
