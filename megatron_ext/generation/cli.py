@@ -101,6 +101,7 @@ class Session:
         rank0 = dist.get_rank() == 0
         if not self.args.interactive:
             for prompt in self.args.prompt:
+                self.history = []  # each --prompt is a conversation of its own
                 reply = self.answer(prompt)
                 if rank0:
                     print(reply, flush=True)
@@ -121,14 +122,22 @@ class Session:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    # Progress from rank 0, problems from every rank; stdout holds the answers alone.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format="%(message)s")
     parser = build_parser(add_generation_args)
     parser.description = "Generate text with a Megatron checkpoint (megatron-core, KV cache)"
     args = parser.parse_args(argv)
     if bool(args.prompt) == args.interactive:
         parser.error("give --prompt TEXT (repeatable) or --interactive")
+    if args.system is not None and not args.prompt_type:
+        parser.error("--system needs --prompt-type (a chat template)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    session = Session(args, world_size)
+    try:
+        session = Session(args, world_size)
+    except (ValueError, OSError) as error:  # ConfigError, CheckpointError, tokenizer, template
+        sys.exit(f"[rank {rank}] generate_gpt.py: {error}")
     try:
         session.run()
     finally:

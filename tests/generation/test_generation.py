@@ -13,6 +13,7 @@ import json
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from megatron_ext.generation.sampling import SamplingParams, sample
@@ -176,3 +177,10 @@ def test_eval_prompts_answers_at_each_evaluation(tmp_path):
         "--max-new-tokens", EVAL_MAX_NEW_TOKENS, "--prompt", "3 1 4 1 5", "--prompt", "9 2 6"])
     assert stdout.splitlines() == [answers[4, 0], answers[4, 1]]
     assert any(answers.values()), "a model that answers nothing at once would prove little"
+
+
+def test_bad_load_dir_is_named(tmp_path):
+    from megatron_ext.generation.cli import main
+
+    with pytest.raises(SystemExit, match=f"--load {tmp_path}: no latest_checkpointed_iteration"):
+        main(["--load", str(tmp_path), "--tokenizer-type", "ByteTokenizer", "--prompt", "hi"])
