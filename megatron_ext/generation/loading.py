@@ -66,10 +66,17 @@ def generation_config(args: argparse.Namespace, world_size: int):
         raise ConfigError("--load CHECKPOINT_DIR is required")
     iteration, found, saved = read_checkpoint(args.load)
     if saved is not None:
+        divisible_given = args.make_vocab_size_divisible_by is not None
         _fill_model_flags(args, saved)
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(args, name) is None:
                 setattr(args, name, saved_value(saved, name) or 1)
+        # The padded rows are part of the saved embedding, and Megatron pads to a multiple of
+        # divisible-by x TP: at another TP, keep the checkpoint's row count.
+        tp, saved_padded = args.tensor_model_parallel_size, saved_value(saved, "padded_vocab_size")
+        if not divisible_given and saved_padded and saved_padded % tp == 0 \
+                and tp != (saved_value(saved, "tensor_model_parallel_size") or 1):
+            args.make_vocab_size_divisible_by = saved_padded // tp
         # Megatron-LM saves its tokenizer flags (ours does not): use them when not given.
         for name in ("tokenizer_type", "tokenizer_model"):
             if getattr(args, name) is None and getattr(saved, name, None):
