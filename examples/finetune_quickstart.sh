@@ -62,8 +62,9 @@ EVAL_AND_LOGGING_ARGS=(
 python -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" pretrain_gpt.py \
     "${GPT_MODEL_ARGS[@]}" "${FINETUNE_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "$@"
-echo "one chat turn with the fine-tuned model (llama2 template, greedy):"
-echo "What is 12 + 30?" | python generate_gpt.py --load "$FT_DIR/checkpoints" \
+QUESTION="What is 12 + 30?"
+echo "one chat turn with the fine-tuned model (llama2 template, greedy): $QUESTION"
+echo "$QUESTION" | python generate_gpt.py --load "$FT_DIR/checkpoints" \
     --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --interactive --prompt-type llama2 --max-new-tokens 48 2>"$FT_DIR/generate.log"

@@ -40,7 +40,7 @@ TENSORBOARD_DIR=$WORK_DIR/tensorboard \
 TRAIN_ITERS=$TRAIN_ITERS \
     bash examples/pretrain_tiny_llama_tp2_pp2.sh
 # The torch_dist checkpoint loads at any TP/PP: one process is enough for this model.
-echo "what the model writes (greedy, 32 tokens):"
+echo "what the model writes (greedy, 32 tokens) after 'def __init__(self' and 'Return the number of':"
 python generate_gpt.py --load "$WORK_DIR/checkpoints" \
     --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$DATA_DIR/tokenizer.model" \
