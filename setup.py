@@ -14,15 +14,27 @@ setup(
         # Loose on purpose: a pre-installed torch (e.g. the 2.13.0 CPU build) must be kept,
         # a tighter pin would pull several GB of CUDA wheels.
         "torch>=2.6",
-        "megatron-core>=0.16,<0.17",
+        # 0.16 through 0.19 (megatron_ext/platform.py checks each). 0.17+ declare Python >= 3.12
+        # (on 3.11 pip picks 0.16.x) and 0.18+ import triton at `import megatron.core`.
+        "megatron-core>=0.16,<0.20",
         "numpy",
         "sentencepiece",
+        # megatron-core's dist_checkpointing (--ckpt-format torch_dist, the default) imports it
+        # to watch its writer processes.
+        "psutil",
+        # --tensorboard-dir works out of the box (about 60 MB with grpcio and protobuf).
+        "tensorboard",
     ],
     extras_require={
-        "hf": ["tokenizers", "transformers", "safetensors"],
+        # tokenizers: HuggingFaceTokenizer and GPT2BPETokenizer; tiktoken: TikTokenizer.
+        "hf": ["tokenizers", "transformers", "safetensors", "tiktoken"],
+        # preprocess_data.py --split-sentences (plus NLTK's punkt_tab data, installed once).
+        "text": ["nltk"],
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        # python -m megatron_ext.plot (loss curves as PNG); training does not need it.
+        "plot": ["matplotlib"],
         # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one).
-        "dev": ["pytest", "pyarrow", "tensorboard", "tokenizers", "transformers", "safetensors",
-                "zstandard"],
+        "dev": ["pytest", "pyarrow", "matplotlib", "tokenizers", "transformers", "safetensors",
+                "zstandard", "tiktoken", "nltk"],
     },
 )

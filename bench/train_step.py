@@ -31,7 +31,6 @@ the same shape family on whatever device is here (bench/gpu/run.py's CPU rehears
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -179,20 +178,16 @@ def run_cpu(args):
               f"| {loss:.4f} |")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_gpu(args):
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:
         sys.exit("--gpu needs a CUDA device (--dry-run rehearses it at tiny size on the CPU)")
+    from tests.launcher import free_port
+
     # One process, no fork (CUDA must not be initialized before a fork): torchrun's env here.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port or _free_port()),
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port or free_port()),
                       RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    model = DRY_RUN_MODEL + (" --bf16" if cuda else "") if args.dry_run else GPU_MODEL
+    model = (DRY_RUN_MODEL + (" --bf16" if cuda else "")) if args.dry_run else GPU_MODEL
     argv = (model + " " + COMMON).split() + [
         "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(args.global_batch_size or args.micro_batch_size),

@@ -56,7 +56,7 @@ DATA_ARGS=(
 )
 EVAL_AND_LOGGING_ARGS=(
     --log-interval 5 --eval-interval 10 --eval-iters 2
-    --save "$FT_DIR/checkpoints"
+    --save "$FT_DIR/checkpoints" --ckpt-format torch_dist
 )
 
 python -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" pretrain_gpt.py \

@@ -15,6 +15,9 @@ import torch
 from megatron_ext import platform
 
 
+DATA_CACHE_DIR = "data_cache"
+
+
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
     """Megatron-LM's default: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU."""
     return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size
@@ -98,10 +101,19 @@ class DataConfig:
     tokenizer_type: Optional[str] = None
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None
+    # GPT2BPETokenizer's files and TikTokenizer's layout (megatron_ext/tokenizer/).
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tiktoken_pattern: Optional[str] = None
+    tiktoken_num_special_tokens: int = 1000
+    tokenizer_special_tokens: Optional[List[str]] = None
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
     mock_data: bool = False
+    # Dataset index caches (megatron-core's GPTDataset/BlendedDataset .npy files). Default
+    # (validate): DATA_CACHE_DIR under --save, else under .cache/ in the working directory;
+    # never megatron-core's default of a folder beside each shard prefix.
     data_cache_path: Optional[str] = None
     # Fine-tuning on instruction shards (PREFIX_input_ids/loss_mask_document): see
     # megatron_ext/training/sft_dataset.py and docs/finetune.md.
@@ -114,6 +126,9 @@ class LoggingConfig:
     eval_interval: int = 1000
     eval_iters: int = 100
     tensorboard_dir: Optional[str] = None
+    # Every rank logs at INFO and library warnings/INFO dumps are shown unfiltered
+    # (megatron_ext/training/logs.py).
+    verbose: bool = False
     # XTuner's chat hook: the model's answers to these prompts at each evaluation
     # (megatron_ext/generation/eval_prompts.py).
     eval_prompts: Optional[str] = None
@@ -201,6 +216,8 @@ def build_parser(extra_args_provider=None) -> argparse.ArgumentParser:
     _add_dataclass_flags(
         parser, DataConfig, "data", data_path={"nargs": "+"},
         tokenizer_model={"aliases": ("--tokenizer-name-or-path",)},
+        tiktoken_pattern={"choices": ["v1", "v2"]},
+        tokenizer_special_tokens={"nargs": "+", "aliases": ("--tiktoken-special-tokens",)},
     )
     _add_dataclass_flags(parser, LoggingConfig, "logging and evaluation")
     _add_dataclass_flags(parser, CheckpointConfig, "checkpointing",
@@ -371,11 +388,17 @@ def validate(config: Config, world_size: int) -> None:
     _require(d.tokenizer_type is not None, "--tokenizer-type is required")
     if d.tokenizer_type == "NullTokenizer":
         _require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+    elif d.tokenizer_type == "GPT2BPETokenizer":
+        _require(d.vocab_file is not None and d.merge_file is not None,
+                 "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     else:
         _require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
                  f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
 
     c = config.checkpoint
+    if d.data_cache_path is None and not d.mock_data:
+        # One cache folder beside the run: shards stay read-only and can be shared.
+        d.data_cache_path = os.path.join(c.save or ".cache", DATA_CACHE_DIR)
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")

@@ -15,9 +15,20 @@ megatron-core is used unchanged.
 3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
    recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
 4. Distributed checkpoints (``--ckpt-format torch_dist``): see ``_DIST_CKPT_MODULES``.
-5. KV cache (``megatron_ext.generation``): megatron-core's attention allocates the static
+5. Streams (0.19+): DDP's grad sync waits on ``torch.cuda.current_stream()`` for CUDA-graph
+   events; on CPU there are no events, and the shim's ``current_stream()`` waits for none.
+6. triton (0.18+): ``import megatron.core`` imports triton (MoE/inference kernels that never
+   run here), and torch then sees a triton and imports its compiler modules, so no small
+   stand-in can take its place: install triton (about 290 MB; CPU machines too) with
+   megatron-core 0.18+. GPU images have it; CI installs it only into its 0.19.2 environment.
+7. KV cache (``megatron_ext.generation``): megatron-core's attention allocates the static
    inference context's key/value buffers on ``torch.cuda.current_device()``; the shim (1.) on
-   ``megatron.core.transformer.attention`` puts them on the CPU.
+   ``megatron.core.transformer.attention`` puts them on the CPU (checked on 0.16.1 only).
+
+Supported: megatron-core 0.16 through 0.19 (``SUPPORTED``). Adaptations 1-3, 5 and 6 were
+checked on 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (parallel equivalence, varlen and checkpoint
+tests pass on each; /work/shared/notes/megatron-core-findings.md); CI runs that subset on
+0.19.2.
 """
 
 import contextlib
@@ -31,7 +42,7 @@ import types
 import torch
 from packaging.version import Version
 
-_SUPPORTED = (Version("0.16.0"), Version("0.17.0"))
+SUPPORTED = (Version("0.16.0"), Version("0.20.0"))  # [lowest, first unsupported)
 
 _SHIMMED_MODULES = (
     "megatron.core.utils",
@@ -104,6 +115,23 @@ class _CpuCuda:
 
     empty_cache = synchronize
     set_device = synchronize  # the async checkpoint writer's worker picks its "GPU"
+
+    @staticmethod
+    def current_stream(*_args, **_kwargs):
+        return _CpuStream()
+
+
+class _CpuStream:
+    """CPU work is synchronous: there is nothing to wait for."""
+
+    def wait_event(self, _event):
+        pass
+
+    def wait_stream(self, _stream):
+        pass
+
+    def synchronize(self):
+        pass
 
 
 def _on_cpu(factory):
@@ -213,10 +241,10 @@ def apply() -> None:
     import megatron.core
 
     version = Version(megatron.core.__version__)
-    if not _SUPPORTED[0] <= version < _SUPPORTED[1]:
+    if not SUPPORTED[0] <= version < SUPPORTED[1]:
         raise RuntimeError(
-            f"megatron_ext.platform adapts megatron-core {_SUPPORTED[0]}..<{_SUPPORTED[1]} to CPU; "
-            f"found {version}. Install megatron-core 0.16.x or check the adaptations."
+            f"megatron_ext.platform adapts megatron-core {SUPPORTED[0]}..<{SUPPORTED[1]} to CPU; "
+            f"found {version}. Install megatron-core>=0.16,<0.20 or check the adaptations."
         )
     proxy = _CpuTorch()
     for module_name in _SHIMMED_MODULES + _DIST_CKPT_MODULES:
@@ -262,3 +290,4 @@ def manual_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+

@@ -1,4 +1,5 @@
-"""Run a function on N gloo ranks in forked processes and collect what each rank returns.
+"""Run a function on N gloo ranks in forked processes and collect what each rank returns; or
+run an entry script under torchrun as a user does and read its log.
 
 Forking keeps torch and megatron-core imported once (the parent's), which is most of a rank's
 start-up on a 2-core machine. Each rank gets torchrun's environment variables, so library code
@@ -7,14 +8,18 @@ initializes exactly as under torchrun.
 
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
 import sys
 import traceback
 
+import pytest
 import torch
 import torch.multiprocessing as mp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port() -> int:
@@ -40,32 +45,6 @@ def _worker(rank, world_size, port, fn, args, queue):
 
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def torchrun(nproc, script, args, timeout, launcher_flags=()) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc-per-node N ROOT/script args`` from the repo
-    root; a run past ``timeout`` (a hang) is killed with its workers and fails the test."""
-    import pytest
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher_flags,
-           os.path.join(ROOT, script)] + [str(a) for a in args]
-    # Own process group: on a hang, the launcher and its workers are killed together.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s (hang?)\n{stdout[-2000:]}"
-                    f"\n{stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
@@ -97,3 +76,36 @@ def launch(fn, world_size: int, *args, timeout: float = 600.0) -> list:
     if errors:
         raise RuntimeError("distributed test failed on " + "\n".join(errors))
     return [results[rank] for rank in range(world_size)]
+
+
+def torchrun(nproc, args, timeout, launcher_flags=(), script="pretrain_gpt.py"):
+    """``python -m torch.distributed.run --nproc-per-node nproc script args``, output captured;
+    a run past ``timeout`` s is killed with its workers and fails the test."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher_flags,
+           os.path.join(ROOT, script)] + [str(a) for a in args]
+    # Own process group: on a hang, the launcher and its workers are killed together.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {timeout} s (hang?)\n{stdout[-2000:]}"
+                    f"\n{stderr[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def iteration_records(stdout: str, train_iters: int) -> list:
+    """[(iteration, {field: text})] of the Megatron-style lines "iteration 1/3 | lm loss
+    5.5E+00 | ..."; fields are read by name, so added or reordered fields do not matter."""
+    records = []
+    for line in stdout.splitlines():
+        found = re.search(rf"iteration\s+(\d+)/{train_iters} \| (.*)$", line)
+        if found:
+            pairs = (f.strip().rsplit(" ", 1) for f in found.group(2).split(" | "))
+            records.append((int(found.group(1)), {name.strip(): value for name, value in pairs}))
+    return records

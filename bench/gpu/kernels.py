@@ -8,10 +8,10 @@ reference is the plain masked-softmax math of ``tests/model/test_attention.py::_
 over the per-row document lengths as drawn (so a wrong flattening shows), on the same inputs
 upcast to fp32 (TF32 off).
 
-Tolerance (flash-attn's own criterion, plus a sanity bound): for the output and each gradient,
-the kernel's largest error is at most 2x that of the same plain math computed in the low
-dtype itself (+1e-5), its relative L2 error ``|x - ref| / |ref|`` is under ``REL_TOL`` for
-the dtype, and nothing is NaN or inf.
+Tolerance (flash-attn's own tests' criterion, plus a sanity bound): the kernel's largest error
+is at most 2x (output) or 3x (gradients) that of the same plain math computed in the low dtype
+itself (+1e-5), its relative L2 error ``|x - ref| / |ref|`` is under ``REL_TOL`` for the
+dtype, and nothing is NaN or inf.
 
     python bench/gpu/kernels.py                   # GPU sizes
     python bench/gpu/kernels.py --dry-run         # tiny sizes, any device (CPU: sdpa only)
@@ -83,8 +83,9 @@ def _errors(out, ref, baseline):
     }
 
 
-def _passes(err, dtype_name) -> bool:
-    return (err["finite"] and err["max_abs"] <= 2 * err["baseline_max_abs"] + 1e-5
+def _passes(name, err, dtype_name) -> bool:
+    factor = 2 if name == "out" else 3
+    return (err["finite"] and err["max_abs"] <= factor * err["baseline_max_abs"] + 1e-5
             and err["rel_l2"] <= REL_TOL[dtype_name])
 
 
@@ -114,7 +115,7 @@ def check_case(kernel, dtype_name, case, shape, device, seed) -> dict:
     baseline = _forward_backward(lambda q, k, v: _reference(q, k, v, lengths), q, k, v, grad_out)
     errors = {name: _errors(x, r, bl)
               for name, x, r, bl in zip(("out", "dq", "dk", "dv"), results, ref, baseline)}
-    ok = all(_passes(e, dtype_name) for e in errors.values())
+    ok = all(_passes(name, e, dtype_name) for name, e in errors.items())
     return dict(kernel=kernel, dtype=dtype_name, case=case, docs=len(lengths),
                 max_doc=max(lengths), status="ok" if ok else "FAIL", errors=errors)
 

@@ -31,6 +31,7 @@ import torch
 from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint import hf
 from megatron_ext.checkpoint.args import saved_value
+from megatron_ext.checkpoint.dist_format import DistSink, DistSource, is_dist_checkpoint
 from megatron_ext.checkpoint.hf import ConversionError
 from megatron_ext.checkpoint.sinks import HfSink, MegatronSink
 from megatron_ext.checkpoint.sources import HfSource, MegatronSource
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TP size of the Megatron output (default 1)")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=None,
                         help="PP size of the Megatron output (default 1)")
+    parser.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
+                        help="format of a Megatron output: torch (per-rank model_optim_rng.pt, "
+                             "the default) or torch_dist (megatron-core's distributed format, no "
+                             "TP/PP layout); a Megatron input is read in either")
     parser.add_argument("--model-type-hf", choices=sorted(hf.MODEL_TYPES_HF), default=None,
                         help="HF architecture (default: from config.json, or recorded in the "
                              "Megatron checkpoint)")
@@ -109,6 +114,14 @@ def staged_output(save_dir: Path):
         raise
 
 
+def megatron_source(load_dir: Path):
+    """The source for a Megatron checkpoint in either format (torch_dist or per-rank)."""
+    iteration = fmt.read_tracker(load_dir) if load_dir.is_dir() else None
+    if iteration is not None and is_dist_checkpoint(fmt.iteration_dir(load_dir, iteration)):
+        return DistSource(load_dir, iteration, fmt.iteration_dir(load_dir, iteration))
+    return MegatronSource(load_dir)
+
+
 def convert(argv=None) -> Path:
     """Run a conversion (raises ``ConversionError``/``CheckpointError`` on bad input)."""
     opts = build_parser().parse_args(argv)
@@ -125,8 +138,13 @@ def convert(argv=None) -> Path:
         raise ConversionError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
     check_save_dir(opts.save_dir, opts.load_dir)
 
+    if opts.ckpt_format == "torch_dist" and opts.save_model_type == "mg":
+        for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
+            if getattr(opts, flag) not in (None, 1):
+                raise ConversionError(f"--{flag.replace('_', '-')}: a torch_dist checkpoint has no "
+                                      f"TP/PP layout (it loads at any); leave it out")
     source = (HfSource(opts.load_dir, opts.model_type_hf) if opts.load_model_type == "hf"
-              else MegatronSource(opts.load_dir))
+              else megatron_source(opts.load_dir))
     try:
         dtype = PARAMS_DTYPES[opts.params_dtype] if opts.params_dtype else source.dtype
         if opts.save_model_type == "mg":
@@ -134,8 +152,10 @@ def convert(argv=None) -> Path:
                 128 if opts.load_model_type == "hf"
                 else saved_value(source.args, "make_vocab_size_divisible_by") or 128)
             tp, pp = opts.target_tensor_parallel_size, opts.target_pipeline_parallel_size
-            sink = MegatronSink(source, 1 if tp is None else tp, 1 if pp is None else pp, dtype,
-                                divisible_by, opts.tokenizer_model)
+            sink = (DistSink(source, dtype, divisible_by, opts.tokenizer_model)
+                    if opts.ckpt_format == "torch_dist"
+                    else MegatronSink(source, 1 if tp is None else tp, 1 if pp is None else pp,
+                                      dtype, divisible_by, opts.tokenizer_model))
         else:
             sink = HfSink(source, opts.model_type_hf, dtype, opts.tokenizer_model, max_shard_bytes)
         with staged_output(opts.save_dir) as tmp:

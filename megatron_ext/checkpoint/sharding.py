@@ -22,7 +22,7 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _VOCAB = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
-def _tp_rule(name: str, swiglu: bool):
+def tp_split(name: str, swiglu: bool):
     """(dim, stride) along which ``name`` is split across TP ranks, or None if replicated."""
     if name in _VOCAB:
         return 0, 1
@@ -78,7 +78,7 @@ def shard_tensor(
         if piece.size(0) < per_rank:
             piece = torch.cat([piece, tensor.new_zeros(per_rank - piece.size(0), *tensor.shape[1:])])
         return _owning(piece)
-    rule = _tp_rule(name, swiglu)
+    rule = tp_split(name, swiglu)
     if rule is not None and tp_size > 1:
         dim, stride = rule
         chunks = torch.chunk(tensor, tp_size * stride, dim=dim)
@@ -89,10 +89,33 @@ def shard_tensor(
 def merge_tensor(name: str, parts: list, *, swiglu: bool) -> torch.Tensor:
     """Inverse of ``shard_tensor`` (without vocabulary resizing): ``parts[tp_rank]`` -> full.
     With one part (or a replicated tensor) that part itself is returned."""
-    rule = _tp_rule(name, swiglu)
+    rule = tp_split(name, swiglu)
     if rule is not None and len(parts) > 1:
         return _merge(list(parts), *rule)
     return parts[0]
+
+
+def global_name(local: str, num_layers: int, pp_rank: int, pp_size: int) -> str:
+    """The full-model (TP1/PP1) name of stage ``pp_rank``'s tensor ``local``."""
+    match = _LAYER.match(local)
+    if not match:
+        return local
+    first_layer = stage_layers(num_layers, pp_rank, pp_size).start
+    return f"decoder.layers.{first_layer + int(match.group(1))}.{match.group(2)}"
+
+
+def full_shape(name: str, local_shape, *, swiglu: bool, tp_size: int,
+               vocab_rows: Optional[int] = None) -> tuple:
+    """Shape of the full tensor ``name`` whose TP shard has ``local_shape``; the embedding and
+    output layer get ``vocab_rows`` rows (the unpadded vocabulary) when given."""
+    shape = list(local_shape)
+    if name in _VOCAB and vocab_rows is not None:
+        shape[0] = vocab_rows
+        return tuple(shape)
+    rule = tp_split(name, swiglu)
+    if rule is not None:
+        shape[rule[0]] *= tp_size
+    return tuple(shape)
 
 
 def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int) -> Optional[str]:
@@ -152,13 +175,10 @@ def merge_state_dicts(
     pp_size = 1 + max(pp for _, pp in shards)
     full = {}
     for pp_rank in range(pp_size):
-        first_layer = stage_layers(num_layers, pp_rank, pp_size).start
         names = [n for n, t in shards[(0, pp_rank)].items()
                  if t is not None and not n.endswith("._extra_state")]
         for local in names:
-            match = _LAYER.match(local)
-            name = (f"decoder.layers.{first_layer + int(match.group(1))}.{match.group(2)}"
-                    if match else local)
+            name = global_name(local, num_layers, pp_rank, pp_size)
             if name in full:  # the tied output layer copy on the last stage
                 continue
             full[name] = merge_tensor(name, [shards[(tp, pp_rank)][local] for tp in range(tp_size)],

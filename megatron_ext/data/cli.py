@@ -14,10 +14,18 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_ext.data.preprocess import output_prefix_for, preprocess
-from megatron_ext.data.instruct.handlers import HANDLERS
+from megatron_ext.data.instruct.handlers import HANDLERS, handler_name
 from megatron_ext.data.instruct.pipeline import OVERLONG, output_prefixes, preprocess_instructions
 from megatron_ext.data.instruct.templates import prompt_types
-from megatron_ext.tokenizer import TOKENIZER_TYPES
+from megatron_ext.tokenizer import add_tokenizer_flags, options_from_args, vocab_size_note
+
+
+def _handler_name(name: str) -> str:
+    try:
+        return handler_name(name)
+    except ValueError as error:
+        message = str(error).replace("unknown --handler-name ", "unknown name ")
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: text)")
     group.add_argument("--skip-invalid", action="store_true",
                        help="skip and count malformed records instead of stopping")
+    group.add_argument("--split-sentences", action="store_true",
+                       help="one sequence per sentence (NLTK punkt, installed with its data): "
+                            "writes PREFIX_{key}_sentence")
+    group.add_argument("--keep-newlines", action="store_true",
+                       help="with --split-sentences: keep the newlines between sentences")
+    group.add_argument("--lang", default="english",
+                       help="punkt model for --split-sentences (default: english)")
     group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES))
-    group.add_argument("--tokenizer-model", "--tokenizer-name-or-path", dest="tokenizer_model",
-                       help="SentencePiece .model, tokenizer.json, or a saved HF directory")
-    group.add_argument("--vocab-size", type=int, help="NullTokenizer: ids are in [0, V)")
+    add_tokenizer_flags(group)
     group.add_argument("--append-eod", action="store_true",
                        help="append the tokenizer's EOD id to every document")
     group = parser.add_argument_group("output and runtime")
@@ -46,14 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="writes PREFIX_{key}_document.bin/.idx/.meta.json (merge: "
                             "PREFIX.bin/.idx/.meta.json)")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--partitions", type=int, default=1,
+                       help="Megatron-LM's input partitions: document i goes to partition "
+                            "i mod N and the output is the partitions in order (the document "
+                            "order Megatron-LM writes); the files are the same names as "
+                            "without it, no partition file is left")
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="with --partitions: contiguous partitions, keeping the input order")
     group.add_argument("--log-interval", type=int, default=10000,
                        help="progress line every N documents (0: none)")
     group = parser.add_argument_group(
         "instruction data (fine-tuning; writes PREFIX_input_ids_document and "
         "PREFIX_loss_mask_document, see docs/finetune.md)")
-    group.add_argument("--handler-name", choices=list(HANDLERS),
-                       help="read records as conversations in this format (default: pretraining "
-                            "text)")
+    group.add_argument("--handler-name", type=_handler_name, metavar="NAME",
+                       help=f"read records as conversations in this format: {', '.join(HANDLERS)}"
+                            f" or their short forms (Alpaca, Sharegpt, ...; any case); default: "
+                            f"pretraining text")
     group.add_argument("--prompt-type", metavar="NAME",
                        help=f"chat template: {', '.join(prompt_types())} (hf: the tokenizer's "
                             "chat_template), or a template .json file")
@@ -86,6 +106,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error("--input and --tokenizer-type are required (or --merge)")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.partitions < 1:
+        parser.error("--partitions must be at least 1")
+    if (args.split_sentences or args.partitions > 1) and (args.handler_name or args.merge):
+        parser.error("--split-sentences and --partitions are for pretraining text (not "
+                     "--handler-name or --merge)")
+    if args.keep_newlines and not args.split_sentences:
+        print("note: --keep-newlines has an effect only with --split-sentences, as in "
+              "Megatron-LM (documents always keep their newlines)", file=sys.stderr)
+    note = vocab_size_note(args.tokenizer_type, args.vocab_size) if args.tokenizer_type else None
+    if note:
+        print(note, file=sys.stderr)
+    options = options_from_args(args)
     instruction_flags = [flag for flag, given in (
         ("--prompt-type", args.prompt_type), ("--map-keys", args.map_keys), ("--pack", args.pack),
         ("--seq-length", args.seq_length is not None),
@@ -106,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                 args.vocab_size, args.handler_name, args.prompt_type, args.map_keys, args.pack,
                 args.seq_length, args.overlong, args.workers, args.log_interval,
-                args.skip_invalid)
+                args.skip_invalid, tokenizer_options=options)
             print(summary.report(), file=sys.stderr)
             for prefix in output_prefixes(args.output_prefix):
                 print(f"wrote {prefix}.bin/.idx/.meta.json", file=sys.stderr)
@@ -119,10 +151,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         summary = preprocess(args.input, args.output_prefix, args.tokenizer_type,
                              args.tokenizer_model, args.vocab_size, args.json_keys,
                              args.append_eod, args.workers, args.log_interval,
-                             args.skip_invalid)
+                             args.skip_invalid, tokenizer_options=options,
+                             partitions=args.partitions,
+                             keep_sequential_samples=args.keep_sequential_samples,
+                             split_sentences=args.split_sentences,
+                             keep_newlines=args.keep_newlines, lang=args.lang)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     print(summary.report(), file=sys.stderr)
     for key in args.json_keys:
-        print(f"wrote {output_prefix_for(args.output_prefix, key)}.bin/.idx/.meta.json",
-              file=sys.stderr)
+        prefix = output_prefix_for(args.output_prefix, key, args.split_sentences)
+        print(f"wrote {prefix}.bin/.idx/.meta.json", file=sys.stderr)

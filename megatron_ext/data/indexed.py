@@ -106,10 +106,21 @@ class IndexedDatasetWriter:
         self._append(values, [values.size] if sequence_lengths is None else sequence_lengths,
                      one_document=True)
 
-    def add_documents(self, tokens, lengths) -> None:
-        """Append many documents at once: `tokens` concatenated, `lengths[i]` tokens each."""
+    def add_documents(self, tokens, lengths, sequences_per_document=None) -> None:
+        """Append many documents at once: `tokens` concatenated, `lengths[i]` tokens each; one
+        sequence per document, or document j of `sequences_per_document[j]` of the sequences."""
+        counts = None
+        if sequences_per_document is not None:
+            counts = np.asarray(sequences_per_document, np.int64)
+            if (counts < 1).any() or int(counts.sum()) != np.size(lengths):
+                raise ValueError(f"{np.size(lengths)} sequences are not split by "
+                                 f"{counts.size} documents' sequence counts")
         self._append(as_token_array(tokens, self.dtype, self.path_prefix), lengths,
                      one_document=False)
+        if counts is not None:
+            # Replace the one-per-sequence boundaries _append just wrote.
+            del self._doc_ends[len(self._doc_ends) - int(counts.sum()):]
+            self._doc_ends.frombytes((self._doc_ends[-1] + np.cumsum(counts)).tobytes())
 
     def _append(self, values: np.ndarray, lengths, one_document: bool) -> None:
         """Write `values` as sequences of `lengths` tokens: one document of them all, or one

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from megatron_ext.data.indexed import IndexedDatasetReader
-from megatron_ext.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron_ext.tokenizer import add_tokenizer_flags, build_tokenizer, options_from_args
 
 
 def describe(dataset: IndexedDatasetReader) -> str:
@@ -34,12 +34,11 @@ def main(argv=None) -> None:
     parser.add_argument("--doc", type=int, default=0, help="document to show (default 0)")
     parser.add_argument("--max-tokens", type=int, default=256,
                         help="show at most this many tokens of it (0: all)")
-    parser.add_argument("--tokenizer-type", choices=list(TOKENIZER_TYPES))
-    parser.add_argument("--tokenizer-model", "--tokenizer-name-or-path", dest="tokenizer_model")
-    parser.add_argument("--vocab-size", type=int)
+    add_tokenizer_flags(parser.add_argument_group("tokenizer (to show the text)"))
     args = parser.parse_args(argv)
     try:
-        tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size,
+                                     options_from_args(args))
                      if args.tokenizer_type else None)
         dataset = IndexedDatasetReader(args.prefix)
     except (ValueError, OSError) as e:

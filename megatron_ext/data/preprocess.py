@@ -19,12 +19,14 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron_ext.data.indexed import IndexedDatasetWriter, as_token_array, best_dtype
+from megatron_ext.data.indexed import as_token_array, best_dtype
 from megatron_ext.data.inputs import InputError, check_keys_fit, expand_inputs
 from megatron_ext.data.outputs import prepare_output_dir
+from megatron_ext.data.partitions import Outputs
 from megatron_ext.data.readers import Chunk, chunk_texts, read_chunks
+from megatron_ext.data.sentences import SentenceSplitter
 from megatron_ext.data.shard_meta import TOOL
-from megatron_ext.tokenizer import build_tokenizer
+from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer
 
 SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
 # With --skip-invalid, the first few skipped records are named, so a systematic problem
@@ -68,7 +70,7 @@ class _ChunkResult:
     skipped: int
     nbytes: int
     error: Optional[str]
-    arrays: List[tuple]  # per key: (tokens, lengths)
+    arrays: List[tuple]  # per key: (tokens, sequence lengths, sequences per document or None)
     empty: List[int]  # per key
     skips: List[str] = field(default_factory=list)  # the first few skipped records
 
@@ -77,12 +79,14 @@ _STATE = {}
 
 
 def _init_worker(tokenizer_args: tuple, keys: Sequence[str], append_eod: bool,
-                 skip_invalid: bool, dtype, single_threaded: bool) -> None:
+                 skip_invalid: bool, dtype, single_threaded: bool,
+                 sentences: Optional[tuple] = None) -> None:
     if single_threaded:
         # Processes are the parallelism; HF `tokenizers` threads would only contend.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _STATE.update(tokenizer=build_tokenizer(*tokenizer_args), keys=list(keys),
-                  append_eod=append_eod, skip_invalid=skip_invalid, dtype=np.dtype(dtype))
+                  append_eod=append_eod, skip_invalid=skip_invalid, dtype=np.dtype(dtype),
+                  splitter=SentenceSplitter(*sentences) if sentences else None)
 
 
 def _tokenize(tokenizer, texts: List[str], bad: Dict[int, str]) -> List[List[int]]:
@@ -99,6 +103,40 @@ def _tokenize(tokenizer, texts: List[str], bad: Dict[int, str]) -> List[List[int
             bad.setdefault(i, str(e))
             ids.append([])
     return ids
+
+
+def _tokenize_sentences(tokenizer, splitter, texts: List[str], bad: Dict[int, str]):
+    """Per document: the token ids of its non-empty sentences (Megatron-LM drops sentences
+    without tokens), at least one (maybe empty) so that a document keeps its place."""
+    sentences, owner = [], []
+    for i, text in enumerate(texts):
+        pieces = splitter.split(text)
+        sentences.extend(pieces)
+        owner.extend([i] * len(pieces))
+    sentence_bad: Dict[int, str] = {}
+    ids = _tokenize(tokenizer, sentences, sentence_bad)
+    for i, message in sentence_bad.items():
+        bad.setdefault(owner[i], message)
+    docs = [[] for _ in texts]
+    for i, sentence in zip(owner, ids):
+        if sentence:
+            docs[i].append(sentence)
+    return [doc or [[]] for doc in docs]
+
+
+def _documents_to_arrays(docs, sentence_level: bool, eod: Optional[int], dtype, where: str):
+    """(tokens, sequence lengths, sequences per document or None) of tokenized documents
+    (lists of ids, or with sentences lists of lists of ids); `eod` ends each document."""
+    if not sentence_level:
+        docs = [[doc] for doc in docs]
+    if eod is not None:
+        for doc in docs:
+            doc[-1].append(eod)
+    sequences = [sentence for doc in docs for sentence in doc]
+    lengths = np.fromiter(map(len, sequences), np.int64, len(sequences))
+    flat = np.fromiter(chain.from_iterable(sequences), np.int64, int(lengths.sum()))
+    per_document = np.fromiter(map(len, docs), np.int64, len(docs)) if sentence_level else None
+    return as_token_array(flat, dtype, where), lengths, per_document
 
 
 def encode_chunk(chunk: Chunk) -> _ChunkResult:
@@ -121,7 +159,11 @@ def encode_chunk(chunk: Chunk) -> _ChunkResult:
             column.append(text)
 
     bad: Dict[int, str] = {}
-    tokenized = [_tokenize(_STATE["tokenizer"], column, bad) for column in columns]
+    tokenizer, splitter = _STATE["tokenizer"], _STATE["splitter"]
+    if splitter is None:
+        tokenized = [_tokenize(tokenizer, column, bad) for column in columns]
+    else:
+        tokenized = [_tokenize_sentences(tokenizer, splitter, column, bad) for column in columns]
     if bad and not skip:
         error = f"{wheres[min(bad)]}: {bad[min(bad)]}"
     if error:
@@ -131,17 +173,11 @@ def encode_chunk(chunk: Chunk) -> _ChunkResult:
         skips.extend(f"{wheres[i]}: {bad[i]}" for i in sorted(bad))
         tokenized = [[d for i, d in enumerate(docs) if i not in bad] for docs in tokenized]
 
-    arrays, empty = [], []
-    eod = _STATE["tokenizer"].eod
-    for docs in tokenized:
-        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
-        empty.append(int(np.count_nonzero(lengths == 0)))
-        if _STATE["append_eod"]:
-            for doc in docs:
-                doc.append(eod)
-            lengths += 1
-        flat = np.fromiter(chain.from_iterable(docs), np.int64, int(lengths.sum()))
-        arrays.append((as_token_array(flat, _STATE["dtype"], chunk.path), lengths))
+    eod = tokenizer.eod if _STATE["append_eod"] else None
+    # An empty document: no tokens (a sentence-split one has only its placeholder sentence).
+    empty = [sum(1 for doc in docs if not doc or not doc[0]) for docs in tokenized]
+    arrays = [_documents_to_arrays(docs, splitter is not None, eod, _STATE["dtype"], chunk.path)
+              for docs in tokenized]
     return _ChunkResult(read, skipped, chunk.nbytes, None, arrays, empty, skips[:SHOWN_SKIPS])
 
 
@@ -185,8 +221,9 @@ def checked(results, summary: Summary, start: float, log, log_interval: int):
             next_log = (summary.read // log_interval + 1) * log_interval
 
 
-def output_prefix_for(output_prefix: str, key: str) -> str:
-    return f"{output_prefix}_{key}_document"
+def output_prefix_for(output_prefix: str, key: str, split_sentences: bool = False) -> str:
+    """Megatron-LM's names: PREFIX_{key}_document, or PREFIX_{key}_sentence when split."""
+    return f"{output_prefix}_{key}_{'sentence' if split_sentences else 'document'}"
 
 
 def made_with(tokenizer, tokenizer_type: str, tokenizer_model: Optional[str],
@@ -211,36 +248,51 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
                tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None,
                json_keys: Sequence[str] = ("text",), append_eod: bool = False,
                workers: int = 1, log_interval: int = 10000, skip_invalid: bool = False,
-               log=sys.stderr) -> Summary:
-    """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx` per key.
+               log=sys.stderr, tokenizer_options: Optional[TokenizerOptions] = None,
+               partitions: int = 1, keep_sequential_samples: bool = False,
+               split_sentences: bool = False, keep_newlines: bool = False,
+               lang: str = "english") -> Summary:
+    """Tokenize `inputs` into `{output_prefix}_{key}_document.bin/.idx` per key
+    (`_sentence` with `split_sentences`: one sequence per sentence, Megatron-LM's punkt split).
+
+    `partitions` and `keep_sequential_samples` are Megatron-LM's `--partitions` and
+    `--keep-sequential-samples`: they fix the order of documents in the output (see `Outputs`;
+    sequential partitions keep the input order), never the parallelism, which is `workers`.
 
     Raises ValueError (InputError for bad data) before creating any file when the
     tokenizer or the inputs are wrong; on a failure half-way no output file is left.
     """
     start = time.perf_counter()
-    tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
+    tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size, tokenizer_options)
     tokenizer = build_tokenizer(*tokenizer_args)
+    sentences = (lang, keep_newlines) if split_sentences else None
+    if sentences:
+        SentenceSplitter(*sentences)  # a missing NLTK or punkt model fails here, once
     found = expand_inputs(inputs)
     files = found.files
     check_keys_fit(files, json_keys)
     if workers < 1:
         raise ValueError("--workers must be at least 1")
+    if partitions < 1:
+        raise ValueError("--partitions must be at least 1")
     dtype = best_dtype(tokenizer.vocab_size)
     prepare_output_dir(output_prefix)
 
     summary = Summary(tokens={k: 0 for k in json_keys}, empty={k: 0 for k in json_keys},
                       ignored=found.ignored_report())
-    init_args = (tokenizer_args, json_keys, append_eod, skip_invalid, dtype, workers > 1)
+    init_args = (tokenizer_args, json_keys, append_eod, skip_invalid, dtype, workers > 1,
+                 sentences)
+    prefixes = [output_prefix_for(output_prefix, k, split_sentences) for k in json_keys]
     with ExitStack() as stack:
-        writers = [stack.enter_context(IndexedDatasetWriter(output_prefix_for(output_prefix, k),
-                                                            dtype, log)) for k in json_keys]
+        outputs = Outputs(stack, prefixes, dtype, 1 if keep_sequential_samples else partitions,
+                           log)
         chunks = (chunk for path in files for chunk in read_chunks(path, json_keys))
         results = _encoded(chunks, workers, init_args, stack)
         for result in checked(results, summary, start, log, log_interval):
-            for key, writer, (tokens, lengths), empty in zip(json_keys, writers, result.arrays,
-                                                            result.empty):
-                writer.add_documents(tokens, lengths)
-                summary.tokens[key] += tokens.size
+            for index, (key, arrays, empty) in enumerate(zip(json_keys, result.arrays,
+                                                             result.empty)):
+                outputs.add(index, arrays)
+                summary.tokens[key] += arrays[0].size
                 summary.empty[key] += empty
         for key in json_keys:
             empty = (f", all {'--json-keys ' + key + ' ' if len(json_keys) > 1 else ''}empty "
@@ -248,8 +300,9 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_type: str,
             check_not_empty(inputs, summary.tokens[key],
                             f"{summary.read} documents read, {summary.skipped} skipped, "
                             f"{summary.written} written{empty}")
+        outputs.finish()
     fields = made_with(tokenizer, tokenizer_type, tokenizer_model, append_eod)
-    for writer in writers:  # finalized: the with block is done
+    for writer in outputs.final:  # finalized: the with block is done
         writer.write_meta(**fields)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -28,7 +28,7 @@ import functools
 import importlib.util
 import inspect
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "te", "torch", "sdpa")
 _AUTO_ORDER = ("flash", "torch", "sdpa")  # te: not wired yet, never picked by auto
-_announced = set()
+_warned = set()
 
 
 class AttentionBackendError(RuntimeError):
@@ -176,16 +176,17 @@ def _check_name(backend: str) -> None:
         raise ValueError(f"--attention-backend {backend!r}: expected one of {', '.join(BACKENDS)}")
 
 
-def select_backend(requested: str, config: TransformerConfig) -> str:
-    """Resolve ``--attention-backend`` for this machine and config; raise if it cannot run."""
+def choose_backend(requested: str, config: TransformerConfig) -> Tuple[str, str]:
+    """(backend, why) for ``--attention-backend requested`` on this machine and config; raises
+    if a requested backend cannot run."""
     _check_name(requested)
     if requested == "auto":
         skipped = []
         for name in _AUTO_ORDER:
             reason = unavailable_reason(name, config)
             if reason is None:
-                _announce(name, skipped)
-                return name
+                why = f"auto skipped {'; '.join(skipped)}" if skipped else "auto: first choice"
+                return name, why
             skipped.append(f"{name}: {reason}")
         raise AssertionError("sdpa is always available")
     reason = unavailable_reason(requested, config)
@@ -194,22 +195,24 @@ def select_backend(requested: str, config: TransformerConfig) -> str:
             f"--attention-backend {requested}: {reason}. Use --attention-backend sdpa (exact, "
             f"any device) or auto."
         )
-    _announce(requested, [])
-    return requested
+    return requested, f"--attention-backend {requested}"
 
 
-def _announce(backend: str, skipped: list) -> None:
-    if backend in _announced:
+def select_backend(requested: str, config: TransformerConfig) -> str:
+    """Resolve ``--attention-backend`` for this machine and config; raise if it cannot run."""
+    backend, _ = choose_backend(requested, config)
+    _warn_slow(backend)
+    return backend
+
+
+def _warn_slow(backend: str) -> None:
+    # The start-up summary names the backend and why (training/summary.py); on a GPU the sdpa
+    # loop over documents is exact but slow: say so loudly, once.
+    if backend != "sdpa" or not torch.cuda.is_available() or backend in _warned:
         return
-    _announced.add(backend)
-    dist = torch.distributed
-    # The last rank logs progress (training/__init__.py), so it names the backend too.
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() != dist.get_world_size() - 1:
-        return
-    why = f" (auto skipped {'; '.join(skipped)})" if skipped else ""
-    # On a GPU the sdpa loop over documents is exact but slow: say so loudly.
-    log = logger.warning if backend == "sdpa" and torch.cuda.is_available() else logger.info
-    log("attention backend: %s%s", backend, why)
+    _warned.add(backend)
+    logger.warning("attention backend: sdpa on a GPU (exact but slow: one call per document); "
+                   "install flash-attn or use torch >= 2.10 with --bf16/--fp16")
 
 
 # ------------------------------------------------------------------------------------ module
@@ -237,7 +240,8 @@ class CoreAttention(MegatronModule):
             raise AttentionBackendError("context parallelism is not supported by CoreAttention")
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
-        self.backend = select_backend(backend, config)
+        self.backend, self.backend_reason = choose_backend(backend, config)
+        _warn_slow(self.backend)
 
     def forward(
         self,

@@ -1,20 +1,26 @@
 """GPT (Llama-style) model on megatron-core: our layer spec and the model factory.
 
 Model code carries no parallel plumbing: the spec swaps in our norm (sequence-parallel aware)
-and our core attention (document-aware); megatron-core's GPTModel does the rest.
+and our core attention (document-aware); megatron-core's GPTModel does the rest, with two
+hooks of ours: the loss excludes the padded vocabulary rows (model/vocab.py) and the initial
+weights do not depend on the layout (model/init.py).
 """
 
+import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import GPTModel as CoreGPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext import platform
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.config import Config
 from megatron_ext.model.attention import core_attention_spec
+from megatron_ext.model.init import initialize_parameters
 from megatron_ext.model.norm import Norm
+from megatron_ext.model.vocab import mask_padded_logits_
 
 
 def transformer_config(config: Config) -> TransformerConfig:
@@ -45,9 +51,10 @@ def transformer_config(config: Config) -> TransformerConfig:
         recompute_granularity=m.recompute_granularity,
         recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,
-        # Full-size weights are drawn on the CPU and then split, so a layer's initial values do
-        # not depend on the TP size (and no CUDA RNG is needed).
-        use_cpu_initialization=True,
+        # build_model initializes the weights (model/init.py); parameters are allocated on the
+        # device where there is one.
+        perform_initialization=False,
+        use_cpu_initialization=not platform.cuda_available(),
         # Every micro-batch has one shape ([s, b, h], or [b*s, 1, h] when packed), known to all
         # stages: no shape exchange between pipeline stages is needed.
         variable_seq_lengths=False,
@@ -71,25 +78,51 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     )
 
 
+class GPTModel(CoreGPTModel):
+    """megatron-core's GPTModel whose loss ignores the padded vocabulary rows."""
+
+    def __init__(self, *args, unpadded_vocab_size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unpadded_vocab_size = unpadded_vocab_size
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # logits: [s, b, padded vocab / TP], this TP rank's vocab partition.
+        first_row = self.pg_collection.tp.rank() * logits.size(-1)
+        mask_padded_logits_(logits, self.unpadded_vocab_size, first_row)
+        return super().compute_language_model_loss(labels, logits)
+
+
 def build_model(config: Config, vocab_size: int, pre_process=None, post_process=None) -> GPTModel:
-    """The model chunk of this pipeline stage (the whole model without PP)."""
+    """The model chunk of this pipeline stage (the whole model without PP), initialized from
+    ``--seed`` alike in every layout."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    m = config.model
-    return GPTModel(
+    m, p = config.model, config.parallel
+    padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
+                               p.tensor_model_parallel_size)
+    tied = not m.untie_embeddings_and_output_weights
+    model = GPTModel(
         config=transformer_config(config),
         transformer_layer_spec=layer_spec(config),
-        vocab_size=padded_vocab_size(
-            vocab_size, m.make_vocab_size_divisible_by, config.parallel.tensor_model_parallel_size
-        ),
+        vocab_size=padded,
+        unpadded_vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=tied,
         position_embedding_type=m.position_embedding_type,
         rotary_base=m.rotary_base,
         rope_scaling=m.use_rope_scaling,
         rope_scaling_factor=m.rope_scaling_factor,
     )
+    initialize_parameters(
+        model, model.config, seed=config.training.seed, vocab_size=vocab_size,
+        padded_vocab_size=padded, tied_embeddings=tied,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=p.tensor_model_parallel_size,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_size=p.pipeline_model_parallel_size,
+    )
+    return model

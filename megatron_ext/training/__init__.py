@@ -1,31 +1,70 @@
 """Training: the loop (``Trainer``) and the ``pretrain`` entry point used by pretrain_gpt.py."""
 
-import logging
+import ctypes
 import os
+import signal
 import sys
 
 from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.training import logs
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """Make this rank die when the process that started it (torchrun's agent) dies.
+
+    torch elastic starts each rank in a session of its own, so a ``kill -9`` of the agent reaches
+    no rank: they would go on training and writing into ``--save`` with nobody watching. Linux
+    sends a chosen signal to a process when its parent dies (``PR_SET_PDEATHSIG``); SIGKILL,
+    because a rank blocked in a collective never returns to the interpreter to run a handler
+    (saves stay consistent: every file is written atomically and the tracker last). It lives
+    here, the first thing ``pretrain`` does, and not in platform.py (adaptations of megatron-core
+    to CPU): it concerns the launcher, on any device. Where prctl does not exist (not Linux) it
+    does nothing: the launcher's own shutdown is all there is.
+    """
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    # The parent may have died before prctl took effect, and the signal then never comes: the
+    # rank was re-parented already, to init (pid 1: caught here), or between the two reads
+    # (caught by the second). A subreaper adopting it during the imports before pretrain()
+    # cannot be told from the launcher (torchrun does not export its pid).
+    if parent == 1 or os.getppid() != parent:
+        os._exit(1)
 
 
 def pretrain(forward_step, argv=None):
-    """Parse flags, validate them before any process group exists, train, evaluate."""
-    rank = int(os.environ.get("RANK", "0"))
-    last_rank = int(os.environ.get("WORLD_SIZE", "1")) - 1
-    # Progress from the last rank (which holds the loss, as in Megatron-LM); problems from all.
-    logging.basicConfig(level=logging.INFO if rank == last_rank else logging.WARNING,
-                        format="[%(asctime)s] %(message)s", stream=sys.stdout)
+    """Parse flags, validate them and the data before any process group exists, train,
+    evaluate (validation, then the test split as Megatron-LM)."""
+    die_with_launcher()
+    rank = os.environ.get("RANK", "0")
     try:
         config = parse_args(argv)
     except ConfigError as error:
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
+    # Before megatron-core is imported: its optional-dependency warnings fire at import time.
+    logs.setup(config.logging.verbose)
     from megatron_ext.training.trainer import Trainer
 
-    trainer = Trainer(config, forward_step)
+    try:
+        trainer = Trainer(config, forward_step)
+    except ConfigError as error:  # a shard or --split that cannot train (shard_checks.py)
+        sys.exit(f"[rank {rank}] invalid data: {error}")
     try:
         trainer.train()
-        eval_interval = config.logging.eval_interval
-        if not (eval_interval and trainer.iteration % eval_interval == 0):
-            trainer.evaluate()
+        # Stopped by --exit-interval to be resumed: no end-of-training evaluation (Megatron-LM).
+        if not trainer.exited:
+            eval_interval = config.logging.eval_interval
+            if not (eval_interval and trainer.iteration % eval_interval == 0):
+                trainer.evaluate()
+            trainer.evaluate("test")
     finally:
         trainer.close()
     return trainer

@@ -5,10 +5,11 @@ any TP/PP/DP: see ``dist_checkpoint.py``. ``--load`` recognises either format wh
 ``--ckpt-format`` says. The rest of this module is ``--ckpt-format torch`` (checkpoint/format.py):
 
 Each (tp, pp) rank of data-parallel rank 0 writes ``model_optim_rng.pt``: model, optimizer
-(its non-sharded part), scheduler, every DP rank's RNG states, iteration and consumed samples.
-With the distributed optimizer, the optimizer state sharded over DP ranks is gathered to DP
-rank 0 and written beside it as ``distrib_optim.pt``. Every file is written atomically and the
-tracker last, so a run killed mid-save leaves the previous checkpoint as the latest.
+(its non-sharded part), scheduler, every DP rank's RNG states, iteration, consumed training and
+validation samples. With the distributed optimizer, the optimizer state sharded over DP ranks
+is gathered to DP rank 0 and written beside it as ``distrib_optim.pt``. Every file is written
+atomically and the tracker last, so a run killed mid-save leaves the previous checkpoint as the
+latest.
 """
 
 import logging
@@ -19,8 +20,10 @@ from megatron.core import parallel_state
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
+from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import dist_checkpoint
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
 
@@ -76,6 +79,7 @@ def save_checkpoint(trainer) -> None:
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
+            "consumed_valid_samples": trainer.consumed_valid_samples,
             "model": ckpt.model_state_dict(trainer.model[0].module),
             "optimizer": trainer.optimizer.state_dict(),
             "opt_param_scheduler": trainer.scheduler.state_dict(),
@@ -119,9 +123,10 @@ def load_checkpoint(trainer) -> None:
     c, topology = trainer.config.checkpoint, trainer.topology
     iteration = ckpt.read_tracker(c.load)
     if iteration is None:
-        logger.warning(f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
+        log_once(logger, logging.WARNING,
+                 f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
         return
-    found = (dist_checkpoint.FORMAT if dist_checkpoint.is_dist_checkpoint(
+    found = (dist_checkpoint.FORMAT if is_dist_checkpoint(
         ckpt.iteration_dir(c.load, iteration)) else "torch")
     if found != c.ckpt_format:
         logger.info(f"{ckpt.iteration_dir(c.load, iteration)} is a {found} checkpoint "
@@ -161,10 +166,16 @@ def load_checkpoint(trainer) -> None:
                 f"checkpoint file {path} has no RNG state (a converted checkpoint?); pass "
                 f"--no-load-rng, or --finetune to load the weights alone")
         if len(rng_states) != topology.data_parallel:
-            logger.warning(f"{path} was saved with {len(rng_states)} data-parallel ranks, this "
-                           f"run has {topology.data_parallel}: RNG states not restored")
+            log_once(logger, logging.WARNING,
+                     f"{path.parent.parent} was saved with {len(rng_states)} data-parallel ranks, "
+                     f"this run has {topology.data_parallel}: RNG states not restored")
         else:
             set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
     trainer.consumed_samples = payload.get("consumed_samples", 0)
+    # Where the validation batches resume; for an older checkpoint, Megatron-LM's estimate.
+    l, batch = trainer.config.logging, trainer.config.training.global_batch_size
+    trainer.consumed_valid_samples = payload.get(
+        "consumed_valid_samples",
+        trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0)
     logger.info(f"resumed from {path} at iteration {trainer.iteration}")

@@ -4,7 +4,17 @@ Every rank (all TP and PP ranks included) reads the micro-batches of its data-pa
 itself instead of receiving them by broadcast from TP rank 0: the datasets are deterministic
 (seeded, cached indices), so the ranks of a TP group read identical samples, and every pipeline
 stage has the token ids it needs to derive document boundaries for variable-length attention.
+
+Index caches (the shuffled document/sample indices) are written once: megatron-core builds
+them on global rank 0 only, and the other ranks load the files after a barrier. That is right
+when the cache is on a filesystem every node sees (`--data-cache-path` on shared storage, or
+the default beside the data). With a node-local cache the other nodes would find no files and
+fail inside megatron-core, so the build is split in two (`build_datasets`): rank 0 first, then
+every rank checks that it sees rank 0's files, and all ranks stop alike, naming the flag, if
+one does not; only then do the other ranks load. On one node nothing changes.
 """
+
+import os
 
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
@@ -13,6 +23,7 @@ import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+from megatron_ext import platform
 from megatron_ext.config import Config
 from megatron_ext.training.blend import check_prefixes, parse_blend
 from megatron_ext.training.sft_dataset import build_sft_datasets
@@ -33,12 +44,15 @@ class DatasetTokenizer:
         return {"eod": self.eod, "vocab_size": self.vocab_size, "pad": self.pad}
 
 
-def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int]):
+def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int],
+                   split_matrix=None):
     """(train, valid, test) GPTDatasets (None where the split is empty); instruction datasets
-    (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to)."""
+    (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to).
+    ``split_matrix`` (from ``shard_checks.check_data``) replaces the one of ``--split``, less
+    the splits that the run does not read."""
     d = config.data
     if d.is_instruction_dataset:
-        return build_sft_datasets(config, eod, split_sizes)
+        return build_sft_datasets(config, eod, split_sizes, split_matrix)
     prefixes = None
     if not d.mock_data:
         prefixes, weights = parse_blend(d.data_path)
@@ -58,10 +72,40 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
     )
+    if split_matrix is not None:
+        dataset_config.split_matrix = split_matrix
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
-    return BlendedMegatronDatasetBuilder(
-        dataset_cls, split_sizes, lambda: True, dataset_config
-    ).build()
+
+    def build(on_rank):
+        return BlendedMegatronDatasetBuilder(
+            dataset_cls, split_sizes, on_rank, dataset_config).build()
+
+    if d.mock_data or not torch.distributed.is_initialized():
+        return build(lambda: True)
+    build(lambda: torch.distributed.get_rank() == 0)  # writes the cache: rank 0, once
+    cache_dirs = ([d.data_cache_path] if d.data_cache_path else
+                  [os.path.join(prefix, "cache", "GPTDataset_indices") for prefix in prefixes])
+    check_cache_visible(cache_dirs)
+    return build(lambda: True)  # loads what rank 0 wrote, on every rank
+
+
+def check_cache_visible(cache_dirs: List[str]) -> None:
+    """Raise on every rank alike unless every rank finds, in its own cache directories, the
+    index files rank 0 has in its."""
+    names = [[(i, n) for i, c in enumerate(cache_dirs) if os.path.isdir(c)
+              for n in sorted(os.listdir(c))]]
+    torch.distributed.broadcast_object_list(names, src=0)
+    missing = next((os.path.join(cache_dirs[i], n) for i, n in names[0]
+                    if not os.path.exists(os.path.join(cache_dirs[i], n))), None)
+    flag = torch.tensor([0 if missing else 1], device=platform.device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    if flag.item() == 0:
+        where = (f"rank {torch.distributed.get_rank()} does not see {missing}" if missing else
+                 "a rank on another node does not see them")
+        raise RuntimeError(
+            f"the dataset index cache written by rank 0 ({', '.join(cache_dirs)}) is not shared "
+            f"by every node: {where}. megatron-core writes the indices on global rank 0 only; "
+            "put --data-cache-path on a filesystem all nodes mount")
 
 
 class PretrainingSampler:
@@ -101,7 +145,16 @@ def data_iterator(dataset, consumed_samples: int, micro_batch_size: int, dp_rank
     return iter(loader)
 
 
-def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int):
-    """Validation batches: restart from the beginning when the split is exhausted."""
+def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
+                    consumed_samples: int = 0):
+    """Validation batches: from ``consumed_samples`` on (where a resumed run's evaluations
+    stopped), restarting from the beginning when the split is exhausted."""
+    block = micro_batch_size * dp_size
+    per_pass = len(dataset) // block * block  # what one pass of the sampler yields
+    if per_pass == 0:
+        raise ValueError(f"the evaluation split has {len(dataset)} samples, fewer than "
+                         f"--micro-batch-size x data-parallel size = {block}")
+    start = consumed_samples % per_pass
     while True:
-        yield from data_iterator(dataset, 0, micro_batch_size, dp_rank, dp_size)
+        yield from data_iterator(dataset, start, micro_batch_size, dp_rank, dp_size)
+        start = 0

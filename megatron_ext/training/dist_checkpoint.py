@@ -43,16 +43,12 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
 
 FORMAT = "torch_dist"
 SHARDING_TYPE = "fully_reshardable"
-
-
-def is_dist_checkpoint(directory) -> bool:
-    """Whether ``directory`` (an iteration directory) is a complete torch_dist checkpoint."""
-    return dist_checkpointing.check_is_distributed_checkpoint(str(directory))
 
 
 def _metadata(trainer, sharding_type=SHARDING_TYPE) -> dict:
@@ -73,7 +69,7 @@ def _saved_args(trainer):
     args.world_size = trainer.topology.world_size
     args.data_parallel_size = trainer.topology.data_parallel
     args.consumed_train_samples = trainer.consumed_samples
-    args.consumed_valid_samples = getattr(trainer, "consumed_valid_samples", 0)
+    args.consumed_valid_samples = trainer.consumed_valid_samples
     return args
 
 
@@ -86,12 +82,11 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         "checkpoint_version": ckpt.CHECKPOINT_VERSION,
         "iteration": trainer.iteration,
         "consumed_samples": trainer.consumed_samples,
-        "num_floating_point_operations_so_far":
-            getattr(trainer, "num_floating_point_operations_so_far", 0),
+        "consumed_valid_samples": trainer.consumed_valid_samples,
+        # Megatron-LM's key, which its loader reads; nothing here counts FLOPs across runs.
+        "num_floating_point_operations_so_far": 0,
         "model": trainer.model[0].module.sharded_state_dict(metadata=metadata),
     }
-    if hasattr(trainer, "consumed_valid_samples"):
-        state["consumed_valid_samples"] = trainer.consumed_valid_samples
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata)
@@ -262,9 +257,10 @@ def load(trainer, iteration) -> None:
             f"checkpoint {directory} has no optimizer state; pass --no-load-optim or "
             f"--finetune to load the weights alone")
     if load_rng and not same_layout:
-        logger.warning(f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, "
-                       f"this run has TP={topology.tensor_parallel} "
-                       f"PP={topology.pipeline_parallel}: RNG states not restored")
+        log_once(logger, logging.WARNING,
+                 f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, this run "
+                 f"has TP={topology.tensor_parallel} PP={topology.pipeline_parallel}: RNG states "
+                 f"not restored")
         load_rng = False
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout)
@@ -290,8 +286,7 @@ def load(trainer, iteration) -> None:
     trainer.iteration = state["iteration"]
     trainer.consumed_samples = state.get(
         "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
-    valid = state.get("consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", None))
-    if valid is not None and hasattr(trainer, "consumed_valid_samples"):
-        trainer.consumed_valid_samples = valid
+    trainer.consumed_valid_samples = state.get(
+        "consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", 0))
     logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
                 f"PP={saved_layout[1]}) at iteration {trainer.iteration}")

@@ -55,7 +55,7 @@ class MetricsLogger:
         if enabled and config.logging.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError as error:
+            except ImportError as error:  # a dependency (setup.py); a broken install is named
                 raise RuntimeError(
                     "--tensorboard-dir needs the tensorboard package: pip install tensorboard"
                 ) from error
@@ -86,21 +86,33 @@ class MetricsLogger:
         if self.peak:
             parts.append(f"MFU {100 * tflops / self.peak:.1f}%")
         logger.info(" | ".join(parts))
-        if self.writer:
-            for key in ("lm loss", "grad_norm", "lr"):
-                self.writer.add_scalar(key.replace(" ", "_"), stats[key], iteration)
-            self.writer.add_scalar("tokens_per_s", tokens_per_s, iteration)
-            self.writer.add_scalar("tflops_per_device", tflops, iteration)
+        self._write_scalars(iteration, {
+            "lm loss": stats["lm loss"], "learning-rate": stats["lr"],
+            "grad-norm": stats["grad_norm"], "loss-scale": stats["loss_scale"],
+            "batch-size": t.global_batch_size, "consumed-samples": stats["consumed_samples"],
+            "trained-tokens": stats["trained_tokens"], "iteration-time": seconds_per_iter,
+            "tokens-per-sec": tokens_per_s, "throughput": tflops,
+            **({"mfu": 100 * tflops / self.peak} if self.peak else {}),
+        })
 
-    def log_eval(self, iteration: int, loss: float) -> None:
+    def _write_scalars(self, iteration: int, scalars: Dict[str, float]) -> None:
+        """TensorBoard, under Megatron-LM's tags (``lm loss``, ``learning-rate``, ``grad-norm``,
+        ``throughput`` in TFLOP/s per device, ``lm loss validation`` ...), so that runs of both
+        read alike; ``python -m megatron_ext.plot`` reads them back."""
+        if self.writer:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, iteration)
+
+    def log_eval(self, iteration: int, loss: float, split: str = "valid") -> None:
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
-        logger.info(f"validation at iteration {iteration} | lm loss {loss:.6E} | "
-                    f"lm loss PPL {ppl:.6E}")
-        if self.writer:
-            self.writer.add_scalar("validation_lm_loss", loss, iteration)
-            self.writer.add_scalar("validation_ppl", ppl, iteration)
+        # The test split's line has Megatron-LM's words for it.
+        where = (f"validation at iteration {iteration}" if split == "valid"
+                 else f"validation loss at iteration {iteration} on test set")
+        logger.info(f"{where} | lm loss {loss:.6E} | lm loss PPL {ppl:.6E}")
+        name = "validation" if split == "valid" else split
+        self._write_scalars(iteration, {f"lm loss {name}": loss, f"lm loss {name} ppl": ppl})
 
     def close(self) -> None:
         if self.writer:

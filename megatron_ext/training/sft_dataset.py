@@ -175,9 +175,9 @@ def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_len
     }
 
 
-def build_sft_datasets(config: Config, pad: int, split_sizes: List[int]):
+def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_matrix=None):
     """(train, valid, test) instruction datasets for ``--is-instruction-dataset`` (None where
-    the split is empty)."""
+    the split is empty); ``split_matrix`` as in ``data.build_datasets``."""
     d = config.data
     prefixes, weights = parse_blend(d.data_path)
     # Here, not in InstructionShards: every prefix is checked on every rank before the builder
@@ -193,6 +193,8 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int]):
         mid_level_dataset_surplus=0.005,
         pad=pad,
     )
+    if split_matrix is not None:
+        dataset_config.split_matrix = split_matrix
     return BlendedMegatronDatasetBuilder(
         SFTDataset, split_sizes, lambda: True, dataset_config
     ).build()

@@ -25,8 +25,8 @@ from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import Config
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
-from megatron_ext.tokenizer import build_tokenizer
-from megatron_ext.training import checkpointing, data
+from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer, vocab_size_note
+from megatron_ext.training import checkpointing, data, shard_checks, summary
 from megatron_ext.training.metrics import MetricsLogger
 
 logger = logging.getLogger("megatron_ext")
@@ -47,8 +47,17 @@ class Trainer:
         # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
         #    any process group exists, so a bad tokenizer file fails every rank alike.
         d = config.data
-        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
+        options = TokenizerOptions(
+            d.vocab_file, d.merge_file, d.tiktoken_pattern, d.tiktoken_num_special_tokens,
+            tuple(d.tokenizer_special_tokens) if d.tokenizer_special_tokens else None)
+        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
+                                         options)
+        note = vocab_size_note(d.tokenizer_type, d.vocab_size)
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            logger.warning(note)
         self.vocab_size = self.tokenizer.vocab_size
+        #    The shards against it and --split, while a bad one still fails every rank alike.
+        split_matrix = shard_checks.check_data(config, self.tokenizer)
         self.eval_prompts = None
         if config.logging.eval_prompts:
             from megatron_ext.generation.eval_prompts import EvalPrompts
@@ -57,8 +66,9 @@ class Trainer:
             self.eval_prompts = EvalPrompts(
                 config.logging.eval_prompts, self.tokenizer,
                 m.max_position_embeddings if m.position_embedding_type == "learned_absolute" else None)
-        # 2. Topology and process groups (flags were validated before this point). Megatron-LM's
-        #    seeding: each pipeline stage draws its own layers' initial weights.
+        # 2. Topology and process groups (flags were validated before this point). The runtime
+        #    RNG (dropout) is seeded per pipeline stage as in Megatron-LM, so that stages do not
+        #    repeat each other's masks; the initial weights do not depend on it (model/init.py).
         self.topology = ParallelTopology.from_config(config.parallel, world_size)
         self.topology.initialize(config.parallel.distributed_backend)
         platform.manual_seed(config.training.seed + 100 * self.topology.pp_rank)
@@ -102,6 +112,8 @@ class Trainer:
         # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load.
         self.iteration = 0
         self.consumed_samples = 0
+        self.consumed_valid_samples = 0  # Megatron-LM's: where the next evaluation starts
+        self.exited = False  # stopped by --exit-interval (to be resumed)
         if config.checkpoint.load:
             checkpointing.load_checkpoint(self)
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off.
@@ -109,9 +121,10 @@ class Trainer:
         l = config.logging
         # Validation batches advance from one evaluation to the next, as in Megatron-LM.
         evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_interval else 0
-        self.train_ds, self.valid_ds, _ = data.build_datasets(
+        self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
             config, self.tokenizer.eod, self.vocab_size,
             [train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
+            split_matrix,
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
         self.valid_iterator = None
@@ -120,6 +133,8 @@ class Trainer:
                                       config.parallel.tensor_model_parallel_size),
             world_size, enabled=dist.get_rank() == world_size - 1)
         self.history: List[Dict[str, float]] = []
+        # 8. What is trained, where, on what data, at what memory (printed by rank 0).
+        self.parameter_counts, self.summary_lines = summary.log_summary(self)
 
     # -- weights -----------------------------------------------------------------------------
     def _shard_args(self) -> dict:
@@ -195,28 +210,37 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def evaluate(self) -> Optional[float]:
+    def evaluate(self, split: str = "valid") -> Optional[float]:
         """Mean per-token loss over ``--eval-iters`` global batches of the validation split
-        (and the answers to ``--eval-prompts``)."""
-        if self.eval_prompts is not None:
+        (each evaluation continuing where the last one stopped, across a resume too) or of the
+        test split (from its start). A validation also answers ``--eval-prompts``."""
+        if split == "valid" and self.eval_prompts is not None:
             self.eval_prompts.run(self.model[0].module, self.iteration, self.metrics)
-        if self.valid_ds is None or not self.config.logging.eval_iters:
+        dataset = self.valid_ds if split == "valid" else self.test_ds
+        if dataset is None or not self.config.logging.eval_iters:
             return None
-        t = self.config.training
-        if self.valid_iterator is None:
-            self.valid_iterator = data.cyclic_iterator(
-                self.valid_ds, t.micro_batch_size, self.topology.dp_rank,
-                self.topology.data_parallel)
+        t, topo = self.config.training, self.topology
+        if split == "valid":
+            if self.valid_iterator is None:
+                self.valid_iterator = data.cyclic_iterator(
+                    dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
+                    self.consumed_valid_samples)
+            iterator = self.valid_iterator
+        else:
+            iterator = data.cyclic_iterator(dataset, t.micro_batch_size, topo.dp_rank,
+                                            topo.data_parallel)
         for chunk in self.model:
             chunk.eval()
         loss_sum, tokens = 0.0, 0
         for _ in range(self.config.logging.eval_iters):
-            loss, count = self._forward_backward(self.valid_iterator, forward_only=True)
+            loss, count = self._forward_backward(iterator, forward_only=True)
             loss_sum, tokens = loss_sum + loss * count, tokens + count
         for chunk in self.model:
             chunk.train()
+        if split == "valid":
+            self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
         loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss)
+        self.metrics.log_eval(self.iteration, loss, split)
         return loss
 
     def train(self) -> List[Dict[str, float]]:
@@ -246,6 +270,7 @@ class Trainer:
                 checkpointing.finalize_saves()
             if exiting:
                 logger.info(f"exiting at iteration {self.iteration} (--exit-interval)")
+                self.exited = True
                 break
             if window_steps == 0:
                 # The next window times training steps alone, not evaluation or saving.

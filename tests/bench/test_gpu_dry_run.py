@@ -33,7 +33,7 @@ DEADLINE_S, TIMEOUT_S = 400, 480
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-dry-run")
-    env = dict(os.environ)
+    env = dict(os.environ, PYTHON=sys.executable)  # run.sh's interpreter: this one
     env.pop("OUT", None)
     proc = subprocess.run(
         ["bash", os.path.join(ROOT, "bench", "gpu", "run.sh"), "--dry-run", "--out", str(out),

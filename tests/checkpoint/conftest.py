@@ -13,12 +13,12 @@ SEQ = 16
 
 
 def make_hf_model(path: Path, *, arch: str = "llama", tied: bool = False, seed: int = 0,
-                  max_shard_size=None, heads: int = 4, kv_heads: int = 2) -> Path:
+                  max_shard_size=None, heads: int = 4, kv_heads: int = 2, vocab: int = VOCAB) -> Path:
     """4 layers, hidden 64, 4 heads, 2 KV heads (GQA), vocab 250, float32; weights drawn with a
     larger scale than HF's init (and norms away from 1) so that logits checks mean something."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
                   num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
                   rms_norm_eps=1e-6, max_position_embeddings=2048, rope_theta=50000.0)
     config, cls = ((LlamaConfig(**common), LlamaForCausalLM) if arch == "llama"

@@ -314,8 +314,8 @@ def test_cli_workers_progress_summary_and_no_torch(tmp_path, repo_root, sp_model
 
 def test_cli_errors(tmp_path, repo_root):
     result = _cli(repo_root, "--input", "x.jsonl", "--output-prefix", "o",
-                  "--tokenizer-type", "ByteTokenizer", "--split-sentences")
-    assert result.returncode == 2 and "unrecognized arguments: --split-sentences" in result.stderr
+                  "--tokenizer-type", "ByteTokenizer", "--no-such-flag")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
     result = _cli(repo_root, "--input", str(tmp_path), "--output-prefix", str(tmp_path / "o"),
                   "--tokenizer-type", "NullTokenizer")
     assert result.returncode == 1 and "--vocab-size" in result.stderr

@@ -119,7 +119,7 @@ def test_chat_prompt_is_the_training_rendering_up_to_the_answer():
 
 
 def _torchrun(nproc, script, args):
-    result = torchrun(nproc, script, args, TIMEOUT_S)
+    result = torchrun(nproc, args, TIMEOUT_S, script=script)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout, result.stderr
 

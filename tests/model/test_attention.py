@@ -108,13 +108,19 @@ def test_torch_varlen_wrapper_adapts_to_the_installed_signature(monkeypatch, fak
         attention._torch_varlen_kernel.cache_clear()
 
 
-def test_sdpa_is_selected_on_cpu_and_logged_once(caplog, monkeypatch):
-    monkeypatch.setattr(attention, "_announced", set())
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's choice")
+def test_sdpa_is_selected_on_cpu_with_the_reason(caplog):
     with caplog.at_level(logging.INFO, logger="megatron_ext.model.attention"):
         assert select_backend("sdpa", _config()) == "sdpa"
         assert select_backend("auto", _config()) == "sdpa"
-        assert select_backend("auto", _config()) == "sdpa"
-    assert [r.getMessage() for r in caplog.records] == ["attention backend: sdpa"]
+    # On the CPU nothing is logged: the start-up summary names the backend (training/summary.py).
+    assert caplog.records == []
+    core = CoreAttention(_config(), 1, AttnMaskType.causal, "self", backend="auto")
+    assert core.backend == "sdpa"
+    assert core.backend_reason.startswith("auto skipped flash: ")
+    assert "; torch: " in core.backend_reason
+    forced = CoreAttention(_config(), 1, AttnMaskType.causal, "self", backend="sdpa")
+    assert forced.backend_reason == "--attention-backend sdpa"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's errors")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_ext.data.instruct.handlers import build_handler
+from megatron_ext.data.instruct.handlers import HANDLERS, build_handler, handler_name
 
 ALPACA = "AlpacaStyleInstructionHandler"
 SHAREGPT = "SharegptStyleInstructionHandler"
@@ -52,6 +52,25 @@ def test_bad_map_keys(map_keys, message):
 def test_unknown_handler():
     with pytest.raises(ValueError, match="unknown --handler-name 'Foo'; choose one of Alpaca"):
         build_handler("Foo")
+
+
+@pytest.mark.parametrize("given, full", [
+    ("Alpaca", ALPACA), ("alpaca", ALPACA), ("Sharegpt", SHAREGPT), ("ShareGPT", SHAREGPT),
+    ("OpenAI", OPENAI), ("openai", OPENAI), ("MFTCoder", MFTCODER),
+    ("sharegptstyleinstructionhandler", SHAREGPT), (OPENAI, OPENAI),
+])
+def test_short_and_any_case_names(given, full):
+    # The README's short forms name MindSpeed-LLM's handlers; the reader is the same one.
+    assert handler_name(given) == full
+    assert type(build_handler(given)) is HANDLERS[full][0]
+
+
+def test_unknown_handler_lists_real_and_short_names():
+    with pytest.raises(ValueError) as error:
+        handler_name("Sharegpt4")
+    for full in HANDLERS:
+        assert full in str(error.value)
+    assert "short forms Alpaca, Sharegpt, OpenAI, MFTCoder" in str(error.value)
 
 
 @pytest.mark.parametrize("name, record, message", [

@@ -29,6 +29,8 @@ from megatron_ext.training import data as training_data
 from megatron_ext.training.trainer import Trainer
 from tests.launcher import launch
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd")  # dataset caches there
+
 SEQ = 128
 PACKED_ROWS = 8  # the global batch: every packed sample once
 NUM_LAYERS = 2
@@ -121,12 +123,16 @@ def _one_by_one(argv, conversations, state):
     from megatron_ext import platform
     from megatron_ext.model.gpt import build_model
     from megatron_ext.parallel import ParallelTopology
+    from megatron_ext.tokenizer import build_tokenizer
 
     config = parse_args(argv, world_size=1)
     topo = ParallelTopology.from_config(config.parallel, 1)
     topo.initialize()
     platform.manual_seed(0)
-    model = build_model(config, 128)
+    d = config.data
+    # The tokenizer's vocabulary, as the Trainer's: the padded rows do not count in the loss.
+    model = build_model(config, build_tokenizer(d.tokenizer_type, d.tokenizer_model,
+                                                d.vocab_size).vocab_size)
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert all(k.endswith("_extra_state") for k in result.missing_keys)

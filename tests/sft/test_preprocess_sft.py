@@ -209,6 +209,31 @@ def test_flag_errors(tmp_path, char_tokenizer_dir, flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_short_handler_name_writes_what_the_full_name_writes(tmp_path, char_tokenizer_dir):
+    records = RECORDS[:6]
+    full = _run(tmp_path, char_tokenizer_dir, records, name="full")
+    path = _write(tmp_path, records)
+    short = str(tmp_path / "short")
+    main(["--input", path, "--output-prefix", short, "--tokenizer-type", "HuggingFaceTokenizer",
+          "--tokenizer-model", char_tokenizer_dir, "--handler-name", "openai", "--prompt-type",
+          "chatml", "--log-interval", "0"])
+    for a, b in zip(output_prefixes(full), output_prefixes(short)):
+        for suffix in (".bin", ".idx"):
+            with open(a + suffix, "rb") as fa, open(b + suffix, "rb") as fb:
+                assert fa.read() == fb.read()
+
+
+def test_unknown_handler_name_is_refused_with_the_real_names(tmp_path, capsys):
+    path = _write(tmp_path, [GOOD])
+    with pytest.raises(SystemExit):
+        main(["--input", path, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type",
+              "ByteTokenizer", "--handler-name", "Sharegpt4", "--prompt-type", "chatml"])
+    err = capsys.readouterr().err
+    assert "--handler-name: unknown name 'Sharegpt4'" in err, err
+    assert "SharegptStyleInstructionHandler" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["chats.jsonl"]
+
+
 def test_configuration_errors_before_any_file(tmp_path, char_tokenizer_dir):
     path = _write(tmp_path, [GOOD])
     base = ["--input", path, "--output-prefix", str(tmp_path / "o"), "--handler-name", OPENAI]

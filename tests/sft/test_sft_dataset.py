@@ -13,6 +13,8 @@ from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.training.sft_dataset import build_sample
 from megatron_ext.training.data import build_datasets, data_iterator
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd", "one_rank_group")  # dataset caches there
+
 SEQ = 9  # rows of 10 tokens
 EOD, VOCAB = 255, 256
 FLAGS = (f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length {SEQ} "

@@ -131,3 +131,33 @@ def test_finetune_loads_weights_only(tmp_path):
     for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor), name
     assert len(losses) == 6  # iteration counter and data restart at 0
+
+
+def _validation_lines(stdout):
+    """Every validation (and test split) line, without its timestamp."""
+    return [line.split("] ", 1)[1] for line in stdout.splitlines() if "validation" in line
+            and "| lm loss" in line]
+
+
+def test_resumed_validation_continues_where_it_stopped(tmp_path):
+    """torchrun, 2 data-parallel ranks: stopped at 3 and resumed == uninterrupted, validation
+    line for validation line (the resumed run's evaluations continue the validation split
+    where the stopped run's left off, as Megatron-LM's consumed_valid_samples)."""
+    from tests.training.test_launch import RUN_TIMEOUT_S, TINY, _torchrun
+
+    argv = TINY + ["--global-batch-size", "8", "--train-iters", "6", "--log-interval", "1",
+                   "--eval-interval", "2", "--eval-iters", "2"]
+
+    def run(*flags):
+        result = _torchrun(2, argv + list(flags), RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return _validation_lines(result.stdout)
+
+    full = run()
+    assert [line.split(" |")[0] for line in full] == [
+        "validation at iteration 2", "validation at iteration 4", "validation at iteration 6",
+        "validation loss at iteration 6 on test set"]
+    assert len({line.split("| lm loss ")[1] for line in full[:3]}) == 3
+    stopped = run("--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3")
+    resumed = run("--load", str(tmp_path))
+    assert stopped + resumed == full

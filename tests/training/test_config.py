@@ -109,6 +109,8 @@ INVALID_FLAGS = {
                                       ["--recompute-granularity", "--recompute-method"]),
     "min-lr-above-lr": ("--lr 1e-4 --min-lr 1e-3", MOCK, ["--min-lr", "--lr"]),
     "save-interval-without-save": ("--save-interval 10", MOCK, ["--save-interval", "--save"]),
+    "async-save-with-torch-format": ("--ckpt-format torch --async-save", MOCK,
+                                     ["--async-save", "--ckpt-format torch_dist"]),
     "null-tokenizer-without-vocab-size": (
         "--mock-data --tokenizer-type NullTokenizer",
         [f for f in BASE if f not in ("--vocab-size", "255")], ["--vocab-size"]),

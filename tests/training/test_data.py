@@ -18,6 +18,8 @@ from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.data.indexed import IndexedDatasetWriter
 from megatron_ext.training.data import PretrainingSampler, build_datasets, data_iterator
 
+pytestmark = pytest.mark.usefixtures("tmp_cwd", "one_rank_group")  # dataset caches there
+
 EOD, VOCAB = 255, 256  # NullTokenizer(255): eod = 255, vocab_size = 256
 SEQ = 16
 FLAGS = (f"--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length {SEQ} "
@@ -207,3 +209,32 @@ def test_either_document_flag_restarts_positions_after_each_eod(shards, flag):
             expected.append(position)
             position = 0 if token == EOD else position + 1
         assert sample["position_ids"].tolist() == expected
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_dataset_caches_go_beside_the_run_never_beside_the_shards(tmp_path, tmp_cwd, save):
+    # A blend of fresh shards (so the cache is built, not hit): megatron-core's own default
+    # would write PREFIX/cache/GPTDataset_indices/ beside each prefix.
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    rng = np.random.default_rng(1)
+    a = _write(str(shard_dir / "A_text_document"), _random_docs(rng, 1, 99, 50))
+    b = _write(str(shard_dir / "B_text_document"), _random_docs(rng, 100, 199, 50))
+    before = sorted(os.listdir(shard_dir))
+    extra = ["--save", str(tmp_path / "ckpt")] if save else []
+    train, valid, _ = _datasets(["0.5", a, "0.5", b], "90,10,0", [40, 8, 0], extra=extra)
+    assert train is not None and valid is not None
+    assert sorted(os.listdir(shard_dir)) == before
+    cache = (tmp_path / "ckpt" if save else tmp_cwd / ".cache") / "data_cache"
+    written = sorted(os.listdir(cache))
+    # GPTDataset indices of both prefixes and the BlendedDataset indices, train and valid.
+    assert any("GPTDataset-train" in name for name in written), written
+    assert any("BlendedDataset-train" in name for name in written), written
+    assert any("GPTDataset-valid" in name for name in written), written
+
+
+def test_explicit_or_mock_data_cache_path(tmp_path):
+    config = parse_args(FLAGS + ["--data-path", "x", "--data-cache-path", str(tmp_path)])
+    assert config.data.data_cache_path == str(tmp_path)
+    # Mock data reads no shard: megatron-core caches nothing for it.
+    assert parse_args(FLAGS + ["--mock-data"]).data.data_cache_path is None

@@ -145,6 +145,19 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
+def test_a_checkpoint_that_does_not_fit_names_the_flag(tmp_path):
+    launch(_train, 1, BASE + ["--save", str(tmp_path), "--train-iters", "1"], 1)
+    for flags, world_size, expected in (
+        ("--hidden-size 64", 1, r"--hidden-size 32 in the checkpoint, --hidden-size 64"),
+        ("--use-distributed-optimizer", 1, r"without --use-distributed-optimizer.*--no-load-optim"),
+        # Padded to 128 rows at TP 1, to 256 at TP 2 with the default 128.
+        ("--tensor-model-parallel-size 2", 2, r"padded vocabulary is 128 rows.*"
+                                              r"--make-vocab-size-divisible-by 128 x TP 2"),
+    ):
+        with pytest.raises(RuntimeError, match=expected):
+            launch(_train, world_size, BASE + ["--load", str(tmp_path)] + flags.split(), world_size)
+
+
 # -- megatron-core's own model and dist_checkpointing, without our code ------------------------
 
 VOCAB_ROWS = 128  # 127 padded as megatron-core's GPTModel gets it

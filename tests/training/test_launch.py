@@ -2,12 +2,20 @@
 
 A bad topology must stop every rank quickly, before any process group exists (a rank waiting
 in a rendezvous for a peer that already exited would hang until the timeout); a tiny valid run
-must train and print Megatron-style iteration lines.
+must train and print Megatron-style iteration lines; a killed launcher must take its ranks with
+it.
 """
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
-from tests.launcher import torchrun
+import pytest
+
+from tests.launcher import ROOT, free_port, iteration_records, torchrun as _torchrun
 
 # A hang shows as a test failure after these, not as a stuck session. Failing on a bad flag
 # takes a few seconds (two interpreters importing torch); a training run also builds the model
@@ -20,10 +28,6 @@ TINY = (
     "--micro-batch-size 2 --tokenizer-type NullTokenizer --vocab-size 255 --mock-data "
     "--attention-dropout 0 --hidden-dropout 0 --lr 1e-3 --seed 11"
 ).split()
-
-
-def _torchrun(nproc, args, timeout, launcher_flags=()):
-    return torchrun(nproc, "pretrain_gpt.py", args, timeout, launcher_flags)
 
 
 def test_invalid_topology_stops_every_rank_naming_the_flag():
@@ -55,15 +59,7 @@ def test_tiny_tp2_run_logs_iterations():
         "--eval-iters", "1",
     ], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    # Megatron-style line: "iteration 1/3 | consumed samples 4 | lm loss 5.5E+00 | ...";
-    # fields are read by name, so added or reordered fields do not matter.
-    records = []
-    for line in result.stdout.splitlines():
-        found = re.search(rf"iteration\s+(\d+)/{iters} \| (.*)$", line)
-        if found:
-            pairs = (f.strip().rsplit(" ", 1) for f in found.group(2).split(" | "))
-            fields = {name.strip(): value for name, value in pairs}
-            records.append((int(found.group(1)), fields))
+    records = iteration_records(result.stdout, iters)
     # One line per iteration, written once (by the last rank), not once per rank.
     assert [it for it, _ in records] == list(range(1, iters + 1)), result.stdout
     for iteration, fields in records:
@@ -75,3 +71,75 @@ def test_tiny_tp2_run_logs_iterations():
         assert float(fields["grad norm"]) > 0 and float(fields["tokens/s"]) > 0
         assert 0 <= float(fields["learning rate"]) <= 1e-3
     assert "validation at iteration 3 | lm loss" in result.stdout
+
+
+def _children(pid):
+    """Pids of the live processes whose parent is ``pid`` (from /proc, Linux)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has stopped
+    except OSError:
+        return False
+
+
+def _poll(condition, deadline_s, what):
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not within {deadline_s} s")
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path):
+    """kill -9 of torchrun's agent, mid-training with a save every iteration: within seconds no
+    rank is alive, and the tracker names a complete checkpoint."""
+    from megatron_ext.checkpoint import format as ckpt
+    from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
+
+    save = tmp_path / "ckpt"
+    log = open(tmp_path / "log.txt", "w")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           os.path.join(ROOT, "pretrain_gpt.py"), *TINY, "--tensor-model-parallel-size", "2",
+           "--global-batch-size", "4", "--train-iters", "100000", "--log-interval", "1",
+           "--eval-interval", "0", "--save", str(save), "--save-interval", "1"]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    ranks = []
+    try:
+        _poll(lambda: ckpt.read_tracker(save) is not None or agent.poll() is not None,
+              RUN_TIMEOUT_S, "a first checkpoint")
+        assert agent.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        ranks = _children(agent.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        _poll(lambda: not any(_alive(pid) for pid in ranks), 10, "every rank stopped")
+    finally:
+        for pid in ranks:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+        log.close()
+    # The default --ckpt-format torch_dist: the tracked directory is complete (megatron-core
+    # writes metadata.json after every rank's shards; ours renames the directory after that).
+    iteration = ckpt.read_tracker(save)
+    assert is_dist_checkpoint(ckpt.iteration_dir(save, iteration)), iteration

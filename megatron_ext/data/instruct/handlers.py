@@ -152,11 +152,25 @@ HANDLERS = {
 }
 
 
+_SUFFIX = "StyleInstructionHandler"
+
+
+def handler_name(name: str) -> str:
+    """MindSpeed-LLM's handler name for ``name``: the full name or its short form (``Alpaca``,
+    ``sharegpt``, ``OpenAI``, ``MFTCoder``), case-insensitively; a ValueError lists them."""
+    wanted = name.lower()
+    for full in HANDLERS:
+        if wanted in (full.lower(), full[:-len(_SUFFIX)].lower()):
+            return full
+    short = ", ".join(full[:-len(_SUFFIX)] for full in HANDLERS)
+    raise ValueError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)} "
+                     f"(or the short forms {short}, any case)")
+
+
 def build_handler(name: str, map_keys=None):
-    """The handler ``--handler-name`` names, with ``--map-keys`` (a JSON string or dict)
-    applied over its defaults; a ValueError names the flag."""
-    if name not in HANDLERS:
-        raise ValueError(f"unknown --handler-name {name!r}; choose one of {', '.join(HANDLERS)}")
+    """The handler ``--handler-name`` names (see ``handler_name``), with ``--map-keys`` (a JSON
+    string or dict) applied over its defaults; a ValueError names the flag."""
+    name = handler_name(name)
     cls, defaults = HANDLERS[name]
     keys = json.loads(json.dumps(defaults))
     if map_keys:

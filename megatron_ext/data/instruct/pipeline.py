@@ -256,14 +256,14 @@ def preprocess_instructions(
     handler_name: str = "AlpacaStyleInstructionHandler", prompt_type: str = "chatml",
     map_keys=None, pack: bool = False, seq_length: Optional[int] = None,
     overlong: str = "drop", workers: int = 1, log_interval: int = 10000,
-    skip_invalid: bool = False, log=None,
+    skip_invalid: bool = False, log=None, tokenizer_options=None,
 ) -> InstructionSummary:
     """Tokenize instruction records into ``{prefix}_input_ids_document`` and
     ``{prefix}_loss_mask_document``. Configuration errors are ValueErrors naming the flag,
     raised before any file is created; bad records are InputErrors naming file and line."""
     start = time.perf_counter()
     log = log or sys.stderr
-    tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size)
+    tokenizer_args = (tokenizer_type, tokenizer_model, vocab_size, tokenizer_options)
     tokenizer = build_tokenizer(*tokenizer_args)
     build_handler(handler_name, map_keys)  # flag errors now, not in a worker
     ConversationEncoder(tokenizer, prompt_type)

@@ -1,0 +1,330 @@
+"""The ``--data-path`` shards checked against the run before any process group exists.
+
+megatron-core trusts its shards: a ``.bin`` shorter than its ``.idx`` says trains until the
+missing sample is drawn, an id beyond the vocabulary is zeroed by the vocab-parallel embedding
+(TP >= 2), a shard whose EOD is not the run's trains with no document boundaries, and a
+``--split`` that leaves a split without tokens loops forever in ``GPTDataset._get_num_epochs``.
+``check_data`` turns each into an error naming the file, the numbers and the flag, raised on
+every rank alike (all ranks read the same files) before a rank could wait for a peer.
+
+What a shard holds comes from its ``PREFIX.meta.json`` (written by preprocess_data.py) or, for
+a shard without one (Megatron-LM's tool), from one scan of its tokens, cached as JSON under
+``--data-cache-path`` keyed by the file's path, size and mtime. The ``.idx`` is read with
+numpy alone, as the format is documented in ``megatron_ext/data/indexed.py``.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix, parse_and_normalize_split)
+
+from megatron_ext.config import Config, ConfigError
+from megatron_ext.data.indexed import IndexedDatasetReader, bin_path, idx_path
+from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError, meta_path,
+                                           read_meta)
+from megatron_ext.training.blend import check_prefixes, parse_blend
+from megatron_ext.training.sft_dataset import check_prefix
+
+logger = logging.getLogger("megatron_ext")
+
+SPLITS = ("train", "valid", "test")
+SCAN_CHUNK_BYTES = 64 << 20  # bounded memory for the comparison with EOD, large enough for speed
+SCAN_VERSION = 2  # of the cached scan's content
+IDX_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence and document counts 8 + 8
+
+
+class ShardError(ConfigError):
+    """A shard that cannot train this run; the message names the file and what to do."""
+
+
+@dataclass
+class Shard:
+    """One ``.bin/.idx`` pair, its structure checked."""
+
+    prefix: str
+    reader: IndexedDatasetReader
+    document_tokens: np.ndarray  # int64 tokens per document
+
+    @property
+    def num_documents(self) -> int:
+        return self.document_tokens.size
+
+
+def open_shard(prefix: str) -> Shard:
+    """The pair, or a ShardError naming the file when its structure is damaged."""
+    where = f"--data-path {prefix}"
+    try:
+        reader = IndexedDatasetReader(prefix)
+    except ValueError as error:  # bad magic, version, dtype code, truncated, .bin size
+        raise ShardError(f"{where}: {error}; rewrite the shard with preprocess_data.py (or copy "
+                         f"both files again)") from None
+    path = idx_path(prefix)
+    lengths = np.asarray(reader.sequence_lengths, np.int64)
+    pointers = np.asarray(reader.sequence_pointers, np.int64)
+    docs = np.asarray(reader.document_indices, np.int64)
+    expected = IDX_HEADER_BYTES + lengths.size * 12 + docs.size * 8
+    if os.path.getsize(path) != expected:
+        raise ShardError(f"{where}: {path} has {os.path.getsize(path)} bytes, its header "
+                         f"describes {expected} ({lengths.size} sequences, {docs.size - 1} "
+                         f"documents): not the index of this shard; rewrite the shard")
+    itemsize = reader.dtype.itemsize
+    # megatron-core reads sequence i at pointers[i]: they must be the running sum of lengths.
+    starts = np.zeros_like(lengths)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    bad = np.flatnonzero(pointers != starts * itemsize)
+    if (lengths < 0).any() or bad.size:
+        raise ShardError(f"{where}: {path} is damaged: sequence {int(bad[0]) if bad.size else '?'}"
+                         f" does not start where the previous one ends; rewrite the shard")
+    if docs.size == 0 or docs[0] != 0 or docs[-1] != lengths.size or (np.diff(docs) < 0).any():
+        raise ShardError(f"{where}: {path} is damaged: its document index does not cover its "
+                         f"{lengths.size} sequences in order; rewrite the shard")
+    if docs.size == 1:
+        raise ShardError(f"{where}: {prefix} holds no documents; remove it from --data-path or "
+                         f"preprocess a non-empty corpus")
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    return Shard(prefix, reader, ends[docs[1:]] - ends[docs[:-1]])
+
+
+def check_meta(shard: Shard, meta: ShardMeta) -> None:
+    """The metadata file must describe this very pair (not one from another run)."""
+    found = (shard.num_documents, shard.reader.num_tokens,
+             os.path.getsize(bin_path(shard.prefix)), os.path.getsize(idx_path(shard.prefix)))
+    described = (meta.num_documents, meta.num_tokens, meta.bin_bytes, meta.idx_bytes)
+    if found != described:
+        raise ShardError(
+            f"--data-path {shard.prefix}: {meta_path(shard.prefix)} describes {described[0]} "
+            f"documents, {described[1]} tokens, .bin {described[2]} and .idx {described[3]} "
+            f"bytes, but the pair holds {found[0]} documents, {found[1]} tokens, .bin {found[2]} "
+            f"and .idx {found[3]} bytes: the files come from different runs of "
+            f"preprocess_data.py; rewrite the shard")
+
+
+# -- scanning shards without metadata -----------------------------------------------------------
+def _scan_key(prefix: str) -> Dict[str, object]:
+    key = {"version": SCAN_VERSION, "path": os.path.abspath(bin_path(prefix))}
+    for name, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
+        stat = os.stat(path)
+        key[f"{name}_bytes"], key[f"{name}_mtime_ns"] = stat.st_size, stat.st_mtime_ns
+    return key
+
+
+def _cache_file(cache_dir: str, key: Dict[str, object]) -> str:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(cache_dir, "shard_scans", f"{digest}.json")
+
+
+def scan_tokens(shard: Shard, eod: int) -> Dict[str, object]:
+    """Largest id, occurrences of ``eod`` and documents ending with it (one chunked pass over
+    the memory-mapped .bin), and the most frequent last tokens of the documents (a shard written
+    with --append-eod ends every document with its own EOD)."""
+    size = os.path.getsize(bin_path(shard.prefix))
+    dtype = shard.reader.dtype
+    tokens = np.memmap(bin_path(shard.prefix), dtype, "r") if size else np.zeros(0, dtype)
+    chunk = max(1, SCAN_CHUNK_BYTES // dtype.itemsize)
+    max_id, eod_count = -1, 0
+    for start in range(0, tokens.size, chunk):
+        part = tokens[start:start + chunk]
+        max_id = max(max_id, int(part.max()))
+        eod_count += int(np.count_nonzero(part == eod))
+    last = np.asarray(tokens[np.cumsum(shard.document_tokens)[shard.document_tokens > 0] - 1])
+    values, counts = np.unique(last, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:3]
+    return {"max_id": max_id,
+            "eod_counts": {str(eod): [eod_count, int(np.count_nonzero(last == eod))]},
+            "last_tokens": [[int(values[i]), int(counts[i])] for i in order]}
+
+
+def scanned_facts(shard: Shard, eod: int, cache_dir: Optional[str]) -> Dict[str, object]:
+    """``scan_tokens``' result, from the cache when this file (path, size, mtime) was scanned
+    before for the same EOD id; a new scan is written atomically (ranks may race: same bytes)."""
+    key = _scan_key(shard.prefix)
+    path = _cache_file(cache_dir, key) if cache_dir else None
+    cached = None
+    if path and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                cached = json.load(f)
+        except (OSError, ValueError):
+            cached = None  # a damaged cache entry is scanned again and rewritten
+    if cached and cached.get("key") == key and str(eod) in cached.get("eod_counts", {}):
+        logger.info(f"{shard.prefix}: no {META_SUFFIX}; using its "
+                    f"scan cached in {path}")
+        return cached
+    started = time.perf_counter()
+    facts = scan_tokens(shard, eod)
+    seconds = time.perf_counter() - started
+    if cached and cached.get("key") == key:  # same file, another EOD: keep what is known
+        facts["eod_counts"] = {**cached.get("eod_counts", {}), **facts["eod_counts"]}
+    gigabytes = key["bin_bytes"] / 1e9
+    where = f"cached in {path}" if path else "not cached (no --data-cache-path)"
+    logger.info(f"{shard.prefix}: no {META_SUFFIX} (a shard of "
+                f"Megatron-LM's tool?): scanned {gigabytes:.2f} GB in {seconds:.2f} s, {where}")
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump({"key": key, **facts, "seconds": round(seconds, 3)}, f, indent=1)
+        os.replace(tmp, path)
+    return facts
+
+
+# -- the checks against the run -----------------------------------------------------------------
+def tokenizer_flags(config: Config) -> str:
+    d = config.data
+    flags = f"--tokenizer-type {d.tokenizer_type}"
+    if d.tokenizer_model:
+        flags += f" --tokenizer-model {d.tokenizer_model}"
+    elif d.vocab_size is not None:
+        flags += f" --vocab-size {d.vocab_size}"
+    return flags
+
+
+def _made_with(meta: Optional[ShardMeta]) -> str:
+    if meta is None or not meta.tokenizer_type:
+        return ""
+    model = f" {meta.tokenizer_model}" if meta.tokenizer_model else ""
+    return (f" (the shard was made with {meta.tokenizer_type}{model}: vocabulary "
+            f"{meta.vocab_size}, EOD {meta.eod}, says its {META_SUFFIX})")
+
+
+def _eod_flags(config: Config) -> str:
+    d = config.data
+    names = [flag for flag, on in (("--reset-position-ids", d.reset_position_ids),
+                                   ("--reset-attention-mask", d.reset_attention_mask),
+                                   ("--eod-mask-loss", d.eod_mask_loss)) if on]
+    return "/".join(names)
+
+
+def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokenizer,
+                 check_eod: bool) -> None:
+    """Largest id vs the vocabulary; with the EOD flags, the shard's EOD vs the run's."""
+    vocab, eod = tokenizer.vocab_size, tokenizer.eod
+    needs_scan = meta is None or (check_eod and meta.eod is None)
+    facts = scanned_facts(shard, eod, config.data.data_cache_path) if needs_scan else {}
+    max_id = meta.max_id if meta is not None else facts["max_id"]
+    if max_id >= vocab:
+        raise ShardError(
+            f"--data-path {shard.prefix}: largest token id {max_id} does not fit the vocabulary "
+            f"of {vocab} ids of {tokenizer_flags(config)}{_made_with(meta)}; train with the "
+            f"tokenizer the shard was made with, or preprocess it again with this one")
+    if meta is not None and meta.vocab_size is not None and meta.vocab_size != vocab:
+        logger.warning(f"{shard.prefix} was made with a vocabulary of {meta.vocab_size} ids, "
+                       f"this run's {tokenizer_flags(config)} has {vocab}")
+    if not check_eod:
+        return
+    flags = _eod_flags(config)
+    if meta is not None and meta.eod is not None:
+        if meta.eod != eod:
+            raise ShardError(
+                f"--data-path {shard.prefix}: the shard's EOD is id {meta.eod} "
+                f"({meta.tokenizer_type}), the run's is {eod} ({tokenizer_flags(config)}): "
+                f"{flags} would find no document boundaries; train with the shard's tokenizer")
+        if meta.eod_appended is False:
+            logger.warning(f"{shard.prefix} was written without --append-eod: {flags} find no "
+                           f"EOD between its documents, which attend to each other")
+        return
+    occurrences, ending = facts["eod_counts"][str(eod)]
+    nonempty = int(np.count_nonzero(shard.document_tokens))
+    common = ", ".join(f"{count} with id {value}" for value, count in facts["last_tokens"])
+    found = (f"the run's EOD id {eod} ({tokenizer_flags(config)}) occurs {occurrences} times "
+             f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
+    if occurrences == 0:
+        raise ShardError(
+            f"--data-path {shard.prefix}: {found}: {flags} would find no document boundaries; "
+            f"train with the tokenizer the shard was made with (an EOD appended by "
+            f"preprocess_data.py --append-eod)")
+    if 2 * ending < nonempty:
+        logger.warning(f"{shard.prefix}: {found}; was it written with --append-eod and this "
+                       f"tokenizer?")
+
+
+def split_documents(split: str, shards: List[Shard]) -> List[List[Optional[Tuple[int, int]]]]:
+    """(documents, tokens) per shard and split as megatron-core cuts them (a contiguous range
+    of documents per split, ``_build_megatron_dataset_splits``), None where the split is off."""
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    counts = []
+    for shard in shards:
+        n, row = shard.num_documents, []
+        for bookends in matrix:
+            if bookends is None:
+                row.append(None)
+                continue
+            begin, end = int(round(bookends[0] * n)), int(round(bookends[1] * n))
+            row.append((end - begin, int(shard.document_tokens[begin:end].sum())))
+        counts.append(row)
+    return counts
+
+
+def plan_splits(config: Config, shards: List[Shard]) -> List[Optional[Tuple[float, float]]]:
+    """megatron-core's split matrix, less the splits this run does not read. A split without
+    tokens that is read is an error (megatron-core would loop forever building it); an empty
+    test split is not evaluated (as Megatron-LM, which evaluates a test split that exists)."""
+    d, evaluating = config.data, config.logging.eval_iters > 0
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
+    counts = split_documents(d.split, shards)
+    wanted = [True, evaluating, evaluating]
+    for i, name in enumerate(SPLITS):
+        if matrix[i] is None:
+            continue
+        empty = [(shard.prefix, row[i]) for shard, row in zip(shards, counts) if row[i][1] == 0]
+        if not wanted[i] or (empty and name == "test"):
+            if empty and wanted[i]:
+                logger.warning(f"--split {d.split} leaves the test split of {empty[0][0]} "
+                               f"without documents: the test split is not evaluated")
+            matrix[i] = None
+            continue
+        if empty:
+            prefix, (docs, _) = empty[0]
+            table = "; ".join(f"{shard.prefix}: " + ", ".join(
+                f"{split} {row[j][0]}" for j, split in enumerate(SPLITS) if row[j] is not None)
+                + " documents" for shard, row in zip(shards, counts))
+            hint = " (or --eval-iters 0)" if name == "valid" else ""
+            raise ShardError(
+                f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
+                f"and no tokens ({table}); give the {name} split a larger part{hint}")
+    return matrix
+
+
+def data_prefixes(config: Config) -> List[Tuple[str, bool]]:
+    """(shard prefix, holds token ids) for every pair the run reads."""
+    prefixes, _ = parse_blend(config.data.data_path)
+    if not config.data.is_instruction_dataset:
+        check_prefixes(prefixes)
+        return [(prefix, True) for prefix in prefixes]
+    pairs = []
+    for prefix in prefixes:
+        check_prefix(prefix)
+        ids, mask = output_prefixes(prefix)
+        pairs += [(ids, True), (mask, False)]
+    return pairs
+
+
+def check_data(config: Config, tokenizer) -> Optional[List[Optional[Tuple[float, float]]]]:
+    """Every check above for ``--data-path``; returns the split matrix to build (None with
+    ``--mock-data``)."""
+    d = config.data
+    if d.mock_data:
+        return None
+    check_eod = not d.is_instruction_dataset and (
+        d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss)
+    token_shards = []
+    for prefix, holds_ids in data_prefixes(config):
+        shard = open_shard(prefix)
+        try:
+            meta = read_meta(prefix)
+        except ShardMetaError as error:
+            raise ShardError(f"--data-path {prefix}: {error}") from None
+        if meta is not None:
+            check_meta(shard, meta)
+        if holds_ids:
+            check_tokens(config, shard, meta, tokenizer, check_eod)
+            token_shards.append(shard)
+    return plan_splits(config, token_shards)

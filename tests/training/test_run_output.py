@@ -1,0 +1,148 @@
+"""What a run prints and writes, through torchrun: the start-up summary once, library notices
+once or not at all (everything with --verbose), shared messages once, TensorBoard scalars equal
+to the console's, and ``python -m megatron_ext.plot`` drawing them from the log and from the
+event files."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megatron_ext import plot
+from tests.training.test_launch import ROOT, RUN_TIMEOUT_S, TINY, _torchrun
+
+ITERS = 4
+# megatron-core warns when either is missing (as on the CPU machine).
+APEX_OR_TE_MISSING = any(importlib.util.find_spec(name) is None
+                         for name in ("apex", "transformer_engine"))
+# PP=2 puts the last rank (the one that logs progress) on a first-in-stage rank, where
+# megatron-core lists the distributed optimizer's buckets.
+FLAGS = TINY + ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
+                "--global-batch-size", "4", "--train-iters", str(ITERS), "--log-interval", "1",
+                "--eval-interval", "2", "--eval-iters", "1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    result = _torchrun(2, FLAGS + ["--save", str(tmp / "ckpt"), "--load", str(tmp / "ckpt"),
+                                   "--tensorboard-dir", str(tmp / "tb")], RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = tmp / "train.log"
+    log.write_text(result.stdout)
+    return result, tmp
+
+
+def _console(stdout):
+    """{iteration: {field: value}} of the console's iteration lines, read as plot reads them."""
+    return {int(m.group(1)): plot._fields(m.group(2))
+            for m in map(plot._TRAIN.search, stdout.splitlines()) if m}
+
+
+def test_summary_once_and_library_noise_filtered(run):
+    result, _ = run
+    out, err = result.stdout, result.stderr
+    assert out.count("run summary ---") == 1, out
+    summary = out[out.index("run summary"):]
+    for heading in ("model ", "vocabulary ", "parameters ", "layout ", "  stage 0: embedding",
+                    "  stage 1: layer 2 + final norm", "batch ", "precision ", "attention  sdpa (",
+                    "data ", "checkpoint ", "memory ", "  stage 1: weights"):
+        assert heading in summary, (heading, summary)
+    # Printed by every rank before; now once.
+    assert out.count("latest_checkpointed_iteration.txt") == 1, out
+    assert out.count("Apex / Transformer Engine not installed") == int(APEX_OR_TE_MISSING), out
+    for noise in ("UserWarning", "FutureWarning", "Params for bucket", "Setting up",
+                  "path_to_cache is None", "Megatron-FSDP"):
+        assert noise not in out + err, noise
+    assert [it for it in _console(out)] == list(range(1, ITERS + 1))
+
+
+def test_verbose_shows_everything(tmp_path):
+    result = _torchrun(2, FLAGS + ["--verbose", "--train-iters", "1"], RUN_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    for shown in ("Params for bucket", "Setting up DistributedDataParallel"):
+        assert shown in output, shown
+    if APEX_OR_TE_MISSING:
+        assert "UserWarning" in output and "are not installed" in output
+
+
+def test_tensorboard_holds_every_console_scalar(run):
+    result, tmp = run
+    events = EventAccumulator(str(tmp / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {"lm loss", "learning-rate", "grad-norm", "loss-scale", "batch-size",
+                "consumed-samples", "trained-tokens", "iteration-time", "tokens-per-sec",
+                "throughput", "lm loss validation", "lm loss validation ppl"}
+    assert expected <= tags, expected - tags
+    console = _console(result.stdout)
+    for tag, field in (("lm loss", "lm loss"), ("learning-rate", "learning rate"),
+                       ("grad-norm", "grad norm"), ("trained-tokens", "trained tokens"),
+                       ("consumed-samples", "consumed samples"), ("tokens-per-sec", "tokens/s")):
+        written = {e.step: e.value for e in events.Scalars(tag)}
+        assert sorted(written) == list(range(1, ITERS + 1)), tag
+        for step, value in written.items():
+            # The console rounds (6 significant digits, tokens/s to integers).
+            assert value == pytest.approx(console[step][field], rel=1e-3, abs=1), (tag, step)
+    validation = {e.step: e.value for e in events.Scalars("lm loss validation")}
+    logged = {int(m.group(1)): float(m.group(2)) for m in re.finditer(
+        r"validation at iteration (\d+) \| lm loss ([\d.E+-]+)", result.stdout)}
+    assert sorted(validation) == sorted(logged) == [2, 4]
+    for step, value in logged.items():
+        assert validation[step] == pytest.approx(value, rel=1e-5)
+
+
+def test_plot_from_the_log_and_from_tensorboard(run):
+    result, tmp = run
+    png = tmp / "curves.png"
+    done = subprocess.run([sys.executable, "-m", "megatron_ext.plot", str(tmp / "train.log"),
+                           str(tmp / "tb"), "-o", str(png)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for line, path in zip(lines, (tmp / "train.log", tmp / "tb")):
+        assert line == (f"{path}: lm loss ({ITERS}), validation lm loss (2), learning rate "
+                        f"({ITERS}), grad norm ({ITERS}), tokens/s ({ITERS})"), done.stdout
+    assert lines[-1] == f"wrote {png}"
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1200, 800)
+
+
+def test_plot_reads_megatron_lm_lines_and_resumes(tmp_path):
+    # Megatron-LM's training_log / evaluate_and_print_results lines, as it writes them; the
+    # second iteration-2 line is a resume, which wins.
+    log = tmp_path / "megatron.log"
+    log.write_text(
+        " [2026-12-01 10:00:00] iteration        1/       3 | consumed samples:           16 | "
+        "elapsed time per iteration (ms): 1000.0 | learning rate: 1.000000E-04 | global batch "
+        "size:    16 | lm loss: 9.000000E+00 | loss scale: 1.0 | grad norm: 3.000 | number of "
+        "skipped iterations:   0 | number of nan iterations:   0 |\n"
+        " [2026-12-01 10:00:01] iteration        2/       3 | consumed samples:           32 | "
+        "learning rate: 2.000000E-04 | lm loss: 8.000000E+00 | grad norm: 2.500 |\n"
+        "-" * 60 + "\n validation loss at iteration 2 on validation set | lm loss value: "
+        "8.100000E+00 | lm loss PPL: 3.294468E+03 | \n"
+        " [2026-12-01 10:05:00] iteration        2/       3 | consumed samples:           32 | "
+        "learning rate: 2.000000E-04 | lm loss: 7.900000E+00 | grad norm: 2.400 |\n")
+    found = plot.read_log(str(log))
+    assert found["lm loss"] == {1: 9.0, 2: 7.9}
+    assert found["learning rate"] == {1: 1e-4, 2: 2e-4}
+    assert found["grad norm"] == {1: 3.0, 2: 2.4}
+    assert found["validation lm loss"] == {2: 8.1}
+    assert found["tokens/s"] == {}
+    assert plot.report(str(log), found).endswith("; not found: tokens/s")
+
+
+def test_plot_names_a_path_without_curves(tmp_path):
+    (tmp_path / "empty.log").write_text("nothing here\n")
+    done = subprocess.run([sys.executable, "-m", "megatron_ext.plot", str(tmp_path / "empty.log"),
+                           str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"{tmp_path / 'empty.log'}: no lm loss" in done.stderr
+    assert not os.path.exists(tmp_path / "x.png")

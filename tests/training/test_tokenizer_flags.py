@@ -1,0 +1,31 @@
+"""pretrain_gpt.py's tokenizer flags for GPT2BPETokenizer and TikTokenizer: Megatron-LM's names
+and value syntax, checked before any process group exists."""
+
+import pytest
+
+from megatron_ext.config import ConfigError, parse_args
+
+MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 16 "
+         "--micro-batch-size 2 --mock-data").split()
+
+
+def test_gpt2_bpe_needs_both_files():
+    with pytest.raises(ConfigError, match="GPT2BPETokenizer needs --vocab-file and --merge-file"):
+        parse_args(MODEL + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", "v.json"],
+                   world_size=1)
+    config = parse_args(MODEL + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",
+                                 "v.json", "--merge-file", "m.txt"], world_size=1)
+    assert (config.data.vocab_file, config.data.merge_file) == ("v.json", "m.txt")
+
+
+def test_tiktoken_flags_take_megatron_syntax():
+    special = ["<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>", "<|im_start|>"]
+    base = MODEL + ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "t.json",
+                    "--tiktoken-pattern", "v1", "--tiktoken-num-special-tokens", "16"]
+    for flag in ("--tokenizer-special-tokens", "--tiktoken-special-tokens"):  # 0.16's alias
+        d = parse_args(base + [flag, *special], world_size=1).data
+        assert (d.tiktoken_pattern, d.tiktoken_num_special_tokens) == ("v1", 16)
+        assert d.tokenizer_special_tokens == special
+    assert parse_args(base[:-4], world_size=1).data.tiktoken_num_special_tokens == 1000
+    with pytest.raises(SystemExit):
+        parse_args(base[:-4] + ["--tiktoken-pattern", "v3"], world_size=1)
