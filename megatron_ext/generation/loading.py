@@ -14,6 +14,7 @@ from megatron.core import dist_checkpointing
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, saved_value
+from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
 from megatron_ext.training import dist_checkpoint
 
@@ -31,7 +32,7 @@ def read_checkpoint(load_dir):
         raise ckpt.CheckpointError(f"--load {load_dir}: no {ckpt.TRACKER_FILENAME} there, so no "
                                    f"checkpoint to generate with")
     directory = ckpt.iteration_dir(load_dir, iteration)
-    if dist_checkpoint.is_dist_checkpoint(directory):
+    if is_dist_checkpoint(directory):
         common = dist_checkpointing.load_common_state_dict(str(directory))
         return iteration, dist_checkpoint.FORMAT, common.get("args")
     files = sorted(directory.glob("mp_rank_*/" + ckpt.RANK_FILENAME))
