@@ -9,7 +9,7 @@ setup(
     packages=find_packages(include=["megatron_ext", "megatron_ext.*"]),
     # Chat templates and the built-in instruction set (docs/finetune.md) are data.
     package_data={"megatron_ext.data.instruct": ["templates.json", "builtin_instructions.jsonl"]},
-    py_modules=["preprocess_data", "pretrain_gpt", "convert_ckpt"],
+    py_modules=["preprocess_data", "pretrain_gpt", "convert_ckpt", "generate_gpt"],
     install_requires=[
         # Loose on purpose: a pre-installed torch (e.g. the 2.13.0 CPU build) must be kept,
         # a tighter pin would pull several GB of CUDA wheels.

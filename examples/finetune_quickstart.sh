@@ -6,6 +6,7 @@
 # fine-tunes with --load ... --finetune on TP=2 x PP=2 (+ sequence parallelism), the
 # conversations of a packed sample attending only to themselves (variable-length attention).
 # "lm loss" is the loss of the answers alone (assistant turns and their end tokens).
+# Ends with one chat turn with the fine-tuned model (generate_gpt.py --prompt-type llama2).
 #
 # Environment overrides: WORK_DIR (the quickstart's), FT_DIR, TRAIN_ITERS, NPROC_PER_NODE,
 # MASTER_PORT, SKIP_INSTALL=1 (passed to quickstart.sh).
@@ -62,4 +63,10 @@ EVAL_AND_LOGGING_ARGS=(
 python -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" pretrain_gpt.py \
     "${GPT_MODEL_ARGS[@]}" "${FINETUNE_ARGS[@]}" "${MODEL_PARALLEL_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "$@"
+QUESTION="What is 12 + 30?"
+echo "one chat turn with the fine-tuned model (llama2 template, greedy): $QUESTION"
+echo "$QUESTION" | python generate_gpt.py --load "$FT_DIR/checkpoints" \
+    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
+    --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
+    --interactive --prompt-type llama2 --max-new-tokens 48 2>"$FT_DIR/generate.log"
 echo "finetune done: checkpoint in $FT_DIR/checkpoints"

@@ -21,6 +21,9 @@ megatron-core is used unchanged.
    run here), and torch then sees a triton and imports its compiler modules, so no small
    stand-in can take its place: install triton (about 290 MB; CPU machines too) with
    megatron-core 0.18+. GPU images have it; CI installs it only into its 0.19.2 environment.
+7. KV cache (``megatron_ext.generation``): megatron-core's attention allocates the static
+   inference context's key/value buffers on ``torch.cuda.current_device()``; the shim (1.) on
+   ``megatron.core.transformer.attention`` puts them on the CPU (checked on 0.16.1 only).
 
 Supported: megatron-core 0.16 through 0.19 (``SUPPORTED``). Adaptations 1-3, 5 and 6 were
 checked on 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (parallel equivalence, varlen and checkpoint
@@ -57,6 +60,7 @@ _SHIMMED_MODULES = (
     "megatron.core.distributed.distributed_data_parallel",
     "megatron.core.distributed.finalize_model_grads",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.transformer.attention",
 )
 
 # -- Distributed checkpoints (--ckpt-format torch_dist; training/dist_checkpoint.py) ---------

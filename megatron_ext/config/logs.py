@@ -32,3 +32,7 @@ class LoggingConfig:
     verbose: bool = flag(
         False, "Every rank logs, and library warnings and INFO dumps are shown unfiltered "
         "(megatron_ext/training/logs.py).", status=OURS)
+    eval_prompts: Optional[str] = flag(
+        None, "At each evaluation, log the model's greedy answers to these prompts (one per "
+        "line, or JSONL with \"prompt\"), as XTuner's chat hook.", group="validation",
+        status=OURS)

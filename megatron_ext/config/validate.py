@@ -148,6 +148,11 @@ def _validate_schedule(config: Config, dp: int) -> None:
     _require(logs.log_interval >= 1, f"--log-interval {logs.log_interval}: must be >= 1")
     _require(logs.eval_interval >= 0 and logs.eval_iters >= 0,
              "--eval-interval and --eval-iters must be >= 0 (0: no evaluation)")
+    _require(logs.eval_prompts is None or os.path.isfile(logs.eval_prompts),
+             f"--eval-prompts {logs.eval_prompts}: no such file (one prompt per line, or JSONL "
+             f'with "prompt")')
+    _require(logs.eval_prompts is None or logs.eval_interval > 0,
+             "--eval-prompts answers at each evaluation: set --eval-interval > 0")
     # Batch size and its schedule.
     _require(t.rampup_batch_size is None or t.step_batch_size_schedule is None,
              "--rampup-batch-size and --step-batch-size-schedule are exclusive; pick one")

@@ -5,6 +5,8 @@ its place in the spec. With ``packed_seq_params`` (``qkv_format="thd"``, built f
 positions by ``megatron_ext.training.packing``) q/k/v arrive as ``[t, heads, head_dim]`` and each
 document attends causally to itself only, exactly as if it were trained alone. Without it, the
 input is ``[s, b, heads, head_dim]`` and attention is plain causal over each sample (Megatron).
+With megatron-core's KV cache (``megatron_ext.generation``), a decoding step comes as
+``no_mask``: one new query per sample attends to every cached key.
 
 Backends (``--attention-backend``; ``auto`` takes the first that can run here):
 - ``flash``: flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16, dropout, GQA);
@@ -260,6 +262,8 @@ class CoreAttention(MegatronModule):
                 "instead of a dense mask, which would otherwise be silently ignored"
             )
         dropout = self.dropout if self.training else 0.0
+        if attn_mask_type == AttnMaskType.no_mask:
+            return self._decode(query, key, value)
         if packed_seq_params is None:
             return self._causal(query, key, value, dropout)
         cu_seqlens, max_seqlen = _check_packed(packed_seq_params, query)
@@ -268,6 +272,19 @@ class CoreAttention(MegatronModule):
                 self.backend, query, key, value, cu_seqlens, max_seqlen, self.softmax_scale, dropout
             )
         return out.reshape(query.size(0), -1)
+
+    def _decode(self, query, key, value):
+        """A decoding step with megatron-core's KV cache (``StaticInferenceContext``): it passes
+        ``no_mask`` once the prompt is cached, with the new token's query [1, b, np, hn] and
+        the cached keys/values [s, b, ng, hn]. A causal mask would be aligned top-left here
+        (the query would see the first key only), so attend to every cached position."""
+        if query.size(0) != 1:
+            raise ValueError(f"a KV-cache decoding step takes one token per sample, got "
+                             f"{query.size(0)} (megatron_ext.generation feeds one at a time)")
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, n, s, hn]
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale,
+                                             enable_gqa=q.size(1) != k.size(1))
+        return out.permute(2, 0, 1, 3).reshape(1, query.size(1), -1)
 
     def _causal(self, query, key, value, dropout):
         """[s, b, n, hn] -> [s, b, np * hn], causal over each sample."""

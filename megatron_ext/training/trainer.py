@@ -64,6 +64,14 @@ class Trainer:
         self.vocab_size = self.tokenizer.vocab_size
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
+        self.eval_prompts = None
+        if config.logging.eval_prompts:
+            from megatron_ext.generation.eval_prompts import EvalPrompts
+
+            m = config.model
+            self.eval_prompts = EvalPrompts(
+                config.logging.eval_prompts, self.tokenizer,
+                m.max_position_embeddings if m.position_embedding_type == "learned_absolute" else None)
         # 2. Topology and process groups (flags were validated before this point). The runtime
         #    RNG (dropout) is seeded per pipeline stage as in Megatron-LM, so that stages do not
         #    repeat each other's masks; the initial weights do not depend on it (model/init.py).
@@ -249,7 +257,9 @@ class Trainer:
     def evaluate(self, split: str = "valid", final: bool = False) -> Optional[float]:
         """Mean per-token loss over ``--eval-iters`` global batches of the validation split
         (each evaluation continuing where the last one stopped, across a resume too) or of the
-        test split (from its start)."""
+        test split (from its start). A validation also answers ``--eval-prompts``."""
+        if split == "valid" and self.eval_prompts is not None:
+            self.eval_prompts.run(self.model[0].module, self.iteration, self.metrics)
         dataset = self.valid_ds if split == "valid" else self.test_ds
         if dataset is None or not self.config.logging.eval_iters:
             return None

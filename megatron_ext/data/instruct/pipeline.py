@@ -27,7 +27,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -98,6 +98,17 @@ class ConversationEncoder:
             raise ValueError(f"--prompt-type {self.prompt_type} trains on a conversation's first "
                              "token; a template must start with an untrained prompt")
         return ids, mask
+
+    def encode_prompt(self, turns: Sequence[Turn]) -> List[int]:
+        """The ids a model continues to answer: a conversation ending with a user turn,
+        rendered up to and including the assistant's prefix (generation, not training)."""
+        if not turns or turns[-1][0] != "user":
+            raise ValueError("a prompt conversation ends with a user turn")
+        if self.template is None:
+            messages = [{"role": role, "content": content} for role, content in turns]
+            text = self._render_hf(messages, add_generation_prompt=True)
+            return list(self.hf(text, add_special_tokens=False)["input_ids"])
+        return [int(i) for i in self._encode_template(turns)[0]]
 
     def _encode_template(self, turns):
         ids, mask = [], []

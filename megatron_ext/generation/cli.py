@@ -1,0 +1,151 @@
+"""``generate_gpt.py``: talk to a Megatron checkpoint.
+
+    python generate_gpt.py --load CKPT --tokenizer-type ... --tokenizer-model ... \\
+        (--prompt TEXT [--prompt TEXT ...] | --interactive) [--prompt-type NAME] \\
+        --max-new-tokens 64 --temperature 0.8 --top-k 0 --top-p 0.9 --seed 1
+    torchrun --nproc-per-node TPxPP generate_gpt.py ... (a checkpoint's own TP/PP by default)
+
+Sampling flags are Megatron-LM's (``tools/run_text_generation_server.py``): ``--top-k 1`` (the
+default) is greedy; ``--top-k 0`` / ``--top-p 0`` switch a filter off; ``--top_k``, ``--top_p``
+and ``--num-tokens-to-generate`` are accepted as Megatron-LM spells them. Answers go to stdout
+(rank 0), one block per prompt; logs go to stderr. ``--interactive`` reads one message per line
+(an empty line or end of input quits); with ``--prompt-type`` it is a multi-turn chat.
+"""
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext import platform
+from megatron_ext.config import build_parser
+from megatron_ext.generation.generator import Generator
+from megatron_ext.generation.loading import generation_config, load_weights
+from megatron_ext.generation.sampling import SamplingParams
+
+logger = logging.getLogger("megatron_ext")
+
+
+def add_generation_args(parser):
+    group = parser.add_argument_group("text generation")
+    group.add_argument("--prompt", action="append", default=[],
+                       help="text to continue (repeatable); or --interactive")
+    group.add_argument("--interactive", action="store_true",
+                       help="read prompts (or chat messages, with --prompt-type) from stdin")
+    group.add_argument("--prompt-type", default=None,
+                       help="chat template (megatron_ext/data/instruct/templates.json, or hf)")
+    group.add_argument("--system", default=None, help="system message for --prompt-type")
+    group.add_argument("--max-new-tokens", "--num-tokens-to-generate", dest="max_new_tokens",
+                       type=int, default=64)
+    group.add_argument("--temperature", type=float, default=1.0)
+    group.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=1)
+    group.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=0.0)
+
+
+class Session:
+    """One model and tokenizer on every rank; prompts come from rank 0."""
+
+    def __init__(self, args, world_size: int):
+        from megatron_ext.model.gpt import build_model
+        from megatron_ext.parallel import ParallelTopology
+        from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer
+
+        self.args = args
+        self.params = SamplingParams(args.temperature, args.top_k, args.top_p)
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+        config, iteration, found, saved = generation_config(args, world_size)
+        d = config.data
+        options = TokenizerOptions(
+            d.vocab_file, d.merge_file, d.tiktoken_pattern, d.tiktoken_num_special_tokens,
+            tuple(d.tokenizer_special_tokens) if d.tokenizer_special_tokens else None)
+        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
+                                         options)
+        self.encoder = None
+        if args.prompt_type:
+            from megatron_ext.data.instruct.pipeline import ConversationEncoder
+
+            self.encoder = ConversationEncoder(self.tokenizer, args.prompt_type)
+        self.topology = ParallelTopology.from_config(config.parallel, world_size)
+        self.topology.initialize(config.parallel.distributed_backend)
+        platform.manual_seed(config.training.seed)  # megatron-core's RNG tracker needs seeds
+        model = build_model(config, self.tokenizer.vocab_size).to(platform.device())
+        load_weights(model, config, self.tokenizer.vocab_size, iteration, found, saved,
+                     self.topology)
+        model.eval()
+        self.generator = Generator(model, self.tokenizer.vocab_size,
+                                   [self.tokenizer.eod, self.tokenizer.eos])
+        self.rng = torch.Generator().manual_seed(config.training.seed)
+        self.history = []
+
+    def _shared(self, value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def answer(self, text: str) -> str:
+        """The model's continuation of ``text`` (a chat turn with --prompt-type)."""
+        if self.encoder is not None:
+            turns = list(self.history)
+            if self.args.system and not turns:
+                turns.append(("system", self.args.system))
+            turns.append(("user", text))
+            ids = self.encoder.encode_prompt(turns)
+        else:
+            ids = self.tokenizer.tokenize(text)
+        result = self.generator.generate(ids, self.args.max_new_tokens, self.params, self.rng)
+        reply = self.tokenizer.detokenize(result.tokens)
+        if self.encoder is not None:
+            self.history = turns + [("assistant", reply)]
+        return reply
+
+    def run(self) -> None:
+        rank0 = dist.get_rank() == 0
+        if not self.args.interactive:
+            for prompt in self.args.prompt:
+                self.history = []  # each --prompt is a conversation of its own
+                reply = self.answer(prompt)
+                if rank0:
+                    print(reply, flush=True)
+            return
+        while True:
+            line = None
+            if rank0:
+                try:
+                    line = input("> " if sys.stdin.isatty() else "")
+                except EOFError:
+                    line = ""
+            line = self._shared(line)
+            if not line.strip():
+                return
+            reply = self.answer(line)
+            if rank0:
+                print(reply, flush=True)
+
+
+def main(argv=None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    # Progress from rank 0, problems from every rank; stdout holds the answers alone.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+                        format="%(message)s")
+    parser = build_parser(add_generation_args)
+    parser.description = "Generate text with a Megatron checkpoint (megatron-core, KV cache)"
+    args = parser.parse_args(argv)
+    if bool(args.prompt) == args.interactive:
+        parser.error("give --prompt TEXT (repeatable) or --interactive")
+    if args.system is not None and not args.prompt_type:
+        parser.error("--system needs --prompt-type (a chat template)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        session = Session(args, world_size)
+    except (ValueError, OSError) as error:  # ConfigError, CheckpointError, tokenizer, template
+        sys.exit(f"[rank {rank}] generate_gpt.py: {error}")
+    try:
+        session.run()
+    finally:
+        session.topology.destroy()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

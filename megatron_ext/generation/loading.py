@@ -1,0 +1,124 @@
+"""A checkpoint's model, ready to generate: flags from its saved ``args``, weights from its files.
+
+Either format ``--load`` holds: ``torch`` (one ``model_optim_rng.pt`` per TP/PP rank, loaded at
+its own layout) or ``torch_dist`` (megatron-core's, at any TP/PP). Model flags the command line
+leaves out are taken from the checkpoint's ``args`` (ours or Megatron-LM's): a user passes the
+tokenizer and, at most, the layout.
+"""
+
+import argparse
+import logging
+from dataclasses import fields
+
+from megatron.core import dist_checkpointing
+
+from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.checkpoint.args import check_compatible, saved_value
+from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
+from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
+from megatron_ext.training import dist_checkpoint
+
+logger = logging.getLogger("megatron_ext")
+
+# Flags that do not shape the weights: never taken from a checkpoint.
+_NOT_SAVED = {"attention_dropout", "hidden_dropout", "init_method_std", "attention_backend",
+              "recompute_granularity", "recompute_method", "recompute_num_layers"}
+
+
+def read_checkpoint(load_dir):
+    """(iteration, format, saved args) of the latest checkpoint in ``load_dir``."""
+    iteration = ckpt.read_tracker(load_dir)
+    if iteration is None:
+        raise ckpt.CheckpointError(f"--load {load_dir}: no {ckpt.TRACKER_FILENAME} there, so no "
+                                   f"checkpoint to generate with")
+    directory = ckpt.iteration_dir(load_dir, iteration)
+    if is_dist_checkpoint(directory):
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+        return iteration, dist_checkpoint.FORMAT, common.get("args")
+    files = sorted(directory.glob("mp_rank_*/" + ckpt.RANK_FILENAME))
+    if not files:
+        raise ckpt.CheckpointError(f"{directory} holds neither a torch_dist checkpoint nor "
+                                   f"mp_rank_*/{ckpt.RANK_FILENAME} files")
+    return iteration, "torch", ckpt.load_rank_file(files[0]).get("args")
+
+
+def _fill_model_flags(args: argparse.Namespace, saved: argparse.Namespace) -> None:
+    for f in fields(ModelConfig):
+        if getattr(args, f.name) is not None or f.name in _NOT_SAVED:
+            continue
+        if f.name == "disable_bias_linear":
+            value = saved_value(saved, "add_bias_linear")
+            value = None if value is None else not value
+        elif f.name == "group_query_attention":
+            value = saved_value(saved, "num_query_groups") != saved_value(saved, "num_attention_heads")
+        elif f.name == "num_query_groups":
+            value = saved_value(saved, f.name)
+            if value == saved_value(saved, "num_attention_heads"):
+                value = None  # no GQA: validate wants no --num-query-groups
+        else:
+            value = saved_value(saved, f.name)
+        if value is not None:
+            setattr(args, f.name, value)
+
+
+def generation_config(args: argparse.Namespace, world_size: int):
+    """A validated ``Config`` for the checkpoint in ``args.load``, and what was read of it."""
+    if not args.load:
+        raise ConfigError("--load CHECKPOINT_DIR is required")
+    iteration, found, saved = read_checkpoint(args.load)
+    if saved is not None:
+        divisible_given = args.make_vocab_size_divisible_by is not None
+        _fill_model_flags(args, saved)
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(args, name) is None:
+                setattr(args, name, saved_value(saved, name) or 1)
+        # The padded rows are part of the saved embedding, and Megatron pads to a multiple of
+        # divisible-by x TP: at another TP, keep the checkpoint's row count.
+        tp, saved_padded = args.tensor_model_parallel_size, saved_value(saved, "padded_vocab_size")
+        if not divisible_given and saved_padded and saved_padded % tp == 0 \
+                and tp != (saved_value(saved, "tensor_model_parallel_size") or 1):
+            args.make_vocab_size_divisible_by = saved_padded // tp
+        # Megatron-LM saves its tokenizer flags (ours does not): use them when not given.
+        for name in ("tokenizer_type", "tokenizer_model"):
+            if getattr(args, name) is None and getattr(saved, name, None):
+                setattr(args, name, getattr(saved, name))
+    elif args.num_layers is None:
+        raise ConfigError(f"{args.load} saved no args: pass the model flags (--num-layers, "
+                          f"--hidden-size, ...) as for training")
+    # Generation reads no training data and runs the model in eval mode (no dropout).
+    args.mock_data, args.attention_dropout, args.hidden_dropout = True, 0.0, 0.0
+    config = config_from_namespace(args)
+    validate(config, world_size)
+    p = config.parallel
+    if world_size != p.tensor_model_parallel_size * p.pipeline_model_parallel_size:
+        raise ConfigError(
+            f"generation runs one model replica: launch TP x PP = "
+            f"{p.tensor_model_parallel_size * p.pipeline_model_parallel_size} ranks "
+            f"(--tensor-model-parallel-size {p.tensor_model_parallel_size} x "
+            f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}), not {world_size}")
+    if p.sequence_parallel:
+        raise ConfigError("--sequence-parallel splits the sequence over TP ranks; a decoding "
+                          "step has one token: leave it off for generation")
+    return config, iteration, found, saved
+
+
+def load_weights(model, config, vocab_size: int, iteration, found: str, saved, topology) -> None:
+    """This rank's weights of ``iteration`` in ``config.checkpoint.load`` into ``model``."""
+    root = config.checkpoint.load
+    directory = ckpt.iteration_dir(root, iteration)
+    if found == dist_checkpoint.FORMAT:
+        check_compatible(saved, config, vocab_size, directory, reshardable=True)
+        sharded = {"model": model.sharded_state_dict(metadata={"singleton_local_shards": False})}
+        state = dist_checkpointing.load(sharded, str(directory))
+        model.load_state_dict(state["model"], strict=True)
+    else:
+        path = ckpt.rank_file(root, iteration, topology.tp_rank, topology.pp_rank,
+                              topology.pipeline_parallel)
+        if not path.is_file():
+            raise ckpt.CheckpointError(
+                f"{path} is missing: this torch-format checkpoint was saved at another TP/PP; "
+                f"launch it at its own layout (the default) or reshard it with convert_ckpt.py")
+        payload = ckpt.load_rank_file(path)
+        check_compatible(payload.get("args"), config, vocab_size, path)
+        ckpt.load_model_state_dict(model, payload["model"], path)
+    logger.info(f"loaded {found} checkpoint {directory} for generation")
