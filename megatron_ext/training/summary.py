@@ -307,7 +307,7 @@ def log_summary(trainer) -> Tuple[List[RankParams], List[str]]:
     module = trainer.model[0].module
     ranks = gather_parameters(module, trainer.topology)
     lines = summary_lines(trainer.config, trainer.vocab_size, module, ranks,
-                          trainer.num_microbatches, trainer.train_ds, trainer.valid_ds)
+                          trainer.num_microbatches(), trainer.train_ds, trainer.valid_ds)
     if dist.get_rank() == 0:
         logger.info("\n".join(lines))
     return ranks, lines

@@ -189,13 +189,19 @@ class Trainer:
         return merge_state_dicts(dict(g for g in gathered if g is not None), **self._shard_args())
 
     # -- steps -------------------------------------------------------------------------------
+    def num_microbatches(self, global_batch_size: Optional[int] = None) -> int:
+        """Gradient accumulation steps of a global batch (by default of --global-batch-size,
+        where a ramp-up ends)."""
+        t = self.config.training
+        return (global_batch_size or t.global_batch_size) // (
+            t.micro_batch_size * self.topology.data_parallel)
+
     def _forward_backward(self, iterator, forward_only: bool,
                           global_batch_size: Optional[int] = None) -> Tuple[float, int]:
         """Runs the schedule over one global batch (by default of --global-batch-size): (mean
         per-token loss, trained tokens), the same on every rank."""
         t, m = self.config.training, self.config.model
-        num_microbatches = ((global_batch_size or t.global_batch_size)
-                            // (t.micro_batch_size * self.topology.data_parallel))
+        num_microbatches = self.num_microbatches(global_batch_size)
         # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
         rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
                      else (t.micro_batch_size, m.seq_length))
