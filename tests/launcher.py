@@ -105,3 +105,17 @@ def iteration_records(stdout: str, train_iters: int) -> list:
 
     return [(int(r["iteration"]), r) for r in parse_log(stdout)[0]
             if int(r["iterations"]) == train_iters]
+
+
+def exit_code_in_fork(target, *args, timeout: float = 300) -> int:
+    """Run ``target(*args)`` in a forked process (one that may kill itself) and return its
+    exit code; a process still alive after ``timeout`` is killed."""
+    import multiprocessing
+
+    proc = multiprocessing.get_context("fork").Process(target=target, args=args)
+    proc.start()
+    proc.join(timeout=timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    return proc.exitcode

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from megatron_ext.config.flags import NO_OP, OURS, flag
+from megatron_ext.tokenizer import TokenizerOptions
 
 
 @dataclass
@@ -64,3 +65,10 @@ class DataConfig:
     tokenizer_special_tokens: Optional[List[str]] = flag(
         None, "TikTokenizer: the special tokens, in id order (Megatron-LM's defaults: <unk> "
         "<s> </s> ...).", group="tokenizer", nargs="+", aliases=("--tiktoken-special-tokens",))
+
+    def tokenizer_options(self) -> TokenizerOptions:
+        """The flags only some tokenizer types read, for ``build_tokenizer``."""
+        return TokenizerOptions(
+            self.vocab_file, self.merge_file, self.tiktoken_pattern,
+            self.tiktoken_num_special_tokens,
+            tuple(self.tokenizer_special_tokens) if self.tokenizer_special_tokens else None)

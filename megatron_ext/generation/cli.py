@@ -50,7 +50,7 @@ class Session:
     def __init__(self, args, world_size: int):
         from megatron_ext.model.gpt import build_model
         from megatron_ext.parallel import ParallelTopology
-        from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer
+        from megatron_ext.tokenizer import build_tokenizer
 
         self.args = args
         self.params = SamplingParams(args.temperature, args.top_k, args.top_p)
@@ -58,11 +58,8 @@ class Session:
             raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
         config, iteration, found, saved = generation_config(args, world_size)
         d = config.data
-        options = TokenizerOptions(
-            d.vocab_file, d.merge_file, d.tiktoken_pattern, d.tiktoken_num_special_tokens,
-            tuple(d.tokenizer_special_tokens) if d.tokenizer_special_tokens else None)
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
-                                         options)
+                                         d.tokenizer_options())
         self.encoder = None
         if args.prompt_type:
             from megatron_ext.data.instruct.pipeline import ConversationEncoder

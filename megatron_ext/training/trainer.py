@@ -29,7 +29,7 @@ from megatron_ext.config import Config
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
-from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer, vocab_size_note
+from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
 from megatron_ext.training import checkpointing, data, shard_checks, summary
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.profiling import StepProfiler
@@ -53,11 +53,8 @@ class Trainer:
         # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
         #    any process group exists, so a bad tokenizer file fails every rank alike.
         d = config.data
-        options = TokenizerOptions(
-            d.vocab_file, d.merge_file, d.tiktoken_pattern, d.tiktoken_num_special_tokens,
-            tuple(d.tokenizer_special_tokens) if d.tokenizer_special_tokens else None)
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
-                                         options)
+                                         d.tokenizer_options())
         note = vocab_size_note(d.tokenizer_type, d.vocab_size)
         if note and int(os.environ.get("RANK", "0")) == 0:
             logger.warning(note)

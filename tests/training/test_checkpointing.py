@@ -1,7 +1,6 @@
 """Save/resume in Megatron's legacy layout (--ckpt-format torch): exact resume, atomic saves,
 clear errors on mismatch. The torch_dist format: test_dist_checkpoint.py."""
 
-import multiprocessing
 import os
 
 import pytest
@@ -11,7 +10,7 @@ import pretrain_gpt
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.config import parse_args
 from megatron_ext.training.trainer import Trainer
-from tests.launcher import launch
+from tests.launcher import exit_code_in_fork, launch
 
 MODEL = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
@@ -97,13 +96,7 @@ def _train_and_die_in_second_save(argv):
 
 def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     argv = MODEL + ["--save", str(tmp_path), "--save-interval", "2"]
-    proc = multiprocessing.get_context("fork").Process(
-        target=_train_and_die_in_second_save, args=(argv,))
-    proc.start()
-    proc.join(timeout=300)
-    if proc.is_alive():
-        proc.kill()
-    assert proc.exitcode == 9
+    assert exit_code_in_fork(_train_and_die_in_second_save, argv) == 9
     assert ckpt.read_tracker(tmp_path) == 2
     assert not (tmp_path / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt").exists()
     resumed = launch(_train, 1, MODEL + ["--load", str(tmp_path)], 1)[0]

@@ -7,7 +7,6 @@ with megatron-core's own GPTModel (local layer spec) saved and loaded by megatro
 """
 
 import argparse
-import multiprocessing
 import os
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.training.metrics import parse_log
-from tests.launcher import free_port, launch
+from tests.launcher import exit_code_in_fork, free_port, launch
 from tests.training.test_checkpointing import _train, _train_with_weights
 
 BASE = (
@@ -113,13 +112,7 @@ def _train_and_die_in_second_save(argv):
 
 def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     argv = BASE + ["--save", str(tmp_path), "--save-interval", "2"]
-    proc = multiprocessing.get_context("fork").Process(
-        target=_train_and_die_in_second_save, args=(argv,))
-    proc.start()
-    proc.join(timeout=300)
-    if proc.is_alive():
-        proc.kill()
-    assert proc.exitcode == 9
+    assert exit_code_in_fork(_train_and_die_in_second_save, argv) == 9
     assert ckpt.read_tracker(tmp_path) == 2
     assert not (tmp_path / "iter_0000004").exists()
     assert list(tmp_path.glob(".iter_0000004.*"))  # the half-written one, under its temp name
