@@ -149,16 +149,13 @@ def render() -> str:
         "Statuses: *honoured* (Megatron-LM's meaning), *no-op* (selects what is always done "
         "here; said once on rank 0),",
         "*warned* (warned and disabled, as Megatron-LM does), *refused* (a one-line error with "
-        "the way out), *pending* (not accepted yet).",
+        "the way out).",
         "",
         "| flag | scripts | status | default | note |",
         "|---|---|---|---|---|",
     ]
     for name in sorted(SCRIPT_FLAGS):
         scripts = ", ".join(SCRIPT_FLAGS[name])
-        if name not in data:
-            lines.append(f"| `{name}` | {scripts} | pending | | tokenizer work of issue 11 |")
-            continue
         _, f = data[name]
         meta = f.metadata
         status = _STATUS_TEXT.get(meta.get("status", "honoured"), meta.get("status"))

@@ -12,8 +12,9 @@ one full tensor at a time (at most the embedding or one layer's largest matrix).
 
 Distributions are megatron-core's own (``TransformerConfig``'s init callables): normal(0,
 ``--init-method-std``) for QKV, fc1, embeddings and the output layer, scaled by
-1/sqrt(2 x num_layers) for the residual-branch outputs (linear_proj, linear_fc2); norms 1,
-biases 0; the padded vocabulary rows 0 (they never take part in the loss: model/vocab.py).
+1/sqrt(2 x num_layers) for the residual-branch outputs (linear_proj, linear_fc2); norms 1
+(0 with --apply-layernorm-1p, which stores gamma - 1), biases 0; the padded vocabulary rows 0
+(they never take part in the loss: model/vocab.py).
 The values are reproducible per device type (CPU and CUDA generators differ).
 """
 
@@ -43,7 +44,8 @@ def _init_method(name: str, config: TransformerConfig):
     if name.endswith(".bias"):
         return 0.0
     if name.endswith(_NORMS):
-        return 1.0
+        # --apply-layernorm-1p stores gamma - 1 (megatron-core's zero-centered gamma).
+        return 0.0 if config.layernorm_zero_centered_gamma else 1.0
     if name in _EMBEDDINGS:
         return config.embedding_init_method
     if name.endswith(_SCALED):

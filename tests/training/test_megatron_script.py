@@ -53,8 +53,9 @@ def test_megatron_style_script_trains_evaluates_saves_and_resumes(tmp_path):
     assert losses[-1] < losses[0]
     # Warmup over 8 samples: after the first 4, half the peak.
     assert float(train[0]["learning rate"]) == pytest.approx(0.0015 / 2)
-    assert [(v["iteration"], v["final"]) for v in valid] == [("3", False), ("6", False),
-                                                             ("7", True)]
+    assert [(v["iteration"], v["split"], v["final"]) for v in valid] == [
+        ("3", "validation", False), ("6", "validation", False), ("7", "validation", True),
+        ("7", "test", True)]
     # Accepted-but-adapted flags are said once (rank 0), not once per rank.
     for notice in ("--sequence-parallel with --tensor-model-parallel-size 1: disabled",
                    "--attention-backend fused (Megatron-LM's name) runs as our "
@@ -78,4 +79,8 @@ def test_megatron_style_script_trains_evaluates_saves_and_resumes(tmp_path):
         for name in ("lm loss", "consumed samples", "global batch size", "learning rate",
                      "grad norm"):
             assert first[name] == second[name], (name, first, second)
-    assert [(v["iteration"], v["final"]) for v in resumed_valid] == [("6", False), ("7", True)]
+    assert [(v["iteration"], v["split"], v["final"]) for v in resumed_valid] == [
+        ("6", "validation", False), ("7", "validation", True), ("7", "test", True)]
+    # The validation position is in the checkpoint: the resumed evaluations see the batches the
+    # uninterrupted run saw.
+    assert [v["lm loss value"] for v in resumed_valid] == [v["lm loss value"] for v in valid[1:]]
