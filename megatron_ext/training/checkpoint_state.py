@@ -1,4 +1,5 @@
-"""What both checkpoint formats save the same way: RNG states and the pruning of old iterations."""
+"""What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
+(chained) optimizer, and the pruning of old iterations."""
 
 import random
 import shutil
@@ -7,8 +8,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint import format as ckpt
+
+
+def distributed_optimizers(optimizer) -> list:
+    """The DistributedOptimizers in ``optimizer`` (megatron-core chains one per param group
+    kind, e.g. with --decoupled-lr)."""
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt for opt in chained if isinstance(opt, DistributedOptimizer)]
 
 
 def rng_state() -> dict:

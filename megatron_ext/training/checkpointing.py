@@ -22,17 +22,13 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import dist_checkpoint
-from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
+                                                   set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
-
-
-def _distributed_optimizers(optimizer) -> list:
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [opt for opt in chained if hasattr(opt, "get_parameter_state_dp_zero")]
 
 
 def _load_distributed_state(optimizer, state) -> None:
@@ -72,7 +68,7 @@ def save_checkpoint(trainer) -> None:
     dist.all_gather_object(rng_states, rng_state(), group=dp_group)
     # Collective over DP ranks: every rank takes part, DP rank 0 receives the full state.
     distrib_states = [opt.get_parameter_state_dp_zero()
-                      for opt in _distributed_optimizers(trainer.optimizer)]
+                      for opt in distributed_optimizers(trainer.optimizer)]
     if topology.dp_rank == 0:
         ckpt.save_rank_file(path, {
             "args": model_args_namespace(trainer.config, trainer.vocab_size),
@@ -152,7 +148,7 @@ def load_checkpoint(trainer) -> None:
                 f"--finetune to load the weights alone")
         trainer.optimizer.load_state_dict(payload["optimizer"])
         trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
-        optimizers = _distributed_optimizers(trainer.optimizer)
+        optimizers = distributed_optimizers(trainer.optimizer)
         if optimizers:
             distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
             states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_rank == 0

@@ -42,7 +42,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
-from megatron_ext.training.checkpoint_state import prune, rng_state, set_rng_state
+from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
+                                                   set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -195,10 +196,7 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
 
 def _torch_adam_optimizers(optimizer) -> list:
     """The distributed optimizers that drive torch's Adam (megatron-core without Apex/TE)."""
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
-    chained = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [opt for opt in chained if isinstance(opt, DistributedOptimizer)]
+    return [] if distrib_optimizer.HAVE_APEX_OR_TE else distributed_optimizers(optimizer)
 
 
 def _allocate_adam_state(optimizer) -> None:
