@@ -57,9 +57,8 @@ SHARDED = ("tokens", "labels", "loss_mask", "position_ids")
 class ContextParallelParams(PackedSeqParams):
     """``PackedSeqParams`` of a context-parallel micro-batch (built by ``shard_batch``).
 
-    megatron-core reads ``qkv_format`` ("sbhd": none of its THD paths), ``cp_group`` and
-    ``max_seqlen_q/kv`` (the global row length: the rotary table it builds, then discarded by
-    ``GPTModel``); the rest is ours.
+    megatron-core's attention reads ``qkv_format`` only ("sbhd": none of its THD paths);
+    ``cp_group`` is the group that sharded the batch; the rest is ours.
     """
 
     qkv_format: str = "sbhd"
@@ -146,8 +145,7 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         _document_starts(packed_seq_params, b, s), s, cp_size, cp_rank)
     to = dict(device=tokens.device)
     params = ContextParallelParams(
-        cp_group=cp_group, max_seqlen_q=s, max_seqlen_kv=s,
-        rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
+        cp_group=cp_group, rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
         kv_index=kv_index.to(**to),
     )
