@@ -123,10 +123,16 @@ def _check(results, ref, s, grads):
                                    err_msg=name)
 
 
-@pytest.mark.parametrize("flags", ["documents", "plain-causal"])
-def test_cp2_gives_the_single_process_loss_logits_and_gradients(references, flags):
+RECOMPUTE = "--recompute-granularity full --recompute-method uniform".split()
+
+
+@pytest.mark.parametrize("flags, extra", [("documents", []), ("plain-causal", []),
+                                          ("documents", RECOMPUTE)],
+                         ids=["documents", "plain-causal", "documents-recompute"])
+def test_cp2_gives_the_single_process_loss_logits_and_gradients(references, flags, extra):
     argv, sample, ref = references[flags]
-    results = launch(_rank, 2, argv, sample, 2, ref[5])
+    # Recomputation replays the forward, K/V all-gather included, in the backward pass.
+    results = launch(_rank, 2, argv + extra, sample, 2, ref[5])
     _check(results, ref, sample["tokens"].size(1), results[0][4])
     # The two CP ranks computed different halves: the test sees the assembly, not a copy.
     assert not torch.equal(results[0][2], results[1][2])
