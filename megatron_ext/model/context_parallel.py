@@ -18,6 +18,13 @@ Interface (``pretrain_gpt.get_batch`` calls it once per micro-batch, on every pi
   rank)`` of every row; and a ``ContextParallelParams`` for ``GPTModel.forward`` (our
   ``model.gpt.GPTModel`` takes RoPE from it, our ``CoreAttention`` the attention layout).
 
+What the training loop must do around it: give the CP ranks of a DP rank the same micro-batch;
+pass ``seq_length=s, micro_batch_size=b`` (not the flattened ``b * s, 1`` of the CP=1 packed
+path) to ``get_forward_backward_func``, which divides ``s`` by CP itself for the pipeline's
+``[s / CP, b, h]`` activations; sum the loss and its token count over the CP group (each rank
+holds part of the tokens); reduce gradients over DP x CP (megatron-core's DDP does, from
+``parallel_state``'s CP groups). Checked with PP=2 x CP=2 through megatron-core's schedule.
+
 Layout (Megatron's load balancing for causal attention): each row of ``s`` tokens is cut into
 ``2 * CP`` chunks of ``c = s / (2 * CP)`` tokens; CP rank ``r`` holds chunks ``r`` and
 ``2 * CP - 1 - r``, in that order, so every rank has the same causal work. Every row is cut the
