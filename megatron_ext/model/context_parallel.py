@@ -23,7 +23,8 @@ pass ``seq_length=s, micro_batch_size=b`` (not the flattened ``b * s, 1`` of the
 path) to ``get_forward_backward_func``, which divides ``s`` by CP itself for the pipeline's
 ``[s / CP, b, h]`` activations; sum the loss and its token count over the CP group (each rank
 holds part of the tokens); reduce gradients over DP x CP (megatron-core's DDP does, from
-``parallel_state``'s CP groups). Checked with PP=2 x CP=2 through megatron-core's schedule.
+``parallel_state``'s CP groups). tests/model/test_context_parallel_model.py runs PP=2 x CP=2
+through megatron-core's schedule.
 
 Layout (Megatron's load balancing for causal attention): each row of ``s`` tokens is cut into
 ``2 * CP`` chunks of ``c = s / (2 * CP)`` tokens; CP rank ``r`` holds chunks ``r`` and

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_ext import platform
+from megatron_ext.checkpoint.sharding import shard_state_dict
 from megatron_ext.config import parse_args
 from megatron_ext.model.context_parallel import local_columns
 from megatron_ext.model.gpt import build_model
@@ -27,65 +28,79 @@ from tests.model.test_varlen_model import (EOD, MODEL_ARGS, ROWS_MBS2, SEED, VOC
 PLAIN_ARGS = [a for a in MODEL_ARGS if a != "--reset-position-ids"]
 
 
-def _rank(argv, sample, cp, state):
-    """(coords, columns, loss [b, s / CP], logits, grads summed over CP) on this rank."""
+def _setup_cp(argv, cp, state):
+    """This rank's config and model at ``--context-parallel-size cp`` with the weights
+    ``state``. The CP groups are made here (ParallelTopology's part of the feature lives in
+    the training side); the model gets the CP size through its config, as from the flag."""
     from megatron.core import parallel_state
 
     world = int(os.environ["WORLD_SIZE"])
+    config = parse_args(argv, world_size=world)
     if cp == 1:
-        topo, model = _setup(argv, state)
-        config = parse_args(argv, world_size=world)
-    else:
-        # The CP groups made directly (ParallelTopology's part of the feature lives elsewhere);
-        # the model gets --context-parallel-size through its config as from the flag.
-        config = parse_args(argv, world_size=world)
-        config.parallel.context_parallel_size = cp
-        platform.apply()
-        dist.init_process_group("gloo", world_size=world, rank=int(os.environ["RANK"]))
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=config.parallel.tensor_model_parallel_size,
-            context_parallel_size=cp)
-        platform.manual_seed(SEED)
-        model = build_model(config, VOCAB)
-        if state is not None:
-            from megatron_ext.checkpoint.sharding import shard_state_dict
+        return config, _setup(argv, state)[1]
+    config.parallel.context_parallel_size = cp
+    p = config.parallel
+    platform.apply()
+    dist.init_process_group("gloo", world_size=world, rank=int(os.environ["RANK"]))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size, context_parallel_size=cp)
+    platform.manual_seed(SEED)
+    model = build_model(config, VOCAB)
+    model.load_state_dict(shard_state_dict(
+        state, num_layers=2, swiglu=True, tied_embeddings=False,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=p.tensor_model_parallel_size,
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        pp_size=p.pipeline_model_parallel_size, vocab_rows=VOCAB), strict=False)
+    model.train()
+    return config, model
 
-            tp = parallel_state.get_tensor_model_parallel_world_size()
-            shard = shard_state_dict(
-                state, num_layers=2, swiglu=True, tied_embeddings=False,
-                tp_rank=parallel_state.get_tensor_model_parallel_rank(), tp_size=tp,
-                pp_rank=0, pp_size=1, vocab_rows=VOCAB)
-            model.load_state_dict(shard, strict=False)
-        model.train()
+
+def _raw_batch(config, sample):
+    """The global micro-batch as the data loader yields it."""
     tokens = sample["tokens"]
     b, s = tokens.shape
     position_ids = (reset_position_ids(tokens, EOD) if config.varlen
                     else torch.arange(s).expand(b, s))
-    raw = {"tokens": tokens, "labels": sample["labels"], "loss_mask": torch.ones(b, s),
-           "position_ids": position_ids}
-    batch = get_batch(config, EOD, iter([raw]))
+    return {"tokens": tokens, "labels": sample["labels"], "loss_mask": torch.ones(b, s),
+            "position_ids": position_ids}
+
+
+def _grads_over_cp(model, config):
+    """Gradients summed over the CP group (and the sequence-sliced norms over TP with SP, as
+    finalize_model_grads does)."""
+    from megatron.core import parallel_state
+
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name, param in model.named_parameters():
+        dist.all_reduce(grads[name], group=parallel_state.get_context_parallel_group())
+        if config.parallel.sequence_parallel and getattr(param, "sequence_parallel", False):
+            dist.all_reduce(grads[name], group=parallel_state.get_tensor_model_parallel_group())
+    return {k: v.numpy() for k, v in grads.items()}
+
+
+def _rank(argv, sample, cp, state):
+    """(coords, columns, loss [b, s / CP], logits, grads summed over CP, state) on this rank."""
+    from megatron.core import parallel_state
+
+    config, model = _setup_cp(argv, cp, state)
+    b, s = sample["tokens"].shape
+    batch = get_batch(config, EOD, iter([_raw_batch(config, sample)]))
     args = (batch["tokens"], batch["position_ids"], None)
     loss = model(*args, labels=batch["labels"], packed_seq_params=batch["packed_seq_params"])
     loss.sum().backward()
     with torch.no_grad():
         logits = model(*args, packed_seq_params=batch["packed_seq_params"])
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    if cp > 1:
-        for grad in grads.values():
-            dist.all_reduce(grad, group=parallel_state.get_context_parallel_group())
-        if config.parallel.sequence_parallel:  # the sequence-sliced norms (finalize_model_grads)
-            for name, param in model.named_parameters():
-                if getattr(param, "sequence_parallel", False):
-                    dist.all_reduce(grads[name],
-                                    group=parallel_state.get_tensor_model_parallel_group())
-        columns = local_columns(s, cp, parallel_state.get_context_parallel_rank())
-    else:
-        columns = torch.arange(s)
+    grads = _grads_over_cp(model, config) if cp > 1 else {
+        n: p.grad.numpy().copy() for n, p in model.named_parameters()}
+    columns = (local_columns(s, cp, parallel_state.get_context_parallel_rank()) if cp > 1
+               else torch.arange(s))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()
              if not k.endswith("_extra_state")}
     coords = (parallel_state.get_tensor_model_parallel_rank(), 0)
     return (coords, columns, loss.detach().reshape(b, -1), logits.reshape(b, len(columns), -1),
-            {k: v.numpy() for k, v in grads.items()}, state)
+            grads, state)
 
 
 def _assemble(results, s):
@@ -117,6 +132,10 @@ def _check(results, ref, s, grads):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
     if logits.size(-1) == ref_logits.size(-1):  # TP=1: the whole vocabulary
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+    _check_grads(grads, ref_grads)
+
+
+def _check_grads(grads, ref_grads):
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         np.testing.assert_allclose(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5,
@@ -138,11 +157,45 @@ def test_cp2_gives_the_single_process_loss_logits_and_gradients(references, flag
     assert not torch.equal(results[0][2], results[1][2])
 
 
-@pytest.mark.parametrize("flags", ["documents", "plain-causal"])
-def test_cp2_with_tp2_and_sequence_parallel(references, flags):
-    argv, sample, ref = references[flags]
+def test_cp2_with_tp2_and_sequence_parallel(references):
+    argv, sample, ref = references["documents"]
     argv = argv + "--tensor-model-parallel-size 2 --sequence-parallel".split()
     results = launch(_rank, 4, argv, sample, 2, ref[5])
-    merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results
-                      if coords is not None])
+    merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results])
     _check(results, ref, sample["tokens"].size(1), merged)
+
+
+def _pipeline_rank(argv, sample, state):
+    """PP=2 x CP=2 through megatron-core's schedule: (coords, summed loss, grads over CP)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config, model = _setup_cp(argv, 2, state)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    raw = _raw_batch(config, sample)
+    b, s = sample["tokens"].shape
+
+    def forward_step(data_iterator, model):
+        batch = get_batch(config, EOD, data_iterator)  # on every stage
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=batch["packed_seq_params"])
+        return output, lambda loss: (loss.sum(), torch.tensor(loss.numel(), dtype=torch.int),
+                                     {"loss": loss.detach().sum().reshape(1)})
+
+    # The rows and the global sequence length: megatron-core divides it by CP for the
+    # [s / CP, b, h] activations the stages exchange.
+    reduced = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter([raw]), model=[model],
+        num_microbatches=1, seq_length=s, micro_batch_size=b)
+    grads = _grads_over_cp(model, config)
+    loss = reduced[0]["loss"] if reduced else torch.zeros(1)
+    dist.all_reduce(loss, group=parallel_state.get_context_parallel_group())
+    return (0, pp_rank), float(loss), grads
+
+
+def test_cp2_with_pp2_through_the_megatron_schedule(references):
+    argv, sample, ref = references["documents"]
+    results = launch(_pipeline_rank, 4, argv + ["--pipeline-model-parallel-size", "2"], sample,
+                     ref[5])
+    np.testing.assert_allclose(results[-1][1], float(ref[2].sum()), rtol=1e-5)
+    _check_grads(_merged(results), ref[4])
