@@ -70,9 +70,10 @@ class InstructionShards:
         self.ids = IndexedDataset(ids_prefix)
         self.mask = IndexedDataset(mask_prefix)
         names = read_tasks(prefix)
-        # This dataset's task ids -> the run's (several datasets share a name's task).
-        self.task_map = np.array([task_names.index(n) for n in dataset_task_names(prefix, names)],
-                                 np.int64)
+        # This dataset's task ids -> the run's (several datasets share a name's task; a task
+        # without conversations, e.g. the padding's unnamed one, is never trained on).
+        self.task_map = np.array([0 if n is None else task_names.index(n)
+                                  for n in dataset_task_names(prefix, names)], np.int64)
         self.tasks = IndexedDataset(task_ids_prefix(prefix)) if names is not None else None
         for other in (self.mask, self.tasks):
             if other is not None and (
@@ -207,7 +208,7 @@ def task_names(config: Config) -> List[str]:
         except ValueError as error:
             raise ConfigError(f"--data-path {prefix}: {error}") from None
         for name in dataset_task_names(prefix, found):
-            if name not in names:
+            if name is not None and name not in names:
                 names.append(name)
     return names
 

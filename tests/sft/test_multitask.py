@@ -75,8 +75,9 @@ def data(tmp_path_factory, char_tokenizer_dir):
 def test_task_ids_survive_packing(data):
     """Each packed conversation keeps its record's data_name, token by token."""
     packed = data["packed"]
-    assert read_tasks(packed)[1:] == read_tasks(data["single"])[1:]
-    assert sorted(read_tasks(packed)[1:]) == sorted(TASKS)
+    # Every record is tagged: the unnamed task (id 0, the padding's) has no conversation.
+    assert read_tasks(packed) == read_tasks(data["single"])
+    assert read_tasks(packed)[0] is None and sorted(read_tasks(packed)[1:]) == sorted(TASKS)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     ids, mask, tasks = (IndexedDataset(p) for p in (*output_prefixes(packed),
@@ -294,14 +295,11 @@ def _curves(stdout):
 def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
     """pretrain_gpt.py with CoBa: per-task training and validation losses and CoBa's weights
     in every log line (and TensorBoard), the same with 2 DP ranks as on one process."""
-    iters = 4
-    args = [a for a in data["argv"] if a not in ("--train-iters", "1", "--eval-interval",
-                                                 "1000", "--eval-iters", "0", "--split",
-                                                 "100,0,0")]
-    assert len(args) == len(data["argv"]) - 8
-    args += ["--data-path", data["packed"], "--micro-batch-size", "1", "--global-batch-size",
-             "4", "--train-iters", str(iters), "--eval-interval", "2", "--eval-iters", "1",
-             "--split", "75,25,0", "--weighted-loss-mode", "coba", "--coba-warmup-steps", "2",
+    iters = 3
+    # Later flags override the one-batch runs' (argparse keeps the last).
+    args = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "1", "--global-batch-size",
+             "4", "--train-iters", str(iters), "--eval-interval", "3", "--eval-iters", "1",
+             "--split", "75,25,0", "--weighted-loss-mode", "coba", "--coba-warmup-steps", "1",
              "--coba-history-length", "3"]
     runs = {}
     for nproc in (1, 2):
@@ -310,10 +308,10 @@ def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         runs[nproc] = _curves(out.stdout + out.stderr)
     train, valid = runs[1]
-    assert len(train) == iters and len(valid) >= 2
+    assert len(train) == iters and len(valid) == 1
     assert all(any(k.startswith("lm loss [") for k in r) for r in train + valid)
     assert set(train[-1]) >= {f"task weight [{t}]" for t in TASKS}
-    assert train[0]["task weight [code]"] == pytest.approx(1 / 3)  # equal during warmup
+    assert train[0]["task weight [code]"] == pytest.approx(1 / 3, abs=1e-4)  # warmup: equal
     assert train[-1]["task weight [code]"] != pytest.approx(train[0]["task weight [code]"])
     for got, want in zip(runs[2], runs[1]):
         assert len(got) == len(want)

@@ -352,6 +352,6 @@ def preprocess_instructions(
     # sizes still tell whether it belongs to the ids shard beside it).
     mask_writer.write_meta(eod_appended=False, tool=TOOL)
     task_writer.write_meta(eod_appended=False, tool=TOOL)
-    write_tasks(output_prefix, table.names)
+    write_tasks(output_prefix, table.names, [summary.tasks.get(n, 0) for n in table.names])
     summary.seconds = time.perf_counter() - start
     return summary

@@ -9,8 +9,9 @@ blend of untagged datasets is one task per dataset, as MFTCoder's one dataset pe
   sequences and documents of the other two, holding each token's task id (the conversation's;
   the padding of a packed sample gets 0 and is never trained on), so a packed sample keeps the
   task of every conversation in it;
-- ``PREFIX_tasks.json``: the task-name table, ``{"tasks": ["", "code", ...]}`` (id = index;
-  ``""`` is the unnamed task), written last and atomically.
+- ``PREFIX_tasks.json``: the task-name table, ``{"tasks": ["", "code", ...], "conversations":
+  [0, 120, ...]}`` (id = index; ``""`` is the unnamed task; how many conversations each has),
+  written last and atomically.
 
 Shards written before tasks existed have neither file: all their conversations are the
 dataset's unnamed task. megatron-core never reads these files.
@@ -70,14 +71,14 @@ class TaskTable:
         return found
 
 
-def write_tasks(prefix: str, names: List[str]) -> None:
+def write_tasks(prefix: str, names: List[str], conversations: List[int]) -> None:
     """``PREFIX_tasks.json``, atomically (a reader sees the old file or the new one)."""
     path = tasks_path(prefix)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump({"format": TASKS_FORMAT, "version": TASKS_VERSION, "tasks": names}, f,
-                      indent=1)
+            json.dump({"format": TASKS_FORMAT, "version": TASKS_VERSION, "tasks": names,
+                       "conversations": conversations}, f, indent=1)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -86,8 +87,9 @@ def write_tasks(prefix: str, names: List[str]) -> None:
         raise
 
 
-def read_tasks(prefix: str) -> Optional[List[str]]:
-    """The task names of ``prefix`` (None: shards without tasks); ValueError naming the file."""
+def read_tasks(prefix: str) -> Optional[List[Optional[str]]]:
+    """The task names of ``prefix`` by id, None for a task without conversations (None for
+    all: shards without tasks); ValueError naming the file."""
     path = tasks_path(prefix)
     if not os.path.exists(path):
         return None
@@ -96,16 +98,20 @@ def read_tasks(prefix: str) -> Optional[List[str]]:
             raw = json.load(f)
         if raw.get("format") != TASKS_FORMAT or raw.get("version") != TASKS_VERSION:
             raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}")
-        names = raw["tasks"]
+        names, counts = raw["tasks"], raw["conversations"]
         if not (isinstance(names, list) and names and names[0] == ""
                 and all(isinstance(n, str) for n in names)):
             raise ValueError("'tasks' must list names, the unnamed task \"\" first")
-        return names
+        if not (isinstance(counts, list) and len(counts) == len(names)
+                and all(isinstance(c, int) for c in counts)):
+            raise ValueError("'conversations' must count each task's conversations")
+        return [name if count else None for name, count in zip(names, counts)]
     except (OSError, ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"{path}: unreadable task table ({error}); rewrite the data with "
                          "preprocess_data.py --handler-name ...") from None
 
 
-def dataset_task_names(prefix: str, names: Optional[List[str]]) -> List[str]:
-    """A dataset's task names for training: its unnamed task takes the dataset's name."""
-    return [n or os.path.basename(prefix) for n in (names or [""])]
+def dataset_task_names(prefix: str, names: Optional[List[Optional[str]]]) -> List[Optional[str]]:
+    """A dataset's task names for training (``read_tasks``): its unnamed task takes the
+    dataset's name; None stays for a task without conversations."""
+    return [os.path.basename(prefix) if n == "" else n for n in (names or [""])]
