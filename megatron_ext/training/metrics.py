@@ -123,7 +123,8 @@ class MetricsLogger:
         from megatron_ext.training.multitask import task_fields
 
         totals = [t for t in totals if t is not None]
-        if not self.task_names or not totals:
+        # One task's loss is lm loss itself: per-task fields only when there are several.
+        if not self.task_names or len(self.task_names) < 2 or not totals:
             return {}
         return task_fields(self.task_names, sum(totals), prefix)
 
