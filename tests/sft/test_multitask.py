@@ -95,6 +95,30 @@ def test_task_ids_survive_packing(data):
     assert sorted(found) == sorted(expected)
 
 
+def test_blend_tasks_are_named_and_untagged_datasets_are_tasks(data, tmp_path,
+                                                                char_tokenizer_dir):
+    """The run's tasks: each data_name once over the blend; a dataset's untagged records are
+    the task named after the dataset (MFTCoder's one dataset per task)."""
+    from megatron_ext.training.sft_dataset import InstructionShards, task_names
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records(4, seed=9)))
+    preprocess_main(["--input", str(path), "--tokenizer-type", "HuggingFaceTokenizer",
+                     "--tokenizer-model", char_tokenizer_dir, "--handler-name",
+                     "OpenAIStyleInstructionHandler", "--prompt-type", "mftcoder",
+                     "--output-prefix", str(tmp_path / "plain"), "--log-interval", "0"])
+    config = parse_args(data["argv"] + ["--data-path", "0.5", data["packed"], "0.3",
+                                        data["single"], "0.2", str(tmp_path / "plain")],
+                        world_size=1)
+    names = task_names(config)
+    assert sorted(names[:3]) == sorted(TASKS) and names[3:] == ["plain"]
+    plain = InstructionShards(str(tmp_path / "plain"), names)
+    assert all((plain.document(i)[2] == 3).all() for i in range(len(plain)))
+    single = InstructionShards(data["single"], names)
+    assert [names[single.document(i)[2][0]] for i in range(len(single))] == \
+        [c[2] for c in data["conversations"]]
+
+
 def _one_global_batch(argv, world_size, init_state_dict):
     config = parse_args(argv, world_size=world_size)
     trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size,
