@@ -155,6 +155,9 @@ class Trainer:
 
             self.multitask = multitask.MultiTask(task_names(config), t.weighted_loss_mode)
             self.metrics.task_names = self.multitask.names
+            if len(self.multitask.names) > 1 and dist.get_rank() == 0:
+                logger.info(f"tasks (data_name): {', '.join(self.multitask.names)}; "
+                            f"--weighted-loss-mode {t.weighted_loss_mode}")
             if t.weighted_loss_mode == "coba":
                 from megatron_ext.training.coba import CoBaSchedule
 
