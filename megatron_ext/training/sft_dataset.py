@@ -39,7 +39,8 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.data.instruct.pipeline import output_prefixes
-from megatron_ext.data.instruct.tasks import dataset_task_names, read_tasks, task_ids_prefix
+from megatron_ext.data.instruct.tasks import (dataset_task_names, read_tasks, task_ids_prefix,
+                                              tasks_path)
 from megatron_ext.training.blend import parse_blend
 
 logger = logging.getLogger("megatron_ext")
@@ -47,7 +48,10 @@ logger = logging.getLogger("megatron_ext")
 
 def check_prefix(prefix: str) -> None:
     """ConfigError naming --data-path unless both shards of ``prefix`` exist."""
-    missing = [p + suffix for p in output_prefixes(prefix) for suffix in (".bin", ".idx")
+    shards = list(output_prefixes(prefix))
+    if os.path.exists(tasks_path(prefix)):  # written last: its task-id shard must be there
+        shards.append(task_ids_prefix(prefix))
+    missing = [p + suffix for p in shards for suffix in (".bin", ".idx")
                if not os.path.isfile(p + suffix)]
     if not missing:
         return

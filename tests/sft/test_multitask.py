@@ -349,3 +349,17 @@ def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"lm loss [code]", "lm loss validation [code]", "task weight [code]"} <= tags
+
+
+def test_a_task_table_without_its_shard_is_named(data, tmp_path):
+    import glob
+    import shutil
+
+    from megatron_ext.training.sft_dataset import check_prefix
+
+    for path in glob.glob(data["packed"] + "_*"):
+        if "_task_ids_document" not in path:
+            shutil.copy(path, tmp_path)
+    prefix = str(tmp_path / "packed")
+    with pytest.raises(ConfigError, match="packed_task_ids_document.bin"):
+        check_prefix(prefix)
