@@ -53,7 +53,8 @@ def forward_step(config: Config, eod: int, data_iterator, model):
     if "task_scale" in batch:  # multi-task instruction data: megatron_ext/training/multitask.py
         from megatron_ext.training import multitask
 
-        return output_tensor, partial(multitask.loss_func, batch["task_ids"], batch["loss_mask"],
+        return output_tensor, partial(multitask.loss_func, batch["task_ids"],
+                                      batch["sample_ids"], batch["loss_mask"],
                                       batch["task_scale"])
     return output_tensor, partial(loss_func, batch["loss_mask"])
 

@@ -84,11 +84,12 @@ class TrainingConfig:
     # docs/finetune.md.
     weighted_loss_mode: str = flag(
         "case1", "How the tasks of --is-instruction-dataset data (MFTCoder's data_name) weigh "
-        "in the loss: case1, every trained token alike; case3, each task's per-token mean, the "
-        "tasks of the global batch averaged equally; coba, case3 with CoBa's convergence-"
-        "balancing task weights (from the validation loss slopes).",
-        choices=["case1", "case3", "coba"], note="MFTCoder's weighted_loss_mode; case3 and "
-        "coba need --calculate-per-token-loss", **_MFT)
+        "in the loss: case1, every trained token alike; case2, every conversation alike; "
+        "case3, each task's per-token mean, the tasks of the global batch averaged equally; "
+        "case4, each task's mean over its conversations, tasks averaged equally; coba, case3 "
+        "with CoBa's convergence-balancing task weights (from the validation loss slopes).",
+        choices=["case1", "case2", "case3", "case4", "coba"], note="MFTCoder's "
+        "weighted_loss_mode; all but case1 need --calculate-per-token-loss", **_MFT)
     coba_warmup_steps: int = flag(
         100, "coba: steps with equal task weights before CoBa adjusts them.", **_MFT)
     coba_history_length: int = flag(

@@ -315,7 +315,7 @@ def _validate_multitask(config: Config) -> None:
         return
     _require(config.data.is_instruction_dataset, f"--weighted-loss-mode {mode} weighs the "
              "tasks of instruction data: it needs --is-instruction-dataset")
-    # The task weights divide by counts over the whole global batch; megatron-core's
+    # The weights divide by counts over the whole global batch; megatron-core's
     # per-micro-batch averaging (without the flag) would weigh micro-batches instead.
     _require(t.calculate_per_token_loss, f"--weighted-loss-mode {mode} needs "
              "--calculate-per-token-loss")

@@ -15,7 +15,9 @@ exactly that many) becomes, as in Megatron's GPTDataset:
   a conversation attends only to itself, exactly as if it were trained alone;
 - ``task_ids`` [seq_length] int64: the task of each label (its conversation's; an index into
   ``task_names(config)``, the tasks of all blended datasets), for the multi-task loss
-  (``megatron_ext.training.multitask``).
+  (``megatron_ext.training.multitask``);
+- ``sample_ids`` [seq_length] int64: the index of each label's conversation in the row (the
+  padding's segment included), for the sample-level loss modes.
 
 A conversation's last input position predicts the next conversation's first token; that label
 is always masked (a conversation starts with an untrained prompt), so a packed sample trains
@@ -184,8 +186,10 @@ def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_len
         mask = np.concatenate([mask, np.zeros(padding, mask.dtype)])
         tasks = np.concatenate([tasks, np.zeros(padding, tasks.dtype)])
         segments = list(segments) + [padding]
-    # The inputs are the first seq_length tokens: the last segment loses its last token.
     segments = [n for n in segments if n > 0]
+    # Each label's conversation (segment of the row), for sample-level loss modes.
+    sample_ids = np.repeat(np.arange(len(segments), dtype=np.int64), segments)[1:]
+    # The inputs are the first seq_length tokens: the last segment loses its last token.
     segments[-1] -= 1
     if segments[-1] == 0:
         segments.pop()
@@ -199,6 +203,7 @@ def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_len
         "position_ids": torch.from_numpy(position_ids),
         "seq_lengths": torch.from_numpy(seq_lengths),
         "task_ids": torch.from_numpy(tasks[1:].astype(np.int64)),
+        "sample_ids": torch.from_numpy(sample_ids),
     }
 
 

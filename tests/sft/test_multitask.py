@@ -3,8 +3,9 @@ losses, and every --weighted-loss-mode against a direct computation from its def
 
 The reference takes every conversation alone through a plain model (batch 1, plain causal
 attention) and builds the modes' losses from the per-token losses by their definitions
-(docs/finetune.md): case1 = sum / tokens; case3 = the mean over tasks of each task's per-token
-mean. The runs under test go through the product path (preprocess_data.py, ``Trainer``,
+(docs/finetune.md): case1 = sum / tokens; case2 = the mean over conversations of their
+per-token means; case3 = the mean over tasks of each task's per-token mean; case4 = the mean
+over tasks of the mean over the task's conversations. The runs under test go through the product path (preprocess_data.py, ``Trainer``,
 ``pretrain_gpt.forward_step``, megatron-core's schedule) on one global batch, packed or not,
 on one process and with DP=2 + gradient accumulation and TP=2 x PP=2; their per-task losses
 and gradients must equal the reference's. A torchrun run with 2 DP ranks logs the per-task
@@ -156,33 +157,35 @@ def _reference(argv, conversations, state):
     result = model.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     model.train()
-    # Each task's conversations alone: its summed loss, trained tokens and gradient; the
-    # modes are linear in them (megatron-core's cross entropy allows one backward per graph).
-    sums, counts, task_grads = {}, {}, {}
-    for task in sorted({c[2] for c in conversations}):
+    # Each conversation alone: its summed loss, trained tokens and gradient; every mode is
+    # linear in them (megatron-core's cross entropy allows one backward per graph).
+    sums, counts, conv_grads = [], [], []
+    for ids, mask, _ in conversations:
         model.zero_grad(set_to_none=True)
-        total, count = torch.zeros(()), 0
-        for ids, mask, name in conversations:
-            if name != task:
-                continue
-            ids, mask = torch.from_numpy(ids), torch.from_numpy(mask).float()
-            tokens, labels = ids[:-1][None], ids[1:][None]
-            loss = model(tokens, torch.arange(tokens.size(1))[None], None, labels=labels)
-            total = total + (loss[0] * mask[1:]).sum()
-            count += int(mask[1:].sum())
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask).float()
+        tokens, labels = ids[:-1][None], ids[1:][None]
+        loss = model(tokens, torch.arange(tokens.size(1))[None], None, labels=labels)
+        total = (loss[0] * mask[1:]).sum()
         total.backward()
-        sums[task], counts[task] = total.item(), count
-        task_grads[task] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    n_tokens = sum(counts.values())
-    coefficients = {  # d loss / d S_t, from the definitions
-        "case1": {t: 1 / n_tokens for t in sums},
-        "case3": {t: 1 / (counts[t] * len(sums)) for t in sums},
+        sums.append(total.item())
+        counts.append(int(mask[1:].sum()))
+        conv_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    tasks = [c[2] for c in conversations]
+    names = sorted(set(tasks))
+    task_tokens = {t: sum(n for n, u in zip(counts, tasks) if u == t) for t in names}
+    task_convs = {t: tasks.count(t) for t in names}
+    n_tokens, n_convs, n_tasks = sum(counts), len(conversations), len(names)
+    coefficients = {  # d loss / d (conversation's summed loss), from the definitions
+        "case1": [1 / n_tokens for _ in counts],
+        "case2": [1 / (n_convs * n) for n in counts],
+        "case3": [1 / (n_tasks * task_tokens[t]) for t in tasks],
+        "case4": [1 / (n_tasks * task_convs[t] * n) for n, t in zip(counts, tasks)],
     }
-    losses = {mode: sum(c[t] * sums[t] for t in sums) for mode, c in coefficients.items()}
-    grads = {mode: {n: sum(c[t] * task_grads[t][n] for t in sums)
-                    for n in task_grads[next(iter(sums))]}
-             for mode, c in coefficients.items()}
-    per_task = {t: sums[t] / counts[t] for t in sums}
+    losses = {mode: sum(c * v for c, v in zip(cs, sums)) for mode, cs in coefficients.items()}
+    grads = {mode: {n: sum(c * g[n] for c, g in zip(cs, conv_grads)) for n in conv_grads[0]}
+             for mode, cs in coefficients.items()}
+    per_task = {t: sum(v for v, u in zip(sums, tasks) if u == t) / task_tokens[t]
+                for t in names}
     topo.destroy()
     return per_task, losses, grads
 
@@ -216,10 +219,11 @@ def _assert_mode(run, reference, mode):
 
 def test_case3_gradient_is_the_mean_of_the_task_means(single, reference):
     _assert_mode(single, reference, "case3")
-    # The comparison can fail: case3 and case1 differ on these uneven tasks.
+    # The comparisons can fail: the modes differ on these uneven tasks and conversations.
     ref_grads = reference[2]
-    assert max((ref_grads["case3"][n] - g).abs().max() for n, g in ref_grads["case1"].items()) \
-        > 100 * GRAD_ATOL
+    for a, b in [("case1", "case3"), ("case1", "case2"), ("case3", "case4"), ("case2", "case4")]:
+        assert max((ref_grads[a][n] - g).abs().max() for n, g in ref_grads[b].items()) \
+            > 100 * GRAD_ATOL, (a, b)
 
 
 RUNS = {
@@ -228,6 +232,12 @@ RUNS = {
     "case3-unpacked": (1, "single", 1, "--weighted-loss-mode case3"),
     "case3-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case3"),
     "case3-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case3 "
+                         "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                         "--sequence-parallel"),
+    "case2-packed": (1, "packed", 2, "--weighted-loss-mode case2"),
+    "case2-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case2"),
+    "case4-unpacked": (1, "single", 1, "--weighted-loss-mode case4"),
+    "case4-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case4 "
                          "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
                          "--sequence-parallel"),
 }
