@@ -54,7 +54,7 @@ def forward_step(config: Config, eod: int, data_iterator, model):
         from megatron_ext.training import multitask
 
         return output_tensor, partial(multitask.loss_func, batch["task_ids"],
-                                      batch["sample_ids"], batch["loss_mask"],
+                                      batch["loss_mask"], batch["loss_weight"],
                                       batch["task_scale"])
     return output_tensor, partial(loss_func, batch["loss_mask"])
 

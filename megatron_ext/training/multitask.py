@@ -23,8 +23,9 @@ batch's: ``prepare`` reads this rank's micro-batches of the global batch before 
 runs, counts their trained tokens and conversations per task and sums the counts over
 data-parallel ranks (tensor-parallel ranks and pipeline stages read the micro-batches of their
 data-parallel rank, so they count the same), then hands every micro-batch the scales
-``task_scale`` [2, tasks]: c_i = task_scale[0, t] + task_scale[1, t] / n_s, n_s counted in the
-micro-batch (a conversation never spans rows). A packed row holds conversations of several
+``task_scale`` [2, tasks] and its tokens' ``loss_weight`` c_i = task_scale[0, t] +
+task_scale[1, t] / n_s (n_s counted in the micro-batch: a conversation never spans rows), a
+per-token tensor that any later slicing of the batch (context parallelism) slices alike. A packed row holds conversations of several
 tasks: the ids are per token, so packing changes nothing. ``lm loss`` stays the plain per-token
 mean (comparable across modes); each task's L_t is logged beside it (``task_fields``).
 """
@@ -71,22 +72,29 @@ def _sample_keys(sample_ids: torch.Tensor) -> torch.Tensor:
     return (torch.arange(rows, device=sample_ids.device)[:, None] * seq + sample_ids).reshape(-1)
 
 
-def loss_func(task_ids: torch.Tensor, sample_ids: torch.Tensor, loss_mask: torch.Tensor,
+def token_weights(scale: torch.Tensor, batch: dict) -> torch.Tensor:
+    """c_i of every token of a micro-batch ([b, s] float32): task_scale[0, t] +
+    task_scale[1, t] / n_s, n_s counted over the whole row (before any slicing of it)."""
+    tasks = batch["task_ids"].long()
+    weights = scale[0][tasks]
+    if scale[1].any():  # sample-level modes: divided by the conversation's trained tokens
+        keys = _sample_keys(batch["sample_ids"])
+        mask = batch["loss_mask"].reshape(-1).double()
+        per_sample = torch.bincount(keys, mask, minlength=keys.numel())[keys]
+        weights = weights + scale[1][tasks] / per_sample.clamp(min=1).reshape(tasks.shape)
+    return weights.float()
+
+
+def loss_func(task_ids: torch.Tensor, loss_mask: torch.Tensor, loss_weight: torch.Tensor,
               task_scale: torch.Tensor, output_tensor: torch.Tensor):
-    """megatron-core's per-token loss function for multi-task batches: the weighted loss sum,
-    the trained tokens, and the report (``lm loss`` as pretrain_gpt.loss_func's, and
-    ``task loss`` per task)."""
+    """megatron-core's per-token loss function for multi-task batches: the weighted loss sum
+    (``loss_weight``: c_i per token), the trained tokens, and the report (``lm loss`` as
+    pretrain_gpt.loss_func's, and ``task loss`` per task; ``task_scale`` gives their number)."""
     losses = output_tensor.float().reshape(-1)
     mask = loss_mask.float().reshape(-1)
     tasks = task_ids.reshape(-1).long()
     masked = losses * mask
-    scale = task_scale.to(masked)
-    weight = scale[0][tasks]
-    if scale[1].any():  # sample-level modes: divided by the conversation's trained tokens
-        keys = _sample_keys(sample_ids)
-        per_sample = torch.bincount(keys, mask, minlength=sample_ids.numel())[keys]
-        weight = weight + scale[1][tasks] / per_sample.clamp(min=1)
-    loss_sum = torch.sum(masked * weight)
+    loss_sum = torch.sum(masked * loss_weight.to(masked).reshape(-1))
     num_tokens = mask.sum().to(torch.int)
     zeros = torch.zeros(task_scale.size(1), dtype=torch.float32, device=masked.device)
     per_task = torch.stack([zeros.index_add(0, tasks, masked.detach()),
@@ -133,6 +141,7 @@ class MultiTask:
         scale = task_scales(self.mode, counts[0], counts[1], self.weights).cpu()
         for batch in batches:
             batch["task_scale"] = scale
+            batch["loss_weight"] = token_weights(scale, batch)
         return iter(batches)
 
     def reduce(self, losses: List[dict]) -> torch.Tensor:
