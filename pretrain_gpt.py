@@ -61,6 +61,12 @@ def forward_step(config: Config, eod: int, data_iterator, model):
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
         packed_seq_params=batch["packed_seq_params"],
     )
+    if "task_scale" in batch:  # multi-task instruction data: megatron_ext/training/multitask.py
+        from megatron_ext.training import multitask
+
+        return output_tensor, partial(multitask.loss_func, batch["task_ids"],
+                                      batch["loss_mask"], batch["loss_weight"],
+                                      batch["task_scale"])
     return output_tensor, partial(loss_func, batch["loss_mask"])
 
 

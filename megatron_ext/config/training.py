@@ -4,7 +4,9 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ext.config.flags import flag
+from megatron_ext.config.flags import OURS, flag
+
+_MFT = dict(status=OURS)  # multi-task fine-tuning (MFTCoder)
 
 
 @dataclass
@@ -77,3 +79,23 @@ class TrainingConfig:
         group="mixed precision", note="with --bf16 (otherwise no effect, said once)")
     seed: int = flag(1234, "Random seed (weights, dropout, data order).",
                      group="initialization")
+
+    # Multi-task fine-tuning (MFTCoder's names, dashed): megatron_ext/training/multitask.py,
+    # docs/finetune.md.
+    weighted_loss_mode: str = flag(
+        "case1", "How the tasks of --is-instruction-dataset data (MFTCoder's data_name) weigh "
+        "in the loss: case1, every trained token alike; case2, every conversation alike; "
+        "case3, each task's per-token mean, the tasks of the global batch averaged equally; "
+        "case4, each task's mean over its conversations, tasks averaged equally; coba, case3 "
+        "with CoBa's convergence-balancing task weights (from the validation loss slopes).",
+        choices=["case1", "case2", "case3", "case4", "coba"], note="MFTCoder's "
+        "weighted_loss_mode; all but case1 need --calculate-per-token-loss", **_MFT)
+    coba_warmup_steps: int = flag(
+        100, "coba: steps with equal task weights before CoBa adjusts them.", **_MFT)
+    coba_history_length: int = flag(
+        200, "coba: validation-loss window (in updates) over which the slopes are fitted.",
+        **_MFT)
+    coba_tau: float = flag(5.0, "coba: temperature of the divergence factor.", **_MFT)
+    coba_update_interval: int = flag(1, "coba: steps between weight updates.", **_MFT)
+    coba_sample_valid_num: int = flag(
+        1, "coba: validation global batches measured per update.", **_MFT)

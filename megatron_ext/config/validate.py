@@ -29,6 +29,7 @@ def validate(config: Config, world_size: int) -> None:
     _refuse_unsupported(config)
     _validate_schedule(config, dp)
     _validate_data(config)
+    _validate_multitask(config)
     _validate_logging_and_checkpoint(config)
 
 
@@ -301,6 +302,30 @@ def _validate_data(config: Config) -> None:
     else:
         _require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
                  f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
+
+
+def _validate_multitask(config: Config) -> None:
+    t, mode = config.training, config.training.weighted_loss_mode
+    coba = [name for name in ("coba_warmup_steps", "coba_history_length", "coba_tau",
+                              "coba_update_interval", "coba_sample_valid_num")
+            if name in config.given]
+    _require(mode == "coba" or not coba, f"--{coba[0].replace('_', '-') if coba else ''} "
+             "needs --weighted-loss-mode coba")
+    if mode == "case1":
+        return
+    _require(config.data.is_instruction_dataset, f"--weighted-loss-mode {mode} weighs the "
+             "tasks of instruction data: it needs --is-instruction-dataset")
+    # The weights divide by counts over the whole global batch; megatron-core's
+    # per-micro-batch averaging (without the flag) would weigh micro-batches instead.
+    _require(t.calculate_per_token_loss, f"--weighted-loss-mode {mode} needs "
+             "--calculate-per-token-loss")
+    if mode == "coba":
+        _require(config.logging.eval_iters > 0, "--weighted-loss-mode coba measures the "
+                 "validation split: --eval-iters must be > 0")
+        for name in ("coba_warmup_steps", "coba_history_length", "coba_update_interval",
+                     "coba_sample_valid_num"):
+            _require(getattr(t, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        _require(t.coba_tau > 0, "--coba-tau must be > 0")
 
 
 def _validate_logging_and_checkpoint(config: Config) -> None:

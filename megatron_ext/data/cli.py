@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from megatron_ext.data.preprocess import output_prefix_for, preprocess
 from megatron_ext.data.instruct.handlers import HANDLERS, handler_name
 from megatron_ext.data.instruct.pipeline import OVERLONG, output_prefixes, preprocess_instructions
+from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
 from megatron_ext.data.instruct.templates import prompt_types
 from megatron_ext.tokenizer import add_tokenizer_flags, options_from_args, vocab_size_note
 
@@ -140,8 +141,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                 args.seq_length, args.overlong, args.workers, args.log_interval,
                 args.skip_invalid, tokenizer_options=options)
             print(summary.report(), file=sys.stderr)
-            for prefix in output_prefixes(args.output_prefix):
+            for prefix in (*output_prefixes(args.output_prefix),
+                           task_ids_prefix(args.output_prefix)):
                 print(f"wrote {prefix}.bin/.idx/.meta.json", file=sys.stderr)
+            print(f"wrote {tasks_path(args.output_prefix)}", file=sys.stderr)
             return
         if args.merge:
             from megatron_ext.data.merge import merge_datasets

@@ -53,6 +53,7 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token(config, vocab_size)
         self.peak = device_peak_tflops(config)
         self.writer = None
+        self.task_names: Optional[List[str]] = None  # multi-task data: per-task losses logged
         if enabled and config.logging.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -87,6 +88,13 @@ class MetricsLogger:
         ]
         if advanced:
             fields.append(f"lm loss: {loss:.6E}")
+        tasks = self._task_fields([s.get("task_totals") for s in advanced])
+        fields += [f"{name}: {value:.6E}" for name, value in tasks.items()]
+        if stats.get("task_weights") is not None:  # --weighted-loss-mode coba's, this step
+            weights = {f"task weight [{name}]": float(w)
+                       for name, w in zip(self.task_names, stats["task_weights"])}
+            fields += [f"{name}: {value:.4f}" for name, value in weights.items()]
+            tasks.update(weights)
         fields += [
             f"loss scale: {stats['loss_scale']:.1f}",
             f"grad norm: {stats['grad_norm']:.3f}",
@@ -107,8 +115,18 @@ class MetricsLogger:
             "consumed-samples": stats["consumed_samples"],
             "trained-tokens": stats["trained_tokens"], "iteration-time": seconds_per_iter,
             "tokens-per-sec": tokens_per_s, "throughput": tflops,
-            **({"mfu": 100 * tflops / self.peak} if self.peak else {}),
+            **({"mfu": 100 * tflops / self.peak} if self.peak else {}), **tasks,
         })
+
+    def _task_fields(self, totals: list, prefix: str = "lm loss") -> Dict[str, float]:
+        """Each task's per-token loss over ``totals`` (steps' [2, tasks] sums and counts)."""
+        from megatron_ext.training.multitask import task_fields
+
+        totals = [t for t in totals if t is not None]
+        # One task's loss is lm loss itself: per-task fields only when there are several.
+        if not self.task_names or len(self.task_names) < 2 or not totals:
+            return {}
+        return task_fields(self.task_names, sum(totals), prefix)
 
     def _write_scalars(self, iteration: int, scalars: Dict[str, float]) -> None:
         """TensorBoard, under Megatron-LM's tags (``lm loss``, ``learning-rate``, ``grad-norm``,
@@ -119,8 +137,9 @@ class MetricsLogger:
                 self.writer.add_scalar(tag, value, iteration)
 
     def log_eval(self, iteration: int, loss: float, split: str = "valid",
-                 final: bool = False) -> None:
-        """Megatron-LM's validation line; at the end of training its words for the split."""
+                 final: bool = False, task_totals=None) -> None:
+        """Megatron-LM's validation line; at the end of training its words for the split;
+        multi-task data adds each task's loss (``task_totals`` [2, tasks])."""
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
@@ -129,13 +148,18 @@ class MetricsLogger:
             where += " on test set"
         elif final:
             where += " on validation set"
+        tasks = self._task_fields([task_totals])
         line = (f" validation loss at {where} | lm loss value: {loss:.6E} | "
-                f"lm loss PPL: {ppl:.6E} | ")
+                f"lm loss PPL: {ppl:.6E} | "
+                + "".join(f"{name}: {value:.6E} | " for name, value in tasks.items()))
         logger.info("-" * (len(line) + 1))
         logger.info(line)
         logger.info("-" * (len(line) + 1))
         name = "validation" if split == "valid" else split
-        self._write_scalars(iteration, {f"lm loss {name}": loss, f"lm loss {name} ppl": ppl})
+        self._write_scalars(iteration, {
+            f"lm loss {name}": loss, f"lm loss {name} ppl": ppl,
+            **{tag.replace("lm loss", f"lm loss {name}", 1): value
+               for tag, value in tasks.items()}})
 
     def close(self) -> None:
         if self.writer:

@@ -12,7 +12,12 @@ exactly that many) becomes, as in Megatron's GPTDataset:
 - ``seq_lengths`` [seq_length] int32: the lengths of the row's segments (each conversation, then
   the padding as a segment of its own) over the ``seq_length`` input positions, zero-filled.
   ``pretrain_gpt.get_batch`` turns them into ``PackedSeqParams`` (variable-length attention):
-  a conversation attends only to itself, exactly as if it were trained alone.
+  a conversation attends only to itself, exactly as if it were trained alone;
+- ``task_ids`` [seq_length] int64: the task of each label (its conversation's; an index into
+  ``task_names(config)``, the tasks of all blended datasets), for the multi-task loss
+  (``megatron_ext.training.multitask``);
+- ``sample_ids`` [seq_length] int64: the index of each label's conversation in the row (the
+  padding's segment included), for the sample-level loss modes.
 
 A conversation's last input position predicts the next conversation's first token; that label
 is always masked (a conversation starts with an untrained prompt), so a packed sample trains
@@ -36,6 +41,8 @@ from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.data.instruct.tasks import (dataset_task_names, read_tasks, task_ids_prefix,
+                                              tasks_path)
 from megatron_ext.training.blend import parse_blend
 
 logger = logging.getLogger("megatron_ext")
@@ -43,7 +50,10 @@ logger = logging.getLogger("megatron_ext")
 
 def check_prefix(prefix: str) -> None:
     """ConfigError naming --data-path unless both shards of ``prefix`` exist."""
-    missing = [p + suffix for p in output_prefixes(prefix) for suffix in (".bin", ".idx")
+    shards = list(output_prefixes(prefix))
+    if os.path.exists(tasks_path(prefix)):  # written last: its task-id shard must be there
+        shards.append(task_ids_prefix(prefix))
+    missing = [p + suffix for p in shards for suffix in (".bin", ".idx")
                if not os.path.isfile(p + suffix)]
     if not missing:
         return
@@ -56,19 +66,28 @@ def check_prefix(prefix: str) -> None:
 
 
 class InstructionShards:
-    """The low-level dataset: token ids and loss mask, checked to describe the same documents.
-    ``build_sft_datasets`` has checked that both shards exist (``check_prefix``)."""
+    """The low-level dataset: token ids, loss mask and (when written) task ids, checked to
+    describe the same documents; ``task_names`` are the run's tasks (``task_names``).
+    ``build_sft_datasets`` has checked that the shards exist (``check_prefix``)."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, task_names: List[str]):
         ids_prefix, mask_prefix = output_prefixes(prefix)
         self.prefix = prefix
         self.ids = IndexedDataset(ids_prefix)
         self.mask = IndexedDataset(mask_prefix)
-        if (not np.array_equal(self.ids.sequence_lengths, self.mask.sequence_lengths)
-                or not np.array_equal(self.ids.document_indices, self.mask.document_indices)):
-            raise ValueError(f"--data-path {prefix}: {ids_prefix} and {mask_prefix} describe "
-                             "different sequences or documents; write them together "
-                             "(preprocess_data.py --handler-name ...)")
+        names = read_tasks(prefix)
+        # This dataset's task ids -> the run's (several datasets share a name's task; a task
+        # without conversations, e.g. the padding's unnamed one, is never trained on).
+        self.task_map = np.array([0 if n is None else task_names.index(n)
+                                  for n in dataset_task_names(prefix, names)], np.int64)
+        self.tasks = IndexedDataset(task_ids_prefix(prefix)) if names is not None else None
+        for other in (self.mask, self.tasks):
+            if other is not None and (
+                    not np.array_equal(self.ids.sequence_lengths, other.sequence_lengths)
+                    or not np.array_equal(self.ids.document_indices, other.document_indices)):
+                raise ValueError(f"--data-path {prefix}: {ids_prefix} and {other.path_prefix} "
+                                 "describe different sequences or documents; write them "
+                                 "together (preprocess_data.py --handler-name ...)")
         doc_index = np.asarray(self.ids.document_indices, np.int64)
         lengths = np.asarray(self.ids.sequence_lengths, np.int64)
         ends = np.concatenate([[0], np.cumsum(lengths)])
@@ -82,17 +101,22 @@ class InstructionShards:
         return self.document_lengths.size
 
     def document(self, index: int):
-        """(ids int64, mask, sequence lengths) of document ``index``."""
+        """(ids int64, mask, run task ids int64, sequence lengths) of document ``index``."""
         first = int(self.ids.document_indices[index])
         last = int(self.ids.document_indices[index + 1])
         ids = np.concatenate(self.ids[first:last]).astype(np.int64)
         mask = np.concatenate(self.mask[first:last])
-        return ids, mask, [int(n) for n in self.ids.sequence_lengths[first:last]]
+        if self.tasks is None:
+            tasks = np.full(ids.size, self.task_map[0], np.int64)
+        else:
+            tasks = self.task_map[np.concatenate(self.tasks[first:last]).astype(np.int64)]
+        return ids, mask, tasks, [int(n) for n in self.ids.sequence_lengths[first:last]]
 
 
 @dataclass
 class SFTDatasetConfig(BlendedMegatronDatasetConfig):
     pad: int = 0  # token id of the padding (never trained, never attended to)
+    task_names: tuple = ()  # the run's tasks (task_names)
 
 
 class SFTDataset(MegatronDataset):
@@ -135,31 +159,37 @@ class SFTDataset(MegatronDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config) -> InstructionShards:
-        return InstructionShards(dataset_path)
+        return InstructionShards(dataset_path, list(config.task_names))
 
     def __len__(self) -> int:
         return self.sample_index.size
 
     def __getitem__(self, idx: int) -> dict:
-        ids, mask, segments = self.dataset.document(int(self.sample_index[idx]))
-        return build_sample(ids, mask, segments, self.seq_length, self.config.pad)
+        ids, mask, tasks, segments = self.dataset.document(int(self.sample_index[idx]))
+        return build_sample(ids, mask, segments, self.seq_length, self.config.pad, tasks)
 
 
 def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_length: int,
-                 pad: int) -> dict:
-    """One training sample from a row of conversations (see the module docstring)."""
+                 pad: int, tasks: Optional[np.ndarray] = None) -> dict:
+    """One training sample from a row of conversations (see the module docstring); ``tasks``:
+    each token's task (None: all task 0)."""
     row = seq_length + 1
+    if tasks is None:
+        tasks = np.zeros(ids.size, np.int64)
     if ids.size > row:  # an unpacked conversation longer than the sample: truncate
-        ids, mask = ids[:row], mask[:row]
+        ids, mask, tasks = ids[:row], mask[:row], tasks[:row]
         ends = np.minimum(np.cumsum(segments), row)
         segments = [int(n) for n in np.diff(np.concatenate([[0], ends])) if n > 0]
     elif ids.size < row:  # pad; the padding is a segment of its own
         padding = row - ids.size
         ids = np.concatenate([ids, np.full(padding, pad, np.int64)])
         mask = np.concatenate([mask, np.zeros(padding, mask.dtype)])
+        tasks = np.concatenate([tasks, np.zeros(padding, tasks.dtype)])
         segments = list(segments) + [padding]
-    # The inputs are the first seq_length tokens: the last segment loses its last token.
     segments = [n for n in segments if n > 0]
+    # Each label's conversation (segment of the row), for sample-level loss modes.
+    sample_ids = np.repeat(np.arange(len(segments), dtype=np.int64), segments)[1:]
+    # The inputs are the first seq_length tokens: the last segment loses its last token.
     segments[-1] -= 1
     if segments[-1] == 0:
         segments.pop()
@@ -172,7 +202,24 @@ def build_sample(ids: np.ndarray, mask: np.ndarray, segments: List[int], seq_len
         "loss_mask": torch.from_numpy(mask[1:].astype(np.float32)),
         "position_ids": torch.from_numpy(position_ids),
         "seq_lengths": torch.from_numpy(seq_lengths),
+        "task_ids": torch.from_numpy(tasks[1:].astype(np.int64)),
+        "sample_ids": torch.from_numpy(sample_ids),
     }
+
+
+def task_names(config: Config) -> List[str]:
+    """The run's tasks: those of every ``--data-path`` dataset in order, each name once (a
+    dataset's untagged conversations are the task named after the dataset)."""
+    names: List[str] = []
+    for prefix in parse_blend(config.data.data_path)[0]:
+        try:
+            found = read_tasks(prefix)
+        except ValueError as error:
+            raise ConfigError(f"--data-path {prefix}: {error}") from None
+        for name in dataset_task_names(prefix, found):
+            if name is not None and name not in names:
+                names.append(name)
+    return names
 
 
 def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_matrix=None):
@@ -192,6 +239,7 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_m
         path_to_cache=d.data_cache_path,
         mid_level_dataset_surplus=0.005,
         pad=pad,
+        task_names=tuple(task_names(config)),
     )
     if split_matrix is not None:
         dataset_config.split_matrix = split_matrix

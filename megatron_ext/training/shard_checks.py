@@ -28,6 +28,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.data.indexed import IndexedDatasetReader, bin_path, idx_path
 from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
 from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError, meta_path,
                                            read_meta)
 from megatron_ext.training.blend import check_prefixes, parse_blend
@@ -304,6 +305,8 @@ def data_prefixes(config: Config) -> List[Tuple[str, bool]]:
         check_prefix(prefix)
         ids, mask = output_prefixes(prefix)
         pairs += [(ids, True), (mask, False)]
+        if os.path.exists(tasks_path(prefix)):  # multi-task data (check_prefix: it exists)
+            pairs.append((task_ids_prefix(prefix), False))
     return pairs
 
 

@@ -30,7 +30,7 @@ from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import checkpointing, data, shard_checks, summary
+from megatron_ext.training import checkpointing, data, multitask, shard_checks, summary
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.profiling import StepProfiler
 
@@ -148,6 +148,20 @@ class Trainer:
                                       config.parallel.tensor_model_parallel_size),
             world_size, enabled=dist.get_rank() == world_size - 1)
         self.history: List[Dict[str, float]] = []
+        # Instruction data: per-task losses and --weighted-loss-mode (multitask.py, coba.py).
+        self.multitask = self.task_totals = self.coba = None
+        if config.data.is_instruction_dataset:
+            from megatron_ext.training.sft_dataset import task_names
+
+            self.multitask = multitask.MultiTask(task_names(config), t.weighted_loss_mode)
+            self.metrics.task_names = self.multitask.names
+            if len(self.multitask.names) > 1 and dist.get_rank() == 0:
+                logger.info(f"tasks (data_name): {', '.join(self.multitask.names)}; "
+                            f"--weighted-loss-mode {t.weighted_loss_mode}")
+            if t.weighted_loss_mode == "coba":
+                from megatron_ext.training.coba import CoBaSchedule
+
+                self.coba = CoBaSchedule(self)
         # 8. What is trained, where, on what data, at what memory (printed by rank 0).
         self.parameter_counts, self.summary_lines = summary.log_summary(self)
 
@@ -202,6 +216,8 @@ class Trainer:
         # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
         rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
                      else (t.micro_batch_size, m.seq_length))
+        if self.multitask is not None:  # per-task token counts of the global batch first
+            iterator = self.multitask.prepare(iterator, num_microbatches)
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=rows,
@@ -214,6 +230,8 @@ class Trainer:
             total += entry["lm loss"].to(total)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+        if self.multitask is not None:
+            self.task_totals = self.multitask.reduce(losses)  # [2, tasks]: loss sums, tokens
         return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
     def train_step(self, iterator) -> Dict[str, float]:
@@ -237,6 +255,7 @@ class Trainer:
             "lr": get_canonical_lr_for_logging(self.optimizer.param_groups),
             "loss_scale": float(self.optimizer.get_loss_scale()), "skipped": not update_ok,
             "nan": not math.isfinite(loss),
+            **({"task_totals": self.task_totals} if self.multitask is not None else {}),
         }
 
     def _empty_cache(self, level: int) -> None:
@@ -282,10 +301,12 @@ class Trainer:
         self._sync_params()
         for chunk in self.model:
             chunk.eval()
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, task_totals = 0.0, 0, None
         for _ in range(self.config.logging.eval_iters):
             loss, count = self._forward_backward(iterator, forward_only=True)
             loss_sum, tokens = loss_sum + loss * count, tokens + count
+            if self.task_totals is not None:
+                task_totals = self.task_totals + (0 if task_totals is None else task_totals)
         for chunk in self.model:
             chunk.train()
         self._resume_param_overlap()
@@ -294,7 +315,7 @@ class Trainer:
         if split == "valid":
             self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
         loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss, split, final)
+        self.metrics.log_eval(self.iteration, loss, split, final, task_totals)
         return loss
 
     def train(self) -> List[Dict[str, float]]:
@@ -315,7 +336,11 @@ class Trainer:
         window_start, window = time.perf_counter(), []
         while self.iteration < t.train_iters:
             profiler.before_step(self.iteration)
+            if self.coba is not None:
+                self.coba.before_step(self)
             stats = self.train_step(iterator)
+            if self.coba is not None:
+                self.coba.after_step(self, stats)
             self.history.append(stats)
             window.append(stats)
             if t.manual_gc and t.manual_gc_interval and self.iteration % t.manual_gc_interval == 0:

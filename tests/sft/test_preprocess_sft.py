@@ -253,7 +253,7 @@ def test_configuration_errors_before_any_file(tmp_path, char_tokenizer_dir):
 
 def test_packer_is_first_fit_and_deterministic():
     def conv(n):
-        return np.arange(n, dtype=np.int64), np.ones(n, np.uint8)
+        return np.arange(n, dtype=np.int64), np.ones(n, np.uint8), np.full(n, n, np.uint16)
 
     packer = Packer(capacity=10, pad_id=99, window=2)
     closed = []
@@ -261,14 +261,16 @@ def test_packer_is_first_fit_and_deterministic():
         closed += packer.add(*conv(n))
     closed += packer.flush()
     # 6 -> A; 5 -> B; 4 -> A (full: closed); 3 -> B; 2 -> B (full: closed); 7 -> C
-    assert [lengths for _, _, lengths, _ in closed] == [[6, 4], [5, 3, 2], [7, 3]]
-    ids, mask, _, padding = closed[-1]
+    assert [lengths for _, _, _, lengths, _ in closed] == [[6, 4], [5, 3, 2], [7, 3]]
+    ids, mask, task, _, padding = closed[-1]
     assert padding == 3 and ids[-3:].tolist() == [99] * 3 and mask[-3:].tolist() == [0] * 3
+    # Each token keeps its conversation's task id; the padding gets 0.
+    assert task.tolist() == [7] * 7 + [0] * 3
     # A full window closes its fullest sample to open a new one.
     packer = Packer(capacity=10, pad_id=0, window=2)
     assert packer.add(*conv(8)) == [] and packer.add(*conv(7)) == []
     [fullest] = packer.add(*conv(5))
-    assert fullest[2] == [8, 2]
+    assert fullest[3] == [8, 2]
 
 
 def test_both_shards_get_metadata_that_megatron_core_confirms(tmp_path, char_tokenizer_dir,

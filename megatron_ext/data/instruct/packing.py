@@ -18,15 +18,15 @@ class Packer:
     """First-fit packing of conversations into samples of ``capacity`` tokens, in input order.
 
     A conversation is never split. ``add`` returns the samples it closes; ``flush`` the rest.
-    A sample is (ids, mask, sequence lengths, padding): its conversations back to back, then
-    the padding (``pad_id``, mask 0), if any, as a sequence of its own.
+    A sample is (ids, mask, task ids, sequence lengths, padding): its conversations back to
+    back, then the padding (``pad_id``, mask 0, task 0), if any, as a sequence of its own.
     """
 
     def __init__(self, capacity: int, pad_id: int, window: int = PACK_WINDOW):
         self.capacity, self.pad_id, self.window = capacity, pad_id, window
-        self.open: List[list] = []  # each: [used, [(ids, mask), ...]]
+        self.open: List[list] = []  # each: [used, [(ids, mask, task), ...]]
 
-    def add(self, ids: np.ndarray, mask: np.ndarray) -> list:
+    def add(self, ids: np.ndarray, mask: np.ndarray, task: np.ndarray) -> list:
         size = ids.size
         if size > self.capacity:
             raise ValueError(f"a conversation of {size} tokens exceeds the sample "
@@ -40,7 +40,7 @@ class Packer:
             target = [0, []]
             self.open.append(target)
         target[0] += size
-        target[1].append((ids, mask))
+        target[1].append((ids, mask, task))
         if target[0] == self.capacity:
             self.open.remove(target)
             closed.append(self._finish(target))
@@ -53,13 +53,14 @@ class Packer:
 
     def _finish(self, sample):
         used, conversations = sample
-        lengths = [ids.size for ids, _ in conversations]
-        ids = [ids for ids, _ in conversations]
-        mask = [mask for _, mask in conversations]
+        lengths = [ids.size for ids, _, _ in conversations]
+        ids, mask, task = (list(parts) for parts in zip(*conversations))
         padding = self.capacity - used
         if padding:
             ids.append(np.full(padding, self.pad_id, np.int64))
-            # In the conversations' mask dtype, so the sample's mask keeps it.
+            # In the conversations' dtypes, so the sample keeps them.
             mask.append(np.zeros(padding, mask[0].dtype))
+            task.append(np.zeros(padding, task[0].dtype))
             lengths.append(padding)
-        return np.concatenate(ids), np.concatenate(mask), lengths, padding
+        return (np.concatenate(ids), np.concatenate(mask), np.concatenate(task), lengths,
+                padding)

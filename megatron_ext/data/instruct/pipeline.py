@@ -11,6 +11,8 @@ Megatron indexed datasets with the same sequences and documents (docs/finetune.m
   training sample's inputs and its shifted labels, as Megatron's GPTDataset), one sequence per
   conversation, and the padding, when there is any, as a last sequence of its own (mask 0);
 - without: one document of one sequence per conversation.
+and ``out/sft_task_ids_document`` + ``out/sft_tasks.json``, each token's task (MFTCoder's
+``data_name``; ``megatron_ext.data.instruct.tasks``).
 The mask is 1 on the tokens of every assistant turn and its end token, 0 elsewhere; a
 conversation's first token is never trained on, so the label that crosses from one packed
 conversation to the next is always masked.
@@ -26,7 +28,7 @@ import os
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,6 +41,8 @@ from megatron_ext.data.outputs import prepare_output_dir
 from megatron_ext.data.readers import json_records, read_chunks
 from megatron_ext.data.shard_meta import TOOL
 from megatron_ext.data.instruct.packing import Packer
+from megatron_ext.data.instruct.tasks import (TASK_DTYPE, TaskTable, record_task, task_ids_prefix,
+                                              write_tasks)
 from megatron_ext.data.instruct.templates import HF_PROMPT_TYPE, Special, Template, Turn, get_template
 from megatron_ext.tokenizer import build_tokenizer
 
@@ -187,15 +191,16 @@ def _init_worker(tokenizer_args: tuple, handler_name: str, map_keys, prompt_type
 
 def encode_chunk(chunk) -> "_pre._ChunkResult":
     """Records of one chunk (in a worker) -> conversations: arrays [(ids, lengths), (mask,
-    lengths)], one entry per conversation."""
+    lengths), (task names, lengths)], one entry per conversation."""
     handler, encoder, skip = _STATE["handler"], _STATE["encoder"], _STATE["skip_invalid"]
-    ids, masks, skips = [], [], []
+    ids, masks, tasks, skips = [], [], [], []
     read = skipped = 0
     for where, record in json_records(chunk):
         read += 1
         try:
             if isinstance(record, ValueError):
                 raise record
+            task = record_task(record)
             conversation_ids, mask = encoder.encode(handler.turns(record))
         except ValueError as e:
             if not skip:
@@ -205,11 +210,13 @@ def encode_chunk(chunk) -> "_pre._ChunkResult":
             continue
         ids.append(conversation_ids)
         masks.append(mask)
+        tasks.append(task)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     flat_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     flat_mask = np.concatenate(masks) if masks else np.zeros(0, MASK_DTYPE)
     return _pre._ChunkResult(read, skipped, chunk.nbytes, None,
-                             [(flat_ids, lengths), (flat_mask, lengths)], [0, 0],
+                             [(flat_ids, lengths), (flat_mask, lengths), (tasks, lengths)],
+                             [0, 0, 0],
                              skips[:_pre.SHOWN_SKIPS])
 
 
@@ -226,6 +233,8 @@ class InstructionSummary(_pre.Summary):
     truncated: int = 0
     capacity: Optional[int] = None  # seq_length + 1 when --seq-length is given
     packed: bool = False
+    tasks: dict = field(default_factory=dict)  # conversations written per task name
+
 
     def report(self) -> str:
         tokens = sum(self.tokens.values())
@@ -238,6 +247,9 @@ class InstructionSummary(_pre.Summary):
         if self.capacity is not None:
             parts.append(f"overlong (> {self.capacity} tokens = --seq-length + 1): "
                          f"{self.dropped_overlong} dropped, {self.truncated} truncated")
+        if set(self.tasks) - {""}:
+            parts.append("conversations per task (data_name): " + ", ".join(
+                f"{name or '(none)'} {count}" for name, count in self.tasks.items()))
         parts.append(f"{tokens} tokens, {self.trained} trained on; {self.bytes / 1e6:.2f} MB "
                      f"in {self.seconds:.2f} s ({self.rates()})")
         return "; ".join(parts) + self.ignored_line()
@@ -286,31 +298,36 @@ def preprocess_instructions(
                                  capacity=capacity, packed=pack, ignored=found.ignored_report())
     pad_id = tokenizer.pad if tokenizer.pad is not None else tokenizer.eod
     packer = Packer(capacity, pad_id) if pack else None
+    # Task ids in order of first appearance in the input: the same for any --workers.
+    table = TaskTable()
     init_args = (tokenizer_args, handler_name, map_keys, prompt_type, skip_invalid, workers > 1)
     with ExitStack() as stack:
         ids_prefix, mask_prefix = output_prefixes(output_prefix)
         ids_writer = stack.enter_context(IndexedDatasetWriter(ids_prefix, dtype, log))
         mask_writer = stack.enter_context(IndexedDatasetWriter(mask_prefix, MASK_DTYPE, log))
+        task_writer = stack.enter_context(
+            IndexedDatasetWriter(task_ids_prefix(output_prefix), TASK_DTYPE, log))
 
-        def write(ids, mask, lengths=None):
+        def write(ids, mask, task, lengths=None):
             ids_writer.add_document(as_token_array(ids, dtype, ids_prefix), lengths)
             mask_writer.add_document(mask, lengths)
+            task_writer.add_document(task, lengths)
             summary.samples += 1
             summary.tokens[INPUT_IDS_KEY] += ids.size
             summary.trained += int(np.count_nonzero(mask))
 
         def write_packed(samples):
-            for ids, mask, lengths, padding in samples:
-                write(ids, mask, lengths)
+            for ids, mask, task, lengths, padding in samples:
+                write(ids, mask, task, lengths)
                 summary.padding += padding
 
         chunks = (chunk for path in files for chunk in read_chunks(path, ()))
         results = _pre._encoded(chunks, workers, init_args, stack, init=_init_worker,
                                 encode=encode_chunk)
         for result in _pre.checked(results, summary, start, log, log_interval):
-            (flat_ids, lengths), (flat_mask, _) = result.arrays
+            (flat_ids, lengths), (flat_mask, _), (names, _) = result.arrays
             offsets = np.concatenate([[0], np.cumsum(lengths)])
-            for begin, end in zip(offsets[:-1], offsets[1:]):
+            for begin, end, name in zip(offsets[:-1], offsets[1:], names):
                 ids, mask = flat_ids[begin:end], flat_mask[begin:end]
                 if capacity is not None and ids.size > capacity:
                     if overlong == "drop" or not mask[1:capacity].any():
@@ -319,10 +336,12 @@ def preprocess_instructions(
                     ids, mask = ids[:capacity], mask[:capacity]
                     summary.truncated += 1
                 summary.conversations += 1
+                summary.tasks[name] = summary.tasks.get(name, 0) + 1
+                task = np.full(ids.size, table.id(name), TASK_DTYPE)
                 if packer is None:
-                    write(ids, mask)
+                    write(ids, mask, task)
                 else:
-                    write_packed(packer.add(ids, mask))
+                    write_packed(packer.add(ids, mask, task))
         if packer is not None:
             write_packed(packer.flush())
         _pre.check_not_empty(inputs, summary.tokens[INPUT_IDS_KEY],
@@ -332,5 +351,7 @@ def preprocess_instructions(
     # The mask is no token shard: no tokenizer, no EOD; its largest value is 1 (its counts and
     # sizes still tell whether it belongs to the ids shard beside it).
     mask_writer.write_meta(eod_appended=False, tool=TOOL)
+    task_writer.write_meta(eod_appended=False, tool=TOOL)
+    write_tasks(output_prefix, table.names, [summary.tasks.get(n, 0) for n in table.names])
     summary.seconds = time.perf_counter() - start
     return summary

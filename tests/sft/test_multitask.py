@@ -1,0 +1,375 @@
+"""Multi-task fine-tuning (MFTCoder): task ids through preprocessing and packing, per-task
+losses, and every --weighted-loss-mode against a direct computation from its definition.
+
+The reference takes every conversation alone through a plain model (batch 1, plain causal
+attention) and builds the modes' losses from the per-token losses by their definitions
+(docs/finetune.md): case1 = sum / tokens; case2 = the mean over conversations of their
+per-token means; case3 = the mean over tasks of each task's per-token mean; case4 = the mean
+over tasks of the mean over the task's conversations. The runs under test go through the product path (preprocess_data.py, ``Trainer``,
+``pretrain_gpt.forward_step``, megatron-core's schedule) on one global batch, packed or not,
+on one process and with DP=2 + gradient accumulation and TP=2 x PP=2; their per-task losses
+and gradients must equal the reference's. A torchrun run with 2 DP ranks logs the per-task
+curves (and CoBa's weights) of the single-process run.
+"""
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import pretrain_gpt
+from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.data.cli import main as preprocess_main
+from megatron_ext.data.indexed import IndexedDatasetReader
+from megatron_ext.data.instruct.pipeline import output_prefixes
+from megatron_ext.data.instruct.tasks import read_tasks, task_ids_prefix
+from megatron_ext.training import data as training_data
+from megatron_ext.training.coba import CoBa
+from megatron_ext.training.metrics import parse_log
+from megatron_ext.training.trainer import Trainer
+from tests.launcher import launch, torchrun
+from tests.sft.test_packed_training import MODEL, PACKED_ROWS, SEQ, _gathered_grads, _records
+
+pytestmark = pytest.mark.usefixtures("tmp_cwd")
+
+TASKS = ["code", "math", "chat"]
+LOSS_RTOL = 1e-5
+GRAD_ATOL = 1e-6
+
+
+def _tagged(records, seed=5):
+    """MFTCoder records: uneven tasks (so that case3 differs from case1)."""
+    rng = random.Random(seed)
+    return [{"data_name": rng.choices(TASKS, weights=[5, 2, 1])[0], **r} for r in records]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, char_tokenizer_dir):
+    directory = tmp_path_factory.mktemp("multitask")
+    path = directory / "chats.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _tagged(_records(31))))
+    common = ["--input", str(path), "--tokenizer-type", "HuggingFaceTokenizer",
+              "--tokenizer-model", char_tokenizer_dir, "--handler-name",
+              "OpenAIStyleInstructionHandler", "--prompt-type", "mftcoder",
+              "--seq-length", str(SEQ), "--log-interval", "0"]
+    preprocess_main(common + ["--output-prefix", str(directory / "packed"), "--pack"])
+    preprocess_main(common + ["--output-prefix", str(directory / "single")])
+    single = str(directory / "single")
+    ids, mask, tasks = (IndexedDatasetReader(p) for p in (*output_prefixes(single),
+                                                          task_ids_prefix(single)))
+    names = read_tasks(single)
+    conversations = []
+    for i in range(ids.num_documents):
+        task = tasks.document(i)
+        assert (task == task[0]).all()
+        conversations.append((ids.document(i).astype(np.int64),
+                              mask.document(i).astype(np.int64), names[task[0]]))
+    argv = MODEL + ["--tokenizer-type", "HuggingFaceTokenizer",
+                    "--tokenizer-model", char_tokenizer_dir]
+    return dict(argv=argv, packed=str(directory / "packed"), single=single,
+                conversations=conversations, records=path)
+
+
+def test_task_ids_survive_packing(data):
+    """Each packed conversation keeps its record's data_name, token by token."""
+    packed = data["packed"]
+    # Every record is tagged: the unnamed task (id 0, the padding's) has no conversation.
+    assert read_tasks(packed) == read_tasks(data["single"])
+    assert read_tasks(packed)[0] is None and sorted(read_tasks(packed)[1:]) == sorted(TASKS)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ids, mask, tasks = (IndexedDataset(p) for p in (*output_prefixes(packed),
+                                                    task_ids_prefix(packed)))
+    names = read_tasks(packed)
+    found = []
+    for i in range(len(ids)):  # sequences: conversations and the padding
+        task = tasks[i]
+        if not mask[i].any():  # padding: task 0, never trained
+            assert (task == 0).all()
+            continue
+        assert (task == task[0]).all() and task[0] > 0
+        found.append((tuple(ids[i].tolist()), names[task[0]]))
+    expected = [(tuple(c[0].tolist()), c[2]) for c in data["conversations"]]
+    assert sorted(found) == sorted(expected)
+
+
+def test_blend_tasks_are_named_and_untagged_datasets_are_tasks(data, tmp_path,
+                                                                char_tokenizer_dir):
+    """The run's tasks: each data_name once over the blend; a dataset's untagged records are
+    the task named after the dataset (MFTCoder's one dataset per task)."""
+    from megatron_ext.training.sft_dataset import InstructionShards, task_names
+
+    path = tmp_path / "plain.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _records(4, seed=9)))
+    preprocess_main(["--input", str(path), "--tokenizer-type", "HuggingFaceTokenizer",
+                     "--tokenizer-model", char_tokenizer_dir, "--handler-name",
+                     "OpenAIStyleInstructionHandler", "--prompt-type", "mftcoder",
+                     "--output-prefix", str(tmp_path / "plain"), "--log-interval", "0"])
+    config = parse_args(data["argv"] + ["--data-path", "0.5", data["packed"], "0.3",
+                                        data["single"], "0.2", str(tmp_path / "plain")],
+                        world_size=1)
+    names = task_names(config)
+    assert sorted(names[:3]) == sorted(TASKS) and names[3:] == ["plain"]
+    plain = InstructionShards(str(tmp_path / "plain"), names)
+    assert all((plain.document(i)[2] == 3).all() for i in range(len(plain)))
+    single = InstructionShards(data["single"], names)
+    assert [names[single.document(i)[2][0]] for i in range(len(single))] == \
+        [c[2] for c in data["conversations"]]
+
+
+def _one_global_batch(argv, world_size, init_state_dict):
+    config = parse_args(argv, world_size=world_size)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size,
+                      init_state_dict=init_state_dict)
+    initial = trainer.full_state_dict()
+    t, topo = config.training, trainer.topology
+    assert len(trainer.train_ds) == t.global_batch_size
+    iterator = training_data.data_iterator(trainer.train_ds, 0, t.micro_batch_size,
+                                           topo.dp_rank, topo.data_parallel)
+    for chunk in trainer.model:
+        chunk.zero_grad_buffer()
+        chunk.train()
+    loss, tokens = trainer._forward_backward(iterator, forward_only=False)
+    per_task = {name: (trainer.task_totals[0, i] / trainer.task_totals[1, i]).item()
+                for i, name in enumerate(trainer.multitask.names) if trainer.task_totals[1, i]}
+    grads = _gathered_grads(trainer)
+    trainer.close()
+    return loss, tokens, per_task, grads, initial
+
+
+def _reference(argv, conversations, state):
+    """Each conversation alone; the modes' losses and gradients from their definitions."""
+    from megatron_ext import platform
+    from megatron_ext.model.gpt import build_model
+    from megatron_ext.parallel import ParallelTopology
+    from megatron_ext.tokenizer import build_tokenizer
+
+    config = parse_args(argv, world_size=1)
+    topo = ParallelTopology.from_config(config.parallel, 1)
+    topo.initialize()
+    platform.manual_seed(0)
+    d = config.data
+    model = build_model(config, build_tokenizer(d.tokenizer_type, d.tokenizer_model,
+                                                d.vocab_size).vocab_size)
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    model.train()
+    # Each conversation alone: its summed loss, trained tokens and gradient; every mode is
+    # linear in them (megatron-core's cross entropy allows one backward per graph).
+    sums, counts, conv_grads = [], [], []
+    for ids, mask, _ in conversations:
+        model.zero_grad(set_to_none=True)
+        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask).float()
+        tokens, labels = ids[:-1][None], ids[1:][None]
+        loss = model(tokens, torch.arange(tokens.size(1))[None], None, labels=labels)
+        total = (loss[0] * mask[1:]).sum()
+        total.backward()
+        sums.append(total.item())
+        counts.append(int(mask[1:].sum()))
+        conv_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    tasks = [c[2] for c in conversations]
+    names = sorted(set(tasks))
+    task_tokens = {t: sum(n for n, u in zip(counts, tasks) if u == t) for t in names}
+    task_convs = {t: tasks.count(t) for t in names}
+    n_tokens, n_convs, n_tasks = sum(counts), len(conversations), len(names)
+    coefficients = {  # d loss / d (conversation's summed loss), from the definitions
+        "case1": [1 / n_tokens for _ in counts],
+        "case2": [1 / (n_convs * n) for n in counts],
+        "case3": [1 / (n_tasks * task_tokens[t]) for t in tasks],
+        "case4": [1 / (n_tasks * task_convs[t] * n) for n, t in zip(counts, tasks)],
+    }
+    losses = {mode: sum(c * v for c, v in zip(cs, sums)) for mode, cs in coefficients.items()}
+    grads = {mode: {n: sum(c * g[n] for c, g in zip(cs, conv_grads)) for n in conv_grads[0]}
+             for mode, cs in coefficients.items()}
+    per_task = {t: sum(v for v, u in zip(sums, tasks) if u == t) / task_tokens[t]
+                for t in names}
+    topo.destroy()
+    return per_task, losses, grads
+
+
+@pytest.fixture(scope="module")
+def single(data):
+    argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "2",
+                           "--global-batch-size", str(PACKED_ROWS),
+                           "--weighted-loss-mode", "case3"]
+    return launch(_one_global_batch, 1, argv, 1, None)[0]
+
+
+@pytest.fixture(scope="module")
+def reference(data, single):
+    argv = data["argv"] + ["--data-path", data["packed"]]
+    return launch(_reference, 1, argv, data["conversations"], single[4])[0]
+
+
+def _assert_mode(run, reference, mode):
+    loss, tokens, per_task, grads, _ = run
+    ref_tasks, ref_losses, ref_grads = reference
+    # lm loss stays the plain per-token mean; the tasks' losses are their samples' alone.
+    assert loss == pytest.approx(ref_losses["case1"], rel=LOSS_RTOL)
+    assert per_task.keys() == ref_tasks.keys() == set(TASKS)
+    for task, value in ref_tasks.items():
+        assert per_task[task] == pytest.approx(value, rel=LOSS_RTOL), task
+    assert grads.keys() == ref_grads[mode].keys()
+    for name, grad in ref_grads[mode].items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=GRAD_ATOL, msg=name)
+
+
+def test_case3_gradient_is_the_mean_of_the_task_means(single, reference):
+    _assert_mode(single, reference, "case3")
+    # The comparisons can fail: the modes differ on these uneven tasks and conversations.
+    ref_grads = reference[2]
+    for a, b in [("case1", "case3"), ("case1", "case2"), ("case3", "case4"), ("case2", "case4")]:
+        assert max((ref_grads[a][n] - g).abs().max() for n, g in ref_grads[b].items()) \
+            > 100 * GRAD_ATOL, (a, b)
+
+
+RUNS = {
+    # name: (world size, data, micro-batch size, flags)
+    "case1-unpacked": (1, "single", 1, "--weighted-loss-mode case1"),
+    "case3-unpacked": (1, "single", 1, "--weighted-loss-mode case3"),
+    "case3-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case3"),
+    "case3-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case3 "
+                         "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                         "--sequence-parallel"),
+    "case2-packed": (1, "packed", 2, "--weighted-loss-mode case2"),
+    "case2-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case2"),
+    "case4-unpacked": (1, "single", 1, "--weighted-loss-mode case4"),
+    "case4-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case4 "
+                         "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
+                         "--sequence-parallel"),
+}
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_modes_under_packing_and_parallelism(data, single, reference, name):
+    world_size, dataset, micro_batch, flags = RUNS[name]
+    rows = PACKED_ROWS if dataset == "packed" else len(data["conversations"])
+    argv = data["argv"] + ["--data-path", data[dataset], "--micro-batch-size", str(micro_batch),
+                           "--global-batch-size", str(rows)] + flags.split()
+    run = launch(_one_global_batch, world_size, argv, world_size, single[4])[0]
+    _assert_mode(run, reference, flags.split()[1])
+
+
+def _coba_direct(history, tau, history_length):
+    """CoBa's weights written out from the published formulas, step by step (numpy)."""
+    n = len(history[0])
+    slopes, totals, weights = [], [], []
+
+    def slope(values):
+        x = np.array([i for i, v in enumerate(values) if not math.isnan(v)], float)
+        y = np.array([v for v in values if not math.isnan(v)], float)
+        return 0.0 if x.size < 2 else np.polyfit(x, y, 1)[0]
+
+    def softmax(z):
+        e = np.exp(z - z.max())
+        return e / e.sum()
+
+    for t in range(1, len(history) + 1):
+        window = history[max(0, t - history_length):t]
+        s = np.array([slope([v[i] for v in window]) for i in range(n)])
+        slopes.append(s)
+        totals.append(slope([np.nanmax(v) for v in window]))
+        rcs = softmax(n * s / np.abs(s).sum())
+        recent = np.array(slopes[-history_length:])
+        acs = softmax(-len(recent) * s / np.abs(recent).sum(axis=0))
+        S = np.array(totals)
+        df = len(S) * softmax(-tau * len(S) * S / np.abs(S).sum())[-1]
+        w = softmax(n * (df * rcs + (1 - df) * acs))
+        if (w < 1 / (10 * n)).any():
+            w = w * 0.9 + 1 / (10 * n)
+        weights.append(w)
+    return weights
+
+
+def test_coba_weights_follow_the_published_formulas():
+    rng = np.random.default_rng(0)
+    steps = np.arange(12)
+    # Three tasks: one converging fast, one slowly, one turning up (over-fitting).
+    history = np.stack([1 - 0.06 * steps, 1 - 0.01 * steps,
+                        1 - 0.05 * steps + 0.008 * steps ** 2], axis=1)
+    history = history + rng.normal(0, 0.002, history.shape)
+    history[4, 1] = math.nan  # a measurement without task 1
+    coba = CoBa(3, history_length=5, tau=5.0)
+    ours = []
+    for row in history:
+        coba.record(row.tolist())
+        ours.append(coba.weights().numpy())
+    with np.errstate(invalid="ignore"):
+        direct = _coba_direct(history.tolist(), 5.0, 5)
+    # One measurement has no slope: the formulas divide 0 by 0 (MFTCoder's nan); equal here.
+    np.testing.assert_allclose(ours[0], [1 / 3] * 3)
+    for t, (a, b) in enumerate(zip(ours[1:], direct[1:]), 1):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12, err_msg=f"step {t}")
+        assert a.sum() == pytest.approx(1.0)
+    # While all fall, the slowest task weighs most; once one rises, it weighs least.
+    assert ours[3].argmax() == 1 and ours[-1].argmin() == 2
+
+
+def test_flags_are_checked(data):
+    base = data["argv"] + ["--data-path", data["packed"]]
+    without = [a for a in base if a != "--calculate-per-token-loss"]
+    with pytest.raises(ConfigError, match="--calculate-per-token-loss"):
+        parse_args(without + ["--weighted-loss-mode", "case3"], world_size=1)
+    with pytest.raises(ConfigError, match="--coba-tau needs --weighted-loss-mode coba"):
+        parse_args(base + ["--coba-tau", "2"], world_size=1)
+    with pytest.raises(ConfigError, match="--eval-iters"):
+        parse_args(base + ["--weighted-loss-mode", "coba"], world_size=1)
+
+
+def _curves(stdout):
+    train, valid = parse_log(stdout)
+    keys = lambda r: {k: float(v) for k, v in r.items()  # noqa: E731
+                      if k.startswith(("lm loss [", "task weight ["))}
+    return [keys(r) for r in train], [keys(r) for r in valid]
+
+
+def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
+    """pretrain_gpt.py with CoBa: per-task training and validation losses and CoBa's weights
+    in every log line (and TensorBoard), the same with 2 DP ranks as on one process."""
+    iters = 3
+    # Later flags override the one-batch runs' (argparse keeps the last).
+    args = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "1", "--global-batch-size",
+             "4", "--train-iters", str(iters), "--eval-interval", "3", "--eval-iters", "1",
+             "--split", "75,25,0", "--weighted-loss-mode", "coba", "--coba-warmup-steps", "1",
+             "--coba-history-length", "3"]
+    runs = {}
+    for nproc in (1, 2):
+        tb = tmp_path / f"tb{nproc}"
+        out = torchrun(nproc, args + ["--tensorboard-dir", tb], timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs[nproc] = _curves(out.stdout + out.stderr)
+    train, valid = runs[1]
+    assert len(train) == iters and len(valid) == 1
+    assert all(any(k.startswith("lm loss [") for k in r) for r in train + valid)
+    assert set(train[-1]) >= {f"task weight [{t}]" for t in TASKS}
+    assert train[0]["task weight [code]"] == pytest.approx(1 / 3, abs=1e-4)  # warmup: equal
+    assert train[-1]["task weight [code]"] != pytest.approx(train[0]["task weight [code]"])
+    for got, want in zip(runs[2], runs[1]):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            for key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb2"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm loss [code]", "lm loss validation [code]", "task weight [code]"} <= tags
+
+
+def test_a_task_table_without_its_shard_is_named(data, tmp_path):
+    import glob
+    import shutil
+
+    from megatron_ext.training.sft_dataset import check_prefix
+
+    for path in glob.glob(data["packed"] + "_*"):
+        if "_task_ids_document" not in path:
+            shutil.copy(path, tmp_path)
+    prefix = str(tmp_path / "packed")
+    with pytest.raises(ConfigError, match="packed_task_ids_document.bin"):
+        check_prefix(prefix)
