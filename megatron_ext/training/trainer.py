@@ -207,12 +207,14 @@ class Trainer:
             num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=rows,
             decoder_seq_length=seq, forward_only=forward_only,
         )
-        # [loss sum, token count] summed over micro-batches on the last stage, then over DP;
+        # [loss sum, token count] summed over micro-batches on the last stage, then over DP and
+        # CP (each CP rank holds its own tokens of the sequences: every token counts once);
         # shared with the whole pipeline so that every rank can report it.
         total = torch.zeros(2, dtype=torch.float64, device=platform.device())
         for entry in losses:
             total += entry["lm loss"].to(total)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         return (total[0] / total[1].clamp(min=1)).item(), int(total[1].item())
 
