@@ -14,14 +14,13 @@ from megatron_ext.config import Config
 
 
 def get_batch(config: Config, eod: int, data_iterator) -> dict:
-    """The next micro-batch on this rank's device; packed (THD) when documents are isolated."""
+    """The next micro-batch on this rank's device; packed (THD) when documents are isolated;
+    this rank's chunks of every row with context parallelism."""
     batch = {k: v.to(platform.device(), non_blocking=True) for k, v in next(data_iterator).items()}
     batch["packed_seq_params"] = None
     if config.varlen:
         from megatron_ext.training import packing
 
-        # megatron-core's THD path takes one row: flatten (b, s) in that order; the document
-        # boundaries in packed_seq_params keep rows (and documents) apart.
         seq_lengths = batch.pop("seq_lengths", None)
         if seq_lengths is not None:
             # Boundaries from the data (instruction samples: conversations, then the padding as
@@ -31,6 +30,18 @@ def get_batch(config: Config, eod: int, data_iterator) -> dict:
                 packing.cumulative_seq_len(seq_lengths[seq_lengths > 0]))
         else:
             batch["packed_seq_params"] = packing.packed_seq_params(batch["tokens"], eod)
+    if config.parallel.context_parallel_size > 1:
+        from megatron.core import parallel_state
+
+        from megatron_ext.model.context_parallel import shard_batch
+
+        # Rows stay rows ([b, s / CP]); the params carry the documents and the CP layout.
+        local, params = shard_batch(batch, batch["packed_seq_params"],
+                                    parallel_state.get_context_parallel_group())
+        batch = dict(local, packed_seq_params=params)
+    elif config.varlen:
+        # megatron-core's THD path takes one row: flatten (b, s) in that order; the document
+        # boundaries in packed_seq_params keep rows (and documents) apart.
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             batch[key] = batch[key].reshape(1, -1)
     return batch

@@ -38,9 +38,13 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.model.context_parallel import ContextParallelParams
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "te", "torch", "sdpa")
+# megatron-core's name of the one scheme here (None: its TransformerConfig default).
+CP_COMM_TYPES = (None, "all_gather", "allgather")
 _AUTO_ORDER = ("flash", "torch", "sdpa")  # te: not wired yet, never picked by auto
 _warned = set()
 
@@ -51,7 +55,9 @@ class AttentionBackendError(RuntimeError):
 
 # ----------------------------------------------------------------------------------- kernels
 # Every kernel takes THD q [t, np, hn], k/v [t, ng, hn], int32 cu_seqlens (leading 0) and the
-# longest document, and returns [t, np, hn].
+# longest document, and returns [t, np, hn]. With cu_seqlens_k (context parallelism), key range
+# i (k/v [t_k, ng, hn]) may be longer than query piece i: causal is aligned bottom-right, the
+# last query sees the last key (flash-attn 2's and torch varlen's causal).
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,15 +87,25 @@ def _require_gpu_half(q, backend):
             f"the {backend} kernel needs CUDA fp16/bf16 tensors, got {q.dtype} on {q.device}")
 
 
-def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout):
+def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout, cu_seqlens_k=None,
+                  max_seqlen_k=None):
     _require_gpu_half(q, "flash")
+    cu_seqlens_k, max_seqlen_k = _keys(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     return _flash_kernel()(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k,
         dropout_p=dropout, softmax_scale=scale, causal=True,
     )
 
 
-def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout):
+def _keys(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k):
+    """The key ranges: the queries' own documents unless given (self-attention)."""
+    if cu_seqlens_k is None:
+        return cu_seqlens, max_seqlen
+    return cu_seqlens_k, int(max_seqlen_k)
+
+
+def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout, cu_seqlens_k=None,
+                  max_seqlen_k=None):
     _require_gpu_half(q, "torch")
     if dropout:
         raise AttentionBackendError("torch varlen_attn has no attention dropout")
@@ -100,22 +116,33 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout):
             kwargs["enable_gqa"] = True
         else:  # torch 2.10: expand the groups (query head i -> group i // (np / ng))
             k, v = (x.repeat_interleave(q.size(1) // k.size(1), dim=1) for x in (k, v))
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    cu_seqlens_k, max_seqlen_k = _keys(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)
 
 
-def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout):
+def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout, cu_seqlens_k=None,
+                 max_seqlen_k=None):
     bounds = cu_seqlens.tolist()
-    if bounds[-1] != q.size(0):
-        raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the packed input has "
-                         f"{q.size(0)} tokens")
+    kv_bounds = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    if bounds[-1] != q.size(0) or kv_bounds[-1] != k.size(0) or len(kv_bounds) != len(bounds):
+        raise ValueError(f"cu_seqlens ends at {bounds[-1]} (keys: {kv_bounds[-1]}, "
+                         f"{len(kv_bounds)} entries for {len(bounds)}) but the packed input "
+                         f"has {q.size(0)} queries and {k.size(0)} keys")
     outs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end, k_start, k_end in zip(bounds[:-1], bounds[1:], kv_bounds[:-1],
+                                          kv_bounds[1:]):
         if end == start:
             continue
         # [1, n, len, hn]: 4-D inputs take PyTorch's fused CPU kernel (3-D ones are 2x slower).
-        qd, kd, vd = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        qd = q[start:end].transpose(0, 1).unsqueeze(0)
+        kd, vd = (x[k_start:k_end].transpose(0, 1).unsqueeze(0) for x in (k, v))
+        # SDPA's is_causal is aligned top-left; keys before the queries (context parallelism:
+        # the document began in an earlier chunk) take an explicit bottom-right mask.
+        extra = (k_end - k_start) - (end - start)
+        mask = None if extra == 0 else torch.ones(
+            end - start, k_end - k_start, dtype=torch.bool, device=q.device).tril(extra)
         outs.append(F.scaled_dot_product_attention(
-            qd, kd, vd, dropout_p=dropout, is_causal=True, scale=scale,
+            qd, kd, vd, attn_mask=mask, dropout_p=dropout, is_causal=mask is None, scale=scale,
             enable_gqa=qd.size(1) != kd.size(1)).squeeze(0).transpose(0, 1))
     return torch.cat(outs)
 
@@ -124,12 +151,15 @@ _VARLEN = {"flash": _flash_varlen, "torch": _torch_varlen, "sdpa": _sdpa_varlen}
 
 
 def varlen_attention(backend, query, key, value, cu_seqlens, max_seqlen,
-                     softmax_scale=None, dropout=0.0):
+                     softmax_scale=None, dropout=0.0, cu_seqlens_k=None, max_seqlen_k=None):
     """Causal attention of each document to itself with kernel ``backend`` (no RNG fork).
 
     query ``[t, np, hn]``, key/value ``[t, ng, hn]``, ``cu_seqlens`` int32 with leading 0.
+    With ``cu_seqlens_k`` (as many entries), query piece i attends to key range i, causal
+    aligned bottom-right (key/value ``[t_k, ng, hn]``; ``max_seqlen_k`` its longest range).
     """
-    return _VARLEN[backend](query, key, value, cu_seqlens, int(max_seqlen), softmax_scale, dropout)
+    return _VARLEN[backend](query, key, value, cu_seqlens, int(max_seqlen), softmax_scale, dropout,
+                            cu_seqlens_k, max_seqlen_k)
 
 
 # ---------------------------------------------------------------------------------- selection
@@ -236,8 +266,9 @@ class CoreAttention(MegatronModule):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
-        if config.context_parallel_size > 1:
-            raise AttentionBackendError("context parallelism is not supported by CoreAttention")
+        if config.context_parallel_size > 1 and cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements "
+                             f"allgather (K/V all-gathered over the CP group) only")
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.backend, self.backend_reason = choose_backend(backend, config)
@@ -264,6 +295,12 @@ class CoreAttention(MegatronModule):
         dropout = self.dropout if self.training else 0.0
         if attn_mask_type == AttnMaskType.no_mask:
             return self._decode(query, key, value)
+        if isinstance(packed_seq_params, ContextParallelParams):
+            return self._context_parallel(query, key, value, packed_seq_params, dropout)
+        if self.config.context_parallel_size > 1:
+            raise ValueError("context parallelism needs the ContextParallelParams of "
+                             "megatron_ext.model.context_parallel.shard_batch as "
+                             "packed_seq_params")
         if packed_seq_params is None:
             return self._causal(query, key, value, dropout)
         cu_seqlens, max_seqlen = _check_packed(packed_seq_params, query)
@@ -285,6 +322,26 @@ class CoreAttention(MegatronModule):
         out = F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale,
                                              enable_gqa=q.size(1) != k.size(1))
         return out.permute(2, 0, 1, 3).reshape(1, query.size(1), -1)
+
+    def _context_parallel(self, query, key, value, params, dropout):
+        """[s / CP, b, n, hn] local chunks (context_parallel.py) -> [s / CP, b, np * hn]: the
+        local queries against K/V all-gathered over the CP group (backward: reduce-scatter of
+        dK/dV), one varlen call over every (row, chunk, document) piece."""
+        s, b = query.shape[:2]
+        if params.cp_group.size() != self.config.context_parallel_size:
+            raise ValueError(f"the batch was sharded over {params.cp_group.size()} CP ranks, "
+                             f"the model has --context-parallel-size "
+                             f"{self.config.context_parallel_size}")
+        key, value = (tensor_parallel.gather_from_sequence_parallel_region(
+            x, tensor_parallel_output_grad=True, group=params.cp_group) for x in (key, value))
+        key, value = (x.reshape(-1, *x.shape[2:]).index_select(0, params.kv_index)
+                      for x in (key, value))
+        q = query.transpose(0, 1).reshape(b * s, *query.shape[2:])  # (b, s) order, as the pieces
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            out = varlen_attention(
+                self.backend, q, key, value, params.q_cu_seqlens, params.q_max_seqlen,
+                self.softmax_scale, dropout, params.kv_cu_seqlens, params.kv_max_seqlen)
+        return out.reshape(b, s, -1).transpose(0, 1).contiguous()
 
     def _causal(self, query, key, value, dropout):
         """[s, b, n, hn] -> [s, b, np * hn], causal over each sample."""

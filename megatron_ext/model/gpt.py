@@ -18,6 +18,7 @@ from megatron_ext import platform
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.config import Config
 from megatron_ext.model.attention import core_attention_spec
+from megatron_ext.model.context_parallel import ContextParallelParams, rotary_embedding
 from megatron_ext.model.init import initialize_parameters
 from megatron_ext.model.norm import Norm
 from megatron_ext.model.vocab import mask_padded_logits_
@@ -44,6 +45,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         params_dtype=m.params_dtype,
         pipeline_dtype=m.params_dtype,
@@ -81,11 +83,26 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
 
 
 class GPTModel(CoreGPTModel):
-    """megatron-core's GPTModel whose loss ignores the padded vocabulary rows."""
+    """megatron-core's GPTModel whose loss ignores the padded vocabulary rows, and whose RoPE
+    under context parallelism gives each local token the angle of its global position."""
 
     def __init__(self, *args, unpadded_vocab_size: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.unpadded_vocab_size = unpadded_vocab_size
+
+    def _preprocess(self, *args, **kwargs):
+        # megatron-core slices its rotary table for Transformer Engine's per-document CP split;
+        # our layout (model/context_parallel.py) carries each token's position instead. The
+        # tuple's second entry is the rotary embedding (0.16 through 0.19).
+        output = super()._preprocess(*args, **kwargs)
+        params = kwargs.get("packed_seq_params")
+        if isinstance(params, ContextParallelParams) and output[1] is not None:
+            if self.position_embedding_type != "rope":
+                raise ValueError(f"--position-embedding-type {self.position_embedding_type} "
+                                 f"with context parallelism: only rope and learned_absolute")
+            emb = rotary_embedding(self.rotary_pos_emb, params.rotary_positions)
+            output = (output[0], emb, *output[2:])
+        return output
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # logits: [s, b, padded vocab / TP], this TP rank's vocab partition.

@@ -1,0 +1,169 @@
+"""Context parallelism (``--context-parallel-size``): each sequence is split over the CP ranks.
+
+Interface (``pretrain_gpt.get_batch`` calls it once per micro-batch, on every pipeline stage)::
+
+    from megatron_ext.model.context_parallel import shard_batch
+    local, params = shard_batch(batch, packed_seq_params, cp_group)
+    output = model(local["tokens"], local["position_ids"], None, labels=local["labels"],
+                   packed_seq_params=params)          # output/loss: [b, s / CP], local tokens
+
+- ``batch``: the global micro-batch, ``tokens``, ``labels``, ``loss_mask``, ``position_ids``
+  ``[b, s]`` (rows, *not* flattened to ``[1, b * s]``); other entries are passed on unchanged.
+- ``packed_seq_params``: ``None`` (plain causal: each row is one document) or the global THD
+  params of ``megatron_ext.training.packing`` over the (b, s)-flattened batch (``--reset-
+  position-ids`` / instruction data); every row end must be a document end (it is, by
+  construction there).
+- ``cp_group``: the CP process group (``parallel_state.get_context_parallel_group()``).
+- Returns ``local``: those four entries ``[b, s / CP]``, the columns ``local_columns(s, CP,
+  rank)`` of every row; and a ``ContextParallelParams`` for ``GPTModel.forward`` (our
+  ``model.gpt.GPTModel`` takes RoPE from it, our ``CoreAttention`` the attention layout).
+
+Layout (Megatron's load balancing for causal attention): each row of ``s`` tokens is cut into
+``2 * CP`` chunks of ``c = s / (2 * CP)`` tokens; CP rank ``r`` holds chunks ``r`` and
+``2 * CP - 1 - r``, in that order, so every rank has the same causal work. Every row is cut the
+same way (micro-batch > 1), and documents cross chunk boundaries freely: no document is padded
+and the data is unchanged.
+
+Attention (``--cp-comm-type allgather``, exact): each rank all-gathers K and V of the whole row
+over the CP group (megatron-core's ``gather_from_sequence_parallel_region``: its backward
+reduce-scatters dK/dV) and attends with its local queries. The keys a local chunk's queries need
+are one contiguous slice of the row, ``[start of the document holding the chunk's first token,
+end of the chunk)``; the chunk's queries cut at document starts, each piece against its own
+document's keys up to the piece's end, causal aligned bottom-right: one varlen call for all
+pieces of all chunks and rows (``q_cu_seqlens`` / ``kv_cu_seqlens``), with ``kv_index``
+picking the slices out of the gathered K/V.
+
+RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
+CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is
+not this layout. So q/k/v stay ``[s / CP, b, heads, dim]`` (``qkv_format="sbhd"``: megatron-core
+applies RoPE position by position) and ``rotary_positions`` holds each local token's global
+rotary position: its position in its document when packed (megatron-core's THD RoPE restarts
+at every document), its column in the row otherwise.
+"""
+
+import bisect
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+__all__ = ["ContextParallelParams", "local_columns", "rotary_embedding", "shard_batch"]
+
+SHARDED = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class ContextParallelParams(PackedSeqParams):
+    """``PackedSeqParams`` of a context-parallel micro-batch (built by ``shard_batch``).
+
+    megatron-core reads ``qkv_format`` ("sbhd": none of its THD paths), ``cp_group`` and
+    ``max_seqlen_q/kv`` (the global row length: the rotary table it builds, then discarded by
+    ``GPTModel``); the rest is ours.
+    """
+
+    qkv_format: str = "sbhd"
+    rotary_positions: torch.Tensor = None  # [b, s / CP] int64: global RoPE position per token
+    q_cu_seqlens: torch.Tensor = None  # int32: query pieces of the (b, s / CP)-flattened tokens
+    kv_cu_seqlens: torch.Tensor = None  # int32: their key ranges, in kv_index order
+    q_max_seqlen: int = None
+    kv_max_seqlen: int = None
+    kv_index: torch.Tensor = None  # int64: rows of the gathered K/V [s * b, ...] (s-major)
+
+
+def local_columns(seq_length: int, cp_size: int, cp_rank: int,
+                  device: Optional[torch.device] = None) -> torch.Tensor:
+    """Columns of a row held by CP rank ``cp_rank``: chunks ``r`` and ``2 * CP - 1 - r``."""
+    if seq_length % (2 * cp_size):
+        raise ValueError(f"--seq-length {seq_length} must be divisible by 2 x "
+                         f"--context-parallel-size ({2 * cp_size}) for the load-balanced layout")
+    c = seq_length // (2 * cp_size)
+    first, second = cp_rank * c, (2 * cp_size - 1 - cp_rank) * c
+    return torch.cat([torch.arange(first, first + c, device=device),
+                      torch.arange(second, second + c, device=device)])
+
+
+def _document_starts(packed: Optional[PackedSeqParams], b: int, s: int) -> list:
+    """Per row, the sorted columns where a document starts (always including 0)."""
+    if packed is None:
+        return [[0] for _ in range(b)]
+    bounds = sorted(set(packed.cu_seqlens_q.tolist()))
+    if bounds[0] != 0 or bounds[-1] != b * s:
+        raise ValueError(f"packed_seq_params covers tokens {bounds[0]}..{bounds[-1]}, but the "
+                         f"micro-batch has {b} x {s}")
+    missing = [r * s for r in range(1, b) if r * s not in bounds]
+    if missing:
+        raise ValueError(f"packed_seq_params has documents across rows (no boundary at "
+                         f"{missing}): each row must end a document")
+    starts = [[] for _ in range(b)]
+    for x in bounds[:-1]:
+        starts[x // s].append(x % s)
+    return starts
+
+
+def _attention_layout(starts: list, s: int, cp_size: int, cp_rank: int):
+    """(q_cu, kv_cu, q_max, kv_max, kv_index, rotary positions) for this rank; see the module
+    docstring. Gathered K/V are [s, b, ...] in rank order (each rank's two chunks)."""
+    b, c = len(starts), s // (2 * cp_size)
+    order = torch.cat([local_columns(s, cp_size, r) for r in range(cp_size)])
+    gathered_row = torch.empty_like(order)
+    gathered_row[order] = torch.arange(s)  # column -> its row in the gathered K/V
+    q_cu, kv_cu, kv_index, rotary = [0], [0], [], []
+    for row, row_starts in enumerate(starts):
+        for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            lo, hi = chunk * c, (chunk + 1) * c
+            first = row_starts[bisect.bisect_right(row_starts, lo) - 1]  # document holding lo
+            inner = row_starts[bisect.bisect_right(row_starts, lo):bisect.bisect_left(
+                row_starts, hi)]
+            q_base, kv_base = q_cu[-1], kv_cu[-1]
+            q_cu += [q_base + x - lo for x in inner + [hi]]
+            kv_cu += [kv_base + x - first for x in inner + [hi]]
+            kv_index.append(gathered_row[first:hi] * b + row)
+            doc_start = torch.tensor([first] + inner).repeat_interleave(
+                torch.diff(torch.tensor([lo] + inner + [hi])))
+            rotary.append(torch.arange(lo, hi) - doc_start)
+    q_lengths, kv_lengths = torch.diff(torch.tensor(q_cu)), torch.diff(torch.tensor(kv_cu))
+    return (torch.tensor(q_cu, dtype=torch.int32), torch.tensor(kv_cu, dtype=torch.int32),
+            int(q_lengths.max()), int(kv_lengths.max()), torch.cat(kv_index),
+            torch.cat(rotary).view(b, 2 * c))
+
+
+def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
+                cp_group) -> Tuple[dict, ContextParallelParams]:
+    """This CP rank's part of a global micro-batch and the params for ``GPTModel.forward``."""
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    tokens = batch["tokens"]
+    if tokens.dim() != 2:
+        raise ValueError(f"shard_batch takes [micro_batch, seq_length] rows, got "
+                         f"{tuple(tokens.shape)}")
+    b, s = tokens.shape
+    columns = local_columns(s, cp_size, cp_rank, device=tokens.device)
+    local = dict(batch)
+    for key in SHARDED:
+        if batch.get(key) is not None:
+            local[key] = batch[key].index_select(1, columns)
+    q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
+        _document_starts(packed_seq_params, b, s), s, cp_size, cp_rank)
+    to = dict(device=tokens.device)
+    params = ContextParallelParams(
+        cp_group=cp_group, max_seqlen_q=s, max_seqlen_kv=s,
+        rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
+        kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
+        kv_index=kv_index.to(**to),
+    )
+    return local, params
+
+
+def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
+    """megatron-core ``RotaryEmbedding.get_emb`` at the given positions: ``[s, b, 1, dim]`` from
+    ``positions [b, s]`` (the same float32 products as its table, so the same angles)."""
+    inv_freq = rope.inv_freq.to(positions.device)
+    seq = positions.t().to(inv_freq.dtype)
+    if rope.seq_len_interpolation_factor is not None:
+        seq *= 1 / rope.seq_len_interpolation_factor
+    freqs = seq[..., None] * inv_freq  # [s, b, dim / 2]
+    if rope.rotary_interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).view(*freqs.shape[:2], -1)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb[:, :, None, :]

@@ -1,0 +1,145 @@
+"""Context-parallel attention: re-assembled from the CP ranks, each document is what it gives
+when run alone.
+
+Every CP rank (gloo, forked) takes its chunks of the same global q/k/v (``shard_batch``'s
+layout), runs our ``CoreAttention`` and back-propagates a fixed random cotangent; the parent
+puts the outputs and the q/k/v gradients back at their global positions and compares them with
+the plain masked-softmax math of each document alone (``_reference``, computed here, independent
+of the varlen kernels and of ``shard_batch``).
+"""
+
+import os
+import sys
+import types
+
+import pytest
+import torch
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext import platform
+from megatron_ext.model import attention
+from megatron_ext.model.attention import CoreAttention
+from megatron_ext.model.context_parallel import local_columns, shard_batch
+from megatron_ext.training.packing import packed_seq_params_from_actual_seq_len
+from tests.launcher import launch
+from tests.model.test_attention import _reference
+
+S, HEADS, GROUPS, DIM = 32, 4, 2, 8
+# Per row of 32 tokens: with CP=4 (chunks of 4) documents cross every chunk boundary in some
+# row, start exactly on one (12, 28), are shorter than a chunk (1, 1, 3), and one (row 1,
+# 0..19) has tokens on every CP rank. CP=2 (chunks of 8) sees the same rows.
+ROWS = [[3, 9, 1, 1, 14, 4], [20, 5, 7]]
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b = len(ROWS)
+    q, k, v = (torch.randn(S, b, n, DIM, generator=g) for n in (HEADS, GROUPS, GROUPS))
+    cotangent = torch.randn(S, b, HEADS * DIM, generator=g)
+    return q, k, v, cotangent
+
+
+def _rank(cp, packed, backend, inputs):
+    from megatron.core import parallel_state
+
+    platform.apply()
+    torch.distributed.init_process_group("gloo", world_size=cp, rank=int(os.environ["RANK"]))
+    parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    platform.manual_seed(1)
+    group = parallel_state.get_context_parallel_group()
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
+                               num_query_groups=GROUPS, context_parallel_size=cp,
+                               attention_dropout=0.0)
+    core = CoreAttention(config, 1, AttnMaskType.causal, "self", backend="sdpa")
+    core.backend = backend  # "flash": the fake kernel installed by the test before the fork
+    b = len(ROWS)
+    params = None
+    if packed:
+        ends = torch.tensor([r * S + x for r, row in enumerate(ROWS) for x in
+                             torch.tensor(row).cumsum(0).tolist()])
+        params = packed_seq_params_from_actual_seq_len(ends)
+    _, cp_params = shard_batch({"tokens": torch.zeros(b, S, dtype=torch.long)}, params, group)
+    columns = local_columns(S, cp, group.rank())
+    q, k, v, cotangent = inputs
+    q, k, v = (x.index_select(0, columns).requires_grad_() for x in (q, k, v))
+    out = core(q, k, v, None, packed_seq_params=cp_params)
+    out.backward(cotangent.index_select(0, columns))
+    return columns, out.detach(), q.grad, k.grad, v.grad
+
+
+def _assembled(results):
+    full = [torch.zeros(S, *x.shape[1:]) for x in results[0][1:]]
+    for columns, *tensors in results:
+        for whole, part in zip(full, tensors):
+            whole[columns] = part
+    return full
+
+
+def _expected(packed, inputs):
+    """Each document alone (each row alone without packing), by masked-softmax math."""
+    q, k, v, cotangent = (x.clone().requires_grad_(i < 3) for i, x in enumerate(inputs))
+    outs = []
+    for row, lengths in enumerate(ROWS):
+        out = _reference(q[:, row], k[:, row], v[:, row], lengths if packed else [S])
+        outs.append(out.reshape(S, -1))
+    out = torch.stack(outs, dim=1)
+    out.backward(cotangent)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check(cp, packed, backend="sdpa"):
+    inputs = _inputs()
+    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(packed, inputs)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("packed", [True, False], ids=["documents", "plain-causal"])
+def test_context_parallel_attention_equals_each_document_alone(cp, packed):
+    _check(cp, packed)
+
+
+def _fake_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
+                causal=False):
+    """flash-attn 2's contract as the CP path must use it; bottom-right causal by plain math."""
+    assert causal and dropout_p == 0.0
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and len(cu_q) == len(cu_k)
+    assert int(cu_q[-1]) == q.size(0) and int(cu_k[-1]) == k.size(0) == v.size(0)
+    q_len, k_len = torch.diff(cu_q), torch.diff(cu_k)
+    assert max_q == int(q_len.max()) and max_k == int(k_len.max()) and (k_len >= q_len).all()
+    groups = q.size(1) // k.size(1)
+    outs = []
+    for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(),
+                              cu_k[1:].tolist()):
+        kd, vd = (x[ks:ke].repeat_interleave(groups, dim=1) for x in (k, v))
+        scores = torch.einsum("qhd,khd->hqk", q[qs:qe], kd) * q.size(-1) ** -0.5
+        allowed = torch.ones(qe - qs, ke - ks, dtype=torch.bool).tril(ke - ks - (qe - qs))
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        outs.append(torch.einsum("hqk,khd->qhd", probs, vd))
+    return torch.cat(outs)
+
+
+def _fake_torch_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                       scale=None, window_size=(-1, -1), enable_gqa=False):
+    assert window_size == (-1, 0) and enable_gqa
+    return _fake_flash(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, softmax_scale=scale,
+                       causal=True)
+
+
+@pytest.mark.parametrize("backend", ["flash", "torch"])
+def test_gpu_backends_get_the_bottom_right_varlen_contract(monkeypatch, backend):
+    """The GPU kernels' arguments on the CPU: fakes that check them, installed before the fork."""
+    monkeypatch.setattr(attention, "_require_gpu_half", lambda q, backend: None)
+    if backend == "flash":
+        monkeypatch.setattr(attention, "_flash_kernel", lambda: _fake_flash)
+    else:
+        module = types.ModuleType("torch.nn.attention.varlen")
+        module.varlen_attn = _fake_torch_varlen
+        monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", module)
+        attention._torch_varlen_kernel.cache_clear()
+    try:
+        _check(2, True, backend=backend)
+    finally:
+        attention._torch_varlen_kernel.cache_clear()
