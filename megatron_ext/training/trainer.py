@@ -199,8 +199,11 @@ class Trainer:
         per-token loss, trained tokens), the same on every rank."""
         t, m = self.config.training, self.config.model
         num_microbatches = self.num_microbatches(global_batch_size)
-        # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
-        rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
+        # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s,
+        # except under context parallelism, whose rows stay rows (megatron-core divides s by
+        # CP).
+        packed = self.config.varlen and self.topology.context_parallel == 1
+        rows, seq = ((1, t.micro_batch_size * m.seq_length) if packed
                      else (t.micro_batch_size, m.seq_length))
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
