@@ -149,4 +149,4 @@ def test_cli_checkpoints_move_between_cp2_and_cp1(reference, shard, tmp_path):
     assert sorted(got) == list(range(1, ITERS + 1)), got  # each iteration logged once
     for it, (loss, grad) in got.items():
         assert loss == pytest.approx(ref[it][0], rel=LOSS_RTOL), it
-        assert grad == pytest.approx(ref[it][1], abs=2e-4), it  # logged with 4 decimals
+        assert grad == pytest.approx(ref[it][1], abs=6e-4), it  # logged with 3 decimals
