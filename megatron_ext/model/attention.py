@@ -6,7 +6,10 @@ positions by ``megatron_ext.training.packing``) q/k/v arrive as ``[t, heads, hea
 document attends causally to itself only, exactly as if it were trained alone. Without it, the
 input is ``[s, b, heads, head_dim]`` and attention is plain causal over each sample (Megatron).
 With megatron-core's KV cache (``megatron_ext.generation``), a decoding step comes as
-``no_mask``: one new query per sample attends to every cached key.
+``no_mask``: one new query per sample attends to every cached key. With context parallelism
+(``ContextParallelParams`` from ``megatron_ext.model.context_parallel``) q/k/v are this rank's
+chunks ``[s / CP, b, heads, head_dim]``; K/V are all-gathered over the CP group and every
+(row, chunk, document) piece attends to its document's keys, causal aligned bottom-right.
 
 Backends (``--attention-backend``; ``auto`` takes the first that can run here):
 - ``flash``: flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16, dropout, GQA);

@@ -18,6 +18,14 @@ Interface (``pretrain_gpt.get_batch`` calls it once per micro-batch, on every pi
   rank)`` of every row; and a ``ContextParallelParams`` for ``GPTModel.forward`` (our
   ``model.gpt.GPTModel`` takes RoPE from it, our ``CoreAttention`` the attention layout).
 
+What the training loop must do around it: give the CP ranks of a DP rank the same micro-batch;
+pass ``seq_length=s, micro_batch_size=b`` (not the flattened ``b * s, 1`` of the CP=1 packed
+path) to ``get_forward_backward_func``, which divides ``s`` by CP itself for the pipeline's
+``[s / CP, b, h]`` activations; sum the loss and its token count over the CP group (each rank
+holds part of the tokens); reduce gradients over DP x CP (megatron-core's DDP does, from
+``parallel_state``'s CP groups). tests/model/test_context_parallel_model.py runs PP=2 x CP=2
+through megatron-core's schedule.
+
 Layout (Megatron's load balancing for causal attention): each row of ``s`` tokens is cut into
 ``2 * CP`` chunks of ``c = s / (2 * CP)`` tokens; CP rank ``r`` holds chunks ``r`` and
 ``2 * CP - 1 - r``, in that order, so every rank has the same causal work. Every row is cut the
@@ -57,9 +65,8 @@ SHARDED = ("tokens", "labels", "loss_mask", "position_ids")
 class ContextParallelParams(PackedSeqParams):
     """``PackedSeqParams`` of a context-parallel micro-batch (built by ``shard_batch``).
 
-    megatron-core reads ``qkv_format`` ("sbhd": none of its THD paths), ``cp_group`` and
-    ``max_seqlen_q/kv`` (the global row length: the rotary table it builds, then discarded by
-    ``GPTModel``); the rest is ours.
+    megatron-core's attention reads ``qkv_format`` only ("sbhd": none of its THD paths);
+    ``cp_group`` is the group that sharded the batch; the rest is ours.
     """
 
     qkv_format: str = "sbhd"
@@ -146,8 +153,7 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         _document_starts(packed_seq_params, b, s), s, cp_size, cp_rank)
     to = dict(device=tokens.device)
     params = ContextParallelParams(
-        cp_group=cp_group, max_seqlen_q=s, max_seqlen_kv=s,
-        rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
+        cp_group=cp_group, rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
         kv_index=kv_index.to(**to),
     )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel as CoreGPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -82,6 +83,9 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     )
 
 
+_ONE_POSITION = PackedSeqParams(qkv_format="thd", max_seqlen_q=1, max_seqlen_kv=1)
+
+
 class GPTModel(CoreGPTModel):
     """megatron-core's GPTModel whose loss ignores the padded vocabulary rows, and whose RoPE
     under context parallelism gives each local token the angle of its global position."""
@@ -91,18 +95,23 @@ class GPTModel(CoreGPTModel):
         self.unpadded_vocab_size = unpadded_vocab_size
 
     def _preprocess(self, *args, **kwargs):
-        # megatron-core slices its rotary table for Transformer Engine's per-document CP split;
-        # our layout (model/context_parallel.py) carries each token's position instead. The
-        # tuple's second entry is the rotary embedding (0.16 through 0.19).
-        output = super()._preprocess(*args, **kwargs)
+        # megatron-core would slice its rotary table for its own CP layouts (Transformer
+        # Engine's per-document split); ours (model/context_parallel.py) carries each token's
+        # position instead. megatron-core reads packed_seq_params here only for that table
+        # (0.16 through 0.19, passed by keyword): a one-position THD stand-in keeps it from
+        # slicing, and the tuple's second entry, the rotary embedding, is replaced.
         params = kwargs.get("packed_seq_params")
-        if isinstance(params, ContextParallelParams) and output[1] is not None:
-            if self.position_embedding_type != "rope":
-                raise ValueError(f"--position-embedding-type {self.position_embedding_type} "
-                                 f"with context parallelism: only rope and learned_absolute")
-            emb = rotary_embedding(self.rotary_pos_emb, params.rotary_positions)
-            output = (output[0], emb, *output[2:])
-        return output
+        if not isinstance(params, ContextParallelParams):
+            return super()._preprocess(*args, **kwargs)
+        kwargs["packed_seq_params"] = _ONE_POSITION
+        output = super()._preprocess(*args, **kwargs)
+        if output[1] is None:  # learned_absolute: the embedding took the local position ids
+            return output
+        if self.position_embedding_type != "rope":
+            raise ValueError(f"--position-embedding-type {self.position_embedding_type} with "
+                             f"context parallelism: only rope and learned_absolute")
+        emb = rotary_embedding(self.rotary_pos_emb, params.rotary_positions)
+        return (output[0], emb, *output[2:])
 
     def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # logits: [s, b, padded vocab / TP], this TP rank's vocab partition.
