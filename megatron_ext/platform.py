@@ -233,17 +233,6 @@ def _forked_write_results_queue():
     return filesystem_async._results_queue
 
 
-def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
-    """megatron-core's ``get_pos_emb_on_this_cp_rank`` with its index on ``pos_emb``'s device:
-    chunks r and 2 x CP - 1 - r of the sequence dimension."""
-    cp_size, cp_rank = cp_group.size(), cp_group.rank()
-    index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
-    shape = pos_emb.shape
-    chunks = pos_emb.view(*shape[:seq_dim], 2 * cp_size, -1, *shape[seq_dim + 1:])
-    chunks = chunks.index_select(seq_dim, index)
-    return chunks.view(*shape[:seq_dim], -1, *shape[seq_dim + 1:])
-
-
 def apply() -> None:
     """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
     global _applied
@@ -283,13 +272,6 @@ def apply() -> None:
     random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
     random.CudaRNGStatesTracker.add = CpuRNGStatesTracker.add
     random.CudaRNGStatesTracker.fork = CpuRNGStatesTracker.fork
-
-    # Context parallelism: RotaryEmbedding.forward slices its table for Transformer Engine's
-    # CP layout through an index built in pinned memory and moved with .cuda() (0.16-0.19);
-    # GPTModel replaces that table (model/gpt.py), but the call must run on CPU first.
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
-
-    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
 
     # Distributed checkpoints (see _DIST_CKPT_MODULES).
     from megatron.core.dist_checkpointing.strategies import filesystem_async
