@@ -161,8 +161,9 @@ def varlen_attention(backend, query, key, value, cu_seqlens, max_seqlen,
     With ``cu_seqlens_k`` (as many entries), query piece i attends to key range i, causal
     aligned bottom-right (key/value ``[t_k, ng, hn]``; ``max_seqlen_k`` its longest range).
     """
+    keys = () if cu_seqlens_k is None else (cu_seqlens_k, max_seqlen_k)  # self-attention: 7 args
     return _VARLEN[backend](query, key, value, cu_seqlens, int(max_seqlen), softmax_scale, dropout,
-                            cu_seqlens_k, max_seqlen_k)
+                            *keys)
 
 
 # ---------------------------------------------------------------------------------- selection

@@ -143,3 +143,18 @@ def test_gpu_backends_get_the_bottom_right_varlen_contract(monkeypatch, backend)
         _check(2, True, backend=backend)
     finally:
         attention._torch_varlen_kernel.cache_clear()
+
+
+class _Rank:
+    """The two methods shard_batch asks of a process group, for checks that need no ranks."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank = (lambda: size), (lambda: rank)
+
+
+def test_layout_errors_name_the_flags_and_the_rows():
+    with pytest.raises(ValueError, match=r"--seq-length 30 .* 2 x --context-parallel-size \(8\)"):
+        local_columns(30, 4, 0)
+    across_rows = packed_seq_params_from_actual_seq_len(torch.tensor([20, 48, 64]))
+    with pytest.raises(ValueError, match=r"documents across rows \(no boundary at \[32\]\)"):
+        shard_batch({"tokens": torch.zeros(2, S, dtype=torch.long)}, across_rows, _Rank(2, 0))
