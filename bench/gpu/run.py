@@ -66,7 +66,8 @@ STEPS = {
                                   "--mean-lengths", "32", "--warmup", "1", "--reps", "1"]),
     # Not in the default run (its 450 s are spoken for): --only context-parallel. One GPU
     # measures CP=1 at 32k-128k tokens; CP=2 and 4 need as many GPUs and are listed as skipped.
-    "context-parallel": (120, ["bench/context_parallel.py", "--gpu"],
+    "context-parallel": (150, ["bench/context_parallel.py", "--gpu", "--warmup", "1", "--steps",
+                               "2"],
                          ["bench/context_parallel.py", "--gpu", "--dry-run", "--seq-lengths",
                           "256", "--cp", "1", "2", "--warmup", "0", "--steps", "1"]),
 }
