@@ -79,6 +79,11 @@ def _validate_context_parallel(config: Config) -> None:
     _require(m.seq_length % (2 * cp) == 0,
              f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp}: "
              f"each sequence is cut into {2 * cp} equal chunks (two per CP rank)")
+    # Answering prompts decodes token by token with a KV cache: no sequence to split.
+    _require(config.logging.eval_prompts is None,
+             f"--eval-prompts with --context-parallel-size {cp}: decoding has no sequence to "
+             "split over CP ranks; drop --eval-prompts and run generate_gpt.py on a checkpoint "
+             "(CP is not part of its layout)")
     # With SP each CP rank's share (seq / CP per row) is split again over TP ranks.
     _require(not p.sequence_parallel or m.seq_length % (2 * cp * tp) == 0,
              f"--sequence-parallel with --context-parallel-size {cp} splits each CP rank's "

@@ -60,6 +60,8 @@ INVALID_TOPOLOGY = {
         "--context-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel "
         "--seq-length 36 --max-position-embeddings 64", 4,
         ["--sequence-parallel", "--seq-length 36", "2 x 2 x 2 = 8"]),
+    "cp-eval-prompts": ("--context-parallel-size 2 --eval-prompts README.md --eval-interval 5",
+                        2, ["--eval-prompts", "--context-parallel-size 2", "generate_gpt.py"]),
     "global-batch-not-divisible-with-cp": (  # CP ranks share micro-batches: DP 2, not 4
         "--context-parallel-size 2 --global-batch-size 6", 4,
         ["--global-batch-size 6", "data-parallel size 2"]),
