@@ -47,12 +47,11 @@ def get_batch(config: Config, eod: int, data_iterator) -> dict:
     return batch
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Summed per-token loss and its token count: megatron-core divides by the global count."""
-    loss_mask = loss_mask.float()
-    loss_sum = torch.sum(output_tensor.float() * loss_mask)
-    num_tokens = loss_mask.sum().to(torch.int)
-    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+def loss_func(per_token_loss: bool, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Summed per-token loss and its token count (scaled over CP ranks: training/loss.py)."""
+    from megatron_ext.training.loss import masked_loss
+
+    return masked_loss(loss_mask, output_tensor, per_token_loss)
 
 
 def forward_step(config: Config, eod: int, data_iterator, model):
@@ -67,7 +66,8 @@ def forward_step(config: Config, eod: int, data_iterator, model):
         return output_tensor, partial(multitask.loss_func, batch["task_ids"],
                                       batch["loss_mask"], batch["loss_weight"],
                                       batch["task_scale"])
-    return output_tensor, partial(loss_func, batch["loss_mask"])
+    return output_tensor, partial(loss_func, config.training.calculate_per_token_loss,
+                                  batch["loss_mask"])
 
 
 def main(argv=None):

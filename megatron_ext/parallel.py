@@ -1,4 +1,11 @@
-"""The parallel topology: one object that validates, initializes and describes TP/PP/SP/DP."""
+"""The parallel topology: one object that validates, initializes and describes TP/PP/SP/CP/DP.
+
+megatron-core's rank order is TP, CP, DP, PP (TP fastest): the CP ranks of one sequence are
+neighbours after TP. Data parallelism is what is left: world = TP x PP x CP x DP. The CP ranks
+of a DP replica read the same micro-batches (``dp_rank`` excludes CP) and split each sequence;
+gradients are reduced over DP x CP (megatron-core's DDP), checkpoints are written once per
+DP x CP group (``dp_cp_rank`` 0), so CP is no part of a checkpoint's layout.
+"""
 
 import datetime
 import os
@@ -17,10 +24,12 @@ class ParallelTopology:
     tensor_parallel: int
     pipeline_parallel: int
     sequence_parallel: bool
+    context_parallel: int = 1
 
     @property
     def data_parallel(self) -> int:
-        return self.world_size // (self.tensor_parallel * self.pipeline_parallel)
+        return self.world_size // (self.tensor_parallel * self.pipeline_parallel
+                                   * self.context_parallel)
 
     @classmethod
     def from_config(cls, config: ParallelConfig, world_size: int) -> "ParallelTopology":
@@ -30,6 +39,7 @@ class ParallelTopology:
             tensor_parallel=config.tensor_model_parallel_size,
             pipeline_parallel=config.pipeline_model_parallel_size,
             sequence_parallel=config.sequence_parallel,
+            context_parallel=config.context_parallel_size,
         )
 
     def initialize(self, backend: str | None = None, timeout_minutes: int = 10) -> None:
@@ -57,6 +67,7 @@ class ParallelTopology:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.tensor_parallel,
             pipeline_model_parallel_size=self.pipeline_parallel,
+            context_parallel_size=self.context_parallel,
         )
 
     @staticmethod
@@ -83,3 +94,17 @@ class ParallelTopology:
         from megatron.core import parallel_state
 
         return parallel_state.get_data_parallel_rank()
+
+    @property
+    def cp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_context_parallel_rank()
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """Rank in the DP x CP group: over it gradients are reduced and the distributed
+        optimizer shards its state; 0 writes what a checkpoint holds once per (TP, PP) rank."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)

@@ -1,9 +1,13 @@
 """Parallelism and distributed flags (Megatron-LM's ``distributed`` group)."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from megatron_ext.config.flags import REFUSED, WARNED, flag
+
+CP_ALLGATHER = "allgather"
+# Megatron-LM's --cp-comm-type choices; only allgather is implemented (model/attention.py).
+CP_COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
 
 
 @dataclass
@@ -13,8 +17,22 @@ class ParallelConfig:
     tensor_model_parallel_size: int = flag(1, "Tensor model parallel size.")
     pipeline_model_parallel_size: int = flag(1, "Pipeline model parallel size.")
     context_parallel_size: int = flag(
-        1, "Context parallel size.", status=REFUSED,
-        note="1 only: context parallelism is not supported yet; drop the flag or set 1")
+        1, "Context parallel size: each sequence is split over this many ranks (world size = "
+        "TP x PP x CP x DP); docs/context-parallel.md.")
+    # Megatron-LM's default is p2p (a ring through Transformer Engine); the one scheme of our
+    # core attention is allgather, so it is the default: a Megatron script that sets only
+    # --context-parallel-size runs, with the same results.
+    cp_comm_type: List[str] = flag(
+        [CP_ALLGATHER], "Communication of context parallelism in attention: allgather (K/V "
+        "all-gathered over the CP group, exact for causal and packed documents), one value or "
+        "one per layer as in Megatron-LM. Megatron-LM's default p2p, and a2a, a2a+p2p, are "
+        "Transformer Engine's: refused.", nargs="+",
+        choices=list(CP_COMM_TYPES),
+        note="allgather only (our default; Megatron-LM's is p2p): p2p, a2a and a2a+p2p are "
+        "Transformer Engine's schemes, refused")
+    hierarchical_context_parallel_sizes: Optional[List[int]] = flag(
+        None, "Sizes of the CP sub-groups of --cp-comm-type a2a+p2p.", nargs="+",
+        status=REFUSED, note="only with --cp-comm-type a2a+p2p, which is refused")
     expert_model_parallel_size: int = flag(
         1, "Expert model parallel size (MoE).", group="moe", status=REFUSED,
         note="1 only: MoE is not supported yet")

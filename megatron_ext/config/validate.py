@@ -7,6 +7,7 @@ import os
 from megatron_ext import platform
 from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
+from megatron_ext.config.parallel import CP_ALLGATHER
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 
 
@@ -36,11 +37,13 @@ def validate(config: Config, world_size: int) -> None:
 def _validate_parallel(config: Config, world_size: int) -> int:
     p = config.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and "
-             "--pipeline-model-parallel-size must be >= 1")
-    _require(world_size % (tp * pp) == 0,
+    cp = p.context_parallel_size
+    _require(tp >= 1 and pp >= 1 and cp >= 1, "--tensor-model-parallel-size, "
+             "--pipeline-model-parallel-size and --context-parallel-size must be >= 1")
+    _require(world_size % (tp * pp * cp) == 0,
              f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-             f"--pipeline-model-parallel-size {pp}; change them or --nproc-per-node")
+             f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; change them "
+             "or --nproc-per-node")
     _require(p.distributed_backend != "nccl" or platform.cuda_available(),
              "--distributed-backend nccl needs a CUDA device; use gloo (the default on CPU)")
     _require(p.distributed_backend != "gloo" or not platform.cuda_available(),
@@ -56,7 +59,37 @@ def _validate_parallel(config: Config, world_size: int) -> int:
              "--overlap-param-gather needs --use-distributed-optimizer")
     _require(not p.overlap_param_gather or p.overlap_grad_reduce,
              "--overlap-param-gather needs --overlap-grad-reduce")
-    return world_size // (tp * pp)
+    _validate_context_parallel(config)
+    return world_size // (tp * pp * cp)
+
+
+def _validate_context_parallel(config: Config) -> None:
+    """What the zigzag layout (docs/context-parallel.md) needs: each sequence cut into 2 x CP
+    equal chunks, each CP rank's share cut again over TP ranks with sequence parallelism."""
+    p, m = config.parallel, config.model
+    cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
+    other = sorted(set(p.cp_comm_type) - {CP_ALLGATHER})
+    _require(not other, f"--cp-comm-type {' '.join(other)}: only allgather is supported (K/V "
+             "all-gathered over the CP group in our core attention; p2p, a2a and a2a+p2p are "
+             "Transformer Engine's); pass --cp-comm-type allgather or drop the flag")
+    _require(p.hierarchical_context_parallel_sizes is None,
+             "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p, which is not "
+             "supported; drop it")
+    if cp == 1:
+        return
+    _require(m.seq_length % (2 * cp) == 0,
+             f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp}: "
+             f"each sequence is cut into {2 * cp} equal chunks (two per CP rank)")
+    # Answering prompts decodes token by token with a KV cache: no sequence to split.
+    _require(config.logging.eval_prompts is None,
+             f"--eval-prompts with --context-parallel-size {cp}: decoding has no sequence to "
+             "split over CP ranks; drop --eval-prompts and run generate_gpt.py on a checkpoint "
+             "(CP is not part of its layout)")
+    # With SP each CP rank's share (seq / CP per row) is split again over TP ranks.
+    _require(not p.sequence_parallel or m.seq_length % (2 * cp * tp) == 0,
+             f"--sequence-parallel with --context-parallel-size {cp} splits each CP rank's "
+             f"--seq-length {m.seq_length} / {cp} tokens over --tensor-model-parallel-size {tp}: "
+             f"make --seq-length divisible by 2 x {cp} x {tp} = {2 * cp * tp}")
 
 
 def _validate_model(config: Config) -> None:
@@ -137,9 +170,6 @@ def _refuse_unsupported(config: Config) -> None:
     _require(not moe and p.expert_model_parallel_size == 1,
              f"{' '.join(moe) or '--expert-model-parallel-size'}: MoE is not supported yet; "
              "drop the MoE flags to train the dense model")
-    _require(p.context_parallel_size == 1,
-             f"--context-parallel-size {p.context_parallel_size}: context parallelism is not "
-             "supported yet; use --context-parallel-size 1 (and tensor/pipeline parallelism)")
 
 
 def _validate_schedule(config: Config, dp: int) -> None:

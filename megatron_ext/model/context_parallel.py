@@ -14,8 +14,8 @@ Interface (``pretrain_gpt.get_batch`` calls it once per micro-batch, on every pi
   position-ids`` / instruction data); every row end must be a document end (it is, by
   construction there).
 - ``cp_group``: the CP process group (``parallel_state.get_context_parallel_group()``).
-- Returns ``local``: those four entries ``[b, s / CP]``, the columns ``local_columns(s, CP,
-  rank)`` of every row; and a ``ContextParallelParams`` for ``GPTModel.forward`` (our
+- Returns ``local``: the per-token entries (``SHARDED``) ``[b, s / CP]``, the columns
+  ``local_columns(s, CP, rank)`` of every row; and a ``ContextParallelParams`` for ``GPTModel.forward`` (our
   ``model.gpt.GPTModel`` takes RoPE from it, our ``CoreAttention`` the attention layout).
 
 What the training loop must do around it: give the CP ranks of a DP rank the same micro-batch;
@@ -58,7 +58,9 @@ from megatron.core.packed_seq_params import PackedSeqParams
 
 __all__ = ["ContextParallelParams", "local_columns", "rotary_embedding", "shard_batch"]
 
-SHARDED = ("tokens", "labels", "loss_mask", "position_ids")
+# Per-token entries, cut like the tokens; task_ids and loss_weight come with multi-task
+# instruction data (training/multitask.py).
+SHARDED = ("tokens", "labels", "loss_mask", "position_ids", "task_ids", "loss_weight")
 
 
 @dataclass

@@ -4,10 +4,10 @@
 any TP/PP/DP: see ``dist_checkpoint.py``. ``--load`` recognises either format whatever
 ``--ckpt-format`` says. The rest of this module is ``--ckpt-format torch`` (checkpoint/format.py):
 
-Each (tp, pp) rank of data-parallel rank 0 writes ``model_optim_rng.pt``: model, optimizer
+Each (tp, pp) rank of DP x CP rank 0 writes ``model_optim_rng.pt``: model, optimizer
 (its non-sharded part), scheduler, every DP rank's RNG states, iteration, consumed training and
 validation samples. With the distributed optimizer, the optimizer state sharded over DP ranks
-is gathered to DP rank 0 and written beside it as ``distrib_optim.pt``. Every file is written
+(over DP x CP ranks) is gathered to their rank 0 and written beside it as ``distrib_optim.pt``. Every file is written
 atomically and the tracker last, so a run killed mid-save leaves the previous checkpoint as the
 latest.
 """
@@ -66,10 +66,12 @@ def save_checkpoint(trainer) -> None:
     dp_group = parallel_state.get_data_parallel_group()
     rng_states = [None] * dist.get_world_size(dp_group)
     dist.all_gather_object(rng_states, rng_state(), group=dp_group)
-    # Collective over DP ranks: every rank takes part, DP rank 0 receives the full state.
+    # Collective over the DP x CP ranks the distributed optimizer shards over: every rank
+    # takes part, DP x CP rank 0 receives the full state and writes the (tp, pp) file. CP ranks
+    # hold the same weights and the same RNG states (seeded alike), so CP is not in the layout.
     distrib_states = [opt.get_parameter_state_dp_zero()
                       for opt in distributed_optimizers(trainer.optimizer)]
-    if topology.dp_rank == 0:
+    if topology.dp_cp_rank == 0:
         ckpt.save_rank_file(path, {
             "args": model_args_namespace(trainer.config, trainer.vocab_size),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
@@ -151,7 +153,7 @@ def load_checkpoint(trainer) -> None:
         optimizers = distributed_optimizers(trainer.optimizer)
         if optimizers:
             distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
-            states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_rank == 0
+            states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_cp_rank == 0
                       else [None] * len(optimizers))
             for opt, state in zip(optimizers, states):
                 _load_distributed_state(opt, state)

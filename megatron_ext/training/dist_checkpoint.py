@@ -93,12 +93,13 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
             state["model"], is_loading=is_loading, metadata=metadata)
         state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     if rng:
-        # Megatron-LM's: one entry per (pp, tp) rank; data-parallel ranks hold replicas (their
-        # generators are seeded alike and draw alike).
+        # Megatron-LM's: one entry per (pp, tp) rank; data- and context-parallel ranks hold
+        # replicas (their generators are seeded alike and draw alike), so CP is not part of
+        # the layout either.
         state["rng_state"] = ShardedObject(
             "rng_state", [rng_state()],
             (topology.pipeline_parallel, topology.tensor_parallel),
-            (topology.pp_rank, topology.tp_rank), replica_id=topology.dp_rank)
+            (topology.pp_rank, topology.tp_rank), replica_id=topology.dp_cp_rank)
     return state
 
 

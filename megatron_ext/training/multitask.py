@@ -152,6 +152,8 @@ class MultiTask:
         for entry in losses:
             if TASK_LOSS in entry:  # absent from a forward step that is not pretrain_gpt's
                 total += entry[TASK_LOSS].to(total)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        # Context-parallel ranks hold their own chunks of every conversation: each token once.
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         return total.cpu()

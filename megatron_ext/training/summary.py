@@ -43,13 +43,15 @@ class RankParams:
     tp: int
     pp: int
     dp: int
+    cp: int
     local: int  # every parameter this rank holds
     unique: int  # counted once over the model (see the module docstring)
     embedding: int  # of ``unique``: word and position embeddings
     output_layer: int  # of ``unique``: an untied output layer
 
 
-def count_parameters(module: torch.nn.Module, rank: int, tp: int, pp: int, dp: int) -> RankParams:
+def count_parameters(module: torch.nn.Module, rank: int, tp: int, pp: int, dp: int,
+                     cp: int = 0) -> RankParams:
     local = unique = embedding = output = 0
     for name, param in module.named_parameters():
         local += param.numel()
@@ -60,7 +62,7 @@ def count_parameters(module: torch.nn.Module, rank: int, tp: int, pp: int, dp: i
             embedding += param.numel()
         elif name.startswith("output_layer."):
             output += param.numel()
-    return RankParams(rank, tp, pp, dp, local, unique, embedding, output)
+    return RankParams(rank, tp, pp, dp, cp, local, unique, embedding, output)
 
 
 def _dtype_bytes(config: Config) -> int:
@@ -68,9 +70,11 @@ def _dtype_bytes(config: Config) -> int:
 
 
 def state_bytes(config: Config, params: int, dp: int) -> Dict[str, int]:
-    """Weights, gradients and optimizer state of ``params`` parameters on one rank."""
+    """Weights, gradients and optimizer state of ``params`` parameters on one rank; the
+    distributed optimizer shards over the ``dp`` data-parallel ranks and the CP ranks."""
     half = config.model.bf16 or config.model.fp16
-    shards = dp if config.parallel.use_distributed_optimizer else 1
+    shards = (dp * config.parallel.context_parallel_size
+              if config.parallel.use_distributed_optimizer else 1)
     return {"weights": params * _dtype_bytes(config), "gradients": params * 4,
             "optimizer": params * (8 + (4 if half else 0)) // shards}
 
@@ -86,7 +90,8 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     dim; the projection reads a view of it), the MLP's fc1 output, activation and fc2 input
     (SwiGLU: 2f + f + f + f, its linear half is copied; GELU: f + f), dropout masks at a byte
     per element; per layer, RoPE's cos/sin tables. The last stage adds the final norm and the
-    vocabulary-parallel cross entropy's fp32 softmax.
+    vocabulary-parallel cross entropy's fp32 softmax. With context parallelism a rank holds
+    1/CP of the tokens, plus the K and V of the whole sequence that allgather gathers per layer.
     """
     m, p, t = config.model, config.parallel, config.training
     tp = p.tensor_model_parallel_size
@@ -98,8 +103,11 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     norm = (8 + e if m.normalization == "RMSNorm" else 2 * e) * h / sp  # bytes per token
     per_token = (2 * norm + e * ((q + 2 * kv) + ((q + kv) if rope else 0) + q) / tp
                  + e * (5 if m.swiglu else 2) * f / tp + (2 * h / sp if m.hidden_dropout else 0))
-    tokens = t.micro_batch_size * m.seq_length
-    per_layer = per_token * tokens + (4 * m.seq_length * m.kv_channels * e if rope else 0)
+    cp = p.context_parallel_size
+    tokens = t.micro_batch_size * m.seq_length // cp
+    gathered_kv = 2 * e * kv / tp * t.micro_batch_size * m.seq_length if cp > 1 else 0
+    per_layer = (per_token * tokens + gathered_kv
+                 + (4 * m.seq_length * m.kv_channels * e if rope else 0))
     layers = m.num_layers // p.pipeline_model_parallel_size
     if m.recompute_granularity == "full":
         # Each recomputed chunk keeps its input; backward rebuilds one chunk at a time.
@@ -150,7 +158,7 @@ def _model_lines(config: Config, vocab_size: int, ranks: List[RankParams]) -> Li
     m, p = config.model, config.parallel
     padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                p.tensor_model_parallel_size)
-    dp0 = [r for r in ranks if r.dp == 0]
+    dp0 = [r for r in ranks if r.dp == 0 and r.cp == 0]
     total = sum(r.unique for r in dp0)
     embedding, output = sum(r.embedding for r in dp0), sum(r.output_layer for r in dp0)
     return [
@@ -169,12 +177,14 @@ def _model_lines(config: Config, vocab_size: int, ranks: List[RankParams]) -> Li
 
 def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
     p = config.parallel
-    pp = p.pipeline_model_parallel_size
-    dp = len(ranks) // (p.tensor_model_parallel_size * pp)
+    pp, cp = p.pipeline_model_parallel_size, p.context_parallel_size
+    dp = len(ranks) // (p.tensor_model_parallel_size * pp * cp)
     per_stage_layers = config.model.num_layers // pp
-    lines = [f"layout     {len(ranks)} ranks = TP {p.tensor_model_parallel_size} x PP {pp} x DP "
-             f"{dp}; sequence parallel {'on' if p.sequence_parallel else 'off'}; distributed "
-             f"optimizer {'on' if p.use_distributed_optimizer else 'off'}"]
+    context = (f"; context parallel: each sequence over {cp} ranks ({cp * 2} chunks, "
+               f"{'/'.join(p.cp_comm_type)})" if cp > 1 else "")
+    lines = [f"layout     {len(ranks)} ranks = TP {p.tensor_model_parallel_size} x PP {pp} x CP "
+             f"{cp} x DP {dp}; sequence parallel {'on' if p.sequence_parallel else 'off'}"
+             f"{context}; distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}"]
     for stage in range(pp):
         on_stage = [r for r in ranks if r.pp == stage]
         first, last = stage * per_stage_layers + 1, (stage + 1) * per_stage_layers
@@ -183,12 +193,13 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
             parts.insert(0, "embedding")
         if stage == pp - 1:
             parts.append("final norm, output layer")
-        unique = sum(r.unique for r in on_stage if r.dp == 0)
+        unique = sum(r.unique for r in on_stage if r.dp == 0 and r.cp == 0)
         by_count: Dict[int, List[int]] = {}
         for r in on_stage:
             by_count.setdefault(r.local, []).append(r.rank)
         held = "; ".join(f"{_n(count)} on ranks {_ranks(rs)}" for count, rs in by_count.items())
-        groups = sorted({tuple(sorted(r.rank for r in on_stage if r.dp == d)) for d in range(dp)})
+        groups = sorted({tuple(sorted(r.rank for r in on_stage if (r.dp, r.cp) == (d, c)))
+                         for d in range(dp) for c in range(cp)})
         # One screen at any scale: the first TP groups stand for the rest.
         shown = " ".join(f"[{_ranks(list(g))}]" for g in groups[:4])
         shown += f" ... ({len(groups)} groups)" if len(groups) > 4 else ""
@@ -199,11 +210,13 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
 
 def _batch_lines(config: Config, dp: int, num_microbatches: int) -> List[str]:
     t, m = config.training, config.model
+    cp = config.parallel.context_parallel_size
     precision = ("bf16" if m.bf16 else "fp16 (dynamic loss scaling)" if m.fp16 else "fp32")
+    per_rank = f" ({m.seq_length // cp} tokens of each sequence per CP rank)" if cp > 1 else ""
     return [
         f"batch      micro {t.micro_batch_size} x DP {dp} x accumulation {num_microbatches} = "
         f"global {t.global_batch_size} samples = {t.global_batch_size * m.seq_length} tokens "
-        f"per step; {t.train_iters} steps = "
+        f"per step{per_rank}; {t.train_iters} steps = "
         f"{_n(t.train_iters * t.global_batch_size * m.seq_length)} tokens",
         f"precision  {precision} weights"
         + (", fp32 main weights in the optimizer" if m.bf16 or m.fp16 else "")
@@ -266,8 +279,9 @@ def _checkpoint_lines(config: Config) -> List[str]:
 
 def _memory_lines(config: Config, vocab_size: int, ranks: List[RankParams],
                   num_microbatches: int) -> List[str]:
-    pp = config.parallel.pipeline_model_parallel_size
-    dp = len(ranks) // (config.parallel.tensor_model_parallel_size * pp)
+    p = config.parallel
+    pp = p.pipeline_model_parallel_size
+    dp = len(ranks) // (p.tensor_model_parallel_size * pp * p.context_parallel_size)
     lines = ["memory     per rank, estimated (no allocator overhead, no communication buffers):"]
     for stage in range(pp):
         params = max(r.local for r in ranks if r.pp == stage)
@@ -284,8 +298,9 @@ def _memory_lines(config: Config, vocab_size: int, ranks: List[RankParams],
 
 def summary_lines(config: Config, vocab_size: int, module: torch.nn.Module,
                   ranks: List[RankParams], num_microbatches: int, train_ds, valid_ds) -> List[str]:
-    dp = len(ranks) // (config.parallel.tensor_model_parallel_size
-                        * config.parallel.pipeline_model_parallel_size)
+    p = config.parallel
+    dp = len(ranks) // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+                        * p.context_parallel_size)
     return (["run summary " + "-" * 88]
             + _model_lines(config, vocab_size, ranks) + _layout_lines(config, ranks)
             + _batch_lines(config, dp, num_microbatches) + [_attention_line(config, module)]
@@ -296,7 +311,7 @@ def summary_lines(config: Config, vocab_size: int, module: torch.nn.Module,
 def gather_parameters(module: torch.nn.Module, topology) -> List[RankParams]:
     """Every rank's counts, on every rank (one all_gather_object, called by all ranks)."""
     mine = count_parameters(module, dist.get_rank(), topology.tp_rank, topology.pp_rank,
-                            topology.dp_rank)
+                            topology.dp_rank, topology.cp_rank)
     everyone: List[RankParams] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone

@@ -213,8 +213,11 @@ class Trainer:
         per-token loss, trained tokens), the same on every rank."""
         t, m = self.config.training, self.config.model
         num_microbatches = self.num_microbatches(global_batch_size)
-        # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s.
-        rows, seq = ((1, t.micro_batch_size * m.seq_length) if self.config.varlen
+        # Stages exchange [s, b, h] activations; packed (THD) micro-batches are one row of b*s,
+        # except under context parallelism, whose rows stay rows (megatron-core divides s by
+        # CP).
+        packed = self.config.varlen and self.topology.context_parallel == 1
+        rows, seq = ((1, t.micro_batch_size * m.seq_length) if packed
                      else (t.micro_batch_size, m.seq_length))
         if self.multitask is not None:  # per-task token counts of the global batch first
             iterator = self.multitask.prepare(iterator, num_microbatches)
@@ -223,12 +226,14 @@ class Trainer:
             num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=rows,
             decoder_seq_length=seq, forward_only=forward_only,
         )
-        # [loss sum, token count] summed over micro-batches on the last stage, then over DP;
+        # [loss sum, token count] summed over micro-batches on the last stage, then over DP and
+        # CP (each CP rank holds its own tokens of the sequences: every token counts once);
         # shared with the whole pipeline so that every rank can report it.
         total = torch.zeros(2, dtype=torch.float64, device=platform.device())
         for entry in losses:
             total += entry["lm loss"].to(total)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+            with_context_parallel=True))
         dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         if self.multitask is not None:
             self.task_totals = self.multitask.reduce(losses)  # [2, tasks]: loss sums, tokens

@@ -8,7 +8,7 @@ gradient of per-token averaging. The runs under test go through the product path
 + ``pretrain_gpt.forward_step`` + megatron-core's schedule, one global batch that holds every
 packed sample once; their loss and gradients (``main_grad`` after megatron-core's
 ``finalize_model_grads``, TP shards and PP stages merged back) must equal the reference, on one
-process, with TP=2 + SP, PP=2 and DP=2 (gloo), all from the same initial weights.
+process, with TP=2 + SP, PP=2, DP=2 and CP=2 (gloo), all from the same initial weights.
 """
 
 import json
@@ -211,6 +211,8 @@ TOPOLOGIES = {
     "tp2-sp": (2, "--tensor-model-parallel-size 2 --sequence-parallel"),
     "pp2": (2, "--pipeline-model-parallel-size 2"),
     "dp2": (2, ""),
+    # Each packed row split over two CP ranks: conversations cross the chunk boundaries.
+    "cp2": (2, "--context-parallel-size 2"),
     "tp2-pp2-sp": (4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
                       "--sequence-parallel"),
 }

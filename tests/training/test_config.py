@@ -50,6 +50,21 @@ INVALID_TOPOLOGY = {
         "--max-position-embeddings 64 --micro-batch-size 1 --global-batch-size 1 "
         "--reset-position-ids", 2,
         ["--micro-batch-size 1 x --seq-length 33", "--tensor-model-parallel-size 2"]),
+    "world-not-divisible-by-tp-x-pp-x-cp": (
+        "--tensor-model-parallel-size 2 --context-parallel-size 2", 6,
+        ["world size 6", "--tensor-model-parallel-size 2", "--context-parallel-size 2"]),
+    "cp-sequence-not-divisible-by-2cp": (  # 4 chunks of 34 / 4 tokens do not exist
+        "--context-parallel-size 2 --seq-length 34 --max-position-embeddings 64", 2,
+        ["--seq-length 34", "2 x --context-parallel-size 2"]),
+    "cp-sp-sequence-not-divisible-by-2cp-x-tp": (  # 36 / 4 chunks = 9, not split over TP 2
+        "--context-parallel-size 2 --tensor-model-parallel-size 2 --sequence-parallel "
+        "--seq-length 36 --max-position-embeddings 64", 4,
+        ["--sequence-parallel", "--seq-length 36", "2 x 2 x 2 = 8"]),
+    "cp-eval-prompts": ("--context-parallel-size 2 --eval-prompts README.md --eval-interval 5",
+                        2, ["--eval-prompts", "--context-parallel-size 2", "generate_gpt.py"]),
+    "global-batch-not-divisible-with-cp": (  # CP ranks share micro-batches: DP 2, not 4
+        "--context-parallel-size 2 --global-batch-size 6", 4,
+        ["--global-batch-size 6", "data-parallel size 2"]),
     "global-batch-not-divisible-by-mbs-x-dp": (
         "--global-batch-size 6", 2,  # DP 2 x micro-batch 2 = 4 does not divide 6
         ["--global-batch-size 6", "--micro-batch-size 2", "data-parallel size 2"]),
@@ -77,6 +92,9 @@ def test_the_same_topology_is_valid_with_a_matching_world_size():
                     "--sequence-parallel --group-query-attention --num-query-groups 2 "
                     "--global-batch-size 12", world_size=12)
     assert config.training.global_batch_size == 12  # DP 3 x micro-batch 2 x 2 micro-batches
+    config = _parse("--context-parallel-size 2 --tensor-model-parallel-size 2 "
+                    "--sequence-parallel --seq-length 32 --cp-comm-type allgather", world_size=8)
+    assert config.training.global_batch_size == 4  # DP 8 / (TP 2 x CP 2) = 2 x micro-batch 2
 
 
 INVALID_FLAGS = {

@@ -74,7 +74,9 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "FP8 needs Transformer Engine"),
     ("--num-experts 8 --moe-router-topk 2", "--moe-router-topk --num-experts: MoE is not "
      "supported yet"),
-    ("--context-parallel-size 2", "use --context-parallel-size 1"),
+    ("--cp-comm-type p2p", "--cp-comm-type p2p: only allgather is supported"),
+    ("--cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 2",
+     "--cp-comm-type a2a+p2p: only allgather"),
     ("--no-position-embedding", "use --position-embedding-type rope"),
 ])
 def test_refusals_are_one_line_with_the_way_out(extra, expected):

@@ -93,7 +93,7 @@ def single():
 
 
 def _total(counts):
-    return sum(r.unique for r in counts if r.dp == 0)
+    return sum(r.unique for r in counts if r.dp == 0 and r.cp == 0)
 
 
 @pytest.mark.parametrize("world_size, flags, tied", [
@@ -101,6 +101,8 @@ def _total(counts):
         "--global-batch-size 4", True),
     (4, "--tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer --bf16 "
         "--global-batch-size 4", False),
+    # 1/CP of the tokens and the gathered K/V; the optimizer sharded over DP x CP.
+    (2, "--context-parallel-size 2 --use-distributed-optimizer", False),
 ])
 def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, tied):
     argv = MODEL + ([] if tied else UNTIED) + flags.split()
@@ -113,7 +115,8 @@ def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, 
         counts = result["counts"]
         assert _total(counts) == reference["local"]
         for part in ("embedding", "output_layer"):
-            assert sum(getattr(r, part) for r in counts if r.dp == 0) == reference[part], part
+            assert sum(getattr(r, part) for r in counts
+                       if r.dp == 0 and r.cp == 0) == reference[part], part
         assert [r.local for r in counts] == [r["local"] for r in results]
         assert f"parameters {summary._n(reference['local'])} ({reference['local']})" in \
             "\n".join(result["lines"])
