@@ -153,30 +153,18 @@ def convert(argv=None) -> Path:
             if getattr(opts, flag) not in (None, 1):
                 raise ConversionError(f"--{flag.replace('_', '-')}: a torch_dist checkpoint has no "
                                       f"TP/PP layout (it loads at any); leave it out")
+    meta = lora.read_metadata(opts) if opts.lora_load is not None else None
     source = (HfSource(opts.load_dir, opts.model_type_hf) if opts.load_model_type == "hf"
               else megatron_source(opts.load_dir))
-    if opts.lora_load is not None:
-        meta = lora.read_metadata(opts.lora_load)
-        adapters = megatron_source(opts.lora_load, adapters=True)
-        try:
-            lora.check(opts, meta, source.args, adapters.args)
-        except BaseException:
-            adapters.close()
-            source.close()
-            raise
-        if opts.save_lora_to_hf:
-            try:
-                dtype = PARAMS_DTYPES[opts.params_dtype] if opts.params_dtype else source.dtype
-                with staged_output(opts.save_dir) as tmp:
-                    lora.write_peft(adapters, meta, source.args, tmp, dtype, str(opts.load_dir))
-            finally:
-                adapters.close()
-                source.close()
-            return opts.save_dir
-        source = lora.MergedSource(source, adapters, meta["lora_alpha"] / meta["lora_r"])
+    if meta is not None:
+        source = lora.MergedSource(source, megatron_source(opts.lora_load, adapters=True), meta)
     try:
         dtype = PARAMS_DTYPES[opts.params_dtype] if opts.params_dtype else source.dtype
-        if opts.save_model_type == "mg":
+        if meta is not None:
+            lora.check(opts, meta, source.base.args, source.adapters.args)
+        if opts.save_lora_to_hf:
+            sink = lora.PeftSink(meta, dtype, str(opts.load_dir))
+        elif opts.save_model_type == "mg":
             divisible_by = opts.make_vocab_size_divisible_by or (
                 128 if opts.load_model_type == "hf"
                 else saved_value(source.args, "make_vocab_size_divisible_by") or 128)

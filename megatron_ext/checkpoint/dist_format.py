@@ -93,7 +93,7 @@ class DistSource:
             if self.meta[key].size[0] != self.num_layers:
                 raise ConversionError(f"{it_dir}: {key} stacks {self.meta[key].size[0]} layers, "
                                       f"the args say {self.num_layers}")
-        self.dtype = self.meta[EMBEDDING].properties.dtype
+        self.dtype = self.meta[EMBEDDING if not adapters else self.layer_keys[0]].properties.dtype
         if "opt_param_scheduler" in common:
             print("note: optimizer and RNG states are not converted; train from the output with "
                   "--finetune or --no-load-optim --no-load-rng", file=sys.stderr)

@@ -53,21 +53,28 @@ def add_arguments(parser) -> None:
                              "(with --save-model-type hf and --lora-load)")
 
 
-def read_metadata(load_dir: Path) -> dict:
-    """The ``lora`` entry of the LoRA checkpoint in ``load_dir`` (training/lora_checkpoint.py)."""
+def saved_metadata(load_dir: Path):
+    """The ``lora`` entry of the checkpoint in ``load_dir`` (training/lora_checkpoint.py), None
+    for a checkpoint without adapters (or no checkpoint)."""
     iteration = fmt.read_tracker(load_dir) if load_dir.is_dir() else None
     if iteration is None:
-        raise ConversionError(f"--lora-load {load_dir}: no {fmt.TRACKER_FILENAME} (not a "
-                              f"checkpoint directory)")
+        return None
     directory = fmt.iteration_dir(load_dir, iteration)
     if is_dist_checkpoint(directory):
-        entry = dist_checkpointing.load_common_state_dict(str(directory)).get("lora")
-    else:
-        first = sorted(directory.glob("mp_rank_*/" + fmt.RANK_FILENAME))
-        entry = fmt.load_rank_file(first[0]).get("lora") if first else None
+        return dist_checkpointing.load_common_state_dict(str(directory)).get("lora")
+    first = sorted(directory.glob("mp_rank_*/" + fmt.RANK_FILENAME))
+    return fmt.load_rank_file(first[0]).get("lora") if first else None
+
+
+def read_metadata(opts) -> dict:
+    """The adapters' ``lora`` entry; --load-dir must be their base, not adapters."""
+    if saved_metadata(opts.load_dir) is not None:
+        raise ConversionError(f"--load-dir {opts.load_dir} is a LoRA checkpoint (adapters only): "
+                              f"pass it as --lora-load and its base model as --load-dir")
+    entry = saved_metadata(opts.lora_load)
     if entry is None:
-        raise ConversionError(f"--lora-load {load_dir}: {directory} holds no LoRA adapters "
-                              f"(a base model? pass it as --load-dir)")
+        raise ConversionError(f"--lora-load {opts.lora_load} holds no LoRA adapters (a base "
+                              f"model? pass it as --load-dir)")
     return entry
 
 
@@ -90,8 +97,9 @@ def check(opts, meta: dict, base_args, adapter_args) -> None:
 class MergedSource:
     """A base source whose layers carry their adapters merged in; the rest is the base's."""
 
-    def __init__(self, base, adapters, scaling: float):
-        self.base, self.adapters, self.scaling = base, adapters, scaling
+    def __init__(self, base, adapters, meta: dict):
+        self.base, self.adapters = base, adapters
+        self.scaling = meta["lora_alpha"] / meta["lora_r"]
 
     def __getattr__(self, name):
         return getattr(self.base, name)
@@ -121,6 +129,16 @@ def _hf_adapters(tensors: dict, args) -> dict:
         for hf_module, b_part in zip(hf_modules, bs):
             out[hf_module] = (a, b_part)
     return out
+
+
+class PeftSink:
+    """Writes a MergedSource's adapters alone as a PEFT LoRA directory for ``LlamaForCausalLM``."""
+
+    def __init__(self, meta: dict, dtype, base_name: str):
+        self.meta, self.dtype, self.base_name = meta, dtype, base_name
+
+    def write(self, source: MergedSource, out: Path) -> None:
+        write_peft(source.adapters, self.meta, source.base.args, out, self.dtype, self.base_name)
 
 
 def write_peft(adapters, meta: dict, args, out: Path, dtype, base_name: str) -> None:
