@@ -10,7 +10,7 @@ import torch
 from megatron_ext.checkpoint.hf import ConversionError
 from megatron_ext.checkpoint.lora import PEFT_CONFIG, PEFT_WEIGHTS
 from tests.checkpoint.conftest import run_convert
-from tests.launcher import launch
+from tests.launcher import launch, torchrun
 from tests.lora.conftest import LORA, MODEL, SEQ, TRAIN, VOCAB
 
 LOGITS_ATOL = 1e-4  # float32, two implementations (fused vs separate q/k/v, merged vs not)
@@ -97,3 +97,20 @@ def test_convert_checks_the_adapters(reference, base, tmp_path):
         run_convert("mg", "hf", reference["save"], tmp_path / "y", "--lora-load", base)
     with pytest.raises(ConversionError, match="holds no LoRA adapters"):
         run_convert("mg", "hf", base, tmp_path / "z", "--lora-load", base)
+
+
+def test_generate_gpt_with_lora_load_equals_the_merged_model(reference, base, exports):
+    """generate_gpt.py --load BASE --lora-load ADAPTERS at TP=2 (LoRA flags from the adapter
+    checkpoint) writes transformers' greedy continuation of the merged HF model."""
+    prompt, eod, new = [1, 2, 3, 4, 5], VOCAB - 1, 8
+    out = _hf_model(exports / "merged_hf").generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=new, eos_token_id=eod,
+        pad_token_id=0)[0, len(prompt):].tolist()
+    expected = " ".join(str(t) for t in out if t != eod)
+    assert expected  # something to compare
+    result = torchrun(2, ["--load", base, "--lora-load", reference["save"],
+                          "--tensor-model-parallel-size", 2, "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", eod, "--max-new-tokens", new,
+                          "--prompt", " ".join(map(str, prompt))], 600, script="generate_gpt.py")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [expected]
