@@ -166,6 +166,10 @@ def apply_to_spec(spec, lora, swiglu: bool) -> None:
         setattr(owner, name, ModuleSpec(module=cls, params=dict(params, **extra)))
 
 
+def _input_requires_grad(module, inputs, output):
+    return output.requires_grad_(True) if not output.requires_grad else output
+
+
 def freeze_base(module: torch.nn.Module) -> None:
     """Only the adapters train (before DDP: it sizes its gradient buffers by requires_grad).
     A frozen weight needs no TP gradient reduction either: drop ``sequence_parallel`` from the
@@ -176,6 +180,12 @@ def freeze_base(module: torch.nn.Module) -> None:
         param.requires_grad_(False)
         if hasattr(param, "sequence_parallel"):
             del param.sequence_parallel
+    embedding = getattr(module, "embedding", None)  # on the first pipeline stage
+    if module.config.recompute_granularity == "full" and embedding is not None:
+        # The frozen embedding's output needs no gradient, so megatron-core's checkpointed
+        # layers would get inputs that do not require grad and backpropagate nothing into the
+        # adapters inside them (MindSpeed-LLM's --lora-register-forward-hook does the same).
+        embedding.register_forward_hook(_input_requires_grad)
 
 
 def merge_into(full: dict, adapters: dict, scaling: float) -> dict:

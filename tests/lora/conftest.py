@@ -62,4 +62,5 @@ def reference(base, tmp_path_factory):
     save = tmp_path_factory.mktemp("lora") / "adapters"
     argv = MODEL + TRAIN + LORA + ["--load", str(base), "--save", str(save)]
     losses, initial, final, summary = launch(lora_run, 1, argv, 1)[0]
-    return dict(losses=losses, initial=initial, final=final, summary=summary, save=save)
+    return dict(losses=losses, initial=initial, final=final, summary=summary, save=save,
+                base=base)

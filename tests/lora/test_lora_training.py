@@ -141,3 +141,15 @@ def test_lora_load_checks_the_checkpoint(reference, base):
                                     str(reference["save"])], 1)
     with pytest.raises(RuntimeError, match="pass it as --lora-load"):
         launch(lora_run, 1, argv + ["--load", str(reference["save"])], 1)
+
+
+def test_full_recomputation_trains_the_adapters(reference):
+    """Checkpointed layers behind a frozen embedding: the adapters inside still get their
+    gradients (the same run, bit for bit)."""
+    argv = MODEL + TRAIN + LORA + ["--load", str(reference["base"]), "--recompute-granularity",
+                                   "full", "--recompute-method", "uniform",
+                                   "--recompute-num-layers", "1"]
+    losses, _, final, _ = launch(lora_run, 1, argv, 1)[0]
+    assert losses == reference["losses"]
+    for name, tensor in _adapters(reference["final"]).items():
+        assert torch.equal(final[name], tensor), name
