@@ -56,11 +56,13 @@ def base(hf_base, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(base, tmp_path_factory):
-    """The single-process LoRA run from ``base``; its adapters saved (torch_dist) in ``save``."""
+    """The single-process LoRA run from ``base``; its adapters saved (torch_dist) in ``save`` at
+    iterations 2 and 4."""
     from tests.launcher import launch
 
     save = tmp_path_factory.mktemp("lora") / "adapters"
-    argv = MODEL + TRAIN + LORA + ["--load", str(base), "--save", str(save)]
+    argv = MODEL + TRAIN + LORA + ["--load", str(base), "--save", str(save),
+                                  "--save-interval", "2"]
     losses, initial, final, summary = launch(lora_run, 1, argv, 1)[0]
     return dict(losses=losses, initial=initial, final=final, summary=summary, save=save,
                 base=base)

@@ -6,6 +6,8 @@ from the command line (torchrun pretrain_gpt.py), PP=2 x DP=2 with the distribut
 in-process ranks.
 """
 
+import shutil
+
 import pytest
 import torch
 from torch.distributed import checkpoint as dcp
@@ -108,17 +110,22 @@ def test_torch_dist_checkpoint_holds_the_adapters_alone(reference):
     ("torch", ["--use-distributed-optimizer"], 2),
 ])
 def test_resume_with_lora_load_is_exact(reference, base, tmp_path, ckpt_format, extra, world):
-    """Stopped at iteration 2 (--exit-interval) and resumed with --load BASE --lora-load SAVE:
-    the losses and adapters of the uninterrupted run, bit for bit."""
-    save = str(tmp_path / "resumed")
+    """Resumed from the iteration-2 checkpoint of a 4-iteration run (--save-interval 2) with
+    --load BASE --lora-load: that run's last losses and adapters, bit for bit."""
     flags = MODEL + TRAIN + LORA + ["--load", str(base), "--ckpt-format", ckpt_format] + extra
-    whole = reference if world == 1 else dict(zip(
-        ("losses", "initial", "final"), launch(lora_run, world, flags, world)[0]))
-    first = launch(lora_run, world, flags + ["--save", save, "--exit-interval", "2"], world)[0]
-    second = launch(lora_run, world, flags + ["--save", save, "--lora-load", save], world)[0]
-    assert first[0] + second[0] == whole["losses"]
+    if world == 1:
+        whole, saved = reference, reference["save"]
+    else:
+        saved = tmp_path / "whole"
+        whole = dict(zip(("losses", "initial", "final"), launch(
+            lora_run, world, flags + ["--save", str(saved), "--save-interval", "2"], world)[0]))
+    resume = tmp_path / "resume"  # the iteration-2 checkpoint alone
+    shutil.copytree(fmt.iteration_dir(saved, 2), fmt.iteration_dir(resume, 2))
+    fmt.write_tracker(resume, 2)
+    losses, _, final, _ = launch(lora_run, world, flags + ["--lora-load", str(resume)], world)[0]
+    assert losses == whole["losses"][2:]
     for name, tensor in whole["final"].items():
-        assert torch.equal(second[2][name], tensor), name
+        assert torch.equal(final[name], tensor), name
 
 
 def test_flag_errors_name_the_flag():
