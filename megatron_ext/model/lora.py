@@ -153,10 +153,17 @@ class LoraRowParallelLinear(_LoraMixin, RowParallelLinear):
         return {"weight": 1, f"lora_A.{ADAPTER}.weight": 1}
 
 
+def _submodules(spec):
+    """A ModuleSpec's submodules; megatron-core 0.19's local spec gives the MLP as
+    ``functools.partial(MLP.as_mlp_submodule, submodules=...)`` instead."""
+    return spec.submodules if hasattr(spec, "submodules") else spec.keywords["submodules"]
+
+
 def apply_to_spec(spec, lora, swiglu: bool) -> None:
     """Swap the ``--lora-target-modules`` linears of a transformer-layer spec for LoRA ones."""
     params = dict(lora_r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout)
-    attention, mlp = spec.submodules.self_attention.submodules, spec.submodules.mlp.submodules
+    attention = _submodules(spec.submodules.self_attention)
+    mlp = _submodules(spec.submodules.mlp)
     targets = {"linear_qkv": (attention, LoraColumnParallelLinear, {}),
                "linear_proj": (attention, LoraRowParallelLinear, {}),
                "linear_fc1": (mlp, LoraColumnParallelLinear, {"lora_glu": swiglu}),
