@@ -163,7 +163,11 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         lora_checkpoint.check_adapters(trainer, payload.get("lora"), path)
     ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path,
                                lora_checkpoint.keys(part))
-    if weights_only or c.finetune or iteration == ckpt.RELEASE:
+    weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
+    if (weights_only or c.no_load_optim) and (trainer.config.model.bf16
+                                              or trainer.config.model.fp16):
+        trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
+    if weights_only:
         # A release checkpoint (Megatron-LM's name for published weights) is weights alone.
         logger.info(f"loaded model weights from {path} (iteration 0, fresh optimizer, "
                     f"scheduler and data order)")

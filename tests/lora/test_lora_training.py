@@ -160,3 +160,15 @@ def test_full_recomputation_trains_the_adapters(reference):
     assert losses == reference["losses"]
     for name, tensor in _adapters(reference["final"]).items():
         assert torch.equal(final[name], tensor), name
+
+
+def test_bf16_weights_only_load_keeps_the_loaded_adapters(base, tmp_path):
+    """--bf16 --lora-load --finetune (torch format): the optimizer's fp32 main copies follow the
+    loaded adapters (else the first step writes the fresh ones back); lr 0 keeps them."""
+    save = str(tmp_path / "bf16")
+    flags = MODEL + TRAIN + LORA + ["--bf16", "--ckpt-format", "torch", "--load", str(base)]
+    saved = launch(lora_run, 1, flags + ["--save", save, "--train-iters", "2"], 1)[0][2]
+    after = launch(lora_run, 1, flags + ["--lora-load", save, "--finetune", "--train-iters", "1",
+                                         "--lr", "0", "--lr-warmup-iters", "0"], 1)[0][2]
+    for name, tensor in _adapters(saved).items():
+        assert torch.equal(after[name], tensor), name
