@@ -33,8 +33,9 @@ setup(
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         # python -m megatron_ext.plot (loss curves as PNG); training does not need it.
         "plot": ["matplotlib"],
-        # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one).
+        # zstandard: .zst corpora (preprocess_data.py asks for it when it meets one); peft: the
+        # LoRA export test (it adds accelerate, no other torch).
         "dev": ["pytest", "pyarrow", "matplotlib", "tokenizers", "transformers", "safetensors",
-                "zstandard", "tiktoken", "nltk"],
+                "zstandard", "tiktoken", "nltk", "peft"],
     },
 )

@@ -12,6 +12,9 @@ Everything is checked before anything is written; the output goes into a temp di
 ``--save-dir`` at the end (the Megatron tracker written last inside it), so a failed conversion
 leaves no ``--save-dir``.
 
+With ``--lora-load`` the adapters of a LoRA run are merged into the base first, or exported
+alone for PEFT with ``--save-lora-to-hf`` (checkpoint/lora.py).
+
 Megatron output from HF is ``iter_0000001`` with the tracker at 1 (as Megatron-LM's and
 MindSpeed-LLM's converters write it), no optimizer or RNG state: train from it with
 ``--load DIR --finetune`` (or ``--no-load-optim --no-load-rng``).
@@ -29,7 +32,7 @@ from pathlib import Path
 import torch
 
 from megatron_ext.checkpoint import format as fmt
-from megatron_ext.checkpoint import hf
+from megatron_ext.checkpoint import hf, lora
 from megatron_ext.checkpoint.args import saved_value
 from megatron_ext.checkpoint.dist_format import DistSink, DistSource, is_dist_checkpoint
 from megatron_ext.checkpoint.hf import ConversionError
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokenizer file or directory, copied into an HF output")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors shard of an HF output, e.g. 5GB, 500MB")
+    lora.add_arguments(parser)
     return parser
 
 
@@ -114,11 +118,12 @@ def staged_output(save_dir: Path):
         raise
 
 
-def megatron_source(load_dir: Path):
-    """The source for a Megatron checkpoint in either format (torch_dist or per-rank)."""
+def megatron_source(load_dir: Path, adapters: bool = False):
+    """The source for a Megatron checkpoint in either format (torch_dist or per-rank); with
+    ``adapters``, of a LoRA checkpoint (layers' adapters only)."""
     iteration = fmt.read_tracker(load_dir) if load_dir.is_dir() else None
     if iteration is not None and is_dist_checkpoint(fmt.iteration_dir(load_dir, iteration)):
-        return DistSource(load_dir, iteration, fmt.iteration_dir(load_dir, iteration))
+        return DistSource(load_dir, iteration, fmt.iteration_dir(load_dir, iteration), adapters)
     return MegatronSource(load_dir)
 
 
@@ -137,17 +142,29 @@ def convert(argv=None) -> Path:
     if opts.tokenizer_model is not None and not opts.tokenizer_model.exists():
         raise ConversionError(f"--tokenizer-model {opts.tokenizer_model} does not exist")
     check_save_dir(opts.save_dir, opts.load_dir)
+    if opts.lora_load is not None and opts.load_model_type != "mg":
+        raise ConversionError("--lora-load merges Megatron adapters into a Megatron base: "
+                              "use --load-model-type mg")
+    if opts.save_lora_to_hf and (opts.lora_load is None or opts.save_model_type != "hf"):
+        raise ConversionError("--save-lora-to-hf needs --lora-load and --save-model-type hf")
 
     if opts.ckpt_format == "torch_dist" and opts.save_model_type == "mg":
         for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
             if getattr(opts, flag) not in (None, 1):
                 raise ConversionError(f"--{flag.replace('_', '-')}: a torch_dist checkpoint has no "
                                       f"TP/PP layout (it loads at any); leave it out")
+    meta = lora.read_metadata(opts) if opts.lora_load is not None else None
     source = (HfSource(opts.load_dir, opts.model_type_hf) if opts.load_model_type == "hf"
               else megatron_source(opts.load_dir))
+    if meta is not None:
+        source = lora.MergedSource(source, megatron_source(opts.lora_load, adapters=True), meta)
     try:
         dtype = PARAMS_DTYPES[opts.params_dtype] if opts.params_dtype else source.dtype
-        if opts.save_model_type == "mg":
+        if meta is not None:
+            lora.check(opts, meta, source.base.args, source.adapters.args)
+        if opts.save_lora_to_hf:
+            sink = lora.PeftSink(meta, dtype, str(opts.load_dir))
+        elif opts.save_model_type == "mg":
             divisible_by = opts.make_vocab_size_divisible_by or (
                 128 if opts.load_model_type == "hf"
                 else saved_value(source.args, "make_vocab_size_divisible_by") or 128)

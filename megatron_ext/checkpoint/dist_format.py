@@ -66,7 +66,8 @@ def is_dist_checkpoint(directory: Path) -> bool:
 class DistSource:
     """A torch_dist iteration directory as full (TP=1) tensors, one layer at a time."""
 
-    def __init__(self, load_dir: Path, iteration, it_dir: Path):
+    def __init__(self, load_dir: Path, iteration, it_dir: Path, adapters: bool = False):
+        """``adapters``: a LoRA checkpoint (layers' adapters only, training/lora_checkpoint.py)."""
         from megatron.core import dist_checkpointing
 
         self.path, self.iteration, self.dir = load_dir, iteration, it_dir
@@ -83,7 +84,8 @@ class DistSource:
         self.meta = dcp.FileSystemReader(str(it_dir)).read_metadata().state_dict_metadata
         self.layer_keys = [k for k, v in self.meta.items() if k.startswith(LAYERS)
                            and hasattr(v, "size") and "._extra_state" not in k]
-        needed = [EMBEDDING, "decoder.final_layernorm.weight"] + ([OUTPUT] if self.untied else [])
+        needed = [] if adapters else (
+            [EMBEDDING, "decoder.final_layernorm.weight"] + ([OUTPUT] if self.untied else []))
         missing = [k for k in needed if k not in self.meta] + ([] if self.layer_keys else [LAYERS])
         if missing:
             raise ConversionError(f"{it_dir}: the torch_dist checkpoint has no {', '.join(missing)}")
@@ -91,7 +93,7 @@ class DistSource:
             if self.meta[key].size[0] != self.num_layers:
                 raise ConversionError(f"{it_dir}: {key} stacks {self.meta[key].size[0]} layers, "
                                       f"the args say {self.num_layers}")
-        self.dtype = self.meta[EMBEDDING].properties.dtype
+        self.dtype = self.meta[EMBEDDING if not adapters else self.layer_keys[0]].properties.dtype
         if "opt_param_scheduler" in common:
             print("note: optimizer and RNG states are not converted; train from the output with "
                   "--finetune or --no-load-optim --no-load-rng", file=sys.stderr)

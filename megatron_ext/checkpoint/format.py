@@ -18,7 +18,7 @@ checkpoints you trust.
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Callable, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -178,13 +178,16 @@ def model_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     }
 
 
-def load_model_state_dict(model: torch.nn.Module, state_dict: Mapping, path) -> None:
-    """Load a rank file's ``model`` into ``model`` strictly, naming ``path`` on a mismatch.
+def load_model_state_dict(model: torch.nn.Module, state_dict: Mapping, path,
+                          keys: Optional[Callable[[str], bool]] = None) -> None:
+    """Load a rank file's ``model`` into ``model`` strictly, naming ``path`` on a mismatch;
+    with ``keys``, only the model's entries it accepts are expected (and loaded).
 
     ``_extra_state`` entries the file leaves out (they were None) are put back as None.
     """
     state_dict = dict(state_dict)
-    expected = model.state_dict()
+    expected = {name: value for name, value in model.state_dict().items()
+                if keys is None or keys(name)}
     for name, value in expected.items():
         if name.endswith("._extra_state") and name not in state_dict and value is None:
             state_dict[name] = None
@@ -206,4 +209,4 @@ def load_model_state_dict(model: torch.nn.Module, state_dict: Mapping, path) -> 
         if wrong:
             parts.append(f"shape mismatch {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
         raise CheckpointError(f"checkpoint file {path} does not fit the model: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=keys is None)

@@ -6,7 +6,9 @@ ranks mirrors megatron-core's tensor-parallel layers:
 - column-parallel linears (fused QKV, in megatron-core's per-query-group layout, and fc1): rows;
   SwiGLU's fc1 is ``[gate; up]`` and every rank holds ``[gate_r; up_r]`` (stride 2);
 - row-parallel linears (attention projection, fc2): columns; their bias is replicated;
-- norms and position embeddings: replicated.
+- norms and position embeddings: replicated;
+- LoRA adapters (model/lora.py): B of a column-parallel linear as its rows, A of a row-parallel
+  one as its columns, the other matrix replicated.
 Pipeline stage ``s`` of ``pp`` holds layers ``[s*L/pp, (s+1)*L/pp)`` renumbered from 0, the
 embedding on the first stage and the final norm and output layer on the last one.
 """
@@ -26,6 +28,15 @@ def tp_split(name: str, swiglu: bool):
     """(dim, stride) along which ``name`` is split across TP ranks, or None if replicated."""
     if name in _VOCAB:
         return 0, 1
+    if ".lora_" in name:
+        # LoRA (model/lora.py): a column-parallel layer's B is split as its weight's rows, a
+        # row-parallel layer's A as its weight's columns; the other matrix is replicated.
+        layer, matrix = name.split(".lora_", 1)
+        if matrix.startswith("B") and layer.endswith(("linear_qkv", "linear_fc1")):
+            return 0, 2 if swiglu and layer.endswith("linear_fc1") else 1
+        if matrix.startswith("A") and layer.endswith(("linear_proj", "linear_fc2")):
+            return 1, 1
+        return None
     if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         return 0, 1
     if name.endswith(("linear_fc1.weight", "linear_fc1.bias")):

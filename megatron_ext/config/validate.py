@@ -6,6 +6,7 @@ import os
 
 from megatron_ext import platform
 from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size
+from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_ALLGATHER
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
@@ -32,6 +33,7 @@ def validate(config: Config, world_size: int) -> None:
     _validate_data(config)
     _validate_multitask(config)
     _validate_logging_and_checkpoint(config)
+    _validate_lora(config)
 
 
 def _validate_parallel(config: Config, world_size: int) -> int:
@@ -372,3 +374,28 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
              "--save-total-limit must be >= 1")
     _require(not c.async_save or c.ckpt_format == "torch_dist",
              "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
+
+
+def _validate_lora(config: Config) -> None:
+    lora, given = config.lora, config.given
+    _require(not lora.qlora, "--qlora: QLoRA trains LoRA on a 4-bit quantized base, which needs "
+             "a GPU 4-bit library (bitsandbytes) that is not available here; drop --qlora to "
+             "train LoRA on the base in its own precision")
+    unknown = [m for m in lora.lora_target_modules if m not in TARGET_MODULES]
+    _require(not unknown, f"--lora-target-modules {' '.join(unknown)}: not a layer of this model; "
+             f"choose from {' '.join(TARGET_MODULES)} (megatron-core's names)")
+    _require(len(set(lora.lora_target_modules)) == len(lora.lora_target_modules),
+             "--lora-target-modules names a layer twice")
+    _require(lora.lora_r >= 1, f"--lora-r {lora.lora_r}: the rank must be >= 1")
+    _require(lora.lora_alpha > 0, f"--lora-alpha {lora.lora_alpha}: must be > 0")
+    _require(0.0 <= lora.lora_dropout < 1.0,
+             f"--lora-dropout {lora.lora_dropout}: must be in [0, 1)")
+    _require(lora.enabled or lora.lora_load is None,
+             "--lora-load needs --lora-target-modules (the adapted layers, as at training)")
+    ignored = sorted(n for n in ("lora_r", "lora_alpha", "lora_dropout") if n in given)
+    if ignored and not lora.enabled:
+        config.notices.append(f"{' '.join('--' + n.replace('_', '-') for n in ignored)} without "
+                              "--lora-target-modules: LoRA is off (MindSpeed-LLM's rule)")
+    if lora.enabled and config.checkpoint.finetune and lora.lora_load is None:
+        config.notices.append("--finetune with LoRA and no --lora-load: no effect (--load is "
+                              "always the base, loaded as weights only)")

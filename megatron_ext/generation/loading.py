@@ -3,12 +3,14 @@
 Either format ``--load`` holds: ``torch`` (one ``model_optim_rng.pt`` per TP/PP rank, loaded at
 its own layout) or ``torch_dist`` (megatron-core's, at any TP/PP). Model flags the command line
 leaves out are taken from the checkpoint's ``args`` (ours or Megatron-LM's): a user passes the
-tokenizer and, at most, the layout.
+tokenizer and, at most, the layout. ``--lora-load ADAPTERS`` adds a LoRA run's adapters to the
+base in ``--load`` (their flags read from the adapter checkpoint).
 """
 
 import argparse
 import logging
 from dataclasses import fields
+from pathlib import Path
 
 from megatron.core import dist_checkpointing
 
@@ -16,7 +18,7 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, saved_value
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
-from megatron_ext.training import dist_checkpoint
+from megatron_ext.training import dist_checkpoint, lora_checkpoint
 
 logger = logging.getLogger("megatron_ext")
 
@@ -61,6 +63,19 @@ def _fill_model_flags(args: argparse.Namespace, saved: argparse.Namespace) -> No
             setattr(args, f.name, value)
 
 
+def _fill_lora_flags(args: argparse.Namespace) -> None:
+    """--lora-load: the adapters' hyper-parameters from their checkpoint, where not given."""
+    from megatron_ext.checkpoint.lora import saved_metadata
+
+    saved = saved_metadata(Path(args.lora_load))
+    if saved is None:
+        raise ckpt.CheckpointError(f"--lora-load {args.lora_load} holds no LoRA adapters (a base "
+                                   f"model? pass it as --load)")
+    for name in ("lora_r", "lora_alpha", "lora_target_modules"):
+        if getattr(args, name) is None:
+            setattr(args, name, saved[name])
+
+
 def generation_config(args: argparse.Namespace, world_size: int):
     """A validated ``Config`` for the checkpoint in ``args.load``, and what was read of it."""
     if not args.load:
@@ -85,6 +100,8 @@ def generation_config(args: argparse.Namespace, world_size: int):
     elif args.num_layers is None:
         raise ConfigError(f"{args.load} saved no args: pass the model flags (--num-layers, "
                           f"--hidden-size, ...) as for training")
+    if args.lora_load:
+        _fill_lora_flags(args)
     # Generation reads no training data and runs the model in eval mode (no dropout).
     args.mock_data, args.attention_dropout, args.hidden_dropout = True, 0.0, 0.0
     config = config_from_namespace(args)
@@ -103,14 +120,26 @@ def generation_config(args: argparse.Namespace, world_size: int):
 
 
 def load_weights(model, config, vocab_size: int, iteration, found: str, saved, topology) -> None:
-    """This rank's weights of ``iteration`` in ``config.checkpoint.load`` into ``model``."""
-    root = config.checkpoint.load
+    """This rank's weights of ``iteration`` in ``config.checkpoint.load`` into ``model``; with
+    --lora-load, the base from there and the adapters from the latest LoRA checkpoint."""
+    lora = config.lora.lora_load
+    _load(model, config, vocab_size, config.checkpoint.load, iteration, found, saved, topology,
+          lora_checkpoint.keys(lora_checkpoint.BASE) if lora else None)
+    if lora:
+        iteration, found, saved = read_checkpoint(lora)
+        _load(model, config, vocab_size, lora, iteration, found, saved, topology,
+              lora_checkpoint.keys(lora_checkpoint.ADAPTERS))
+
+
+def _load(model, config, vocab_size: int, root, iteration, found: str, saved, topology,
+          keys) -> None:
     directory = ckpt.iteration_dir(root, iteration)
     if found == dist_checkpoint.FORMAT:
         check_compatible(saved, config, vocab_size, directory, reshardable=True)
-        sharded = {"model": model.sharded_state_dict(metadata={"singleton_local_shards": False})}
-        state = dist_checkpointing.load(sharded, str(directory))
-        model.load_state_dict(state["model"], strict=True)
+        sharded = model.sharded_state_dict(metadata={"singleton_local_shards": False})
+        sharded = {k: v for k, v in sharded.items() if keys is None or keys(k)}
+        state = dist_checkpointing.load({"model": sharded}, str(directory))
+        model.load_state_dict(state["model"], strict=keys is None)
     else:
         path = ckpt.rank_file(root, iteration, topology.tp_rank, topology.pp_rank,
                               topology.pipeline_parallel)
@@ -120,5 +149,5 @@ def load_weights(model, config, vocab_size: int, iteration, found: str, saved, t
                 f"launch it at its own layout (the default) or reshard it with convert_ckpt.py")
         payload = ckpt.load_rank_file(path)
         check_compatible(payload.get("args"), config, vocab_size, path)
-        ckpt.load_model_state_dict(model, payload["model"], path)
+        ckpt.load_model_state_dict(model, payload["model"], path, keys)
     logger.info(f"loaded {found} checkpoint {directory} for generation")

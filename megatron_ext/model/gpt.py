@@ -1,7 +1,8 @@
 """GPT (Llama-style) model on megatron-core: our layer spec and the model factory.
 
 Model code carries no parallel plumbing: the spec swaps in our norm (sequence-parallel aware)
-and our core attention (document-aware); megatron-core's GPTModel does the rest, with two
+and our core attention (document-aware), and with --lora-target-modules the LoRA linears
+(model/lora.py); megatron-core's GPTModel does the rest, with two
 hooks of ours: the loss excludes the padded vocabulary rows (model/vocab.py) and the initial
 weights do not depend on the layout (model/init.py).
 """
@@ -18,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_ext import platform
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.config import Config
+from megatron_ext.model import lora
 from megatron_ext.model.attention import core_attention_spec
 from megatron_ext.model.context_parallel import ContextParallelParams, rotary_embedding
 from megatron_ext.model.init import initialize_parameters
@@ -77,6 +79,8 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(
         config.model.attention_backend
     )
+    if config.lora.enabled:
+        lora.apply_to_spec(spec, config.lora, config.model.swiglu)
     return TransformerBlockSubmodules(
         layer_specs=[spec] * (config.model.num_layers // config.parallel.pipeline_model_parallel_size),
         layer_norm=Norm,

@@ -14,11 +14,12 @@ Distributions are megatron-core's own (``TransformerConfig``'s init callables): 
 ``--init-method-std``) for QKV, fc1, embeddings and the output layer, scaled by
 1/sqrt(2 x num_layers) for the residual-branch outputs (linear_proj, linear_fc2); norms 1
 (0 with --apply-layernorm-1p, which stores gamma - 1), biases 0; the padded vocabulary rows 0
-(they never take part in the loss: model/vocab.py).
+(they never take part in the loss: model/vocab.py); LoRA's A kaiming-uniform as PEFT's, B 0.
 The values are reproducible per device type (CPU and CUDA generators differ).
 """
 
 import hashlib
+import math
 
 import torch
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -42,6 +43,11 @@ def parameter_seed(seed: int, name: str) -> int:
 def _init_method(name: str, config: TransformerConfig):
     """megatron-core's init callable for ``name``, or a constant (1 or 0) as a float."""
     if name.endswith(".bias"):
+        return 0.0
+    if ".lora_A." in name:  # PEFT's LoRA A: nn.Linear's default, over the full [r, in]
+        return lambda tensor, generator: torch.nn.init.kaiming_uniform_(
+            tensor, a=math.sqrt(5), generator=generator)
+    if ".lora_B." in name:  # zero: training starts from the base model
         return 0.0
     if name.endswith(_NORMS):
         # --apply-layernorm-1p stores gamma - 1 (megatron-core's zero-centered gamma).

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
-from megatron_ext.training import dist_checkpoint
+from megatron_ext.training import dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
                                                    set_rng_state)
 from megatron_ext.training.logs import log_once
@@ -72,17 +72,22 @@ def save_checkpoint(trainer) -> None:
     distrib_states = [opt.get_parameter_state_dp_zero()
                       for opt in distributed_optimizers(trainer.optimizer)]
     if topology.dp_cp_rank == 0:
-        ckpt.save_rank_file(path, {
+        saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
+        payload = {
             "args": model_args_namespace(trainer.config, trainer.vocab_size),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
             "consumed_valid_samples": trainer.consumed_valid_samples,
-            "model": ckpt.model_state_dict(trainer.model[0].module),
+            "model": {k: v for k, v in ckpt.model_state_dict(trainer.model[0].module).items()
+                      if saved is None or saved(k)},
             "optimizer": trainer.optimizer.state_dict(),
             "opt_param_scheduler": trainer.scheduler.state_dict(),
             "rng_state": rng_states,
-        })
+        }
+        if trainer.config.lora.enabled:
+            payload["lora"] = lora_checkpoint.metadata(trainer)
+        ckpt.save_rank_file(path, payload)
         if distrib_states:
             ckpt.save_rank_file(path.parent / DISTRIB_OPTIM_FILENAME, {"states": distrib_states})
     dist.barrier()
@@ -117,28 +122,54 @@ def _raise_layout_mismatch(root, iteration, topology) -> None:
 
 
 def load_checkpoint(trainer) -> None:
-    """Resume from ``--load`` (or start fresh when it holds no checkpoint, as Megatron-LM)."""
+    """Resume from ``--load`` (or start fresh when it holds no checkpoint, as Megatron-LM).
+    With LoRA: the base from ``--load`` (weights only), then the adapters and the training
+    state from ``--lora-load`` (training/lora_checkpoint.py)."""
+    c, lora = trainer.config.checkpoint, trainer.config.lora
+    if not lora.enabled:
+        _load(trainer, c.load, None, weights_only=False)
+        return
+    if c.load:
+        _load(trainer, c.load, lora_checkpoint.BASE, weights_only=True)
+    if lora.lora_load:
+        _load(trainer, lora.lora_load, lora_checkpoint.ADAPTERS, weights_only=False)
+
+
+def _load(trainer, root, part, weights_only: bool) -> None:
+    """Load ``part`` of the model (all of it: None) from the checkpoint in ``root``, and the
+    training state unless ``weights_only``."""
     c, topology = trainer.config.checkpoint, trainer.topology
-    iteration = ckpt.read_tracker(c.load)
+    iteration = ckpt.read_tracker(root)
     if iteration is None:
         log_once(logger, logging.WARNING,
-                 f"no {ckpt.TRACKER_FILENAME} in {c.load}: starting from scratch")
+                 f"no {ckpt.TRACKER_FILENAME} in {root}: starting from scratch")
         return
     found = (dist_checkpoint.FORMAT if is_dist_checkpoint(
-        ckpt.iteration_dir(c.load, iteration)) else "torch")
+        ckpt.iteration_dir(root, iteration)) else "torch")
     if found != c.ckpt_format:
-        logger.info(f"{ckpt.iteration_dir(c.load, iteration)} is a {found} checkpoint "
+        logger.info(f"{ckpt.iteration_dir(root, iteration)} is a {found} checkpoint "
                     f"(--ckpt-format {c.ckpt_format} applies to saving): loading it as {found}")
+    if part == lora_checkpoint.BASE:
+        lora_checkpoint.note_base(trainer, root, iteration)
     if found == dist_checkpoint.FORMAT:
-        dist_checkpoint.load(trainer, iteration)
+        dist_checkpoint.load(trainer, iteration, root, part, weights_only)
         return
-    path = _rank_file(c.load, iteration, topology)
+    path = _rank_file(root, iteration, topology)
     if not path.is_file():
-        _raise_layout_mismatch(c.load, iteration, topology)
+        _raise_layout_mismatch(root, iteration, topology)
     payload = ckpt.load_rank_file(path)
     check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
-    ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path)
-    if c.finetune or iteration == ckpt.RELEASE:
+    if part == lora_checkpoint.BASE:
+        lora_checkpoint.check_base_checkpoint(payload.get("lora"), path)
+    elif part == lora_checkpoint.ADAPTERS:
+        lora_checkpoint.check_adapters(trainer, payload.get("lora"), path)
+    ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path,
+                               lora_checkpoint.keys(part))
+    weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
+    if (weights_only or c.no_load_optim) and (trainer.config.model.bf16
+                                              or trainer.config.model.fp16):
+        trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
+    if weights_only:
         # A release checkpoint (Megatron-LM's name for published weights) is weights alone.
         logger.info(f"loaded model weights from {path} (iteration 0, fresh optimizer, "
                     f"scheduler and data order)")

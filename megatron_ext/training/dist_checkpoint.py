@@ -42,6 +42,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
+from megatron_ext.training import lora_checkpoint
 from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
                                                    set_rng_state)
 from megatron_ext.training.logs import log_once
@@ -74,10 +75,16 @@ def _saved_args(trainer):
     return args
 
 
-def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loading: bool):
+def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loading: bool,
+                        part=None):
+    """The state to save or load; ``part`` of the model only (training/lora_checkpoint.py)."""
     topology = trainer.topology
     metadata = dict(metadata, dp_cp_group=parallel_state.get_data_parallel_group(
         with_context_parallel=True))
+    model = trainer.model[0].module.sharded_state_dict(metadata=metadata)
+    wanted = lora_checkpoint.keys(part)
+    if wanted is not None:
+        model = {k: v for k, v in model.items() if wanted(k)}
     state = {
         "args": _saved_args(trainer),
         "checkpoint_version": ckpt.CHECKPOINT_VERSION,
@@ -86,8 +93,10 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         "consumed_valid_samples": trainer.consumed_valid_samples,
         # Megatron-LM's key, which its loader reads; nothing here counts FLOPs across runs.
         "num_floating_point_operations_so_far": 0,
-        "model": trainer.model[0].module.sharded_state_dict(metadata=metadata),
+        "model": model,
     }
+    if trainer.config.lora.enabled and not is_loading:
+        state["lora"] = lora_checkpoint.metadata(trainer)
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata)
@@ -153,7 +162,8 @@ def save(trainer) -> None:
         staging.mkdir(parents=True)
     dist.barrier()
     metadata = _metadata(trainer)
-    state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False)
+    state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False,
+                                part=lora_checkpoint.saved_part(trainer.config))
     request = dist_checkpointing.save(state, str(staging), async_sharded_save=c.async_save,
                                       content_metadata=metadata)
     if request is None:
@@ -237,18 +247,23 @@ def _adam_steps_kept(optimizer):
                 entry["step"] = entry["step"].clone()
 
 
-def load(trainer, iteration) -> None:
-    """Resume from the torch_dist checkpoint of ``iteration`` in ``--load`` at this run's
-    TP/PP/DP (the RNG states only at the layout they were saved with)."""
+def load(trainer, iteration, root, part=None, weights_only: bool = False) -> None:
+    """Resume from the torch_dist checkpoint of ``iteration`` in ``root`` at this run's
+    TP/PP/DP (the RNG states only at the layout they were saved with); ``part`` of the model
+    only, and the weights alone with ``weights_only`` (training/lora_checkpoint.py)."""
     c, topology = trainer.config.checkpoint, trainer.topology
-    directory = ckpt.iteration_dir(c.load, iteration)
+    directory = ckpt.iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(directory))
     saved_args = common.get("args")
     check_compatible(saved_args, trainer.config, trainer.vocab_size, directory, reshardable=True)
+    if part == lora_checkpoint.BASE:
+        lora_checkpoint.check_base_checkpoint(common.get("lora"), directory)
+    elif part == lora_checkpoint.ADAPTERS:
+        lora_checkpoint.check_adapters(trainer, common.get("lora"), directory)
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
                     saved_value(saved_args, "pipeline_model_parallel_size"))
     same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)
-    weights_only = c.finetune or iteration == ckpt.RELEASE
+    weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
     load_rng = not weights_only and not c.no_load_rng
     if load_optim and "opt_param_scheduler" not in common:
@@ -267,9 +282,10 @@ def load(trainer, iteration) -> None:
     if load_optim:
         _allocate_adam_state(trainer.optimizer)
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
-                                  is_loading=True)
+                                  is_loading=True, part=part)
     state = dist_checkpointing.load(sharded, str(directory))
-    trainer.model[0].module.load_state_dict(state["model"], strict=True)
+    # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
+    trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
         with _adam_steps_kept(trainer.optimizer):
             trainer.optimizer.load_state_dict(state["optimizer"])

@@ -9,9 +9,10 @@ once (megatron-core's ``param_is_not_tensor_parallel_duplicate``/``param_is_not_
 Memory per rank is an estimate from the parameter counts and the flags, without megatron-core's
 bucket padding:
 - weights: parameters x their dtype's size;
-- gradients: parameters x 4 (megatron-core DDP's fp32 ``main_grad`` buffer,
-  ``grad_reduce_in_fp32``);
-- optimizer: Adam's two fp32 moments, plus an fp32 copy of the weights for --bf16/--fp16,
+- gradients: trainable parameters (all of them, or LoRA's adapters) x 4 (megatron-core DDP's
+  fp32 ``main_grad`` buffer, ``grad_reduce_in_fp32``);
+- optimizer (of the trainable parameters): Adam's two fp32 moments, plus an fp32 copy of the
+  weights for --bf16/--fp16,
   divided over DP ranks with --use-distributed-optimizer;
 - activations: what autograd keeps per micro-batch (``activation_bytes``), times the
   micro-batches a 1F1B stage holds at once (PP - stage, at most the accumulation steps).
@@ -48,35 +49,42 @@ class RankParams:
     unique: int  # counted once over the model (see the module docstring)
     embedding: int  # of ``unique``: word and position embeddings
     output_layer: int  # of ``unique``: an untied output layer
+    trainable: int = 0  # of ``local``: what has gradients and optimizer state (LoRA: adapters)
+    unique_trainable: int = 0  # of ``unique``
 
 
 def count_parameters(module: torch.nn.Module, rank: int, tp: int, pp: int, dp: int,
                      cp: int = 0) -> RankParams:
-    local = unique = embedding = output = 0
+    local = unique = embedding = output = trainable = unique_trainable = 0
     for name, param in module.named_parameters():
         local += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
         if not (param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param)):
             continue
         unique += param.numel()
+        unique_trainable += param.numel() if param.requires_grad else 0
         if name.startswith("embedding."):
             embedding += param.numel()
         elif name.startswith("output_layer."):
             output += param.numel()
-    return RankParams(rank, tp, pp, dp, cp, local, unique, embedding, output)
+    return RankParams(rank, tp, pp, dp, cp, local, unique, embedding, output, trainable,
+                      unique_trainable)
 
 
 def _dtype_bytes(config: Config) -> int:
     return torch.finfo(config.model.params_dtype).bits // 8
 
 
-def state_bytes(config: Config, params: int, dp: int) -> Dict[str, int]:
-    """Weights, gradients and optimizer state of ``params`` parameters on one rank; the
-    distributed optimizer shards over the ``dp`` data-parallel ranks and the CP ranks."""
+def state_bytes(config: Config, params: int, dp: int, trainable=None) -> Dict[str, int]:
+    """Weights, gradients and optimizer state of ``params`` parameters on one rank, of which
+    ``trainable`` (default: all) have gradients and optimizer state; the distributed optimizer
+    shards over the ``dp`` data-parallel ranks and the CP ranks."""
     half = config.model.bf16 or config.model.fp16
     shards = (dp * config.parallel.context_parallel_size
               if config.parallel.use_distributed_optimizer else 1)
-    return {"weights": params * _dtype_bytes(config), "gradients": params * 4,
-            "optimizer": params * (8 + (4 if half else 0)) // shards}
+    trainable = params if trainable is None else trainable
+    return {"weights": params * _dtype_bytes(config), "gradients": trainable * 4,
+            "optimizer": trainable * (8 + (4 if half else 0)) // shards}
 
 
 def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
@@ -172,7 +180,23 @@ def _model_lines(config: Config, vocab_size: int, ranks: List[RankParams]) -> Li
         f"parameters {_n(total)} ({total}): embedding {_n(embedding)}, "
         + (f"output layer {_n(output)}" if output else "output layer tied to the embedding")
         + f", transformer {_n(total - embedding - output)}",
-    ]
+    ] + _trainable_lines(config, ranks)
+
+
+def _trainable_lines(config: Config, ranks: List[RankParams]) -> List[str]:
+    """With LoRA: what trains, and the optimizer state it takes (the base has none)."""
+    lora = config.lora
+    if not lora.enabled:
+        return []
+    dp0 = [r for r in ranks if r.dp == 0 and r.cp == 0]
+    total, trainable = sum(r.unique for r in dp0), sum(r.unique_trainable for r in dp0)
+    dp = len(ranks) // (len(dp0) * config.parallel.context_parallel_size)
+    per_rank = max(state_bytes(config, r.local, dp, r.trainable)["optimizer"] for r in ranks)
+    whole = sum(state_bytes(config, r.unique, 1, r.unique_trainable)["optimizer"] for r in dp0)
+    return [f"trainable  {_n(trainable)} ({trainable}) of {_n(total)} parameters "
+            f"({trainable / max(total, 1):.2%}): LoRA r {lora.lora_r}, alpha {lora.lora_alpha} on "
+            f"{' '.join(lora.lora_target_modules)}, the rest frozen; optimizer state "
+            f"{_bytes(whole)} ({whole} bytes), at most {_bytes(per_rank)} per rank"]
 
 
 def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
@@ -285,7 +309,8 @@ def _memory_lines(config: Config, vocab_size: int, ranks: List[RankParams],
     lines = ["memory     per rank, estimated (no allocator overhead, no communication buffers):"]
     for stage in range(pp):
         params = max(r.local for r in ranks if r.pp == stage)
-        state = state_bytes(config, params, dp)
+        trainable = max(r.trainable for r in ranks if r.pp == stage)
+        state = state_bytes(config, params, dp, trainable)
         flight = in_flight_microbatches(config, stage, num_microbatches)
         acts = activation_bytes(config, vocab_size, stage) * flight
         total = sum(state.values()) + acts

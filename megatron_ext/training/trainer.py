@@ -27,6 +27,7 @@ from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import Config
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
+from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
@@ -80,6 +81,8 @@ class Trainer:
         module = build_model(config, self.vocab_size).to(platform.device())
         if init_state_dict is not None:
             self._load_full_state_dict(module, init_state_dict)
+        if config.lora.enabled:
+            lora.freeze_base(module)  # before DDP: no gradient buffers, no optimizer state
         self.model_config = module.config
         p, t, m = config.parallel, config.training, config.model
         ddp_config = DistributedDataParallelConfig(
@@ -120,12 +123,13 @@ class Trainer:
         self.model_config.no_sync_func = self.model[0].no_sync
         self.model_config.finalize_model_grads_func = finalize_model_grads
         self.model_config.grad_scale_func = self.optimizer.scale_loss
-        # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load.
+        # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load (with
+        #    LoRA: the base from --load, the adapters and the rest from --lora-load).
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_valid_samples = 0  # Megatron-LM's: where the next evaluation starts
         self.exited = False  # stopped by --exit-interval (to be resumed)
-        if config.checkpoint.load:
+        if config.checkpoint.load or config.lora.lora_load:
             checkpointing.load_checkpoint(self)
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off; the
         #    global batch size may ramp up (in consumed samples, as Megatron-LM's).
@@ -180,7 +184,9 @@ class Trainer:
                                          topo.tensor_parallel),
         )
         missing, unexpected = module.load_state_dict(shard, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
+        # A base model's state dict has no LoRA adapters: they keep their initial values.
+        missing = [k for k in missing if not k.endswith("_extra_state")
+                   and not (self.config.lora.enabled and lora.is_adapter(k))]
         if missing or unexpected:
             raise ValueError(f"state dict does not fit the model: missing {missing}, "
                              f"unexpected {unexpected}")
