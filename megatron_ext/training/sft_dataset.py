@@ -57,13 +57,14 @@ def check_prefix(prefix: str) -> None:
 
 class InstructionShards:
     """The low-level dataset: token ids and loss mask, checked to describe the same documents.
-    ``build_sft_datasets`` has checked that both shards exist (``check_prefix``)."""
+    ``build_sft_datasets`` has checked that both shards exist (``check_prefix``). ``mmap``:
+    False (``--no-mmap-bin-files``) reads the .bin files with file reads, as for pretraining."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, mmap: bool = True):
         ids_prefix, mask_prefix = output_prefixes(prefix)
         self.prefix = prefix
-        self.ids = IndexedDataset(ids_prefix)
-        self.mask = IndexedDataset(mask_prefix)
+        self.ids = IndexedDataset(ids_prefix, mmap=mmap)
+        self.mask = IndexedDataset(mask_prefix, mmap=mmap)
         if (not np.array_equal(self.ids.sequence_lengths, self.mask.sequence_lengths)
                 or not np.array_equal(self.ids.document_indices, self.mask.document_indices)):
             raise ValueError(f"--data-path {prefix}: {ids_prefix} and {mask_prefix} describe "
@@ -135,7 +136,7 @@ class SFTDataset(MegatronDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config) -> InstructionShards:
-        return InstructionShards(dataset_path)
+        return InstructionShards(dataset_path, config.mmap_bin_files)
 
     def __len__(self) -> int:
         return self.sample_index.size
@@ -191,6 +192,7 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_m
         split=d.split,
         path_to_cache=d.data_cache_path,
         mid_level_dataset_surplus=0.005,
+        mmap_bin_files=d.mmap_bin_files,
         pad=pad,
     )
     if split_matrix is not None:
