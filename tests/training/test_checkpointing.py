@@ -10,7 +10,7 @@ import pretrain_gpt
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.config import parse_args
 from megatron_ext.training.trainer import Trainer
-from tests.launcher import exit_code_in_fork, launch
+from tests.launcher import exit_code_in_fork, launch, pretrain_records
 
 MODEL = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
@@ -126,25 +126,6 @@ def test_finetune_loads_weights_only(tmp_path):
     assert len(losses) == 6  # iteration counter and data restart at 0
 
 
-def _pretrain_validation_lines(argv):
-    """pretrain_gpt.py's ``pretrain`` on this (forked) rank: the validation and test-split
-    records of its log (the last rank's; the other ranks log none)."""
-    import logging
-
-    from megatron_ext.training import pretrain
-    from megatron_ext.training.metrics import parse_log
-
-    messages = []
-    handler = logging.Handler()
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("megatron_ext").addHandler(handler)
-    try:
-        pretrain(pretrain_gpt.forward_step, argv)
-    finally:
-        logging.getLogger("megatron_ext").removeHandler(handler)
-    return parse_log("\n".join(messages))[1]
-
-
 def test_resumed_validation_continues_where_it_stopped(tmp_path):
     """2 data-parallel ranks through ``pretrain`` (in-process ranks; the same from torchrun:
     test_megatron_script.py): stopped at 3 and resumed == uninterrupted, validation line for
@@ -157,7 +138,7 @@ def test_resumed_validation_continues_where_it_stopped(tmp_path):
                    "--eval-interval", "2", "--eval-iters", "2"]
 
     def run(*flags):
-        return launch(_pretrain_validation_lines, 2, argv + list(flags))[-1]
+        return launch(pretrain_records, 2, argv + list(flags))[-1][1]
 
     full = run()
     assert [(r["iteration"], r["split"]) for r in full] == [
