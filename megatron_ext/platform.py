@@ -24,6 +24,9 @@ megatron-core is used unchanged.
 7. KV cache (``megatron_ext.generation``): megatron-core's attention allocates the static
    inference context's key/value buffers on ``torch.cuda.current_device()``; the shim (1.) on
    ``megatron.core.transformer.attention`` puts them on the CPU (checked on 0.16.1 only).
+8. Optimizer state on any device: loading a distributed optimizer that drives torch's Adam
+   (no Apex/TE) needs ``torch_adam_steps_kept``; resuming with ``--decoupled-lr`` on 0.16-0.18
+   needs ``mark_decoupled_lr_groups``.
 
 Supported: megatron-core 0.16 through 0.19 (``SUPPORTED``). Adaptations 1-3, 5 and 6 were
 checked on 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (parallel equivalence, varlen and checkpoint
@@ -233,19 +236,23 @@ def _forked_write_results_queue():
     return filesystem_async._results_queue
 
 
-def apply() -> None:
-    """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
-    global _applied
-    if _applied or cuda_available():
-        return
+def _check_version(what: str) -> None:
     import megatron.core
 
     version = Version(megatron.core.__version__)
     if not SUPPORTED[0] <= version < SUPPORTED[1]:
         raise RuntimeError(
-            f"megatron_ext.platform adapts megatron-core {SUPPORTED[0]}..<{SUPPORTED[1]} to CPU; "
+            f"megatron_ext.platform adapts megatron-core {SUPPORTED[0]}..<{SUPPORTED[1]} {what}; "
             f"found {version}. Install megatron-core>=0.16,<0.20 or check the adaptations."
         )
+
+
+def apply() -> None:
+    """Install the CPU adaptations (idempotent; a no-op when CUDA is available)."""
+    global _applied
+    if _applied or cuda_available():
+        return
+    _check_version("to CPU")
     proxy = _CpuTorch()
     for module_name in _SHIMMED_MODULES + _DIST_CKPT_MODULES:
         importlib.import_module(module_name).torch = proxy
@@ -291,3 +298,55 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
+
+
+@contextlib.contextmanager
+def torch_adam_steps_kept(optimizers):
+    """Load the state of megatron-core ``DistributedOptimizer``s that drive torch's Adam (no
+    Apex/TE) inside this context; on Apex/TE it changes nothing.
+
+    Both checkpoint formats copy the loaded shards in with
+    ``DistributedOptimizer._set_main_param_and_optimizer_states``, which copies into every key
+    of the Adam state, ``step`` included, from shards that have no ``step``: a KeyError. The
+    copy here keeps each parameter's own ``step`` (set from the param groups by
+    ``load_state_dict``), without autograd (the fp32 main params are views of leaf
+    parameters). ``load_state_dict`` also hands every parameter one shared ``step`` tensor,
+    which Adam would then increment once per parameter: each gets its own copy afterwards.
+    The same code in megatron-core 0.16.1 and 0.19.2 (``distrib_optimizer.py``); this runs on
+    GPUs too, where ``apply`` checks no version, hence the check here."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    optimizers = [] if distrib_optimizer.HAVE_APEX_OR_TE else list(optimizers)
+    if optimizers:
+        _check_version("with torch's Adam")
+    for opt in optimizers:
+        def set_states(model_param, tensors, opt=opt,
+                       original=opt._set_main_param_and_optimizer_states):
+            step = opt._get_main_param_and_optimizer_states(model_param).get("step")
+            with torch.no_grad():
+                original(model_param, tensors if step is None else dict(tensors, step=step))
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            del opt._set_main_param_and_optimizer_states  # the class's method again
+            for entry in opt.optimizer.state.values():
+                if "step" in entry:
+                    entry["step"] = entry["step"].clone()
+
+
+def mark_decoupled_lr_groups(optimizer, lr, decoupled_lr) -> None:
+    """megatron-core 0.16-0.18 match saved param groups to live ones by (wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr) but leave is_decoupled_lr False on the group that
+    ``--decoupled-lr`` creates, so a resume loads its state into the wrong group (or fails):
+    mark it. 0.19 adds max_lr and min_lr to that key (``param_group_identifier_keys``) and tells
+    the groups apart as Megatron-LM's checkpoints leave them; there nothing is marked, so
+    such checkpoints load (a --decoupled-lr checkpoint saved on 0.16-0.18 does not)."""
+    from megatron.core.optimizer import optimizer as core_optimizer
+
+    if decoupled_lr is None or "max_lr" in core_optimizer.param_group_identifier_keys:
+        return
+    for group in optimizer.param_groups:
+        group["is_decoupled_lr"] = group.get("max_lr") == decoupled_lr != lr

@@ -107,6 +107,28 @@ def iteration_records(stdout: str, train_iters: int) -> list:
             if int(r["iterations"]) == train_iters]
 
 
+def pretrain_records(argv) -> tuple:
+    """``pretrain_gpt.py argv`` on this rank (run it with ``launch``): the (iteration,
+    validation) records of its log as ``metrics.parse_log`` reads them, the last rank's (the
+    others log none). The code of a torchrun run without its cost: a fork per rank, not a fresh
+    interpreter that imports torch and megatron-core."""
+    import logging
+
+    import pretrain_gpt
+    from megatron_ext.training import pretrain
+    from megatron_ext.training.metrics import parse_log
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("megatron_ext").addHandler(handler)
+    try:
+        pretrain(pretrain_gpt.forward_step, [str(a) for a in argv])
+    finally:
+        logging.getLogger("megatron_ext").removeHandler(handler)
+    return parse_log("\n".join(messages))
+
+
 def exit_code_in_fork(target, *args, timeout: float = 300) -> int:
     """Run ``target(*args)`` in a forked process (one that may kill itself) and return its
     exit code; a process still alive after ``timeout`` is killed."""

@@ -2,7 +2,7 @@
 groups)."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from megatron_ext.config.flags import NO_OP, OURS, flag
 
@@ -20,10 +20,13 @@ class LoggingConfig:
                                 "to each log line.")
     profile: bool = flag(
         False, "Record a torch profiler trace of steps --profile-step-start to "
-        "--profile-step-end on rank 0, into --tensorboard-dir (else ./profile).",
+        "--profile-step-end on the --profile-ranks, into --tensorboard-dir (else ./profile).",
         note="torch profiler (Megatron-LM's --use-pytorch-profiler), CPU too")
     profile_step_start: int = flag(10, "First profiled step.")
     profile_step_end: int = flag(12, "Step at which profiling stops.")
+    profile_ranks: List[int] = flag(
+        [], "Global ranks that --profile traces; none given: every rank.", nargs="+",
+        note="Megatron-LM 0.19's default (before: rank 0)")
     wandb_project: Optional[str] = flag(None, "Weights & Biases project.", **_WANDB)
     wandb_exp_name: Optional[str] = flag(None, "Weights & Biases run name.", **_WANDB)
     eval_interval: int = flag(1000, "Evaluate every this many iterations (0: never).",

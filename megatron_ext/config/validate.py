@@ -34,6 +34,7 @@ def validate(config: Config, world_size: int) -> None:
     _validate_multitask(config)
     _validate_logging_and_checkpoint(config)
     _validate_lora(config)
+    _validate_profile(config, world_size)
 
 
 def _validate_parallel(config: Config, world_size: int) -> int:
@@ -268,10 +269,17 @@ def _validate_schedule(config: Config, dp: int) -> None:
     if t.empty_unused_memory_level and not platform.cuda_available():
         config.notices.append(f"--empty-unused-memory-level {t.empty_unused_memory_level}: no "
                               "effect without a CUDA device (no cached CUDA memory to release)")
+
+
+def _validate_profile(config: Config, world_size: int) -> None:
+    logs = config.logging
     if logs.profile:
         _require(0 <= logs.profile_step_start < logs.profile_step_end,
                  f"--profile-step-start {logs.profile_step_start} must be below "
                  f"--profile-step-end {logs.profile_step_end}")
+        outside = [r for r in logs.profile_ranks if not 0 <= r < world_size]
+        _require(not outside, f"--profile-ranks {' '.join(map(str, outside))}: no such rank "
+                 f"in a world of {world_size} ranks")
 
 
 def _validate_data(config: Config) -> None:

@@ -14,10 +14,10 @@ latest.
 
 import logging
 
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
@@ -29,26 +29,6 @@ from megatron_ext.training.logs import log_once
 logger = logging.getLogger("megatron_ext")
 
 DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
-
-
-def _load_distributed_state(optimizer, state) -> None:
-    """``load_parameter_state_from_dp_zero`` for megatron-core 0.16 with torch's Adam.
-
-    Without Apex/TE, torch's Adam keeps ``step`` beside ``exp_avg``/``exp_avg_sq`` (restored by
-    ``load_state_dict`` from the param groups), but the DP-zero state has no ``step`` and the
-    copy loop asks for every key: set ``step`` aside while the shards are copied in. It also
-    hands every parameter the same ``step`` tensor, which Adam then increments once per
-    parameter: each gets its own copy back. The fp32 main params are views of leaf parameters,
-    hence no autograd during the copy.
-    """
-    inner = optimizer.optimizer.state
-    steps = {param: entry.pop("step") for param, entry in inner.items() if "step" in entry}
-    try:
-        with torch.no_grad():
-            optimizer.load_parameter_state_from_dp_zero(state)
-    finally:
-        for param, step in steps.items():
-            inner[param]["step"] = step.clone()
 
 
 def _rank_file(root, iteration, topology):
@@ -186,8 +166,9 @@ def _load(trainer, root, part, weights_only: bool) -> None:
             distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
             states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_cp_rank == 0
                       else [None] * len(optimizers))
-            for opt, state in zip(optimizers, states):
-                _load_distributed_state(opt, state)
+            with platform.torch_adam_steps_kept(optimizers):
+                for opt, state in zip(optimizers, states):
+                    opt.load_parameter_state_from_dp_zero(state)
     if not c.no_load_rng:
         rng_states = payload.get("rng_state")
         if rng_states is None:

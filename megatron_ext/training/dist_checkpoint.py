@@ -26,7 +26,6 @@ Atomic: every rank writes into ``DIR/.iter_0000100.incomplete``; once megatron-c
 points the tracker at it. A save killed at any moment leaves the previous checkpoint the latest.
 """
 
-import contextlib
 import logging
 import os
 import shutil
@@ -40,6 +39,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import lora_checkpoint
@@ -224,29 +224,6 @@ def _allocate_adam_state(optimizer) -> None:
                                          "exp_avg_sq": torch.zeros_like(param)}
 
 
-@contextlib.contextmanager
-def _adam_steps_kept(optimizer):
-    """``DistributedOptimizer.load_state_dict`` with torch's Adam (as the legacy format's
-    ``_load_distributed_state``): it sets ``step`` from the param groups, then copies the loaded
-    shards into every key of the Adam state, ``step`` included, which the shards lack: the copy
-    keeps each parameter's ``step``. It also hands every parameter the same ``step`` tensor,
-    which Adam then increments once per parameter: each gets its own copy afterwards."""
-    optimizers = _torch_adam_optimizers(optimizer)
-    for opt in optimizers:
-        def set_states(model_param, tensors, opt=opt, original=opt._set_main_param_and_optimizer_states):
-            step = opt._get_main_param_and_optimizer_states(model_param).get("step")
-            original(model_param, tensors if step is None else dict(tensors, step=step))
-
-        opt._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        for opt in optimizers:
-            del opt._set_main_param_and_optimizer_states  # the class's method again
-            for entry in opt.optimizer.state.values():
-                entry["step"] = entry["step"].clone()
-
-
 def load(trainer, iteration, root, part=None, weights_only: bool = False) -> None:
     """Resume from the torch_dist checkpoint of ``iteration`` in ``root`` at this run's
     TP/PP/DP (the RNG states only at the layout they were saved with); ``part`` of the model
@@ -287,7 +264,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
-        with _adam_steps_kept(trainer.optimizer):
+        with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
             trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
     elif trainer.config.model.bf16 or trainer.config.model.fp16:

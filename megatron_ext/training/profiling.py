@@ -1,4 +1,5 @@
-"""``--profile``: a torch profiler trace of training steps [start, end) on rank 0.
+"""``--profile``: a torch profiler trace of training steps [start, end) on each of the
+``--profile-ranks`` (every rank when none are given, as Megatron-LM 0.19).
 
 Megatron-LM profiles with nsys unless ``--use-pytorch-profiler``; here the torch profiler is the
 one that runs everywhere (CPU activities, and CUDA kernels where there is a GPU). The trace goes

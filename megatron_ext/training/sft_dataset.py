@@ -68,19 +68,20 @@ def check_prefix(prefix: str) -> None:
 class InstructionShards:
     """The low-level dataset: token ids, loss mask and (when written) task ids, checked to
     describe the same documents; ``task_names`` are the run's tasks (``task_names``).
-    ``build_sft_datasets`` has checked that the shards exist (``check_prefix``)."""
+    ``build_sft_datasets`` has checked that the shards exist (``check_prefix``). ``mmap``:
+    False (``--no-mmap-bin-files``) reads the .bin files with file reads, as for pretraining."""
 
-    def __init__(self, prefix: str, task_names: List[str]):
+    def __init__(self, prefix: str, task_names: List[str], mmap: bool = True):
         ids_prefix, mask_prefix = output_prefixes(prefix)
         self.prefix = prefix
-        self.ids = IndexedDataset(ids_prefix)
-        self.mask = IndexedDataset(mask_prefix)
+        self.ids = IndexedDataset(ids_prefix, mmap=mmap)
+        self.mask = IndexedDataset(mask_prefix, mmap=mmap)
         names = read_tasks(prefix)
         # This dataset's task ids -> the run's (several datasets share a name's task; a task
         # without conversations, e.g. the padding's unnamed one, is never trained on).
         self.task_map = np.array([0 if n is None else task_names.index(n)
                                   for n in dataset_task_names(prefix, names)], np.int64)
-        self.tasks = IndexedDataset(task_ids_prefix(prefix)) if names is not None else None
+        self.tasks = IndexedDataset(task_ids_prefix(prefix), mmap=mmap) if names is not None else None
         for other in (self.mask, self.tasks):
             if other is not None and (
                     not np.array_equal(self.ids.sequence_lengths, other.sequence_lengths)
@@ -159,7 +160,7 @@ class SFTDataset(MegatronDataset):
 
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config) -> InstructionShards:
-        return InstructionShards(dataset_path, list(config.task_names))
+        return InstructionShards(dataset_path, list(config.task_names), config.mmap_bin_files)
 
     def __len__(self) -> int:
         return self.sample_index.size
@@ -238,6 +239,7 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_m
         split=d.split,
         path_to_cache=d.data_cache_path,
         mid_level_dataset_surplus=0.005,
+        mmap_bin_files=d.mmap_bin_files,
         pad=pad,
         task_names=tuple(task_names(config)),
     )

@@ -107,12 +107,7 @@ class Trainer:
             ),
             self.model,
         )
-        if t.decoupled_lr is not None:
-            # megatron-core (0.16) matches saved param groups to live ones by (wd_mult, lr_mult,
-            # is_expert_parallel, is_decoupled_lr) but leaves is_decoupled_lr False on the
-            # decoupled group, so a resume loads its state into the wrong group (or fails).
-            for group in self.optimizer.param_groups:
-                group["is_decoupled_lr"] = group.get("max_lr") == t.decoupled_lr != t.lr
+        platform.mark_decoupled_lr_groups(self.optimizer, t.lr, t.decoupled_lr)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.lr_warmup_samples, lr_decay_steps=t.lr_decay_samples,
@@ -338,7 +333,8 @@ class Trainer:
             chunk.train()
         profiler = StepProfiler(l.profile_step_start, l.profile_step_end,
                                 l.tensorboard_dir or "profile",
-                                enabled=l.profile and dist.get_rank() == 0)
+                                enabled=l.profile and (not l.profile_ranks
+                                                       or dist.get_rank() in l.profile_ranks))
         if t.manual_gc:
             # Megatron-LM's --manual-gc: collections at chosen points, the same on every rank.
             gc.disable()

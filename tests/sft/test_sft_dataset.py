@@ -144,6 +144,24 @@ def test_unpacked_shards_truncate_long_conversations(shards, caplog):
     assert "1 of 3 conversations exceed --seq-length + 1 = 10 tokens" in caplog.text
 
 
+def test_no_mmap_bin_files_reads_the_same_samples_with_file_reads(shards):
+    """--no-mmap-bin-files: megatron-core reads both shards with file reads, not a memory map
+    (its _FileBinReader), and the samples are those of the memory-mapped shards."""
+    from megatron.core.datasets.indexed_dataset import _FileBinReader, _MMapBinReader
+
+    def build(*extra):
+        train = _datasets([shards["packed"]], [8, 0, 0], "--split", "100,0,0", *extra)[1][0]
+        shards_of = getattr(train, "datasets", [train])[0].dataset
+        return train, {type(shards_of.ids.bin_reader), type(shards_of.mask.bin_reader)}
+
+    mapped, mapped_readers = build()
+    read, read_readers = build("--no-mmap-bin-files")
+    assert mapped_readers == {_MMapBinReader} and read_readers == {_FileBinReader}
+    for i in range(8):
+        for key, value in mapped[i].items():
+            assert torch.equal(read[i][key], value), (i, key)
+
+
 def test_packed_with_another_seq_length_is_refused(shards):
     with pytest.raises(ConfigError, match=r"packed to 10 tokens \(preprocess_data.py --pack "
                                           r"--seq-length 9\), but --seq-length is 12"):

@@ -10,7 +10,7 @@ import pretrain_gpt
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.config import parse_args
 from megatron_ext.training.trainer import Trainer
-from tests.launcher import exit_code_in_fork, launch
+from tests.launcher import exit_code_in_fork, launch, pretrain_records
 
 MODEL = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --group-query-attention "
@@ -126,26 +126,19 @@ def test_finetune_loads_weights_only(tmp_path):
     assert len(losses) == 6  # iteration counter and data restart at 0
 
 
-def _validation_lines(stdout):
-    """Every validation (and test split) record: iteration, split, loss and perplexity."""
-    from megatron_ext.training.metrics import parse_log
-
-    return parse_log(stdout)[1]
-
-
 def test_resumed_validation_continues_where_it_stopped(tmp_path):
-    """torchrun, 2 data-parallel ranks: stopped at 3 and resumed == uninterrupted, validation
-    line for validation line (the resumed run's evaluations continue the validation split
-    where the stopped run's left off, as Megatron-LM's consumed_valid_samples)."""
-    from tests.training.test_launch import RUN_TIMEOUT_S, TINY, _torchrun
+    """2 data-parallel ranks through ``pretrain`` (in-process ranks; the same from torchrun:
+    test_megatron_script.py): stopped at 3 and resumed == uninterrupted, validation line for
+    validation line (the resumed run's evaluations continue the validation split where the
+    stopped run's left off, as Megatron-LM's consumed_valid_samples), and the evaluation at
+    the last iteration is the final one, not repeated."""
+    from tests.training.test_launch import TINY
 
     argv = TINY + ["--global-batch-size", "8", "--train-iters", "6", "--log-interval", "1",
                    "--eval-interval", "2", "--eval-iters", "2"]
 
     def run(*flags):
-        result = _torchrun(2, argv + list(flags), RUN_TIMEOUT_S)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return _validation_lines(result.stdout)
+        return launch(pretrain_records, 2, argv + list(flags))[-1][1]
 
     full = run()
     assert [(r["iteration"], r["split"]) for r in full] == [

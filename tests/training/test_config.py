@@ -127,6 +127,8 @@ INVALID_FLAGS = {
     "save-interval-without-save": ("--save-interval 10", MOCK, ["--save-interval", "--save"]),
     "async-save-with-torch-format": ("--ckpt-format torch --async-save", MOCK,
                                      ["--async-save", "--ckpt-format torch_dist"]),
+    "profile-rank-outside-the-world": ("--profile --profile-ranks 0 1", MOCK,
+                                       ["--profile-ranks 1", "world of 1"]),
     "null-tokenizer-without-vocab-size": (
         "--mock-data --tokenizer-type NullTokenizer",
         [f for f in BASE if f not in ("--vocab-size", "255")], ["--vocab-size"]),

@@ -5,6 +5,7 @@ a profile trace, saves, and a second launch resumes from a saved iteration and r
 rest of the first run exactly.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -63,8 +64,11 @@ def test_megatron_style_script_trains_evaluates_saves_and_resumes(tmp_path):
                    "--use-mcore-models: no effect",
                    "--no-create-attention-mask-in-dataloader: no effect"):
         assert output.count(notice) == 1, (notice, output[-3000:])
+    # --profile-ranks 1: one trace, rank 1's (of the 2 ranks; rank 0 alone before the flag).
     traces = [f for f in os.listdir(tensorboard) if f.endswith(".pt.trace.json")]
     assert len(traces) == 1, os.listdir(tensorboard)
+    with open(os.path.join(tensorboard, traces[0])) as f:
+        assert json.load(f)["distributedInfo"]["rank"] == 1
     assert sorted(os.listdir(ckpt)) == ["iter_0000003", "iter_0000006", "iter_0000007",
                                         "latest_checkpointed_iteration.txt"]
 

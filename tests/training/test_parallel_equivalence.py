@@ -10,10 +10,9 @@ to float32 summation-order differences; the padded vocabulary rows stay zero.
 import pytest
 import torch
 
-import pretrain_gpt
-from megatron_ext.config import parse_args
-from megatron_ext.training.trainer import Trainer
 from tests.launcher import launch
+# (losses, initial full state dict, final full state dict)
+from tests.training.test_checkpointing import _train_with_weights as _train
 
 MODEL = (
     "--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention "
@@ -30,16 +29,6 @@ LOSS_RTOL = 2e-5
 WEIGHT_ATOL = 2e-5
 VOCAB = 300  # NullTokenizer --vocab-size 299: 384 rows at TP=1, 512 at TP=2
 _VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def _train(argv, world_size):
-    config = parse_args(argv, world_size=world_size)
-    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
-    initial = trainer.full_state_dict()
-    losses = [step["lm loss"] for step in trainer.train()]
-    final = trainer.full_state_dict()
-    trainer.close()
-    return losses, initial, final
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +78,9 @@ def test_gradient_accumulation_matches_one_big_micro_batch(reference):
 
 
 def test_the_comparison_can_fail(reference):
-    """A different global batch gives a different run: the tolerances above are meaningful."""
-    argv = MODEL + "--micro-batch-size 2 --global-batch-size 4".split()
+    """Another --seed gives another run: the seed is honoured and the tolerances above are
+    meaningful."""
+    argv = _with(MODEL, "--seed", "8") + BATCH
     losses, _, final = launch(_train, 1, argv, 1)[0]
     assert losses != pytest.approx(reference[0], rel=LOSS_RTOL)
 

@@ -63,6 +63,33 @@ def test_summary_once_and_library_noise_filtered(run):
     assert [it for it in _console(out)] == list(range(1, ITERS + 1))
 
 
+def test_iteration_lines_are_megatron_lm_s(run):
+    # Megatron-LM's line: "iteration 1/ 4 | consumed samples: 4 | ... | lm loss: 5.5E+00 |
+    # ..."; fields are read by name (one parser, metrics.parse_log), so order does not matter.
+    result, _ = run
+    records, validation = parse_log(result.stdout)
+    # One line per iteration, written once (by the last rank), not once per rank.
+    assert [int(r["iteration"]) for r in records] == list(range(1, ITERS + 1)), result.stdout
+    for fields in records:
+        iteration = int(fields["iteration"])
+        assert int(fields["iterations"]) == ITERS
+        for name in ("consumed samples", "elapsed time per iteration (ms)", "learning rate",
+                     "global batch size", "lm loss", "loss scale", "grad norm",
+                     "number of skipped iterations", "number of nan iterations", "tokens/s"):
+            assert name in fields, (name, fields)
+        assert int(fields["consumed samples"]) == 4 * iteration
+        assert int(fields["global batch size"]) == 4
+        # Untrained: cross entropy near ln(vocab): 256 ids padded to 256, ln 256 = 5.55.
+        assert 4.5 < float(fields["lm loss"]) < 6.5
+        assert float(fields["grad norm"]) > 0 and float(fields["tokens/s"]) > 0
+        assert 0 <= float(fields["learning rate"]) <= 1e-3
+        assert int(fields["number of skipped iterations"]) == 0
+    # The evaluation at the last iteration is the interval's; the test split follows, once.
+    assert [(v["iteration"], v["split"], v["final"]) for v in validation] == [
+        ("2", "validation", False), ("4", "validation", False), ("4", "test", True)], validation
+    assert 4.5 < float(validation[0]["lm loss value"]) < 6.5
+
+
 def test_verbose_shows_everything(tmp_path):
     result = _torchrun(2, FLAGS + ["--verbose", "--train-iters", "1"], RUN_TIMEOUT_S)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

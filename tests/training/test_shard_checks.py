@@ -1,8 +1,9 @@
 """Shards checked against the run before any process group exists (shard_checks.py).
 
 Each bad case stops the run with an error naming the file, the numbers and the flag; the
-numbers are read independently with megatron-core's ``IndexedDataset``. The main cases run
-through ``torchrun pretrain_gpt.py`` with the flags a user would give.
+numbers are read independently with megatron-core's ``IndexedDataset``. One bad case runs
+through ``torchrun pretrain_gpt.py`` with the flags a user would give: every rank stops before
+iteration 1 (the other cases take the same path from ``check_data``).
 
 The shard: 810 documents of ids 3..7999, each ending with EOD 2, as a SentencePiece 8k
 tokenizer with ``--append-eod`` writes them (GPTSentencePieceTokenizer: EOD = EOS = 2).
@@ -21,8 +22,8 @@ from megatron_ext.config import parse_args
 from megatron_ext.data.indexed import IndexedDatasetWriter
 from megatron_ext.data.shard_meta import ShardMeta, write_meta
 from megatron_ext.tokenizer import build_tokenizer
-from megatron_ext.training.metrics import parse_log
 from megatron_ext.training.shard_checks import ShardError, check_data
+from tests.launcher import launch, pretrain_records
 from tests.training.test_launch import RUN_TIMEOUT_S, _torchrun
 
 SP_EOD, SP_VOCAB, DOCS = 2, 8000, 810
@@ -216,7 +217,7 @@ def test_instruction_shards_are_checked(tmp_path):
         check_data(parse_args(argv, world_size=1), build_tokenizer("NullTokenizer", None, 8000))
 
 
-# -- through torchrun: every rank stops before iteration 1 with the message ----------------------
+# -- through torchrun: every rank stops before iteration 1 with the message -------------------
 def _fails_on_both_ranks(flags, *expected):
     # A hang would show after RUN_TIMEOUT_S; FAIL_TIMEOUT_S is too tight on a loaded machine
     # for a run that also reads its shards.
@@ -238,21 +239,10 @@ def test_torchrun_vocabulary_tp2(shard):
                          "largest token id 7999", "vocabulary of 1001 ids", "--vocab-size 1000")
 
 
-def test_torchrun_eod_and_empty_split(shard):
-    _fails_on_both_ranks(["--tokenizer-type", "NullTokenizer", "--vocab-size", "8000",
-                          "--reset-position-ids", "--data-path", shard],
-                         "EOD id 8000", "occurs 0 times", "--reset-position-ids")
-    _fails_on_both_ranks(["--tokenizer-type", "NullTokenizer", "--vocab-size", "8000",
-                          "--split", "99990,8,2", "--data-path", shard],
-                         "--split 99990,8,2", "train 810, valid 0, test 0")
-
-
-def test_torchrun_test_split_is_evaluated_when_not_empty(shard):
+def test_test_split_is_evaluated_when_not_empty(shard):
     argv = TINY + ["--tokenizer-type", "NullTokenizer", "--vocab-size", "8000", "--data-path",
                    shard]
-    result = _torchrun(1, argv + ["--split", "98,1,1"], RUN_TIMEOUT_S)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    records = parse_log(result.stdout)[1]
+    records = launch(pretrain_records, 1, argv + ["--split", "98,1,1"])[0][1]
     tests = [r for r in records if r["split"] == "test"]
     valid = [r for r in records if r["split"] == "validation" and r["iteration"] == "2"]
     assert len(tests) == 1 and tests[0]["iteration"] == "2", records

@@ -97,6 +97,7 @@ EVAL_AND_LOGGING_ARGS=(
     --profile
     --profile-step-start 1
     --profile-step-end 2
+    --profile-ranks 1
     --ckpt-format torch
     --distributed-timeout-minutes 5
     --save "$CHECKPOINT_PATH"
