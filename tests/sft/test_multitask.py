@@ -363,6 +363,62 @@ def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
     assert {"lm loss [code]", "lm loss validation [code]", "task weight [code]"} <= tags
 
 
+def _coba_run(argv):
+    """(CoBa's weights and the per-task loss totals of every step, the warnings logged)."""
+    import logging
+
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron_ext").addHandler(handler)
+    try:
+        trainer = Trainer(parse_args(argv, world_size=1), pretrain_gpt.forward_step,
+                          world_size=1)
+        steps = [(s["task_weights"], s["task_totals"]) for s in trainer.train()]
+        trainer.close()
+    finally:
+        logging.getLogger("megatron_ext").removeHandler(handler)
+    return steps, warnings
+
+
+def test_coba_resumes_exactly_from_a_torch_checkpoint(data, tmp_path):
+    """Stopped at iteration 2 (--exit-interval) and resumed: CoBa's weights and the per-task
+    losses go on as in the uninterrupted run, bit for bit; a checkpoint without CoBa's state
+    starts it afresh with a warning, one of other tasks is refused by name. (torch_dist and 2
+    DP ranks: the CLI test.)"""
+    from megatron_ext.checkpoint import format as ckpt
+
+    argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "2",
+                           "--global-batch-size", "4", "--train-iters", "4", "--split",
+                           "75,25,0", "--eval-iters", "1", "--weighted-loss-mode", "coba",
+                           "--coba-warmup-steps", "1", "--coba-history-length", "3",
+                           "--ckpt-format", "torch"]
+    full, _ = launch(_coba_run, 1, argv)[0]
+    first, _ = launch(_coba_run, 1, argv + ["--save", str(tmp_path), "--exit-interval", "2"])[0]
+    resumed, warnings = launch(_coba_run, 1, argv + ["--load", str(tmp_path)])[0]
+    assert len(first) == len(resumed) == 2 and not warnings
+    assert not torch.equal(full[2][0], full[0][0])  # the weights moved: the test can fail
+    for step, ((weights, totals), (want_weights, want_totals)) in enumerate(
+            zip(first + resumed, full), 1):
+        assert torch.equal(weights, want_weights), step
+        assert torch.equal(totals, want_totals), step
+    # The checkpoint's state is plain data; without it (an older checkpoint) CoBa starts
+    # afresh: equal weights again.
+    path = next(tmp_path.glob("iter_0000002/mp_rank_00/model_optim_rng.pt"))
+    payload = ckpt.load_rank_file(path, mmap=False)
+    assert sorted(payload["coba"]["tasks"]) == sorted(TASKS)
+    assert payload["coba"]["history"].shape == (2, len(TASKS))  # measured after steps 1, 2
+    state = payload.pop("coba")
+    ckpt.save_rank_file(path, payload)
+    fresh, warnings = launch(_coba_run, 1, argv + ["--load", str(tmp_path),
+                                                   "--train-iters", "3"])[0]
+    assert any("holds no CoBa state" in w for w in warnings), warnings
+    torch.testing.assert_close(fresh[0][0], torch.full((3,), 1 / 3, dtype=torch.float64))
+    ckpt.save_rank_file(path, dict(payload, coba=dict(state, tasks=["code", "prose", "chat"])))
+    with pytest.raises(RuntimeError, match=r"tasks \['code', 'prose', 'chat'\], this run has"):
+        launch(_coba_run, 1, argv + ["--load", str(tmp_path)])
+
+
 def test_a_task_table_without_its_shard_is_named(data, tmp_path):
     import glob
     import shutil
