@@ -328,28 +328,33 @@ def _curves(stdout):
     return [keys(r) for r in train], [keys(r) for r in valid]
 
 
-def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
+def test_cli_dp2_resumed_logs_the_single_process_task_curves(data, tmp_path):
     """pretrain_gpt.py with CoBa: per-task training and validation losses and CoBa's weights
-    in every log line (and TensorBoard), the same with 2 DP ranks as on one process."""
+    in every log line (and TensorBoard), the same with 2 DP ranks, stopped after step 2
+    (--exit-interval, torch_dist) and resumed with --load, as on one process uninterrupted."""
     iters = 3
     # Later flags override the one-batch runs' (argparse keeps the last).
     args = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "1", "--global-batch-size",
              "4", "--train-iters", str(iters), "--eval-interval", "3", "--eval-iters", "1",
              "--split", "75,25,0", "--weighted-loss-mode", "coba", "--coba-warmup-steps", "1",
              "--coba-history-length", "3"]
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb2"
     runs = {}
-    for nproc in (1, 2):
-        tb = tmp_path / f"tb{nproc}"
-        out = torchrun(nproc, args + ["--tensorboard-dir", tb], timeout=300)
+    for name, nproc, flags in [("one", 1, ["--tensorboard-dir", tmp_path / "tb1"]),
+                               ("stopped", 2, ["--save", ckpt, "--exit-interval", "2"]),
+                               ("resumed", 2, ["--load", ckpt, "--tensorboard-dir", tb])]:
+        out = torchrun(nproc, args + flags, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        runs[nproc] = _curves(out.stdout + out.stderr)
-    train, valid = runs[1]
+        runs[name] = _curves(out.stdout + out.stderr)
+    train, valid = runs["one"]
     assert len(train) == iters and len(valid) == 1
     assert all(any(k.startswith("lm loss [") for k in r) for r in train + valid)
     assert set(train[-1]) >= {f"task weight [{t}]" for t in TASKS}
     assert train[0]["task weight [code]"] == pytest.approx(1 / 3, abs=1e-4)  # warmup: equal
+    # After the resume: CoBa's weights from the saved history, not a new warmup's.
     assert train[-1]["task weight [code]"] != pytest.approx(train[0]["task weight [code]"])
-    for got, want in zip(runs[2], runs[1]):
+    dp2 = [a + b for a, b in zip(runs["stopped"], runs["resumed"])]
+    for got, want in zip(dp2, runs["one"]):
         assert len(got) == len(want)
         for a, b in zip(got, want):
             assert a.keys() == b.keys()
@@ -357,7 +362,7 @@ def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4), key
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb2"))
+    events = EventAccumulator(str(tb))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"lm loss [code]", "lm loss validation [code]", "task weight [code]"} <= tags
