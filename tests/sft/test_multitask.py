@@ -238,6 +238,8 @@ RUNS = {
     "case2-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case2"),
     "case4-cp2-dp2": (4, "packed", 2, "--weighted-loss-mode case4 "
                       "--context-parallel-size 2"),
+    "case3-cp2-tp2": (4, "packed", 2, "--weighted-loss-mode case3 "
+                      "--context-parallel-size 2 --tensor-model-parallel-size 2"),
     "case4-unpacked": (1, "single", 1, "--weighted-loss-mode case4"),
     "case4-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case4 "
                          "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
