@@ -8,8 +8,8 @@ per-token means; case3 = the mean over tasks of each task's per-token mean; case
 over tasks of the mean over the task's conversations. The runs under test go through the product path (preprocess_data.py, ``Trainer``,
 ``pretrain_gpt.forward_step``, megatron-core's schedule) on one global batch, packed or not,
 on one process and with DP=2 + gradient accumulation and TP=2 x PP=2; their per-task losses
-and gradients must equal the reference's. A torchrun run with 2 DP ranks logs the per-task
-curves (and CoBa's weights) of the single-process run.
+and gradients must equal the reference's. A torchrun run with 2 DP ranks, stopped and resumed,
+logs the per-task curves (and CoBa's weights) of the uninterrupted single-process run.
 """
 
 import json
@@ -238,7 +238,7 @@ RUNS = {
     "case2-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case2"),
     "case4-cp2-dp2": (4, "packed", 2, "--weighted-loss-mode case4 "
                       "--context-parallel-size 2"),
-    "case3-cp2-tp2": (4, "packed", 2, "--weighted-loss-mode case3 "
+    "case3-cp2-tp2-sp": (4, "packed", 2, "--weighted-loss-mode case3 --sequence-parallel "
                       "--context-parallel-size 2 --tensor-model-parallel-size 2"),
     "case4-unpacked": (1, "single", 1, "--weighted-loss-mode case4"),
     "case4-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case4 "
