@@ -30,10 +30,9 @@ tensors, lists and numbers under ``"coba"``: in the rank files (``--ckpt-format 
 that state (older, or not a coba run) starts CoBa afresh, with a warning.
 """
 
+import logging
 import math
 from typing import List, Optional
-
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -151,8 +150,8 @@ class CoBaSchedule:
             log_once(logger, logging.WARNING,
                      f"{source} holds no CoBa state (an older checkpoint, or not from a "
                      f"--weighted-loss-mode coba run): CoBa starts afresh at iteration "
-                     f"{trainer.iteration} (equal weights for --coba-warmup-steps, start "
-                     f"losses measured now)")
+                     f"{trainer.iteration}: start losses measured now, an empty loss history "
+                     f"(equal weights until it has measurements again)")
             return
         if list(state["tasks"]) != self.tasks:
             raise CheckpointError(
