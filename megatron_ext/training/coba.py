@@ -26,8 +26,8 @@ the same on every rank.
 Checkpoints hold CoBa's state (``state_dict``: the tasks, the start losses, every measurement,
 slope and the weights, and how many validation samples its own pass has read) as plain
 tensors, lists and numbers under ``"coba"``: in the rank files (``--ckpt-format torch``) and in
-``common.pt`` (torch_dist). A resumed run continues the weights exactly; a checkpoint without
-that state (older, or not a coba run) starts CoBa afresh, with a warning.
+torch_dist's common (non-sharded) state. A resumed run continues the weights exactly; a
+checkpoint without that state (older, or not a coba run) starts CoBa afresh, with a warning.
 """
 
 import logging

@@ -98,7 +98,7 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
     if trainer.config.lora.enabled and not is_loading:
         state["lora"] = lora_checkpoint.metadata(trainer)
     if not is_loading:
-        state.update(coba.checkpoint_entry(trainer))  # common.pt, as the scalars above
+        state.update(coba.checkpoint_entry(trainer))  # non-sharded, as the scalars above
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata)
