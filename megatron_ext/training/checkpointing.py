@@ -21,7 +21,7 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
-from megatron_ext.training import dist_checkpoint, lora_checkpoint
+from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
                                                    set_rng_state)
 from megatron_ext.training.logs import log_once
@@ -67,6 +67,7 @@ def save_checkpoint(trainer) -> None:
         }
         if trainer.config.lora.enabled:
             payload["lora"] = lora_checkpoint.metadata(trainer)
+        payload.update(coba.checkpoint_entry(trainer))
         ckpt.save_rank_file(path, payload)
         if distrib_states:
             ckpt.save_rank_file(path.parent / DISTRIB_OPTIM_FILENAME, {"states": distrib_states})
@@ -182,6 +183,7 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         else:
             set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
+    coba.note_resumed(trainer, payload.get(coba.KEY), path)
     trainer.consumed_samples = payload.get("consumed_samples", 0)
     # Where the validation batches resume; for an older checkpoint, Megatron-LM's estimate.
     l, batch = trainer.config.logging, trainer.config.training.global_batch_size

@@ -21,16 +21,40 @@ at the start of training (over ``--eval-iters`` batches): v_i(t). Before a step,
 The weights then enter case3 (``multitask.py``): L = sum_t w_t L_t / sum_t w_t over the tasks of
 the global batch. As in MFTCoder, these are MFTCoder's formulas (``CoBaStatus``); the measured
 validation loss here is the global per-token loss of the batches (all data-parallel ranks),
-the same on every rank. The history is not checkpointed: a resumed run warms up again.
+the same on every rank.
+
+Checkpoints hold CoBa's state (``state_dict``: the tasks, the start losses, every measurement,
+slope and the weights, and how many validation samples its own pass has read) as plain
+tensors, lists and numbers under ``"coba"``: in the rank files (``--ckpt-format torch``) and in
+torch_dist's common (non-sharded) state. A resumed run continues the weights exactly; a
+checkpoint without that state (older, or not a coba run) starts CoBa afresh, with a warning.
 """
 
+import logging
 import math
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from megatron_ext.checkpoint.format import CheckpointError
 from megatron_ext.training import data
+from megatron_ext.training.logs import log_once
+
+logger = logging.getLogger("megatron_ext")
+
+KEY = "coba"  # the checkpoint entry
+
+
+def checkpoint_entry(trainer) -> dict:
+    """What a checkpoint adds for CoBa: ``{"coba": state}`` in a coba run, else nothing."""
+    return {KEY: trainer.coba.state_dict()} if trainer.coba is not None else {}
+
+
+def note_resumed(trainer, state: Optional[dict], source) -> None:
+    """A resume from ``source`` (loaded before ``CoBaSchedule`` exists): keep its CoBa state,
+    None if it has none, for the schedule to restore."""
+    trainer.coba_checkpoint = (str(source), state)
 
 
 def window_slope(values: List[float]) -> float:
@@ -95,12 +119,51 @@ class CoBaSchedule:
         tasks = len(trainer.multitask.names)
         self.coba = CoBa(tasks, t.coba_history_length, t.coba_tau)
         trainer.multitask.weights = torch.full((tasks,), 1.0 / tasks, dtype=torch.float64)
+        self.multitask = trainer.multitask
+        self.tasks = list(trainer.multitask.names)
+        self.start: Optional[torch.Tensor] = None  # per-task validation loss at the start
+        self.valid_samples = 0  # read by its own validation pass
+        if trainer.coba_checkpoint is not None:
+            self._restore(trainer, *trainer.coba_checkpoint)
         topo = trainer.topology
         # Its own pass over the validation split: --eval-interval's evaluations keep theirs.
         self.iterator = data.cyclic_iterator(trainer.valid_ds, t.micro_batch_size, topo.dp_rank,
-                                             topo.data_parallel,
+                                             topo.data_parallel, self.valid_samples,
                                              num_workers=trainer.config.data.num_workers)
-        self.start: Optional[torch.Tensor] = None  # per-task validation loss at the start
+
+    def state_dict(self) -> dict:
+        """Everything the next weights depend on, as plain tensors, lists and numbers."""
+        tasks, c = len(self.tasks), self.coba
+        return {
+            "tasks": list(self.tasks),
+            "start": None if self.start is None else self.start.clone(),
+            "history": torch.tensor(c.history, dtype=torch.float64).reshape(-1, tasks),
+            "slopes": (torch.stack(c.slopes) if c.slopes
+                       else torch.zeros(0, tasks, dtype=torch.float64)),
+            "total_slopes": torch.tensor(c.total_slopes, dtype=torch.float64),
+            "weights": self.multitask.weights.clone(),
+            "valid_samples": self.valid_samples,
+        }
+
+    def _restore(self, trainer, source: str, state: Optional[dict]) -> None:
+        if state is None:
+            log_once(logger, logging.WARNING,
+                     f"{source} holds no CoBa state (an older checkpoint, or not from a "
+                     f"--weighted-loss-mode coba run): CoBa starts afresh at iteration "
+                     f"{trainer.iteration}: start losses measured now, an empty loss history "
+                     f"(equal weights until it has measurements again)")
+            return
+        if list(state["tasks"]) != self.tasks:
+            raise CheckpointError(
+                f"{source} was saved by a --weighted-loss-mode coba run with the tasks "
+                f"{list(state['tasks'])}, this run has {self.tasks}: its CoBa weights do not "
+                f"fit; resume with the same --data-path, or start without --load")
+        self.start = None if state["start"] is None else state["start"].clone()
+        self.coba.history = [[float(v) for v in row] for row in state["history"]]
+        self.coba.slopes = [row.clone() for row in state["slopes"]]
+        self.coba.total_slopes = [float(v) for v in state["total_slopes"]]
+        self.multitask.weights = state["weights"].clone().to(torch.float64)
+        self.valid_samples = int(state["valid_samples"])
 
     def _measure(self, trainer, batches: int) -> torch.Tensor:
         trainer._sync_params()
@@ -111,6 +174,7 @@ class CoBaSchedule:
             for _ in range(batches):
                 trainer._forward_backward(self.iterator, forward_only=True)
                 totals = totals + trainer.task_totals
+        self.valid_samples += batches * trainer.config.training.global_batch_size
         for chunk in trainer.model:
             chunk.train()
         trainer._resume_param_overlap()

@@ -42,7 +42,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
-from megatron_ext.training import lora_checkpoint
+from megatron_ext.training import coba, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
                                                    set_rng_state)
 from megatron_ext.training.logs import log_once
@@ -97,6 +97,8 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
     }
     if trainer.config.lora.enabled and not is_loading:
         state["lora"] = lora_checkpoint.metadata(trainer)
+    if not is_loading:
+        state.update(coba.checkpoint_entry(trainer))  # non-sharded, as the scalars above
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
             state["model"], is_loading=is_loading, metadata=metadata)
@@ -276,6 +278,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
                     f"scheduler and data order)")
         return
     trainer.iteration = state["iteration"]
+    coba.note_resumed(trainer, common.get(coba.KEY), directory)
     trainer.consumed_samples = state.get(
         "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
     trainer.consumed_valid_samples = state.get(

@@ -124,6 +124,8 @@ class Trainer:
         self.consumed_samples = 0
         self.consumed_valid_samples = 0  # Megatron-LM's: where the next evaluation starts
         self.exited = False  # stopped by --exit-interval (to be resumed)
+        self.coba = None
+        self.coba_checkpoint = None  # (source, its CoBa state or None) once resumed: coba.py
         if config.checkpoint.load or config.lora.lora_load:
             checkpointing.load_checkpoint(self)
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off; the

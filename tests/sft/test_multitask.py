@@ -8,8 +8,8 @@ per-token means; case3 = the mean over tasks of each task's per-token mean; case
 over tasks of the mean over the task's conversations. The runs under test go through the product path (preprocess_data.py, ``Trainer``,
 ``pretrain_gpt.forward_step``, megatron-core's schedule) on one global batch, packed or not,
 on one process and with DP=2 + gradient accumulation and TP=2 x PP=2; their per-task losses
-and gradients must equal the reference's. A torchrun run with 2 DP ranks logs the per-task
-curves (and CoBa's weights) of the single-process run.
+and gradients must equal the reference's. A torchrun run with 2 DP ranks, stopped and resumed,
+logs the per-task curves (and CoBa's weights) of the uninterrupted single-process run.
 """
 
 import json
@@ -238,6 +238,8 @@ RUNS = {
     "case2-dp2-accumulation": (2, "packed", 1, "--weighted-loss-mode case2"),
     "case4-cp2-dp2": (4, "packed", 2, "--weighted-loss-mode case4 "
                       "--context-parallel-size 2"),
+    "case3-cp2-tp2-sp": (4, "packed", 2, "--weighted-loss-mode case3 --sequence-parallel "
+                      "--context-parallel-size 2 --tensor-model-parallel-size 2"),
     "case4-unpacked": (1, "single", 1, "--weighted-loss-mode case4"),
     "case4-tp2-pp2-sp": (4, "packed", 2, "--weighted-loss-mode case4 "
                          "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
@@ -328,28 +330,33 @@ def _curves(stdout):
     return [keys(r) for r in train], [keys(r) for r in valid]
 
 
-def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
+def test_cli_dp2_resumed_logs_the_single_process_task_curves(data, tmp_path):
     """pretrain_gpt.py with CoBa: per-task training and validation losses and CoBa's weights
-    in every log line (and TensorBoard), the same with 2 DP ranks as on one process."""
+    in every log line (and TensorBoard), the same with 2 DP ranks, stopped after step 2
+    (--exit-interval, torch_dist) and resumed with --load, as on one process uninterrupted."""
     iters = 3
     # Later flags override the one-batch runs' (argparse keeps the last).
     args = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "1", "--global-batch-size",
              "4", "--train-iters", str(iters), "--eval-interval", "3", "--eval-iters", "1",
              "--split", "75,25,0", "--weighted-loss-mode", "coba", "--coba-warmup-steps", "1",
              "--coba-history-length", "3"]
+    ckpt, tb = tmp_path / "ckpt", tmp_path / "tb2"
     runs = {}
-    for nproc in (1, 2):
-        tb = tmp_path / f"tb{nproc}"
-        out = torchrun(nproc, args + ["--tensorboard-dir", tb], timeout=300)
+    for name, nproc, flags in [("one", 1, ["--tensorboard-dir", tmp_path / "tb1"]),
+                               ("stopped", 2, ["--save", ckpt, "--exit-interval", "2"]),
+                               ("resumed", 2, ["--load", ckpt, "--tensorboard-dir", tb])]:
+        out = torchrun(nproc, args + flags, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
-        runs[nproc] = _curves(out.stdout + out.stderr)
-    train, valid = runs[1]
+        runs[name] = _curves(out.stdout + out.stderr)
+    train, valid = runs["one"]
     assert len(train) == iters and len(valid) == 1
     assert all(any(k.startswith("lm loss [") for k in r) for r in train + valid)
     assert set(train[-1]) >= {f"task weight [{t}]" for t in TASKS}
     assert train[0]["task weight [code]"] == pytest.approx(1 / 3, abs=1e-4)  # warmup: equal
+    # After the resume: CoBa's weights from the saved history, not a new warmup's.
     assert train[-1]["task weight [code]"] != pytest.approx(train[0]["task weight [code]"])
-    for got, want in zip(runs[2], runs[1]):
+    dp2 = [a + b for a, b in zip(runs["stopped"], runs["resumed"])]
+    for got, want in zip(dp2, runs["one"]):
         assert len(got) == len(want)
         for a, b in zip(got, want):
             assert a.keys() == b.keys()
@@ -357,10 +364,70 @@ def test_cli_dp2_logs_the_single_process_task_curves(data, tmp_path):
                 assert a[key] == pytest.approx(b[key], rel=1e-4), key
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(tmp_path / "tb2"))
+    events = EventAccumulator(str(tb))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"lm loss [code]", "lm loss validation [code]", "task weight [code]"} <= tags
+
+
+def _coba_run(argv):
+    """(CoBa's weights and the per-task loss totals of every step, the warnings logged)."""
+    import logging
+
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("megatron_ext").addHandler(handler)
+    try:
+        trainer = Trainer(parse_args(argv, world_size=1), pretrain_gpt.forward_step,
+                          world_size=1)
+        steps = [(s["task_weights"], s["task_totals"]) for s in trainer.train()]
+        trainer.close()
+    finally:
+        logging.getLogger("megatron_ext").removeHandler(handler)
+    return steps, warnings
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_coba_resumes_exactly(data, tmp_path, ckpt_format):
+    """Stopped at iteration 2 (--exit-interval) and resumed: CoBa's weights and the per-task
+    losses go on as in the uninterrupted run, bit for bit, in either format; a checkpoint
+    without CoBa's state starts it afresh with a warning, one of other tasks is refused by
+    name (shown on the torch format's rank file, which is plain torch.save). 2 DP ranks: the
+    CLI test."""
+    from megatron_ext.checkpoint import format as ckpt
+
+    argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "2",
+                           "--global-batch-size", "4", "--train-iters", "4", "--split",
+                           "75,25,0", "--eval-iters", "1", "--weighted-loss-mode", "coba",
+                           "--coba-warmup-steps", "1", "--coba-history-length", "3",
+                           "--ckpt-format", ckpt_format]
+    full, _ = launch(_coba_run, 1, argv)[0]
+    first, _ = launch(_coba_run, 1, argv + ["--save", str(tmp_path), "--exit-interval", "2"])[0]
+    resumed, warnings = launch(_coba_run, 1, argv + ["--load", str(tmp_path)])[0]
+    assert len(first) == len(resumed) == 2 and not warnings
+    assert not torch.equal(full[2][0], full[0][0])  # the weights moved: the test can fail
+    for step, ((weights, totals), (want_weights, want_totals)) in enumerate(
+            zip(first + resumed, full), 1):
+        assert torch.equal(weights, want_weights), step
+        assert torch.equal(totals, want_totals), step
+    if ckpt_format != "torch":
+        return
+    # The checkpoint's state is plain data; without it (an older checkpoint) CoBa starts
+    # afresh: equal weights again.
+    path = next(tmp_path.glob("iter_0000002/mp_rank_00/model_optim_rng.pt"))
+    payload = ckpt.load_rank_file(path, mmap=False)
+    assert sorted(payload["coba"]["tasks"]) == sorted(TASKS)
+    assert payload["coba"]["history"].shape == (2, len(TASKS))  # measured after steps 1, 2
+    state = payload.pop("coba")
+    ckpt.save_rank_file(path, payload)
+    fresh, warnings = launch(_coba_run, 1, argv + ["--load", str(tmp_path),
+                                                   "--train-iters", "3"])[0]
+    assert any("holds no CoBa state" in w for w in warnings), warnings
+    torch.testing.assert_close(fresh[0][0], torch.full((3,), 1 / 3, dtype=torch.float64))
+    ckpt.save_rank_file(path, dict(payload, coba=dict(state, tasks=["code", "prose", "chat"])))
+    with pytest.raises(RuntimeError, match=r"tasks \['code', 'prose', 'chat'\], this run has"):
+        launch(_coba_run, 1, argv + ["--load", str(tmp_path)])
 
 
 def test_a_task_table_without_its_shard_is_named(data, tmp_path):
