@@ -126,6 +126,11 @@ def test_resume_with_lora_load_is_exact(reference, base, tmp_path, ckpt_format, 
     assert losses == whole["losses"][2:]
     for name, tensor in whole["final"].items():
         assert torch.equal(final[name], tensor), name
+    if ckpt_format == "torch":
+        # Its adapters load at TP=1 PP=1 only (torch_dist reshards): the error names the way.
+        with pytest.raises(RuntimeError, match=r"saved with TP=1 PP=1 .* --ckpt-format torch_dist"):
+            launch(lora_run, 2, flags + ["--lora-load", str(resume),
+                                         "--tensor-model-parallel-size", "2"], 2)
 
 
 def test_flag_errors_name_the_flag():
@@ -172,3 +177,21 @@ def test_bf16_weights_only_load_keeps_the_loaded_adapters(base, tmp_path):
                                          "--lr", "0", "--lr-warmup-iters", "0"], 1)[0][2]
     for name, tensor in _adapters(saved).items():
         assert torch.equal(after[name], tensor), name
+
+
+def test_torch_dist_adapters_resume_in_another_layout(reference, base, tmp_path):
+    """Adapters saved at TP=2 (torch_dist) resume at TP=1 x PP=2 (the base from --load
+    resharded too): the uninterrupted TP=2 run's last losses and adapters, within float32
+    rounding (RNG states are per TP/PP rank; there is no dropout to draw)."""
+    save = tmp_path / "tp2"
+    flags = MODEL + TRAIN + LORA + ["--load", str(base)]
+    whole = launch(lora_run, 2, flags + ["--tensor-model-parallel-size", "2", "--save",
+                                         str(save), "--save-interval", "2"], 2)[0]
+    resume = tmp_path / "resume"  # the iteration-2 checkpoint alone
+    shutil.copytree(fmt.iteration_dir(save, 2), fmt.iteration_dir(resume, 2))
+    fmt.write_tracker(resume, 2)
+    losses, _, final, _ = launch(lora_run, 2, flags + [
+        "--pipeline-model-parallel-size", "2", "--lora-load", str(resume)], 2)[0]
+    assert losses == pytest.approx(whole[0][2:], rel=LOSS_RTOL)
+    _assert_adapters_close(_adapters(final), _adapters(whole[2]))
+
