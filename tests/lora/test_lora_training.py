@@ -15,9 +15,9 @@ from torch.distributed import checkpoint as dcp
 from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint.sharding import merge_state_dicts
 from megatron_ext.config import ConfigError, parse_args
-from megatron_ext.model.lora import is_adapter
+from megatron_ext.model.lora import is_adapter, merge_into
 from tests.launcher import iteration_records, launch, torchrun
-from tests.checkpoint.conftest import hf_state_dict
+from tests.checkpoint.conftest import hf_state_dict, run_convert
 from tests.lora.conftest import ITERS, LORA, MODEL, TRAIN, VOCAB, lora_run
 
 LOSS_RTOL = 1e-5
@@ -67,7 +67,8 @@ def test_single_process_trains_the_adapters_alone(reference, hf_base):
 
 def test_tp2_sequence_parallel_from_the_command_line(reference, base, tmp_path):
     """torchrun pretrain_gpt.py at TP=2 + SP: the loss curve and the adapters of one process; the
-    torch-format checkpoint holds the adapters alone (each rank its shard) and names its base."""
+    torch-format checkpoint holds the adapters alone (each rank its shard) and names its base;
+    convert_ckpt.py merges it into the base at another layout."""
     save = tmp_path / "tp2"
     args = MODEL + TRAIN + LORA + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                    "--load", base, "--save", save, "--ckpt-format", "torch"]
@@ -85,6 +86,20 @@ def test_tp2_sequence_parallel_from_the_command_line(reference, base, tmp_path):
     _assert_adapters_close(merged, _adapters(reference["final"]))
     assert metadata["base_load"] == str(base) and metadata["base_iteration"] == 1
     assert (metadata["lora_r"], metadata["lora_alpha"]) == (4, 8)
+    # convert_ckpt.py merges these TP=2 adapters into the base, written at TP=1 x PP=2.
+    out = tmp_path / "merged"
+    run_convert("mg", "mg", base, out, "--lora-load", save,
+                "--target-tensor-parallel-size", 1, "--target-pipeline-parallel-size", 2)
+    written = merge_state_dicts(
+        {(0, pp): fmt.load_rank_file(fmt.rank_file(out, fmt.read_tracker(out), 0, pp, 2))["model"]
+         for pp in range(2)}, num_layers=4, swiglu=True, tied_embeddings=False)
+    base_weights = {k: v for k, v in reference["initial"].items() if not is_adapter(k)}
+    expected = merge_into(base_weights, merged, 8 / 4)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(expected["decoder.layers.0.mlp.linear_fc2.weight"],
+                           base_weights["decoder.layers.0.mlp.linear_fc2.weight"])
 
 
 def test_pp2_dp2_distributed_optimizer(reference, base):
