@@ -15,6 +15,7 @@ from torch.distributed import checkpoint as dcp
 from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint.sharding import merge_state_dicts
 from megatron_ext.config import ConfigError, parse_args
+from megatron_ext.generation import cli as generation
 from megatron_ext.model.lora import is_adapter, merge_into
 from tests.launcher import iteration_records, launch, torchrun
 from tests.checkpoint.conftest import hf_state_dict, run_convert
@@ -68,7 +69,8 @@ def test_single_process_trains_the_adapters_alone(reference, hf_base):
 def test_tp2_sequence_parallel_from_the_command_line(reference, base, tmp_path):
     """torchrun pretrain_gpt.py at TP=2 + SP: the loss curve and the adapters of one process; the
     torch-format checkpoint holds the adapters alone (each rank its shard) and names its base;
-    convert_ckpt.py merges it into the base at another layout."""
+    convert_ckpt.py merges it into the base at another layout; generate_gpt.py at another layout
+    says how to load it."""
     save = tmp_path / "tp2"
     args = MODEL + TRAIN + LORA + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                    "--load", base, "--save", save, "--ckpt-format", "torch"]
@@ -100,6 +102,13 @@ def test_tp2_sequence_parallel_from_the_command_line(reference, base, tmp_path):
         torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
     assert not torch.equal(expected["decoder.layers.0.mlp.linear_fc2.weight"],
                            base_weights["decoder.layers.0.mlp.linear_fc2.weight"])
+    # Generation at TP=1 cannot load them (torch format): the error names the layout and ways.
+    with pytest.raises(RuntimeError, match=r"saved at TP=2 PP=1, this run has TP=1 PP=1; "
+                                           r"launch with --tensor-model-parallel-size 2"):
+        launch(generation.main, 1, ["--load", str(base), "--lora-load", str(save),
+                                    "--tensor-model-parallel-size", "1", "--tokenizer-type",
+                                    "NullTokenizer", "--vocab-size", str(VOCAB - 1),
+                                    "--max-new-tokens", "1", "--prompt", "1 2"])
 
 
 def test_pp2_dp2_distributed_optimizer(reference, base):
