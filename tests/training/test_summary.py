@@ -27,7 +27,8 @@ MODEL = (
     "--log-interval 1 --eval-interval 1000 --eval-iters 0 --micro-batch-size 2"
 ).split()
 UNTIED = ["--untie-embeddings-and-output-weights"]
-LORA = UNTIED + "--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 --lora-r 8".split()
+LORA = UNTIED + ("--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
+                 "--lora-r 8").split()
 # The single-process model each layout is compared with.
 MODELS = {"untied": UNTIED, "tied": [], "lora": LORA}
 
