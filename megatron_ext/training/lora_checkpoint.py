@@ -64,9 +64,9 @@ def torch_layout_error(saved: str, tp: int, pp: int) -> str:
     return (f"--lora-load: {saved}; torch-format adapters resume only at their own layout "
             f"(--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}). To change "
             f"layouts, resume there once with --ckpt-format torch_dist (its saves reshard at "
-            f"load), or "
-            f"merge them into the base with convert_ckpt.py --load-dir BASE --lora-load ADAPTERS "
-            f"--save-model-type mg --target-tensor-parallel-size N (a full model, no longer LoRA)")
+            f"load), or merge them into the base with convert_ckpt.py --load-dir BASE "
+            f"--lora-load ADAPTERS --save-model-type mg --target-tensor-parallel-size N (a full "
+            f"model, no longer LoRA)")
 
 
 def check_adapters(trainer, saved_lora, where) -> None:
