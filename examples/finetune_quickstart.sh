@@ -8,13 +8,19 @@
 # "lm loss" is the loss of the answers alone (assistant turns and their end tokens).
 # Ends with one chat turn with the fine-tuned model (generate_gpt.py --prompt-type llama2).
 #
+# LORA=1: LoRA instead (MindSpeed-LLM's flags): adapters r 16 on linear_qkv linear_proj
+# linear_fc1 linear_fc2, the quickstart model frozen as the base (--load), adapter-only
+# checkpoints in FT_DIR (default runs/finetune_lora); the chat turn loads base + adapters
+# (generate_gpt.py --load BASE --lora-load FT_DIR/checkpoints, at TP=1 PP=1: resharded).
+#
 # Environment overrides: WORK_DIR (the quickstart's), FT_DIR, TRAIN_ITERS, NPROC_PER_NODE,
-# MASTER_PORT, SKIP_INSTALL=1 (passed to quickstart.sh).
+# MASTER_PORT, LORA=1, SKIP_INSTALL=1 (passed to quickstart.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK_DIR=${WORK_DIR:-runs/quickstart}
-FT_DIR=${FT_DIR:-runs/finetune}
+LORA=${LORA:-0}
+if [ "$LORA" = 1 ]; then FT_DIR=${FT_DIR:-runs/finetune_lora}; else FT_DIR=${FT_DIR:-runs/finetune}; fi
 TRAIN_ITERS=${TRAIN_ITERS:-60}
 NPROC_PER_NODE=${NPROC_PER_NODE:-4}
 MASTER_PORT=${MASTER_PORT:-29500}
@@ -41,10 +47,20 @@ DISTRIBUTED_ARGS=(
     --master_addr 127.0.0.1 --master_port "$MASTER_PORT"
 )
 source examples/tiny_llama_model.sh
+if [ "$LORA" = 1 ]; then
+    # --load is the frozen base (weights only); the adapters train alone, at a higher rate.
+    TUNED_ARGS=(--load "$PRETRAINED" --lr 4e-3 --min-lr 4e-4
+                --lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2
+                --lora-r 16 --lora-alpha 32)
+    GENERATE_LOAD=(--load "$PRETRAINED" --lora-load "$FT_DIR/checkpoints")
+else
+    TUNED_ARGS=(--load "$PRETRAINED" --finetune --lr 1e-3 --min-lr 1e-4)
+    GENERATE_LOAD=(--load "$FT_DIR/checkpoints")
+fi
 FINETUNE_ARGS=(
-    --load "$PRETRAINED" --finetune
+    "${TUNED_ARGS[@]}"
     --micro-batch-size 4 --global-batch-size 16 --train-iters "$TRAIN_ITERS"
-    --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 5
+    --lr-decay-style cosine --lr-warmup-iters 5
     --weight-decay 0.0 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234
     --calculate-per-token-loss  # each answer token weighs the same, whatever its conversation
 )
@@ -65,7 +81,7 @@ python -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" pretrain_gpt.py \
     "${DATA_ARGS[@]}" "${EVAL_AND_LOGGING_ARGS[@]}" "$@"
 QUESTION="What is 12 + 30?"
 echo "one chat turn with the fine-tuned model (llama2 template, greedy): $QUESTION"
-echo "$QUESTION" | python generate_gpt.py --load "$FT_DIR/checkpoints" \
+echo "$QUESTION" | python generate_gpt.py "${GENERATE_LOAD[@]}" \
     --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1 \
     --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL" \
     --interactive --prompt-type llama2 --max-new-tokens 48 2>"$FT_DIR/generate.log"

@@ -127,8 +127,24 @@ def load_weights(model, config, vocab_size: int, iteration, found: str, saved, t
           lora_checkpoint.keys(lora_checkpoint.BASE) if lora else None)
     if lora:
         iteration, found, saved = read_checkpoint(lora)
+        if found != dist_checkpoint.FORMAT:
+            _check_adapter_layout(lora, saved, topology)
         _load(model, config, vocab_size, lora, iteration, found, saved, topology,
               lora_checkpoint.keys(lora_checkpoint.ADAPTERS))
+
+
+def _check_adapter_layout(root, saved, topology) -> None:
+    """torch-format adapters load at their training run's TP/PP only (convert_ckpt.py
+    reshards whole models, not adapters; it merges them at any layout)."""
+    tp, pp = (saved_value(saved, name) or 1 for name in ("tensor_model_parallel_size",
+                                                          "pipeline_model_parallel_size"))
+    if (tp, pp) != (topology.tensor_parallel, topology.pipeline_parallel):
+        raise ckpt.CheckpointError(
+            f"--lora-load {root}: torch-format adapters saved at TP={tp} PP={pp}, this run has "
+            f"TP={topology.tensor_parallel} PP={topology.pipeline_parallel}; launch with "
+            f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}, or merge "
+            f"them into the base with convert_ckpt.py --lora-load (any layout), or save them "
+            f"with --ckpt-format torch_dist (loads at any)")
 
 
 def _load(model, config, vocab_size: int, root, iteration, found: str, saved, topology,

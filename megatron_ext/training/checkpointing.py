@@ -84,20 +84,28 @@ def finalize_saves(blocking: bool = False) -> None:
     dist_checkpoint.finalize_saves(blocking)
 
 
-def _raise_layout_mismatch(root, iteration, topology) -> None:
-    """Name the TP/PP layout a checkpoint was saved with when this rank's file is missing."""
-    directory = ckpt.iteration_dir(root, iteration)
+def _saved_layout(directory):
+    """(TP, PP) of a torch-format checkpoint directory, from its mp_rank_* names."""
     names = sorted(p.name for p in directory.glob("mp_rank_*")) if directory.is_dir() else []
     if not names:
         raise ckpt.CheckpointError(f"checkpoint directory {directory} holds no mp_rank_* "
                                    f"directories: it is incomplete or not a Megatron checkpoint")
     tp = 1 + max(int(name.split("_")[2]) for name in names)
     pp = 1 + max((int(name.split("_")[3]) for name in names if name.count("_") == 3), default=0)
+    return tp, pp
+
+
+def _raise_layout_mismatch(root, iteration, topology, part=None) -> None:
+    """Name the TP/PP layout a checkpoint was saved with, and the way to another layout."""
+    directory = ckpt.iteration_dir(root, iteration)
+    tp, pp = _saved_layout(directory)
+    saved = (f"checkpoint {directory} was saved with TP={tp} PP={pp} but this run has "
+             f"--tensor-model-parallel-size {topology.tensor_parallel} "
+             f"--pipeline-model-parallel-size {topology.pipeline_parallel} (other TP/PP)")
+    if part == lora_checkpoint.ADAPTERS:
+        raise ckpt.CheckpointError(lora_checkpoint.torch_layout_error(saved, tp, pp))
     raise ckpt.CheckpointError(
-        f"checkpoint {directory} was saved with TP={tp} PP={pp} but this run has "
-        f"--tensor-model-parallel-size {topology.tensor_parallel} "
-        f"--pipeline-model-parallel-size {topology.pipeline_parallel} (other TP/PP); reshard it "
-        f"with convert_ckpt.py --load-model-type mg --save-model-type mg "
+        f"{saved}; reshard it with convert_ckpt.py --load-model-type mg --save-model-type mg "
         f"--target-tensor-parallel-size {topology.tensor_parallel} "
         f"--target-pipeline-parallel-size {topology.pipeline_parallel}")
 
@@ -136,6 +144,9 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         dist_checkpoint.load(trainer, iteration, root, part, weights_only)
         return
     path = _rank_file(root, iteration, topology)
+    if part == lora_checkpoint.ADAPTERS and _saved_layout(ckpt.iteration_dir(root, iteration)) \
+            != (topology.tensor_parallel, topology.pipeline_parallel):
+        _raise_layout_mismatch(root, iteration, topology, part)  # before its convert_ckpt hint
     if not path.is_file():
         _raise_layout_mismatch(root, iteration, topology)
     payload = ckpt.load_rank_file(path)

@@ -58,6 +58,17 @@ def check_base_checkpoint(saved_lora, where) -> None:
             f"model ({saved_lora.get('base_load') or 'the --load of its training run'}) as --load")
 
 
+def torch_layout_error(saved: str, tp: int, pp: int) -> str:
+    """Torch-format adapters load at their own TP/PP only: convert_ckpt.py reshards whole
+    models, not adapters with their optimizer state; torch_dist reshards both at load."""
+    return (f"--lora-load: {saved}; torch-format adapters resume only at their own layout "
+            f"(--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}). To change "
+            f"layouts, resume there once with --ckpt-format torch_dist (its saves reshard at "
+            f"load), or merge them into the base with convert_ckpt.py --load-dir BASE "
+            f"--lora-load ADAPTERS --save-model-type mg --target-tensor-parallel-size N (a full "
+            f"model, no longer LoRA)")
+
+
 def check_adapters(trainer, saved_lora, where) -> None:
     """A ``--lora-load`` checkpoint against this run's LoRA flags and base."""
     if saved_lora is None:

@@ -16,6 +16,8 @@ bucket padding:
   divided over DP ranks with --use-distributed-optimizer;
 - activations: what autograd keeps per micro-batch (``activation_bytes``), times the
   micro-batches a 1F1B stage holds at once (PP - stage, at most the accumulation steps).
+  With LoRA the full model's: the adapters' own activations (small: r per token, plus the
+  gathered input with SP) and what a frozen base no longer keeps roughly cancel (measured).
 tests/training/test_summary.py measures all four on CPU (tensor storage sizes, and the
 tensors autograd saves) and checks the estimate within ``MARGIN``.
 """

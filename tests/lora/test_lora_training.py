@@ -15,9 +15,10 @@ from torch.distributed import checkpoint as dcp
 from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint.sharding import merge_state_dicts
 from megatron_ext.config import ConfigError, parse_args
-from megatron_ext.model.lora import is_adapter
+from megatron_ext.generation import cli as generation
+from megatron_ext.model.lora import is_adapter, merge_into
 from tests.launcher import iteration_records, launch, torchrun
-from tests.checkpoint.conftest import hf_state_dict
+from tests.checkpoint.conftest import hf_state_dict, run_convert
 from tests.lora.conftest import ITERS, LORA, MODEL, TRAIN, VOCAB, lora_run
 
 LOSS_RTOL = 1e-5
@@ -67,7 +68,9 @@ def test_single_process_trains_the_adapters_alone(reference, hf_base):
 
 def test_tp2_sequence_parallel_from_the_command_line(reference, base, tmp_path):
     """torchrun pretrain_gpt.py at TP=2 + SP: the loss curve and the adapters of one process; the
-    torch-format checkpoint holds the adapters alone (each rank its shard) and names its base."""
+    torch-format checkpoint holds the adapters alone (each rank its shard) and names its base;
+    convert_ckpt.py merges it into the base at another layout; generate_gpt.py at another layout
+    says how to load it."""
     save = tmp_path / "tp2"
     args = MODEL + TRAIN + LORA + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                    "--load", base, "--save", save, "--ckpt-format", "torch"]
@@ -85,6 +88,27 @@ def test_tp2_sequence_parallel_from_the_command_line(reference, base, tmp_path):
     _assert_adapters_close(merged, _adapters(reference["final"]))
     assert metadata["base_load"] == str(base) and metadata["base_iteration"] == 1
     assert (metadata["lora_r"], metadata["lora_alpha"]) == (4, 8)
+    # convert_ckpt.py merges these TP=2 adapters into the base, written at TP=1 x PP=2.
+    out = tmp_path / "merged"
+    run_convert("mg", "mg", base, out, "--lora-load", save,
+                "--target-tensor-parallel-size", 1, "--target-pipeline-parallel-size", 2)
+    written = merge_state_dicts(
+        {(0, pp): fmt.load_rank_file(fmt.rank_file(out, fmt.read_tracker(out), 0, pp, 2))["model"]
+         for pp in range(2)}, num_layers=4, swiglu=True, tied_embeddings=False)
+    base_weights = {k: v for k, v in reference["initial"].items() if not is_adapter(k)}
+    expected = merge_into(base_weights, merged, 8 / 4)
+    assert written.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert not torch.equal(expected["decoder.layers.0.mlp.linear_fc2.weight"],
+                           base_weights["decoder.layers.0.mlp.linear_fc2.weight"])
+    # Generation at TP=1 cannot load them (torch format): the error names the layout and ways.
+    with pytest.raises(RuntimeError, match=r"saved at TP=2 PP=1, this run has TP=1 PP=1; "
+                                           r"launch with --tensor-model-parallel-size 2"):
+        launch(generation.main, 1, ["--load", str(base), "--lora-load", str(save),
+                                    "--tensor-model-parallel-size", "1", "--tokenizer-type",
+                                    "NullTokenizer", "--vocab-size", str(VOCAB - 1),
+                                    "--max-new-tokens", "1", "--prompt", "1 2"])
 
 
 def test_pp2_dp2_distributed_optimizer(reference, base):
@@ -126,6 +150,11 @@ def test_resume_with_lora_load_is_exact(reference, base, tmp_path, ckpt_format, 
     assert losses == whole["losses"][2:]
     for name, tensor in whole["final"].items():
         assert torch.equal(final[name], tensor), name
+    if ckpt_format == "torch":
+        # Its adapters load at TP=1 PP=1 only (torch_dist reshards): the error names the way.
+        with pytest.raises(RuntimeError, match=r"saved with TP=1 PP=1 .* --ckpt-format torch_dist"):
+            launch(lora_run, 2, flags + ["--lora-load", str(resume),
+                                         "--tensor-model-parallel-size", "2"], 2)
 
 
 def test_flag_errors_name_the_flag():
@@ -172,3 +201,21 @@ def test_bf16_weights_only_load_keeps_the_loaded_adapters(base, tmp_path):
                                          "--lr", "0", "--lr-warmup-iters", "0"], 1)[0][2]
     for name, tensor in _adapters(saved).items():
         assert torch.equal(after[name], tensor), name
+
+
+def test_torch_dist_adapters_resume_in_another_layout(reference, base, tmp_path):
+    """Adapters saved at TP=2 (torch_dist) resume at TP=1 x PP=2 (the base from --load
+    resharded too): the uninterrupted TP=2 run's last losses and adapters, within float32
+    rounding (RNG states are per TP/PP rank; there is no dropout to draw)."""
+    save = tmp_path / "tp2"
+    flags = MODEL + TRAIN + LORA + ["--load", str(base)]
+    whole = launch(lora_run, 2, flags + ["--tensor-model-parallel-size", "2", "--save",
+                                         str(save), "--save-interval", "2"], 2)[0]
+    resume = tmp_path / "resume"  # the iteration-2 checkpoint alone
+    shutil.copytree(fmt.iteration_dir(save, 2), fmt.iteration_dir(resume, 2))
+    fmt.write_tracker(resume, 2)
+    losses, _, final, _ = launch(lora_run, 2, flags + [
+        "--pipeline-model-parallel-size", "2", "--lora-load", str(resume)], 2)[0]
+    assert losses == pytest.approx(whole[0][2:], rel=LOSS_RTOL)
+    _assert_adapters_close(_adapters(final), _adapters(whole[2]))
+

@@ -46,6 +46,9 @@ MODEL = (
 ).split()
 MODES = {"causal": [], "varlen": ["--reset-position-ids", "--eod-mask-loss"]}
 CP2 = ["--context-parallel-size", "2", "--cp-comm-type", "allgather"]
+# LoRA (tests/lora/) on the packed documents: the adapters alone train, at CP=2 x DP=2 too.
+LORA = MODES["varlen"] + ("--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
+                          "--lora-r 4 --lora-alpha 8 --lr 2e-2").split()
 # Four ranks each; activation recomputation rides along with the pipeline layout.
 LAYOUTS = {
     "cp4": ["--context-parallel-size", "4"],
@@ -91,13 +94,14 @@ def _train_all(runs, world_size):
 @pytest.fixture(scope="module")
 def reference(shard):
     runs = [(mode, MODEL + ["--data-path", shard] + flags) for mode, flags in MODES.items()]
-    return launch(_train_all, 1, runs, 1)[0]
+    return launch(_train_all, 1, runs + [("lora", MODEL + ["--data-path", shard] + LORA)], 1)[0]
 
 
 @pytest.fixture(scope="module")
 def layouts(shard):
     runs = [(f"{layout}-{mode}", MODEL + ["--data-path", shard] + flags + MODES[mode])
             for layout, flags in LAYOUTS.items() for mode in MODES]
+    runs.append(("cp2-dp2-lora", MODEL + ["--data-path", shard] + CP2 + LORA))
     return launch(_train_all, 4, runs, 4)[0]  # rank 0 holds the gathered weights
 
 
@@ -122,6 +126,24 @@ def test_layout_follows_the_single_process(reference, layouts, layout, mode):
         if name in _VOCAB_ROWS:
             got, tensor = got[:VOCAB], tensor[:VOCAB]
         torch.testing.assert_close(got, tensor, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def test_lora_at_cp2_follows_the_single_process(reference, layouts):
+    """LoRA at CP=2 x DP=2 on packed documents: the single-process LoRA run's curve, adapters
+    and (bit-unchanged, frozen) base."""
+    curve, final, valid = layouts["cp2-dp2-lora"]
+    ref_curve, ref_final, ref_valid = reference["lora"]
+    _assert_same_curve(curve, ref_curve)
+    assert valid == pytest.approx(ref_valid, rel=LOSS_RTOL)
+    adapters = [name for name in ref_final if ".lora_" in name]
+    assert final.keys() == ref_final.keys() and adapters
+    for name, tensor in ref_final.items():
+        if ".lora_" in name:
+            torch.testing.assert_close(final[name], tensor, rtol=0, atol=WEIGHT_ATOL, msg=name)
+        else:
+            assert torch.equal(final[name], tensor), name
+    full = reference["varlen"][1]  # the comparison can fail: full training moves the base
+    assert not torch.equal(full["output_layer.weight"], ref_final["output_layer.weight"])
 
 
 def test_modes_differ(reference):

@@ -27,6 +27,10 @@ MODEL = (
     "--log-interval 1 --eval-interval 1000 --eval-iters 0 --micro-batch-size 2"
 ).split()
 UNTIED = ["--untie-embeddings-and-output-weights"]
+LORA = UNTIED + ("--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
+                 "--lora-r 8").split()
+# The single-process model each layout is compared with.
+MODELS = {"untied": UNTIED, "tied": [], "lora": LORA}
 
 
 def _storage_bytes(tensors, exclude=()) -> int:
@@ -70,7 +74,7 @@ def _run(argv, world_size):
                     for p in group["params"]]
     measured = {
         "weights": weights,
-        "gradients": _storage_bytes(p.main_grad for p in params),
+        "gradients": _storage_bytes(p.main_grad for p in params if p.requires_grad),
         # fp32 main weights that are views of the model's (fp32 training) are not extra memory.
         "optimizer": _storage_bytes(state + main_weights,
                                     exclude={p.untyped_storage().data_ptr() for p in params}),
@@ -78,6 +82,7 @@ def _run(argv, world_size):
     }
     named = list(trainer.model[0].module.named_parameters())
     result = dict(local=sum(p.numel() for p in params), counts=trainer.parameter_counts,
+                  trainable=sum(p.numel() for p in params if p.requires_grad),
                   embedding=sum(p.numel() for n, p in named if n.startswith("embedding.")),
                   output_layer=sum(p.numel() for n, p in named if n.startswith("output_layer.")),
                   lines=trainer.summary_lines, measured=measured, stage=trainer.topology.pp_rank,
@@ -88,26 +93,27 @@ def _run(argv, world_size):
 
 @pytest.fixture(scope="module")
 def single():
-    return {tied: launch(_run, 1, MODEL + ([] if tied else UNTIED), 1)[0]
-            for tied in (False, True)}
+    return {name: launch(_run, 1, MODEL + flags, 1)[0] for name, flags in MODELS.items()}
 
 
 def _total(counts):
     return sum(r.unique for r in counts if r.dp == 0 and r.cp == 0)
 
 
-@pytest.mark.parametrize("world_size, flags, tied", [
+@pytest.mark.parametrize("world_size, flags, model", [
     (4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel "
-        "--global-batch-size 4", True),
+        "--global-batch-size 4", "tied"),
     (4, "--tensor-model-parallel-size 2 --sequence-parallel --use-distributed-optimizer --bf16 "
-        "--global-batch-size 4", False),
+        "--global-batch-size 4", "untied"),
     # 1/CP of the tokens and the gathered K/V; the optimizer sharded over DP x CP.
-    (2, "--context-parallel-size 2 --use-distributed-optimizer", False),
+    (2, "--context-parallel-size 2 --use-distributed-optimizer", "untied"),
+    # LoRA: the adapters' gradients and Adam state; activations estimated as the full model's.
+    (2, "--tensor-model-parallel-size 2 --sequence-parallel --global-batch-size 4", "lora"),
 ])
-def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, tied):
-    argv = MODEL + ([] if tied else UNTIED) + flags.split()
+def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, model):
+    argv = MODEL + MODELS[model] + flags.split()
     results = launch(_run, world_size, argv, world_size)
-    reference = single[tied]
+    reference = single[model]
     # The single process holds the whole model: its parameters (a tied output layer is the
     # embedding itself) are the model's count.
     assert reference["local"] == _total(reference["counts"])
@@ -123,8 +129,9 @@ def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, 
     config = parse_args(argv, world_size=world_size)
     for result in results + [reference]:
         run_config = config if result is not reference else parse_args(
-            MODEL + ([] if tied else UNTIED), world_size=1)
-        estimate = summary.state_bytes(run_config, result["local"], result["dp"])
+            MODEL + MODELS[model], world_size=1)
+        estimate = summary.state_bytes(run_config, result["local"], result["dp"],
+                                       result["trainable"])
         if result["measured"]["activations"] is not None:
             estimate["activations"] = summary.activation_bytes(run_config, result["vocab"],
                                                                result["stage"])
