@@ -43,13 +43,13 @@ def meta_path(prefix: str) -> str:
     return prefix + META_SUFFIX
 
 
-def write_meta(prefix: str, meta: ShardMeta) -> None:
-    """Atomically (a reader sees the old file or the new one, never a part)."""
-    path = meta_path(prefix)
+def write_json_atomically(path: str, payload: dict) -> None:
+    """A reader sees the old file or the new one, never a part (a killed run leaves at most
+    a ``.tmp-PID`` file beside it)."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump({"format": FORMAT, "version": VERSION, **asdict(meta)}, f, indent=1)
+            json.dump(payload, f, indent=1)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -58,17 +58,29 @@ def write_meta(prefix: str, meta: ShardMeta) -> None:
         raise
 
 
+def read_versioned_json(path: str, file_format: str, version: int) -> dict:
+    """The JSON object in ``path`` written as ``file_format`` ``version``; ValueError else."""
+    with open(path) as f:
+        raw = json.load(f)
+    if not isinstance(raw, dict) or raw.get("format") != file_format or (
+            raw.get("version") != version):
+        found = raw if not isinstance(raw, dict) else (raw.get("format"), raw.get("version"))
+        raise ValueError(f"found {found!r}, expected format {file_format!r} version {version}")
+    return raw
+
+
+def write_meta(prefix: str, meta: ShardMeta) -> None:
+    write_json_atomically(meta_path(prefix), {"format": FORMAT, "version": VERSION,
+                                              **asdict(meta)})
+
+
 def read_meta(prefix: str) -> Optional[ShardMeta]:
     """The shard's metadata, or None when it has none (a shard made by Megatron-LM's tool)."""
     path = meta_path(prefix)
     if not os.path.exists(path):
         return None
     try:
-        with open(path) as f:
-            raw = json.load(f)
-        if raw.get("format") != FORMAT or raw.get("version") != VERSION:
-            raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}, "
-                             f"expected {FORMAT!r} version {VERSION}")
+        raw = read_versioned_json(path, FORMAT, VERSION)
         names = {f.name for f in fields(ShardMeta)}
         return ShardMeta(**{k: v for k, v in raw.items() if k in names})
     except (OSError, ValueError, TypeError) as error:

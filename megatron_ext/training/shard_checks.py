@@ -30,7 +30,7 @@ from megatron_ext.data.indexed import IndexedDatasetReader, bin_path, idx_path
 from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
 from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError, meta_path,
-                                           read_meta)
+                                           read_meta, write_json_atomically)
 from megatron_ext.training.blend import check_prefixes, parse_blend
 from megatron_ext.training.sft_dataset import check_prefix
 
@@ -170,10 +170,7 @@ def scanned_facts(shard: Shard, eod: int, cache_dir: Optional[str]) -> Dict[str,
                 f"Megatron-LM's tool?): scanned {gigabytes:.2f} GB in {seconds:.2f} s, {where}")
     if path:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"key": key, **facts, "seconds": round(seconds, 3)}, f, indent=1)
-        os.replace(tmp, path)
+        write_json_atomically(path, {"key": key, **facts, "seconds": round(seconds, 3)})
     return facts
 
 

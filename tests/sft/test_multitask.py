@@ -30,7 +30,9 @@ from megatron_ext.training import data as training_data
 from megatron_ext.training.coba import CoBa
 from megatron_ext.training.metrics import parse_log
 from megatron_ext.training.trainer import Trainer
+from megatron_ext.parallel import ParallelTopology
 from tests.launcher import launch, torchrun
+from tests.sft.reference import conversation_loss, single_process_model
 from tests.sft.test_packed_training import MODEL, PACKED_ROWS, SEQ, _gathered_grads, _records
 
 pytestmark = pytest.mark.usefixtures("tmp_cwd")
@@ -142,33 +144,16 @@ def _one_global_batch(argv, world_size, init_state_dict):
 
 def _reference(argv, conversations, state):
     """Each conversation alone; the modes' losses and gradients from their definitions."""
-    from megatron_ext import platform
-    from megatron_ext.model.gpt import build_model
-    from megatron_ext.parallel import ParallelTopology
-    from megatron_ext.tokenizer import build_tokenizer
-
-    config = parse_args(argv, world_size=1)
-    topo = ParallelTopology.from_config(config.parallel, 1)
-    topo.initialize()
-    platform.manual_seed(0)
-    d = config.data
-    model = build_model(config, build_tokenizer(d.tokenizer_type, d.tokenizer_model,
-                                                d.vocab_size).vocab_size)
-    result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys
-    model.train()
+    model = single_process_model(argv, state)
     # Each conversation alone: its summed loss, trained tokens and gradient; every mode is
     # linear in them (megatron-core's cross entropy allows one backward per graph).
     sums, counts, conv_grads = [], [], []
     for ids, mask, _ in conversations:
         model.zero_grad(set_to_none=True)
-        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask).float()
-        tokens, labels = ids[:-1][None], ids[1:][None]
-        loss = model(tokens, torch.arange(tokens.size(1))[None], None, labels=labels)
-        total = (loss[0] * mask[1:]).sum()
+        total, count = conversation_loss(model, ids, mask)
         total.backward()
         sums.append(total.item())
-        counts.append(int(mask[1:].sum()))
+        counts.append(count)
         conv_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     tasks = [c[2] for c in conversations]
     names = sorted(set(tasks))
@@ -186,7 +171,7 @@ def _reference(argv, conversations, state):
              for mode, cs in coefficients.items()}
     per_task = {t: sum(v for v, u in zip(sums, tasks) if u == t) / task_tokens[t]
                 for t in names}
-    topo.destroy()
+    ParallelTopology.destroy()
     return per_task, losses, grads
 
 

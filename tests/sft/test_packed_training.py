@@ -27,7 +27,9 @@ from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.cli import main as preprocess_main
 from megatron_ext.training import data as training_data
 from megatron_ext.training.trainer import Trainer
+from megatron_ext.parallel import ParallelTopology
 from tests.launcher import launch
+from tests.sft.reference import conversation_loss, single_process_model
 
 pytestmark = pytest.mark.usefixtures("tmp_cwd")  # dataset caches there
 
@@ -120,36 +122,17 @@ def _one_global_batch(argv, world_size, init_state_dict):
 
 def _one_by_one(argv, conversations, state):
     """The reference: each conversation alone, plain causal attention, per-token average."""
-    from megatron_ext import platform
-    from megatron_ext.model.gpt import build_model
-    from megatron_ext.parallel import ParallelTopology
-    from megatron_ext.tokenizer import build_tokenizer
-
-    config = parse_args(argv, world_size=1)
-    topo = ParallelTopology.from_config(config.parallel, 1)
-    topo.initialize()
-    platform.manual_seed(0)
-    d = config.data
-    # The tokenizer's vocabulary, as the Trainer's: the padded rows do not count in the loss.
-    model = build_model(config, build_tokenizer(d.tokenizer_type, d.tokenizer_model,
-                                                d.vocab_size).vocab_size)
-    result = model.load_state_dict(state, strict=False)
-    assert not result.unexpected_keys
-    assert all(k.endswith("_extra_state") for k in result.missing_keys)
-    model.train()
+    model = single_process_model(argv, state)
     total, count = torch.zeros(()), 0
     for ids, mask in conversations:
-        ids, mask = torch.from_numpy(ids), torch.from_numpy(mask).float()
-        tokens, labels = ids[:-1][None], ids[1:][None]
-        loss = model(tokens, torch.arange(tokens.size(1))[None], None, labels=labels)
-        total = total + (loss[0] * mask[1:]).sum()
-        count += int(mask[1:].sum())
+        loss, tokens = conversation_loss(model, ids, mask)
+        total, count = total + loss, count + tokens
     total.backward()
     grads = {name: p.grad / count for name, p in model.named_parameters()}
     # Control: the packed rows without their boundaries (plain causal over each row).
     model.zero_grad(set_to_none=True)
     unbounded = _unbounded(model, argv)
-    topo.destroy()
+    ParallelTopology.destroy()
     return (total / count).item(), count, grads, unbounded
 
 

@@ -17,11 +17,12 @@ Shards written before tasks existed have neither file: all their conversations a
 dataset's unnamed task. megatron-core never reads these files.
 """
 
-import json
 import os
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from megatron_ext.data.shard_meta import read_versioned_json, write_json_atomically
 
 TASK_KEY = "data_name"
 TASK_DTYPE = np.uint16
@@ -73,18 +74,9 @@ class TaskTable:
 
 def write_tasks(prefix: str, names: List[str], conversations: List[int]) -> None:
     """``PREFIX_tasks.json``, atomically (a reader sees the old file or the new one)."""
-    path = tasks_path(prefix)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump({"format": TASKS_FORMAT, "version": TASKS_VERSION, "tasks": names,
-                       "conversations": conversations}, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_json_atomically(tasks_path(prefix), {
+        "format": TASKS_FORMAT, "version": TASKS_VERSION, "tasks": names,
+        "conversations": conversations})
 
 
 def read_tasks(prefix: str) -> Optional[List[Optional[str]]]:
@@ -94,10 +86,7 @@ def read_tasks(prefix: str) -> Optional[List[Optional[str]]]:
     if not os.path.exists(path):
         return None
     try:
-        with open(path) as f:
-            raw = json.load(f)
-        if raw.get("format") != TASKS_FORMAT or raw.get("version") != TASKS_VERSION:
-            raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}")
+        raw = read_versioned_json(path, TASKS_FORMAT, TASKS_VERSION)
         names, counts = raw["tasks"], raw["conversations"]
         if not (isinstance(names, list) and names and names[0] == ""
                 and all(isinstance(n, str) for n in names)):
