@@ -26,14 +26,14 @@ from megatron_ext.data.cli import main as preprocess_main
 from megatron_ext.data.indexed import IndexedDatasetReader
 from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.instruct.tasks import read_tasks, task_ids_prefix
-from megatron_ext.training import data as training_data
 from megatron_ext.training.coba import CoBa
 from megatron_ext.training.metrics import parse_log
 from megatron_ext.training.trainer import Trainer
 from megatron_ext.parallel import ParallelTopology
 from tests.launcher import launch, torchrun
 from tests.sft.reference import conversation_loss, single_process_model
-from tests.sft.test_packed_training import MODEL, PACKED_ROWS, SEQ, _gathered_grads, _records
+from tests.sft.test_packed_training import (MODEL, PACKED_ROWS, SEQ, _one_global_batch,
+                                            _records)
 
 pytestmark = pytest.mark.usefixtures("tmp_cwd")
 
@@ -122,26 +122,6 @@ def test_blend_tasks_are_named_and_untagged_datasets_are_tasks(data, tmp_path,
         [c[2] for c in data["conversations"]]
 
 
-def _one_global_batch(argv, world_size, init_state_dict):
-    config = parse_args(argv, world_size=world_size)
-    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size,
-                      init_state_dict=init_state_dict)
-    initial = trainer.full_state_dict()
-    t, topo = config.training, trainer.topology
-    assert len(trainer.train_ds) == t.global_batch_size
-    iterator = training_data.data_iterator(trainer.train_ds, 0, t.micro_batch_size,
-                                           topo.dp_rank, topo.data_parallel)
-    for chunk in trainer.model:
-        chunk.zero_grad_buffer()
-        chunk.train()
-    loss, tokens = trainer._forward_backward(iterator, forward_only=False)
-    per_task = {name: (trainer.task_totals[0, i] / trainer.task_totals[1, i]).item()
-                for i, name in enumerate(trainer.multitask.names) if trainer.task_totals[1, i]}
-    grads = _gathered_grads(trainer)
-    trainer.close()
-    return loss, tokens, per_task, grads, initial
-
-
 def _reference(argv, conversations, state):
     """Each conversation alone; the modes' losses and gradients from their definitions."""
     model = single_process_model(argv, state)
@@ -186,11 +166,11 @@ def single(data):
 @pytest.fixture(scope="module")
 def reference(data, single):
     argv = data["argv"] + ["--data-path", data["packed"]]
-    return launch(_reference, 1, argv, data["conversations"], single[4])[0]
+    return launch(_reference, 1, argv, data["conversations"], single[3])[0]
 
 
 def _assert_mode(run, reference, mode):
-    loss, tokens, per_task, grads, _ = run
+    loss, tokens, grads, _, per_task = run
     ref_tasks, ref_losses, ref_grads = reference
     # lm loss stays the plain per-token mean; the tasks' losses are their samples' alone.
     assert loss == pytest.approx(ref_losses["case1"], rel=LOSS_RTOL)
@@ -238,7 +218,7 @@ def test_modes_under_packing_and_parallelism(data, single, reference, name):
     rows = PACKED_ROWS if dataset == "packed" else len(data["conversations"])
     argv = data["argv"] + ["--data-path", data[dataset], "--micro-batch-size", str(micro_batch),
                            "--global-batch-size", str(rows)] + flags.split()
-    run = launch(_one_global_batch, world_size, argv, world_size, single[4])[0]
+    run = launch(_one_global_batch, world_size, argv, world_size, single[3])[0]
     _assert_mode(run, reference, flags.split()[1])
 
 
