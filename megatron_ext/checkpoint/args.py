@@ -20,6 +20,18 @@ def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_s
     return -(-vocab_size // multiple) * multiple
 
 
+def padding_hint(vocab_size: int, saved_padded: int, tensor_parallel_size: int) -> str:
+    """How this run can pad to the checkpoint's rows (its padded rows are zeros and never
+    count: re-padding is exact), or else how to re-pad the checkpoint."""
+    fits = [d for d in range(1, saved_padded + 1)
+            if padded_vocab_size(vocab_size, d, tensor_parallel_size) == saved_padded]
+    if fits:  # the smallest power of two if one fits (Megatron's values are), else the smallest
+        best = min(fits, key=lambda d: (d & (d - 1) != 0, d))
+        return f": pass --make-vocab-size-divisible-by {best} to pad as the checkpoint does"
+    return (f": re-pad the checkpoint with convert_ckpt.py --load-model-type mg "
+            f"--save-model-type mg --target-tensor-parallel-size {tensor_parallel_size}")
+
+
 def dtype_flags(dtype: torch.dtype) -> dict:
     return {"params_dtype": dtype, "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
@@ -230,6 +242,7 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
             f"{saved_value(saved_args, 'make_vocab_size_divisible_by')}), this run pads "
             f"{vocab_size} to {run['padded_vocab_size']} (--make-vocab-size-divisible-by "
             f"{run['make_vocab_size_divisible_by']} x TP {run['tensor_model_parallel_size']})"
+            + padding_hint(vocab_size, saved_padded, run["tensor_model_parallel_size"])
         )
     if problems:
         hint = ""

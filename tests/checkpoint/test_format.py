@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_ext.checkpoint import format as fmt
-from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
+from megatron_ext.checkpoint.args import padding_hint, check_compatible, model_args_namespace
 from megatron_ext.checkpoint.format import CheckpointError
 from megatron_ext.config import parse_args
 
@@ -107,6 +107,17 @@ def test_check_compatible_names_file_and_flags():
         cfg = _config("--rotary-base 500000")
         cfg.model.untie_embeddings_and_output_weights = False
         check_compatible(saved, cfg, 300, "x.pt")
+    # A reshardable load (torch_dist) at TP=1 pads 300 to 384 rows; the TP=2 checkpoint has 512.
+    wide = model_args_namespace(_config(), 300)
+    narrow = _config("--tensor-model-parallel-size 1")
+    with pytest.raises(CheckpointError, match=r"other vocabulary.*this run pads 300 to 384 "
+                       r".*pass --make-vocab-size-divisible-by 256 to pad as the checkpoint does"):
+        check_compatible(wide, narrow, 300, "x.pt", reshardable=True)
+    narrow.model.make_vocab_size_divisible_by = 256
+    check_compatible(wide, narrow, 300, "x.pt", reshardable=True)
+    # No divisor pads 250 to 256 rows at TP=3 (256 is no multiple of 3): re-pad the checkpoint.
+    assert "convert_ckpt.py --load-model-type mg --save-model-type mg " \
+        "--target-tensor-parallel-size 3" in padding_hint(250, 256, 3)
     with pytest.raises(CheckpointError, match=r"other norm epsilon: --norm-epsilon 1e-05"):
         check_compatible(saved, _config("--norm-epsilon 1e-6"), 250, "x.pt")
     with pytest.raises(CheckpointError, match=r"x.pt has no 'args'"):
