@@ -20,14 +20,21 @@ def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_s
     return -(-vocab_size // multiple) * multiple
 
 
+def divisible_by_padding_to(vocab_size: int, padded: int, tensor_parallel_size: int) -> Optional[int]:
+    """The --make-vocab-size-divisible-by that pads ``vocab_size`` to ``padded`` rows at this
+    TP: the smallest power of two if one does (Megatron's values are), else the smallest; None
+    if none does."""
+    fits = [d for d in range(1, padded // tensor_parallel_size + 1)
+            if padded_vocab_size(vocab_size, d, tensor_parallel_size) == padded]
+    return min(fits, key=lambda d: (d & (d - 1) != 0, d)) if fits else None
+
+
 def padding_hint(vocab_size: int, saved_padded: int, tensor_parallel_size: int) -> str:
     """How this run can pad to the checkpoint's rows (its padded rows are zeros and never
     count: re-padding is exact), or else how to re-pad the checkpoint."""
-    fits = [d for d in range(1, saved_padded + 1)
-            if padded_vocab_size(vocab_size, d, tensor_parallel_size) == saved_padded]
-    if fits:  # the smallest power of two if one fits (Megatron's values are), else the smallest
-        best = min(fits, key=lambda d: (d & (d - 1) != 0, d))
-        return f": pass --make-vocab-size-divisible-by {best} to pad as the checkpoint does"
+    divisible_by = divisible_by_padding_to(vocab_size, saved_padded, tensor_parallel_size)
+    if divisible_by:
+        return f": pass --make-vocab-size-divisible-by {divisible_by} to pad as the checkpoint does"
     return (f": re-pad the checkpoint with convert_ckpt.py --load-model-type mg "
             f"--save-model-type mg --target-tensor-parallel-size {tensor_parallel_size}")
 

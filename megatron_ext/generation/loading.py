@@ -35,8 +35,7 @@ def read_checkpoint(load_dir):
                                    f"checkpoint to generate with")
     directory = ckpt.iteration_dir(load_dir, iteration)
     if is_dist_checkpoint(directory):
-        common = dist_checkpointing.load_common_state_dict(str(directory))
-        return iteration, dist_checkpoint.FORMAT, common.get("args")
+        return iteration, dist_checkpoint.FORMAT, dist_checkpoint.saved_args(directory)
     files = sorted(directory.glob("mp_rank_*/" + ckpt.RANK_FILENAME))
     if not files:
         raise ckpt.CheckpointError(f"{directory} holds neither a torch_dist checkpoint nor "

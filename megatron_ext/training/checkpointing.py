@@ -19,7 +19,8 @@ from megatron.core import parallel_state
 
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
+from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to,
+                                          model_args_namespace, padded_vocab_size, saved_value)
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
@@ -108,6 +109,31 @@ def _raise_layout_mismatch(root, iteration, topology, part=None) -> None:
         f"{saved}; reshard it with convert_ckpt.py --load-model-type mg --save-model-type mg "
         f"--target-tensor-parallel-size {topology.tensor_parallel} "
         f"--target-pipeline-parallel-size {topology.pipeline_parallel}")
+
+
+def adopt_saved_vocab_padding(config, vocab_size: int) -> None:
+    """Pad the vocabulary as the torch_dist checkpoint in ``--load`` did. It loads at any TP,
+    but Megatron pads to a multiple of divisible-by x TP, so at another TP its embedding and
+    output layer would have other rows than this run's. The padded rows are zeros whose logits
+    never count (model/vocab.py): padding alike changes nothing but the shapes, and the
+    checkpoints this run saves pad alike too."""
+    root = config.checkpoint.load
+    iteration = ckpt.read_tracker(root) if root else None
+    if iteration is None or not is_dist_checkpoint(ckpt.iteration_dir(root, iteration)):
+        return  # torch-format checkpoints load at their own TP only, where the padding agrees
+    saved = dist_checkpoint.saved_args(ckpt.iteration_dir(root, iteration))
+    saved_padded = saved_value(saved, "padded_vocab_size")
+    m, tp = config.model, config.parallel.tensor_model_parallel_size
+    if not saved_padded or saved_padded == padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp):
+        return
+    divisible_by = divisible_by_padding_to(vocab_size, saved_padded, tp)
+    if divisible_by is None:
+        return  # check_compatible names the way out
+    log_once(logger, logging.INFO,
+             f"{root} pads the vocabulary ({vocab_size}) to {saved_padded} rows: padding alike "
+             f"at TP {tp} (--make-vocab-size-divisible-by {divisible_by} for "
+             f"{m.make_vocab_size_divisible_by}; the padded rows never count)")
+    m.make_vocab_size_divisible_by = divisible_by
 
 
 def load_checkpoint(trainer) -> None:

@@ -226,6 +226,11 @@ def _allocate_adam_state(optimizer) -> None:
                                          "exp_avg_sq": torch.zeros_like(param)}
 
 
+def saved_args(directory):
+    """The ``args`` of the torch_dist checkpoint in ``directory`` (None if it saved none)."""
+    return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
+
+
 def load(trainer, iteration, root, part=None, weights_only: bool = False) -> None:
     """Resume from the torch_dist checkpoint of ``iteration`` in ``root`` at this run's
     TP/PP/DP (the RNG states only at the layout they were saved with); ``part`` of the model

@@ -38,6 +38,9 @@ _NOTICES = [
     (r"full scope is deprecated", None, False),
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor", None, False),
     (r"`torch\.distributed\.\w+` is deprecated", None, False),
+    # megatron-core's torch_dist strategy calls torch APIs that torch has deprecated.
+    (r"`load_state_dict` is deprecated and will be removed", None, False),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", None, False),
     # Advice for overlapping TP communication on CUDA streams (the example scripts follow it).
     (r"CUDA_DEVICE_MAX_CONNECTIONS", "set CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron-core's advice "
                                      "for overlapping tensor-parallel communication)", True),
@@ -89,6 +92,12 @@ def setup(verbose: bool = False) -> None:
 
 
 def log_once(logger: logging.Logger, level: int, message: str) -> None:
-    """For a message every rank would log alike: rank 0 logs it, the others stay silent."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """For a message every rank would log alike: the last rank, whose log shows every level
+    (``setup``), logs it, the others stay silent (before the process groups exist, the
+    launcher's RANK and WORLD_SIZE say which rank this is)."""
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == world_size - 1:
         logger.log(level, message)

@@ -32,6 +32,7 @@ from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
 from megatron_ext.training import checkpointing, data, multitask, shard_checks, summary
+from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.profiling import StepProfiler
 
@@ -57,9 +58,10 @@ class Trainer:
         self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
                                          d.tokenizer_options())
         note = vocab_size_note(d.tokenizer_type, d.vocab_size)
-        if note and int(os.environ.get("RANK", "0")) == 0:
-            logger.warning(note)
+        if note:
+            log_once(logger, logging.WARNING, note)
         self.vocab_size = self.tokenizer.vocab_size
+        checkpointing.adopt_saved_vocab_padding(config, self.vocab_size)
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
         self.eval_prompts = None

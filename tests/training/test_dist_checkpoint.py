@@ -27,9 +27,9 @@ BASE = (
     "--ckpt-format torch_dist"
 ).split()
 DROPOUT = "--attention-dropout 0.1 --hidden-dropout 0.1".split()
-# Across layouts: no dropout (RNG streams are per TP/PP rank), and a vocabulary padded to 128
-# rows at TP 1 and 2 alike (the padding takes part in the softmax).
-RESHARD = BASE + "--attention-dropout 0 --hidden-dropout 0 --make-vocab-size-divisible-by 64".split()
+# Across layouts: no dropout (RNG streams are per TP/PP rank). The default padding differs
+# (128 rows at TP 1, 256 at TP 2): a resumed run pads as its checkpoint did.
+RESHARD = BASE + "--attention-dropout 0 --hidden-dropout 0".split()
 TP2PP2 = "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel"
 
 
@@ -143,12 +143,19 @@ def test_a_checkpoint_that_does_not_fit_names_the_flag(tmp_path):
     for flags, world_size, expected in (
         ("--hidden-size 64", 1, r"--hidden-size 32 in the checkpoint, --hidden-size 64"),
         ("--use-distributed-optimizer", 1, r"without --use-distributed-optimizer.*--no-load-optim"),
-        # Padded to 128 rows at TP 1, to 256 at TP 2 with the default 128.
-        ("--tensor-model-parallel-size 2", 2, r"padded vocabulary is 128 rows.*"
-                                              r"--make-vocab-size-divisible-by 128 x TP 2"),
     ):
         with pytest.raises(RuntimeError, match=expected):
             launch(_train, world_size, BASE + ["--load", str(tmp_path)] + flags.split(), world_size)
+
+
+def test_vocabulary_rows_that_do_not_split_over_tp_name_the_re_pad(tmp_path):
+    """127 rows (NullTokenizer: 126 + EOD, unpadded) cannot be cut in 2: no padding of this
+    run matches them."""
+    unpadded = BASE + ["--vocab-size", "126", "--make-vocab-size-divisible-by", "1"]
+    launch(_train, 1, unpadded + ["--save", str(tmp_path), "--train-iters", "1"], 1)
+    with pytest.raises(RuntimeError, match=r"padded vocabulary is 127 rows.*re-pad the checkpoint "
+                                           r"with convert_ckpt.py .*--target-tensor-parallel-size 2"):
+        launch(_train, 2, unpadded + ["--load", str(tmp_path), "--tensor-model-parallel-size", "2"], 2)
 
 
 # -- megatron-core's own model and dist_checkpointing, without our code ------------------------
