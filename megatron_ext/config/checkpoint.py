@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.config.flags import NO_OP, OURS, flag
+from megatron_ext.config.flags import NO_OP, OURS, WARNED, flag
 
 
 @dataclass
@@ -16,6 +16,15 @@ class CheckpointConfig:
                                "from.")
     no_load_optim: bool = flag(False, "Do not load the optimizer state on --load.")
     no_load_rng: bool = flag(False, "Do not load the RNG state on --load.")
+    exit_on_missing_checkpoint: bool = flag(
+        False, "Stop when --load holds no checkpoint instead of starting from scratch.")
+    save_optim: bool = flag(
+        True, "Do not save the optimizer state.", name="--no-save-optim", action="store_false",
+        status=WARNED, note="checkpoints keep the optimizer state (they stay resumable); said "
+        "once")
+    save_rng: bool = flag(
+        True, "Do not save the RNG state.", name="--no-save-rng", action="store_false",
+        status=WARNED, note="checkpoints keep the RNG state (they stay resumable); said once")
     finetune: bool = flag(False, "Load the model weights only and start at iteration 0.")
     save_total_limit: Optional[int] = flag(
         None, "Keep only the newest this many checkpoints.", status=OURS)

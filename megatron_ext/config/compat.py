@@ -52,6 +52,86 @@ SCRIPT_FLAGS = {
     "--wandb-exp-name": (X,), "--wandb-project": (X,), "--weight-decay": (G, L, X),
 }
 
+# Every flag of MindSpeed-LLM's dense Llama-family example scripts (examples/mcore/: llama2/
+# pretrain_llama2_13b_ptd.sh and _pack_ptd.sh; llama3/pretrain_llama3_8b_ptd.sh, _pack_ptd.sh,
+# tune_llama3_8b_full_ptd.sh, tune_llama3_8b_lora_ptd.sh, before their removal in 331add6b;
+# qwen25/pretrain_qwen25_72b_32k_ptd.sh, _4k_pack.sh, tune_qwen25_72b_4k_full_ptd.sh and
+# _lora_ptd.sh), launched with `python -m torch.distributed.launch` (which adds --local-rank).
+M2, M3, M3F, M3L = "ms-llama2", "ms-llama3", "ms-llama3-full", "ms-llama3-lora"
+Q, QF, QL = "ms-qwen25", "ms-qwen25-full", "ms-qwen25-lora"
+ALL = (M2, M3, M3F, M3L, Q, QF, QL)
+MINDSPEED_SCRIPT_FLAGS = {
+    "--adam-beta1": ALL, "--adam-beta2": ALL, "--add-qkv-bias": (Q, QF, QL),
+    "--attention-dropout": ALL, "--attention-softmax-in-fp32": ALL, "--bf16": ALL,
+    "--ckpt-format": (M2, Q, QF, QL), "--clip-grad": ALL, "--coc-fused-kernel": (Q,),
+    "--context-parallel-algo": (Q,), "--context-parallel-size": (Q,), "--data-path": ALL,
+    "--disable-bias-linear": ALL, "--distributed-backend": ALL,
+    "--enable-hf2mg-convert": (M2, Q, QF, QL), "--eval-interval": ALL, "--eval-iters": ALL,
+    "--exit-on-missing-checkpoint": (Q,), "--ffn-hidden-size": ALL,
+    "--finetune": (M3F, M3L, QF, QL), "--global-batch-size": ALL,
+    "--group-query-attention": (M3, M3F, M3L, Q, QF, QL), "--handler-name": (M2, Q, QF, QL),
+    "--hidden-dropout": ALL, "--hidden-size": ALL, "--high-freq-factor": (M3F, M3L),
+    "--init-method-std": ALL, "--initial-loss-scale": ALL,
+    "--is-instruction-dataset": (M3F, M3L, QF, QL), "--load": ALL, "--log-interval": ALL,
+    "--log-throughput": (M2, Q, QF, QL), "--lora-alpha": (M3L, QL), "--lora-fusion": (M3L, QL),
+    "--lora-r": (M3L, QL), "--lora-target-modules": (M3L, QL), "--low-freq-factor": (M3F, M3L),
+    "--lr": ALL, "--lr-decay-style": ALL, "--lr-warmup-fraction": (M2, M3, Q, QF, QL),
+    "--make-vocab-size-divisible-by": ALL, "--max-position-embeddings": ALL,
+    "--micro-batch-size": ALL, "--min-lr": (M2, M3, Q, QF, QL), "--model-type-hf": (M2, Q, QF, QL),
+    "--no-gradient-accumulation-fusion": ALL, "--no-load-optim": ALL, "--no-load-rng": ALL,
+    "--no-masked-softmax-fusion": ALL, "--no-pad-to-seq-lengths": (M3F, M3L, QF, QL),
+    "--no-save-optim": (QF, QL), "--no-save-rng": (QF, QL), "--no-shared-storage": (Q,),
+    "--no-shuffle": (QL,), "--norm-epsilon": (M3, M3F, M3L, Q, QF, QL), "--normalization": ALL,
+    "--num-attention-heads": ALL, "--num-layer-list": (Q,), "--num-layers": ALL,
+    "--num-layers-per-virtual-pipeline-stage": (Q,),
+    "--num-query-groups": (M3, M3F, M3L, Q, QF, QL),
+    "--original-max-position-embeddings": (M3F, M3L), "--overlap-grad-reduce": (M3, Q, QF, QL),
+    "--overlap-param-gather": (M3, Q, QF), "--padded-samples": (QF, QL),
+    "--padded-vocab-size": (M3F, M3L, Q, QF, QL), "--pipeline-model-parallel-size": ALL,
+    "--position-embedding-type": ALL, "--prompt-type": (M3F, M3L, QF, QL),
+    "--recompute-activation-function": (M2, M3, Q, QF),
+    "--recompute-activation-function-num-layers": (M3,), "--recompute-granularity": (M2, QF),
+    "--recompute-method": (M2, QF), "--recompute-num-layers": (M2, QF),
+    "--reset-attention-mask": (M2, M3, Q), "--reuse-fp32-param": (M2, Q, QF, QL),
+    "--rope-scaling-factor": (M3F, M3L), "--rope-scaling-type": (M3F, M3L),
+    "--rotary-base": (M3, M3F, M3L, Q, QF, QL), "--rotary-percent": (M3F, M3L), "--save": ALL,
+    "--save-interval": ALL, "--seed": (M3F, M3L, Q, QF, QL), "--seq-length": ALL,
+    "--sequence-parallel": ALL, "--split": ALL, "--stage": (M3F, M3L, QF, QL),
+    "--swap-attention": (Q, QF), "--swiglu": ALL, "--tensor-model-parallel-size": ALL,
+    "--tokenizer-name-or-path": ALL, "--tokenizer-not-use-fast": (M3F, M3L, QF, QL),
+    "--tokenizer-type": ALL, "--train-iters": ALL, "--transformer-impl": ALL,
+    "--untie-embeddings-and-output-weights": ALL, "--use-ascend-coc": (Q,),
+    "--use-ascend-mc2": (QL,), "--use-distributed-optimizer": (M2, M3, Q, QF, QL),
+    "--use-flash-attn": ALL, "--use-fused-rmsnorm": (M2, M3, Q, QF, QL),
+    "--use-fused-rotary-pos-emb": (M2, M3, Q, QF, QL), "--use-fused-swiglu": (M2, M3, Q, QF, QL),
+    "--use-mcore-models": ALL, "--use-rotary-position-embeddings": (M3, M3F, M3L, Q),
+    "--vocab-size": (M3F, M3L), "--weight-decay": ALL,
+    "--local-rank": ALL,
+}
+
+# The flags of their preprocess_data.py scripts (data_convert_{llama2,llama3,qwen25}_pretrain.sh,
+# _pretrain_pack.sh, _instruction.sh): (scripts, what preprocess_data.py does with it).
+DP, DI = "ms-data-pretrain", "ms-data-instruction"
+MINDSPEED_PREPROCESS_FLAGS = {
+    "--input": ((DP, DI), "honoured (their Parquet included)"),
+    "--tokenizer-type": ((DP, DI), "honoured (PretrainedFromHF: the Hugging Face tokenizer)"),
+    "--tokenizer-name-or-path": ((DP, DI), "honoured (alias of --tokenizer-model)"),
+    "--output-prefix": ((DP, DI), "honoured: PREFIX_text_document, or the instruction shards"),
+    "--json-keys": ((DP,), "honoured"),
+    "--append-eod": ((DP,), "honoured"),
+    "--workers": ((DP, DI), "honoured"),
+    "--log-interval": ((DP, DI), "honoured"),
+    "--handler-name": ((DP, DI), "honoured: GeneralPretrainHandler is pretraining text (as "
+                       "without a handler); the instruction handlers as MindSpeed-LLM's"),
+    "--prompt-type": ((DI,), "honoured (llama2, llama3, qwen, ...)"),
+    "--map-keys": ((DI,), "honoured"),
+    "--seq-length": ((DI,), "honoured: longer conversations are dropped (or --overlong "
+                     "truncate)"),
+    "--overwrite-cache": ((DI,), "no-op (said once): nothing is cached"),
+    "--tokenizer-not-use-fast": ((DI,), "no-op (said once): tokenizer.json (the fast "
+                                 "tokenizer) is read"),
+}
+
 # Where the same flag deliberately does something else here: (flag, Megatron-LM, ours, why).
 DIFFERENCES = [
     ("--make-vocab-size-divisible-by (padded vocabulary rows)",
@@ -132,6 +212,19 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|")
 
 
+def _flag_rows(script_flags, data):
+    rows = []
+    for name in sorted(script_flags):
+        _, f = data[name]
+        meta = f.metadata
+        status = _STATUS_TEXT.get(meta.get("status", "honoured"), meta.get("status"))
+        default = field_default(f)
+        default = "" if default is None or isinstance(default, bool) or default == [] else default
+        rows.append(f"| `{name}` | {', '.join(script_flags[name])} | {status} | "
+                    f"{_cell(default)} | {_cell(meta.get('note', ''))} |")
+    return rows
+
+
 def render() -> str:
     data = _flag_data()
     lines = [
@@ -154,21 +247,31 @@ def render() -> str:
         "| flag | scripts | status | default | note |",
         "|---|---|---|---|---|",
     ]
-    for name in sorted(SCRIPT_FLAGS):
-        scripts = ", ".join(SCRIPT_FLAGS[name])
-        _, f = data[name]
-        meta = f.metadata
-        status = _STATUS_TEXT.get(meta.get("status", "honoured"), meta.get("status"))
-        default = field_default(f)
-        default = "" if default is None or isinstance(default, bool) or default == [] else default
-        lines.append(f"| `{name}` | {scripts} | {status} | {_cell(default)} | "
-                     f"{_cell(meta.get('note', ''))} |")
+    lines += _flag_rows(SCRIPT_FLAGS, data)
+    lines += [
+        "", "## Flags of MindSpeed-LLM's example scripts", "",
+        "Every flag of its dense Llama-family scripts (examples/mcore/llama2, llama3, qwen25: "
+        "pretrain_*, tune_*_full_*, tune_*_lora_*),",
+        "each accepted as below (tests/training/test_mindspeed_flags.py); the llama2 pretrain "
+        "script runs unchanged (test_mindspeed_script.py). Their no-ops pick an Ascend kernel "
+        "or memory layout",
+        "that leaves the numbers unchanged; `--distributed-backend nccl` needs a GPU, as "
+        "everywhere here. Their tune_* scripts launch",
+        "`posttrain_gpt.py`: the same entry as `pretrain_gpt.py` (`--stage sft "
+        "--is-instruction-dataset` fine-tunes).", "",
+        "| flag | scripts | status | default | note |", "|---|---|---|---|---|"]
+    lines += _flag_rows(MINDSPEED_SCRIPT_FLAGS, data)
+    lines += ["", "Their `preprocess_data.py` scripts (data_convert_*_pretrain*.sh, "
+              "data_convert_*_instruction.sh):", "",
+              "| flag | scripts | here |", "|---|---|---|"]
+    lines += [f"| `{name}` | {', '.join(scripts)} | {_cell(text)} |"
+              for name, (scripts, text) in sorted(MINDSPEED_PREPROCESS_FLAGS.items())]
     lines += ["", "## Deliberate differences from Megatron-LM", "",
               "| flag | Megatron-LM | here | why |", "|---|---|---|---|"]
     lines += [f"| {' | '.join(_cell(c) for c in row)} |" for row in DIFFERENCES]
     lines += ["", "## Other flags", "",
               "Accepted flags beyond those scripts (Megatron-LM's unless marked ours):", ""]
-    others = sorted(n for n in data if n not in SCRIPT_FLAGS)
+    others = sorted(n for n in data if n not in SCRIPT_FLAGS and n not in MINDSPEED_SCRIPT_FLAGS)
     for name in others:
         _, f = data[name]
         mark = " (ours)" if f.metadata.get("status") == "ours" else ""

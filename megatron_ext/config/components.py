@@ -7,6 +7,7 @@ from megatron_ext.config.checkpoint import CheckpointConfig
 from megatron_ext.config.data import DataConfig
 from megatron_ext.config.logs import LoggingConfig
 from megatron_ext.config.lora import LoraConfig
+from megatron_ext.config.mindspeed import MindSpeedConfig
 from megatron_ext.config.model import ModelConfig
 from megatron_ext.config.parallel import ParallelConfig
 from megatron_ext.config.training import TrainingConfig
@@ -14,7 +15,7 @@ from megatron_ext.config.training import TrainingConfig
 # In --help order (Megatron-LM's groups follow the fields' own group names).
 COMPONENTS = {"model": ModelConfig, "training": TrainingConfig, "parallel": ParallelConfig,
               "data": DataConfig, "logging": LoggingConfig, "checkpoint": CheckpointConfig,
-              "lora": LoraConfig}
+              "lora": LoraConfig, "mindspeed": MindSpeedConfig}
 
 
 class ConfigError(ValueError):
@@ -35,6 +36,7 @@ class Config:
     logging: LoggingConfig
     checkpoint: CheckpointConfig
     lora: LoraConfig = field(default_factory=LoraConfig)
+    mindspeed: MindSpeedConfig = field(default_factory=MindSpeedConfig)
     # Field names given on the command line (Megatron-LM's exclusivity rules need them).
     given: FrozenSet[str] = frozenset()
     # What validate decided about accepted-but-not-honoured flags: said once, by rank 0.

@@ -75,7 +75,8 @@ def _add_argument(group, f) -> None:
 # Megatron-LM's argument groups, in its --help order.
 GROUPS = ("network size", "regularization", "training", "initialization", "learning rate",
           "checkpointing", "mixed precision", "distributed", "validation", "tokenizer",
-          "data and dataloader", "logging", "transformer-engine", "moe", "lora")
+          "data and dataloader", "logging", "transformer-engine", "moe", "lora",
+          "mindspeed-llm")
 
 
 def flags_by_group(components):

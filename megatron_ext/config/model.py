@@ -43,6 +43,9 @@ class ModelConfig:
         name="--no-position-embedding", action="store_false", status=NO_OP,
         note="with rope (what it means there); otherwise an error naming "
         "--position-embedding-type, as in Megatron-LM")
+    use_rotary_position_embeddings: bool = flag(
+        False, "Old Megatron-LM spelling of --position-embedding-type rope.", status=NO_OP,
+        note="rope, as --position-embedding-type rope (which the scripts also pass)")
     rotary_base: int = flag(10000, "Base of the rotary embedding frequencies.")
     rotary_percent: float = flag(1.0, "Fraction of each head's dimensions that RoPE rotates.")
     use_rope_scaling: bool = flag(False, "Llama 3.1 RoPE frequency scaling.")
@@ -73,6 +76,19 @@ class ModelConfig:
         True, "Disable the fused scale-mask-softmax kernel.", group="training",
         name="--no-masked-softmax-fusion", action="store_false", status=NO_OP,
         note="our core attention has no masked-softmax kernel to disable")
+    attention_softmax_in_fp32: bool = flag(
+        False, "Compute the attention softmax in fp32: always so here.", group="training",
+        status=NO_OP, note="our kernels (flash-attn, torch varlen, SDPA) keep the softmax in fp32")
+    gradient_accumulation_fusion: bool = flag(
+        True, "Disable the fused weight-gradient accumulation.", group="training",
+        name="--no-gradient-accumulation-fusion", action="store_false", status=NO_OP,
+        note="the fused kernel needs APEX/Transformer Engine: never used here")
+    transformer_impl: str = flag(
+        "local", "Layer implementation: local (megatron-core's own layers, the only one here); "
+        "transformer_engine runs as local, said once.", group="transformer-engine",
+        choices=["local", "transformer_engine"],
+        note="local honoured (our default; Megatron-LM's is transformer_engine, which runs as "
+        "local, said once: Transformer Engine is not wired yet)")
     cross_entropy_loss_fusion: bool = flag(
         False, "megatron-core's fused vocab-parallel cross entropy.", group="training",
         note="fused with a GPU; on CPU the unfused cross entropy (same result), said once")

@@ -52,5 +52,12 @@ class ParallelConfig:
     distributed_backend: Optional[str] = flag(
         None, "torch.distributed backend: nccl with a GPU, gloo without (the default follows "
         "the machine).", choices=["nccl", "gloo"])
+    local_rank: Optional[int] = flag(
+        None, "Set by torch.distributed.launch; LOCAL_RANK, which it also sets, is what is "
+        "read.", aliases=("--local_rank",),
+        note="accepted as Megatron-LM does; the LOCAL_RANK environment variable is read")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = flag(
+        None, "Interleaved (virtual) pipeline stages.", status=REFUSED,
+        note="the interleaved schedule is not supported: drop it")
     distributed_timeout_minutes: int = flag(
         10, "Timeout of torch.distributed collectives, in minutes.")

@@ -10,6 +10,7 @@ from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_ALLGATHER
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
+from megatron_ext.config.validate_compat import validate_compat
 
 
 # Megatron-LM has no default (and fails late without either flag); short runs are what a
@@ -27,6 +28,7 @@ def _require(condition: bool, message: str) -> None:
 def validate(config: Config, world_size: int) -> None:
     """Check every flag and fill derived defaults (Megatron's rules), naming the flag to change."""
     dp = _validate_parallel(config, world_size)
+    validate_compat(config)  # maps other frameworks' flags onto ours, before they are checked
     _validate_model(config)
     _refuse_unsupported(config)
     _validate_schedule(config, dp)

@@ -21,7 +21,14 @@ from megatron_ext.data.instruct.templates import prompt_types
 from megatron_ext.tokenizer import add_tokenizer_flags, options_from_args, vocab_size_note
 
 
-def _handler_name(name: str) -> str:
+# MindSpeed-LLM's handler of pretraining text: what preprocess_data.py does without a handler
+# (each --json-keys text tokenized, EOD with --append-eod).
+PRETRAIN_HANDLER = "GeneralPretrainHandler"
+
+
+def _handler_name(name: str) -> Optional[str]:
+    if name.lower() == PRETRAIN_HANDLER.lower():
+        return None
     try:
         return handler_name(name)
     except ValueError as error:
@@ -73,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
         "PREFIX_loss_mask_document, see docs/finetune.md)")
     group.add_argument("--handler-name", type=_handler_name, metavar="NAME",
                        help=f"read records as conversations in this format: {', '.join(HANDLERS)}"
-                            f" or their short forms (Alpaca, Sharegpt, ...; any case); default: "
-                            f"pretraining text")
+                            f" or their short forms (Alpaca, Sharegpt, ...; any case); default "
+                            f"(or {PRETRAIN_HANDLER}): pretraining text")
     group.add_argument("--prompt-type", metavar="NAME",
                        help=f"chat template: {', '.join(prompt_types())} (hf: the tokenizer's "
                             "chat_template), or a template .json file")
@@ -84,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pack conversations into samples of --seq-length (+1) tokens")
     group.add_argument("--seq-length", type=int, metavar="N",
                        help="the training --seq-length: a sample holds N + 1 tokens")
+    group.add_argument("--overwrite-cache", action="store_true",
+                       help="MindSpeed-LLM's: rebuild its Hugging Face datasets cache; no effect "
+                            "here (the input is read directly, nothing is cached)")
+    group.add_argument("--tokenizer-not-use-fast", action="store_true",
+                       help="MindSpeed-LLM's slow Hugging Face tokenizer; no effect here: "
+                            "tokenizer.json (the fast one) is read, the only one Llama 3 and "
+                            "Qwen2.5 ship")
     group.add_argument("--overlong", choices=OVERLONG, default="drop",
                        help="a conversation longer than --seq-length + 1 tokens: drop it "
                             "(default) or truncate it; counted in the summary")
@@ -115,6 +129,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.keep_newlines and not args.split_sentences:
         print("note: --keep-newlines has an effect only with --split-sentences, as in "
               "Megatron-LM (documents always keep their newlines)", file=sys.stderr)
+    for flag, given in (("--overwrite-cache", args.overwrite_cache),
+                        ("--tokenizer-not-use-fast", args.tokenizer_not_use_fast)):
+        if given:
+            print(f"note: {flag} (MindSpeed-LLM's) has no effect here; see --help",
+                  file=sys.stderr)
     note = vocab_size_note(args.tokenizer_type, args.vocab_size) if args.tokenizer_type else None
     if note:
         print(note, file=sys.stderr)

@@ -118,6 +118,7 @@ class InstructionShards:
 class SFTDatasetConfig(BlendedMegatronDatasetConfig):
     pad: int = 0  # token id of the padding (never trained, never attended to)
     task_names: tuple = ()  # the run's tasks (task_names)
+    shuffle: bool = True  # False: --no-shuffle, every epoch in file order
 
 
 class SFTDataset(MegatronDataset):
@@ -146,7 +147,8 @@ class SFTDataset(MegatronDataset):
             return
         epochs = max(1, math.ceil((num_samples or 0) / indices.size))
         rng = np.random.RandomState(config.random_seed)
-        self.sample_index = np.concatenate([rng.permutation(indices) for _ in range(epochs)])
+        self.sample_index = np.concatenate([rng.permutation(indices) if config.shuffle
+                                            else indices for _ in range(epochs)])
         overlong = int((dataset.document_lengths[indices] > row).sum())
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if overlong and rank0:
@@ -242,6 +244,7 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_m
         mmap_bin_files=d.mmap_bin_files,
         pad=pad,
         task_names=tuple(task_names(config)),
+        shuffle=not config.mindspeed.no_shuffle,
     )
     if split_matrix is not None:
         dataset_config.split_matrix = split_matrix

@@ -27,11 +27,12 @@ from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import Config
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
+from megatron_ext.config.validate_compat import check_padded_vocab_size
 from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import checkpointing, data, multitask, shard_checks, summary
+from megatron_ext.training import checkpointing, data, hf2mg, multitask, shard_checks, summary
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.profiling import StepProfiler
@@ -61,6 +62,7 @@ class Trainer:
         if note:
             log_once(logger, logging.WARNING, note)
         self.vocab_size = self.tokenizer.vocab_size
+        check_padded_vocab_size(config, self.vocab_size)
         checkpointing.adopt_saved_vocab_padding(config, self.vocab_size)
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
@@ -128,6 +130,8 @@ class Trainer:
         self.exited = False  # stopped by --exit-interval (to be resumed)
         self.coba = None
         self.coba_checkpoint = None  # (source, its CoBa state or None) once resumed: coba.py
+        if config.mindspeed.enable_hf2mg_convert:
+            hf2mg.convert_hf_load(config)  # --load: the HF model -> its Megatron conversion
         if config.checkpoint.load or config.lora.lora_load:
             checkpointing.load_checkpoint(self)
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off; the

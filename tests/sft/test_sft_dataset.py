@@ -116,6 +116,13 @@ def test_splits_cover_the_documents_once_per_epoch(shards):
         assert sample["position_ids"][0] == 0 and sample["loss_mask"].sum() >= 1
 
 
+def test_no_shuffle_keeps_the_file_order_in_every_epoch(shards):
+    """MindSpeed-LLM's --no-shuffle: each epoch in file order (the shuffled run above is not)."""
+    _, (train, _, _) = _datasets([shards["packed"]], [32, 0, 0], "--split", "80,20,0",
+                                 "--no-shuffle")
+    assert [int(train[i]["tokens"][0]) // 10 for i in range(32)] == list(range(16)) * 2
+
+
 def test_weighted_blend_of_instruction_datasets(shards):
     _, (train, _, _) = _datasets(["0.5", shards["packed"], "0.5", shards["other"]], [40, 0, 0],
                                  "--split", "100,0,0")

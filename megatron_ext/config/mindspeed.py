@@ -1,0 +1,145 @@
+"""MindSpeed-LLM's training flags (its dense Llama-family example scripts), with MindSpeed-LLM's
+meaning: honoured where megatron-core does the same thing, a no-op said once where they pick an
+Ascend kernel or memory layout that leaves the numbers unchanged, refused with the way out
+otherwise (config/validate_mindspeed.py decides; docs/megatron-compat.md lists them)."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_ext.config.flags import HONOURED, NO_OP, REFUSED, WARNED, flag
+
+# megatron-core's Llama 3.1 RoPE scaling (``rope_scaling=True``) fixes these three values.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192.0}
+# MindSpeed-LLM's --model-type-hf names onto convert_ckpt.py's.
+HF_MODEL_TYPES = {"llama2": "llama2", "llama3": "llama3", "qwen25": "qwen2", "qwen2": "qwen2",
+                  "mistral": "mistral"}
+# MindSpeed's context-parallel algorithms: each computes exact attention.
+CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo", "adaptive_cp_algo",
+            "hybrid_adaptive_cp_algo", "kvallgather_cp_algo")
+
+_SAME = "the numbers are the same"
+
+
+def _kernel(what: str) -> dict:
+    return dict(status=NO_OP, note=f"MindSpeed-LLM's Ascend fused {what} kernel; megatron-core's "
+                f"own {what} runs here: {_SAME}")
+
+
+@dataclass
+class MindSpeedConfig:
+    GROUP = "mindspeed-llm"
+
+    use_flash_attn: bool = flag(
+        False, "MindSpeed-LLM's flash attention: runs as our --attention-backend auto (flash-attn "
+        "where it can run, else the exact torch varlen or SDPA kernel); an explicit "
+        "--attention-backend wins.", status=HONOURED,
+        note="MindSpeed-LLM's: our --attention-backend auto (flash-attn when it can run here), "
+        "logged")
+    use_fused_rmsnorm: bool = flag(False, "Accepted: MindSpeed-LLM's fused RMSNorm kernel.",
+                                   **_kernel("RMSNorm"))
+    use_fused_swiglu: bool = flag(False, "Accepted: MindSpeed-LLM's fused SwiGLU kernel.",
+                                  **_kernel("SwiGLU"))
+    use_fused_rotary_pos_emb: bool = flag(
+        False, "Accepted: MindSpeed-LLM's fused rotary embedding kernel.", **_kernel("RoPE"))
+    lora_fusion: bool = flag(
+        False, "Accepted: MindSpeed-LLM's fused LoRA kernel.", group="lora", status=NO_OP,
+        note=f"MindSpeed-LLM's Ascend fused LoRA kernel; our LoRA layers run here: {_SAME}")
+    reuse_fp32_param: bool = flag(
+        False, "Accepted: MindSpeed-LLM keeps the bf16 weights inside the fp32 main weights' "
+        "memory.", status=NO_OP, note="an NPU memory layout of the same weights (megatron-core "
+        f"keeps both copies): {_SAME}")
+    recompute_activation_function: bool = flag(
+        False, "Accepted: MindSpeed-LLM recomputes the MLP activation in the backward pass.",
+        status=NO_OP, note="a memory trade, recomputation gives the same numbers; megatron-core "
+        "has no dense activation-only recompute (its moe_act is for MoE experts), so the "
+        "activation is kept; --recompute-granularity saves memory here")
+    recompute_activation_function_num_layers: Optional[int] = flag(
+        None, "Accepted with --recompute-activation-function.", status=NO_OP,
+        note="as --recompute-activation-function")
+    swap_attention: bool = flag(
+        False, "Accepted: MindSpeed-LLM swaps attention activations to host memory.",
+        status=NO_OP, note=f"an NPU memory trade: {_SAME}")
+    use_ascend_coc: bool = flag(
+        False, "Accepted: Ascend compute-over-communication (TP matmuls overlapped with their "
+        "communication).", status=NO_OP, note=f"an Ascend overlap of the same matmuls: {_SAME}")
+    coc_fused_kernel: bool = flag(False, "Accepted with --use-ascend-coc.", status=NO_OP,
+                                  note="as --use-ascend-coc")
+    use_ascend_mc2: bool = flag(
+        False, "Accepted: Ascend MC2 (TP matmul and communication fused).", status=NO_OP,
+        note=f"an Ascend fusion of the same matmuls and collectives: {_SAME}")
+    context_parallel_algo: Optional[str] = flag(
+        None, "MindSpeed-LLM's context-parallel algorithm; every one computes exact attention: "
+        "runs as our --cp-comm-type allgather.", group="distributed", choices=list(CP_ALGOS),
+        status=NO_OP, note="every algorithm is exact attention; ours all-gathers K/V "
+        "(--cp-comm-type allgather), logged")
+    num_layer_list: Optional[str] = flag(
+        None, "MindSpeed-LLM's layers per pipeline stage, e.g. 4,4,4,4.", group="distributed",
+        status=REFUSED, note="even stages (the default) accepted; uneven stages refused: drop it")
+    no_shared_storage: bool = flag(
+        False, "Accepted: MindSpeed-LLM's nodes without shared storage build their own dataset "
+        "indices.", group="distributed", status=NO_OP,
+        note="one node: nothing to do; several: every rank checks it sees rank 0's index files "
+        "and all stop naming --data-cache-path (docs/multinode.md)")
+    rope_scaling_type: Optional[str] = flag(
+        None, "MindSpeed-LLM's RoPE scaling: llama3 is megatron-core's Llama 3.1 scaling "
+        "(--use-rope-scaling, with --rope-scaling-factor).", group="network size",
+        choices=["llama3", "yarn", "longrope", "plm"], status=HONOURED,
+        note="llama3 honoured (megatron-core's, low 1, high 4, original 8192); yarn, longrope, "
+        "plm refused")
+    low_freq_factor: Optional[float] = flag(
+        None, "Llama 3.1 RoPE scaling: low-frequency factor (megatron-core fixes 1).",
+        group="network size", status=HONOURED, note="1 only (megatron-core's); else refused")
+    high_freq_factor: Optional[float] = flag(
+        None, "Llama 3.1 RoPE scaling: high-frequency factor (megatron-core fixes 4).",
+        group="network size", status=HONOURED, note="4 only (megatron-core's); else refused")
+    original_max_position_embeddings: Optional[float] = flag(
+        None, "Llama 3.1 RoPE scaling: the pretraining context (megatron-core fixes 8192).",
+        group="network size", status=HONOURED, note="8192 only (megatron-core's); else refused")
+    padded_vocab_size: Optional[int] = flag(
+        None, "Rows of the padded vocabulary (instead of --make-vocab-size-divisible-by); must "
+        "divide by TP and hold the tokenizer's vocabulary.", group="network size",
+        status=HONOURED, note="MindSpeed-LLM's; the padded rows never count in the loss")
+    stage: Optional[str] = flag(
+        None, "MindSpeed-LLM's training mode: sft is fine-tuning on --is-instruction-dataset "
+        "shards; dpo, ray_ppo, ray_online_dpo, ray_grpo are refused.", group="training",
+        choices=["sft", "dpo", "ray_ppo", "ray_online_dpo", "ray_grpo"], status=HONOURED,
+        note="sft (with --is-instruction-dataset); the RL stages refused")
+    no_shuffle: bool = flag(
+        False, "Instruction data in file order, each epoch alike (MindSpeed-LLM's loss "
+        "comparisons).", group="data and dataloader", status=HONOURED,
+        note="with --is-instruction-dataset; refused for pretraining (megatron-core's "
+        "GPTDataset always shuffles)")
+    padded_samples: bool = flag(
+        False, "MindSpeed-LLM fills an epoch's last global batch from index 0.",
+        group="data and dataloader", status=WARNED,
+        note="epochs run back to back here: the last batch of an epoch continues into the next "
+        "epoch's order (every sample once per epoch); said once")
+    no_pad_to_seq_lengths: bool = flag(
+        False, "Accepted: MindSpeed-LLM pads a micro-batch to its longest conversation.",
+        group="data and dataloader", status=NO_OP,
+        note="padding carries no loss and no attention here (conversations are packed and "
+        f"isolated), so {_SAME}")
+    handler_name: Optional[str] = flag(
+        None, "Accepted in a training script: the record format of preprocess_data.py.",
+        group="data and dataloader", status=NO_OP,
+        note="the shards are already tokenized; it acts in preprocess_data.py")
+    prompt_type: Optional[str] = flag(
+        None, "Accepted in a training script: the chat template of preprocess_data.py.",
+        group="data and dataloader", status=NO_OP,
+        note="the shards carry the template; it acts in preprocess_data.py --prompt-type")
+    tokenizer_not_use_fast: bool = flag(
+        False, "Accepted: MindSpeed-LLM's slow Hugging Face tokenizer.", group="tokenizer",
+        status=NO_OP, note="tokenizer.json (the fast tokenizer) is read; Llama 3 and Qwen2.5 "
+        "ship only that one, so use_fast=False loads it too")
+    enable_hf2mg_convert: bool = flag(
+        False, "--load names a Hugging Face model: convert it at start-up (once; reused) into "
+        "{load}/megatron_cache_tp{TP}pp{PP}ep1 with convert_ckpt.py's converter, and load that.",
+        group="checkpointing", status=HONOURED,
+        note="MindSpeed-LLM's place and reuse; the conversion is convert_ckpt.py's")
+    model_type_hf: Optional[str] = flag(
+        None, "The Hugging Face architecture for --enable-hf2mg-convert (MindSpeed-LLM's names: "
+        "llama2, llama3, qwen25, mistral); unset: from config.json.", group="checkpointing",
+        choices=sorted(HF_MODEL_TYPES), status=HONOURED,
+        note="qwen25 is convert_ckpt.py's qwen2; without --enable-hf2mg-convert: no effect, "
+        "said once")
