@@ -77,10 +77,10 @@ class MindSpeedConfig:
         None, "MindSpeed-LLM's layers per pipeline stage, e.g. 4,4,4,4.", group="distributed",
         status=REFUSED, note="even stages (the default) accepted; uneven stages refused: drop it")
     no_shared_storage: bool = flag(
-        False, "Accepted: MindSpeed-LLM's nodes without shared storage build their own dataset "
-        "indices.", group="distributed", status=NO_OP,
-        note="one node: nothing to do; several: every rank checks it sees rank 0's index files "
-        "and all stop naming --data-cache-path (docs/multinode.md)")
+        False, "Nodes without shared storage: with --enable-hf2mg-convert each node's first "
+        "rank converts --load.", group="distributed", status=HONOURED,
+        note="for --enable-hf2mg-convert; the dataset indices are rank 0's, and every rank "
+        "checks it sees them (all stop naming --data-cache-path otherwise, docs/multinode.md)")
     rope_scaling_type: Optional[str] = flag(
         None, "MindSpeed-LLM's RoPE scaling: llama3 is megatron-core's Llama 3.1 scaling "
         "(--use-rope-scaling, with --rope-scaling-factor).", group="network size",

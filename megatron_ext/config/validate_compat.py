@@ -6,9 +6,11 @@ import os
 from dataclasses import fields
 
 from megatron_ext.checkpoint.format import TRACKER_FILENAME
+from megatron_ext.config.checkpoint import CheckpointConfig
 from megatron_ext.config.components import Config, ConfigError
 from megatron_ext.config.flags import NO_OP, WARNED, flag_name
 from megatron_ext.config.mindspeed import LLAMA3_ROPE, MindSpeedConfig
+from megatron_ext.config.model import ModelConfig
 
 # Flags whose notice is more than "no effect" (said below, where they are mapped).
 _MAPPED = {"context_parallel_algo", "model_type_hf"}
@@ -31,9 +33,6 @@ def validate_compat(config: Config) -> None:
 
 def _say_no_ops(config: Config) -> None:
     """One notice per accepted flag that changes nothing here, with why (its note)."""
-    from megatron_ext.config.checkpoint import CheckpointConfig
-    from megatron_ext.config.model import ModelConfig
-
     megatron = {"attention_softmax_in_fp32", "gradient_accumulation_fusion",
                 "use_rotary_position_embeddings", "save_optim", "save_rng"}
     candidates = list(fields(MindSpeedConfig)) + [

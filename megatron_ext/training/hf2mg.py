@@ -6,11 +6,14 @@ The conversion is convert_ckpt.py's (``--load-model-type hf --save-model-type mg
 a staged directory and renamed, so a cache is whole or absent). Rank 0 converts (with
 ``--no-shared-storage``: local rank 0 of each node); every rank then learns every converter's
 outcome from one ``all_gather_object``, so a failed conversion stops all ranks with its error
-and none waits for a checkpoint that will not come.
+and none waits for a checkpoint that will not come. That wait runs in a gloo group of its own
+with a long timeout: converting a 70B model takes longer than --distributed-timeout-minutes,
+and a converter that dies takes the launcher's other workers down with it.
 """
 
 import logging
 import os
+from datetime import timedelta
 
 import torch
 
@@ -20,6 +23,8 @@ from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.mindspeed import HF_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
+
+CONVERSION_TIMEOUT = timedelta(hours=6)
 
 
 def cache_dir(config: Config) -> str:
@@ -59,7 +64,11 @@ def convert_hf_load(config: Config) -> None:
             error = (f"--enable-hf2mg-convert: converting {config.checkpoint.load} failed: "
                      f"{type(exc).__name__}: {exc}")
     outcomes = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(outcomes, error)
+    group = torch.distributed.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
+    try:
+        torch.distributed.all_gather_object(outcomes, error, group=group)
+    finally:
+        torch.distributed.destroy_process_group(group)
     failed = [e for e in outcomes if e]
     if failed:
         raise ConfigError(failed[0])

@@ -139,6 +139,10 @@ def test_flash_attention_and_rope_scaling_map_onto_ours():
     assert config.model.use_rope_scaling and config.model.rope_scaling_factor == 8.0
     config = parse_args(BASE + MOCK + ["--use-rotary-position-embeddings"])
     assert config.model.position_embedding_type == "rope"
+    config = parse_args(BASE + MOCK + ["--transformer-impl", "transformer_engine"])
+    assert config.model.transformer_impl == "transformer_engine"
+    assert _said(config, "--transformer-impl")[0].startswith(
+        "--transformer-impl transformer_engine: runs as local")
 
 
 @pytest.mark.parametrize("extra, expected", [
