@@ -44,7 +44,7 @@ class ModelConfig:
         note="with rope (what it means there); otherwise an error naming "
         "--position-embedding-type, as in Megatron-LM")
     use_rotary_position_embeddings: bool = flag(
-        False, "Old Megatron-LM spelling of --position-embedding-type rope.", status=NO_OP,
+        False, "Old Megatron-LM spelling of --position-embedding-type rope.",
         note="rope, as --position-embedding-type rope (which the scripts also pass)")
     rotary_base: int = flag(10000, "Base of the rotary embedding frequencies.")
     rotary_percent: float = flag(1.0, "Fraction of each head's dimensions that RoPE rotates.")

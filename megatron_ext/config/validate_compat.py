@@ -13,7 +13,7 @@ from megatron_ext.config.mindspeed import LLAMA3_ROPE, MindSpeedConfig
 from megatron_ext.config.model import ModelConfig
 
 # Flags whose notice is more than "no effect" (said below, where they are mapped).
-_MAPPED = {"context_parallel_algo", "model_type_hf"}
+_MAPPED = {"context_parallel_algo"}
 
 
 def _require(condition: bool, message: str) -> None:
@@ -33,8 +33,8 @@ def validate_compat(config: Config) -> None:
 
 def _say_no_ops(config: Config) -> None:
     """One notice per accepted flag that changes nothing here, with why (its note)."""
-    megatron = {"attention_softmax_in_fp32", "gradient_accumulation_fusion",
-                "use_rotary_position_embeddings", "save_optim", "save_rng"}
+    megatron = {"attention_softmax_in_fp32", "gradient_accumulation_fusion", "save_optim",
+                "save_rng"}
     candidates = list(fields(MindSpeedConfig)) + [
         f for cls in (ModelConfig, CheckpointConfig) for f in fields(cls) if f.name in megatron]
     for f in candidates:
