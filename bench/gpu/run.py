@@ -3,8 +3,8 @@
 Steps, each a subprocess under its own timeout and all under one deadline, so that a failing or
 hanging step costs only its own time and the report is always written:
   0. install the carried wheels (bench/gpu/wheels/, offline, --no-deps: torch is never touched;
-     a wheel whose version is already installed is skipped); if that fails, or megatron-core
-     is still not importable, no step is run;
+     a wheel whose version is already installed is skipped) into this run's own folder; if
+     that fails, or megatron-core is still not importable, no step is run;
   1. bench/gpu/kernels.py: every available varlen kernel against the exact fp32 reference;
   2. bench/train_step.py --gpu: the 1B Llama, bf16, seq 4096, without and with
      --reset-position-ids: tokens/s, TFLOP/s, MFU;
@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,7 +45,6 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402
 
 WHEEL_DIR = os.path.join(ROOT, "bench", "gpu", "wheels")
-SITE = os.path.join(tempfile.gettempdir(), "megatron-ext-gpu-site")
 
 # name: (timeout s, GPU args, dry-run args); the script is the first argument.
 TRAIN = ["bench/train_step.py", "--gpu"]
@@ -214,15 +214,19 @@ def main():
     args = p.parse_args()
     start = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="gpu-proof-")
+    # This run's own install folder, ahead of the interpreter's packages: one shared across
+    # runs kept what another Python or version had put there (a cp312 megatron-core shadowed
+    # the 3.11 one here, even when this run's install was skipped).
+    site = os.path.join(scratch, "site")
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(
-                   p for p in [ROOT, SITE, os.environ.get("PYTHONPATH")] if p))
+                   p for p in [ROOT, site, os.environ.get("PYTHONPATH")] if p))
     if args.dry_run:  # tiny sizes on a shared CPU: thread pools only add spin-waiting
         env["OMP_NUM_THREADS"] = "1"
-    scratch = tempfile.mkdtemp(prefix="gpu-proof-")
     with open(os.path.join(args.out, "run.log"), "w") as log:
-        installed = install(args.wheel_dir, SITE, env, log)
-        check_megatron_core(installed, SITE)
+        installed = install(args.wheel_dir, site, env, log)
+        check_megatron_core(installed, site)
         results = {"environment": environment(args.dry_run, args.wheel_dir),
                    "command": shlex.join(sys.argv), "steps": [installed]}
         for name in args.only or [name for name in STEPS if name not in OPTIONAL]:
@@ -245,6 +249,7 @@ def main():
             report.write(args.out, results, args.dry_run)
         results["seconds"] = time.monotonic() - start
         report.write(args.out, results, args.dry_run)
+    shutil.rmtree(scratch, ignore_errors=True)  # the steps' JSON is in results now
     print(f"\n{report.summary(results, args.dry_run)}\nreport: {os.path.join(args.out, 'results.md')}")
     failed = [s["name"] for s in results["steps"] if s["status"] != "ok"]
     if failed:  # the device tool's rc shows it; the report has each one's output tail
