@@ -71,7 +71,8 @@ GPU_MODEL = (
     "--attention-dropout 0 --hidden-dropout 0 --bf16 --tokenizer-type NullTokenizer "
     "--vocab-size 128256"
 )
-# The same family at rehearsal size (bench/gpu/run.py --dry-run), bf16 only on a GPU.
+# The same family at rehearsal size (bench/gpu/run.py --dry-run), in bf16 like the GPU run:
+# on the CPU too, so that the rehearsal takes the mixed-precision model and optimizer path.
 DRY_RUN_MODEL = (
     "--num-layers 2 --hidden-size 128 --ffn-hidden-size 512 --num-attention-heads 4 "
     "--group-query-attention --num-query-groups 2 --swiglu --normalization RMSNorm "
@@ -187,7 +188,7 @@ def run_gpu(args):
     # One process, no fork (CUDA must not be initialized before a fork): torchrun's env here.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port or free_port()),
                       RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    model = (DRY_RUN_MODEL + (" --bf16" if cuda else "")) if args.dry_run else GPU_MODEL
+    model = (DRY_RUN_MODEL + " --bf16") if args.dry_run else GPU_MODEL
     argv = (model + " " + COMMON).split() + [
         "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(args.global_batch_size or args.micro_batch_size),

@@ -3,7 +3,8 @@
 Steps, each a subprocess under its own timeout and all under one deadline, so that a failing or
 hanging step costs only its own time and the report is always written:
   0. install the carried wheels (bench/gpu/wheels/, offline, --no-deps: torch is never touched;
-     a wheel whose version is already installed is skipped);
+     a wheel whose version is already installed is skipped) into this run's own folder; if
+     that fails, or megatron-core is still not importable, no step is run;
   1. bench/gpu/kernels.py: every available varlen kernel against the exact fp32 reference;
   2. bench/train_step.py --gpu: the 1B Llama, bf16, seq 4096, without and with
      --reset-position-ids: tokens/s, TFLOP/s, MFU;
@@ -13,8 +14,9 @@ hanging step costs only its own time and the report is always written:
      per rank and tokens/s at 32k-128k tokens, for the CP sizes the GPUs allow.
 The report (``results.md``, plus ``results.json`` and the steps' output in ``run.log``) is
 rewritten after every step into ``--out`` (default ``$OUT``, the folder the device tool brings
-back). ``--dry-run`` runs the same steps at tiny sizes on this machine (CPU: the GPU kernels
-are reported as not available) and claims no GPU figure.
+back); the exit status is 1 when any step failed. ``--dry-run`` runs the same steps at tiny
+sizes on this machine (CPU: the GPU kernels are reported as not available) and claims no GPU
+figure.
 
     bash bench/gpu/run.sh               # on the lent GPU machine
     bash bench/gpu/run.sh --dry-run --out /tmp/gpu-dry-run
@@ -23,9 +25,11 @@ are reported as not available) and claims no GPU figure.
 import argparse
 import datetime
 import glob
+import importlib.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +45,6 @@ sys.path.insert(0, HERE)
 import report  # noqa: E402
 
 WHEEL_DIR = os.path.join(ROOT, "bench", "gpu", "wheels")
-SITE = os.path.join(tempfile.gettempdir(), "megatron-ext-gpu-site")
 
 # name: (timeout s, GPU args, dry-run args); the script is the first argument.
 TRAIN = ["bench/train_step.py", "--gpu"]
@@ -99,6 +102,22 @@ def install(wheel_dir, site, env, log) -> dict:
                 tail=tail)
 
 
+def check_megatron_core(installed, site) -> None:
+    """Fail the install step when the steps could not import megatron-core (a failed pip, or
+    no wheels carried to a machine without it): every step needs it, so none is run. Leaves
+    ``site`` on sys.path, so that the report names the versions the steps import."""
+    sys.path.append(site)
+    if installed["status"] != "ok":
+        return
+    try:
+        found = importlib.util.find_spec("megatron.core") is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        installed["status"] = ("failed: megatron-core is not importable; run "
+                               "bench/gpu/prepare_wheels.py and pass carry=[\"bench/gpu/wheels\"]")
+
+
 def run_step(name, argv, timeout, env, log):
     """Run one step, its output to stdout and the log; returns (status, seconds, tail)."""
     start = time.monotonic()
@@ -144,7 +163,7 @@ def _git(*args) -> str:
     return run.stdout.strip() if run.returncode == 0 else ""
 
 
-def environment(dry_run):
+def environment(dry_run, wheel_dir):
     import torch
 
     env = {
@@ -169,7 +188,7 @@ def environment(dry_run):
     # The device machine gets the files without .git: there the wheels' manifest names the
     # commit they were prepared at.
     commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain")
-    manifest = os.path.join(WHEEL_DIR, "manifest.json")
+    manifest = os.path.join(wheel_dir, "manifest.json")
     if commit:
         env["tree"] = f"commit {commit}{' + uncommitted changes' if dirty else ''}"
     elif os.path.exists(manifest):
@@ -191,27 +210,34 @@ def main():
     p.add_argument("--deadline-s", type=float, default=450,
                    help="all steps end within this many seconds of the start")
     p.add_argument("--only", nargs="+", choices=list(STEPS), help="a subset of the steps")
+    p.add_argument("--wheel-dir", default=WHEEL_DIR, help="the carried wheels (prepare_wheels.py)")
     args = p.parse_args()
     start = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix="gpu-proof-")
+    # This run's own install folder, ahead of the interpreter's packages: one shared across
+    # runs kept what another Python or version had put there (a cp312 megatron-core shadowed
+    # the 3.11 one here, even when this run's install was skipped).
+    site = os.path.join(scratch, "site")
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(
-                   p for p in [ROOT, SITE, os.environ.get("PYTHONPATH")] if p))
+                   p for p in [ROOT, site, os.environ.get("PYTHONPATH")] if p))
     if args.dry_run:  # tiny sizes on a shared CPU: thread pools only add spin-waiting
         env["OMP_NUM_THREADS"] = "1"
-    scratch = tempfile.mkdtemp(prefix="gpu-proof-")
     with open(os.path.join(args.out, "run.log"), "w") as log:
-        installed = install(WHEEL_DIR, SITE, env, log)
-        sys.path.append(SITE)  # so that the report names the versions the steps import
-        results = {"environment": environment(args.dry_run), "command": shlex.join(sys.argv),
-                   "steps": [installed]}
+        installed = install(args.wheel_dir, site, env, log)
+        check_megatron_core(installed, site)
+        results = {"environment": environment(args.dry_run, args.wheel_dir),
+                   "command": shlex.join(sys.argv), "steps": [installed]}
         for name in args.only or [name for name in STEPS if name not in OPTIONAL]:
             timeout, gpu_argv, dry_argv = STEPS[name]
             json_path = os.path.join(scratch, f"{name}.json")
             argv = [sys.executable] + (dry_argv if args.dry_run else gpu_argv) + ["--json", json_path]
             step = dict(name=name, command=shlex.join(["python"] + argv[1:-2]))
             left = args.deadline_s - (time.monotonic() - start) - RESERVE_S
-            if left < 15:
+            if installed["status"] != "ok":
+                step.update(status="failed: not run, the install failed", seconds=0.0)
+            elif left < 15:
                 step.update(status="failed: not run, the deadline was reached", seconds=0.0)
             else:
                 status, seconds, tail = run_step(name, argv, min(timeout, left), env, log)
@@ -223,7 +249,11 @@ def main():
             report.write(args.out, results, args.dry_run)
         results["seconds"] = time.monotonic() - start
         report.write(args.out, results, args.dry_run)
+    shutil.rmtree(scratch, ignore_errors=True)  # the steps' JSON is in results now
     print(f"\n{report.summary(results, args.dry_run)}\nreport: {os.path.join(args.out, 'results.md')}")
+    failed = [s["name"] for s in results["steps"] if s["status"] != "ok"]
+    if failed:  # the device tool's rc shows it; the report has each one's output tail
+        sys.exit(f"failed steps: {', '.join(failed)} (see the report's Failed steps)")
 
 
 if __name__ == "__main__":

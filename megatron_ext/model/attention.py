@@ -74,7 +74,9 @@ def _flash_kernel():
 
 @functools.lru_cache(maxsize=None)
 def _torch_varlen_kernel():
-    """torch's varlen_attn with its causal/GQA keywords (they changed between 2.10 and 2.11)."""
+    """torch's varlen_attn with its causal/GQA keywords: causal is ``is_causal`` in 2.10 and
+    ``window_size=(-1, 0)`` from 2.11; ``enable_gqa`` is not in 2.11 (the GPU image's) and is
+    in 2.13."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -117,7 +119,7 @@ def _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, dropout, cu_seqlens_k=
     if q.size(1) != k.size(1):
         if has_gqa:
             kwargs["enable_gqa"] = True
-        else:  # torch 2.10: expand the groups (query head i -> group i // (np / ng))
+        else:  # torch <= 2.11: expand the groups (query head i -> group i // (np / ng))
             k, v = (x.repeat_interleave(q.size(1) // k.size(1), dim=1) for x in (k, v))
     cu_seqlens_k, max_seqlen_k = _keys(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens_k, max_seqlen, max_seqlen_k, **kwargs)

@@ -152,6 +152,28 @@ def test_install_step_installs_carried_wheels_offline_into_its_own_folder(tmp_pa
     assert probe.stdout == "7\n", probe.stderr
 
 
+def test_a_failed_install_runs_no_step_exits_nonzero_and_still_writes_the_report(tmp_path):
+    wheels, out = tmp_path / "wheels", tmp_path / "out"
+    wheels.mkdir()
+    (wheels / "gpuproof_probe-1.0-py3-none-any.whl").write_bytes(b"not a zip: a broken carry")
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "bench", "gpu", "run.sh"), "--dry-run", "--out", str(out),
+         "--wheel-dir", str(wheels), "--only", "kernels", "varlen"],
+        env=dict(os.environ, PYTHON=sys.executable, PIP_NO_INPUT="1"), capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "failed steps: install, kernels, varlen" in proc.stderr
+    with open(out / "results.json") as f:
+        steps = {s["name"]: s for s in json.load(f)["steps"]}
+    assert steps["install"]["status"].startswith("failed: exit code")
+    assert "--no-index" in steps["install"]["command"]
+    for name in ("kernels", "varlen"):  # no step spends its time on a missing megatron-core
+        assert steps[name]["status"] == "failed: not run, the install failed"
+    md = (out / "results.md").read_text()
+    assert "### install: failed: exit code" in md
+    assert "gpuproof" in steps["install"]["tail"]  # pip's own error names the wheel
+
+
 def _gpu_results(mfu, speedup, kernel_status="ok"):
     train = dict(mfu_percent=mfu, tokens_per_s=1.0)
     return {"steps": [

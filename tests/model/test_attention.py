@@ -86,14 +86,24 @@ def _fake_varlen_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_
     return _reference(query, key, value, torch.diff(cu_seq_q).tolist(), scale)
 
 
+def _fake_varlen_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
+                     scale=None, window_size=(-1, -1)):
+    # The GPU image's torch (bench/gpu/README.md): window_size, but no enable_gqa yet.
+    assert window_size == (-1, 0), "causal is window_size=(-1, 0) since 2.11"
+    assert query.size(1) == key.size(1), "2.11 has no enable_gqa: heads must be expanded"
+    return _reference(query, key, value, torch.diff(cu_seq_q).tolist(), scale)
+
+
 def _fake_varlen_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None,
-                     scale=None, window_size=(-1, -1), enable_gqa=False):
+                     scale=None, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+                     block_table=None, num_splits=None):
     assert window_size == (-1, 0), "causal is window_size=(-1, 0) since 2.11"
     assert enable_gqa == (query.size(1) != key.size(1))
     return _reference(query, key, value, torch.diff(cu_seq_q).tolist(), scale)
 
 
-@pytest.mark.parametrize("fake", [_fake_varlen_210, _fake_varlen_213], ids=["2.10", "2.11+"])
+@pytest.mark.parametrize("fake", [_fake_varlen_210, _fake_varlen_211, _fake_varlen_213],
+                         ids=["2.10", "2.11", "2.13"])
 def test_torch_varlen_wrapper_adapts_to_the_installed_signature(monkeypatch, fake):
     module = types.ModuleType("torch.nn.attention.varlen")
     module.varlen_attn = fake
