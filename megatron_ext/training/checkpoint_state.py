@@ -1,5 +1,6 @@
 """What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
-(chained) optimizer, and the pruning of old iterations."""
+(chained) optimizer, the check that the saved optimizer state is of this run's kind, and the
+pruning of old iterations."""
 
 import random
 import shutil
@@ -18,6 +19,17 @@ def distributed_optimizers(optimizer) -> list:
     kind, e.g. with --decoupled-lr)."""
     chained = getattr(optimizer, "chained_optimizers", [optimizer])
     return [opt for opt in chained if isinstance(opt, DistributedOptimizer)]
+
+
+def check_optimizer_kind(saved_distributed: bool, distributed: bool, where) -> None:
+    """The distributed optimizer's state (flat DP shards, or fully reshardable tensors) and the
+    plain optimizer's do not load into each other: say so, with the way out, before megatron-core
+    fails on a missing key."""
+    if saved_distributed != distributed:
+        raise ckpt.CheckpointError(
+            f"checkpoint {where} was saved {'with' if saved_distributed else 'without'} "
+            f"--use-distributed-optimizer and this run is {'with' if distributed else 'without'} "
+            f"it: its optimizer state does not fit; use the same flag, or pass --no-load-optim")
 
 
 def rng_state() -> dict:

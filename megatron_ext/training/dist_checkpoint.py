@@ -43,8 +43,8 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
-                                                   set_rng_state)
+from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
+                                                   prune, rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -185,11 +185,8 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
     that says what to change."""
     saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
     mine = trainer.config.parallel.use_distributed_optimizer
-    if saved_distributed is not None and bool(saved_distributed) != mine:
-        raise ckpt.CheckpointError(
-            f"checkpoint {directory} was saved {'with' if saved_distributed else 'without'} "
-            f"--use-distributed-optimizer and this run is {'with' if mine else 'without'} it: "
-            f"its optimizer state does not fit; use the same flag, or pass --no-load-optim")
+    if saved_distributed is not None:
+        check_optimizer_kind(bool(saved_distributed), mine, directory)
     if not mine:
         return _metadata(trainer)
     # Megatron-LM before content metadata (megatron-core < 0.13) wrote these by default.
