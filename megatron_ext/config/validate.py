@@ -3,9 +3,12 @@ raises ``ConfigError`` naming the flag to change, and records in ``config.notice
 decided about flags that are accepted but not honoured as such (no-ops, warned-and-disabled)."""
 
 import os
+from dataclasses import fields
 
 from megatron_ext import platform
+from megatron_ext.config.checkpoint import CheckpointConfig
 from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size
+from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_ALLGATHER
@@ -382,6 +385,9 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
              "--save-total-limit must be >= 1")
     _require(not c.async_save or c.ckpt_format == "torch_dist",
              "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
+    for f in fields(CheckpointConfig):  # Megatron-LM's dist-ckpt tuning and deprecated flags
+        if f.metadata["status"] == NO_OP and f.name in config.given:
+            config.notices.append(f"{flag_name(f)}: no effect ({f.metadata['note']})")
 
 
 def _validate_lora(config: Config) -> None:

@@ -264,7 +264,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         _allocate_adam_state(trainer.optimizer)
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
-    state = dist_checkpointing.load(sharded, str(directory))
+    state = dist_checkpointing.load(sharded, str(directory), strict=c.dist_ckpt_strictness)
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:

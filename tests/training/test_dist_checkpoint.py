@@ -138,6 +138,16 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
+def test_dist_ckpt_strictness_is_megatron_cores(tmp_path):
+    """--no-load-optim leaves the saved optimizer state unread: megatron-core's default lets it
+    be; raise_all (Megatron-LM's --dist-ckpt-strictness) makes it an error."""
+    launch(_train, 1, BASE + ["--save", str(tmp_path), "--train-iters", "1"], 1)
+    argv = BASE + ["--load", str(tmp_path), "--no-load-optim", "--train-iters", "2"]
+    assert len(launch(_train, 1, argv, 1)[0]) == 1
+    with pytest.raises(RuntimeError, match=r"optimizer"):
+        launch(_train, 1, argv + ["--dist-ckpt-strictness", "raise_all"], 1)
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_flag(tmp_path):
     launch(_train, 1, BASE + ["--save", str(tmp_path), "--train-iters", "1"], 1)
     for flags, world_size, expected in (
