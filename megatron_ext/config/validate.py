@@ -383,6 +383,10 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
+    _require(not (config.training.override_opt_param_scheduler
+                  and config.training.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+             "contradict each other; pass one")
     _require(not c.async_save or c.ckpt_format == "torch_dist",
              "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
     for f in fields(CheckpointConfig):  # Megatron-LM's dist-ckpt tuning and deprecated flags

@@ -24,7 +24,8 @@ from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
-                                                   prune, rng_state, set_rng_state)
+                                                   load_scheduler, prune, rng_state,
+                                                   set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -205,7 +206,7 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         check_optimizer_kind(distrib_path.is_file(),
                              trainer.config.parallel.use_distributed_optimizer, path.parent)
         trainer.optimizer.load_state_dict(payload["optimizer"])
-        trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
+        load_scheduler(trainer, payload["opt_param_scheduler"], path.parent.parent)
         optimizers = distributed_optimizers(trainer.optimizer)
         if optimizers:
             states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_cp_rank == 0

@@ -44,7 +44,8 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
-                                                   prune, rng_state, set_rng_state)
+                                                   load_scheduler, prune, rng_state,
+                                                   set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -270,7 +271,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     if load_optim:
         with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
             trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
+        load_scheduler(trainer, state["opt_param_scheduler"], directory)
     elif trainer.config.model.bf16 or trainer.config.model.fp16:
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_rng:
