@@ -64,6 +64,18 @@ def load_scheduler(trainer, saved: dict, where) -> None:
                  f"this run's flags: {'; '.join(differ)}. The schedule followed is {kept}")
 
 
+def fresh_on_resume(checkpoint_config) -> str:
+    """What a resume leaves fresh by request, for its log line: the curve is not the
+    uninterrupted run's, and the LR schedule restarting is easy to miss."""
+    fresh = []
+    if checkpoint_config.no_load_optim:
+        fresh.append("optimizer state and LR schedule (--no-load-optim: Adam starts afresh, the "
+                     "schedule at its first step, as in Megatron-LM)")
+    if checkpoint_config.no_load_rng:
+        fresh.append("RNG states (--no-load-rng)")
+    return f"; not loaded: {', '.join(fresh)}" if fresh else ""
+
+
 def rng_state() -> dict:
     """This rank's generators, under Megatron-LM's keys."""
     return {

@@ -24,8 +24,8 @@ from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
-                                                   load_scheduler, prune, rng_state,
-                                                   set_rng_state)
+                                                   fresh_on_resume, load_scheduler, prune,
+                                                   rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -234,4 +234,5 @@ def _load(trainer, root, part, weights_only: bool) -> None:
     trainer.consumed_valid_samples = payload.get(
         "consumed_valid_samples",
         trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0)
-    logger.info(f"resumed from {path} at iteration {trainer.iteration}")
+    logger.info(f"resumed from {path} at iteration {trainer.iteration}"
+                f"{fresh_on_resume(c)}")

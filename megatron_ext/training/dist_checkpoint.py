@@ -44,8 +44,8 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
-                                                   load_scheduler, prune, rng_state,
-                                                   set_rng_state)
+                                                   fresh_on_resume, load_scheduler, prune,
+                                                   rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -287,4 +287,4 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     trainer.consumed_valid_samples = state.get(
         "consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", 0))
     logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
-                f"PP={saved_layout[1]}) at iteration {trainer.iteration}")
+                f"PP={saved_layout[1]}) at iteration {trainer.iteration}{fresh_on_resume(c)}")

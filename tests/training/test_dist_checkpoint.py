@@ -142,12 +142,17 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
-def test_dist_ckpt_strictness_is_megatron_cores(tmp_path):
-    """--no-load-optim leaves the saved optimizer state unread: megatron-core's default lets it
-    be; raise_all (Megatron-LM's --dist-ckpt-strictness) makes it an error."""
-    launch(_train, 1, BASE + ["--save", str(tmp_path), "--train-iters", "1"], 1)
-    argv = BASE + ["--load", str(tmp_path), "--no-load-optim", "--train-iters", "2"]
-    assert len(launch(_train, 1, argv, 1)[0]) == 1
+def test_no_load_optim_restarts_the_schedule_and_says_so(tmp_path, capfd):
+    """As Megatron-LM's: the optimizer and its LR schedule start afresh (the LRs of a run from
+    scratch) while iterations and data continue; the resume's log line says so. megatron-core's
+    default strictness lets the unread optimizer state be; raise_all (Megatron-LM's
+    --dist-ckpt-strictness) makes it an error."""
+    launch(_train, 1, BASE + ["--save", str(tmp_path), "--exit-interval", "2"], 1)
+    capfd.readouterr()
+    argv = BASE + ["--load", str(tmp_path), "--no-load-optim"]
+    rates = launch(_learning_rates, 1, argv, 1)[0]
+    assert "not loaded: optimizer state and LR schedule (--no-load-optim" in capfd.readouterr().out
+    assert rates == launch(_learning_rates, 1, BASE, 1)[0][:4]
     with pytest.raises(RuntimeError, match=r"optimizer"):
         launch(_train, 1, argv + ["--dist-ckpt-strictness", "raise_all"], 1)
 
