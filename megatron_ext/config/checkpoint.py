@@ -33,6 +33,38 @@ class CheckpointConfig:
         "resumable at any TP/PP/DP; training/dist_checkpoint.py) or torch (per-rank "
         "model_optim_rng.pt).", choices=["torch", "torch_dist"])
     async_save: bool = flag(False, "Save torch_dist checkpoints in the background.")
+    dist_ckpt_strictness: str = flag(
+        "assume_ok_unexpected", "megatron-core's StrictHandling of the keys a torch_dist "
+        "checkpoint and the loaded state do not share: *_all also log or refuse the checkpoint "
+        "keys the run leaves unread (the optimizer's under --no-load-optim).", choices=[
+            "assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
+            "ignore_all"],
+        note="megatron-core's return_* values (mismatches returned to the caller) are refused")
+    # Megatron-LM's dist-ckpt tuning and deprecated flags, which its scripts still pass: each
+    # selects what is always done here (validate says so once).
+    use_dist_ckpt: bool = flag(
+        False, "Deprecated in Megatron-LM (no effect there either): use --ckpt-format.",
+        status=NO_OP, note="deprecated in Megatron-LM; --ckpt-format selects the format")
+    dist_ckpt_format: Optional[str] = flag(
+        None, "Deprecated in Megatron-LM (no effect there either): use --ckpt-format.",
+        status=NO_OP, note="deprecated in Megatron-LM; --ckpt-format selects the format")
+    ckpt_fully_parallel_save_deprecated: bool = flag(
+        False, "Deprecated in Megatron-LM, where parallel save is the default.",
+        name="--ckpt-fully-parallel-save", status=NO_OP,
+        note="every rank writes its own shards, always")
+    ckpt_fully_parallel_save: bool = flag(
+        True, "Megatron-LM: save from DP rank 0 only, which makes its distributed optimizer "
+        "state non-reshardable.", name="--no-ckpt-fully-parallel-save", action="store_false",
+        status=NO_OP, note="the distributed optimizer is saved fully reshardable, always")
+    ckpt_fully_parallel_load: bool = flag(
+        False, "Megatron-LM: spread the reads over DP ranks and exchange the tensors.",
+        status=NO_OP, note="every rank reads the shards it needs")
+    ckpt_assume_constant_structure: bool = flag(
+        False, "Megatron-LM: reuse the save plan of the previous save.", status=NO_OP,
+        note="each save plans afresh; the files are the same")
+    auto_detect_ckpt_format: bool = flag(
+        False, "Megatron-LM: detect the format of --load.", status=NO_OP,
+        note="--load recognises either format whatever --ckpt-format says")
     dist_ckpt_optim_fully_reshardable: bool = flag(
         False, "Accepted as Megatron-LM's: torch_dist always saves the distributed optimizer "
         "fully reshardable.", status=NO_OP, note="always on here")

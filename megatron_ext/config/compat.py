@@ -189,6 +189,12 @@ DIFFERENCES = [
      "on a CPU the workers compete with training for the same cores"),
     ("--train-iters / --train-samples", "no default: without either, training fails",
      "neither given: 10 iterations", "short runs (tests, smoke checks) need no schedule flags"),
+    ("resume with other LR-schedule flags (--lr, --train-iters, --global-batch-size, ...)",
+     "refused (megatron-core's assertion) unless --override-opt_param-scheduler or "
+     "--use-checkpoint-opt_param-scheduler",
+     "the checkpoint's schedule is followed (with --override-opt_param-scheduler this run's), "
+     "and a warning names each value that differs",
+     "runs that resumed so before keep working; the change of curve is said, not silent"),
     ("--sequence-parallel with packed documents",
      "(no packed-document attention in the local spec)",
      "micro-batch x seq-length tokens must divide by TP", "packed micro-batches are one row"),

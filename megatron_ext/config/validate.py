@@ -3,9 +3,12 @@ raises ``ConfigError`` naming the flag to change, and records in ``config.notice
 decided about flags that are accepted but not honoured as such (no-ops, warned-and-disabled)."""
 
 import os
+from dataclasses import fields
 
 from megatron_ext import platform
+from megatron_ext.config.checkpoint import CheckpointConfig
 from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size
+from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_ALLGATHER
@@ -382,8 +385,15 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
     _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
     _require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
+    _require(not (config.training.override_opt_param_scheduler
+                  and config.training.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+             "contradict each other; pass one")
     _require(not c.async_save or c.ckpt_format == "torch_dist",
              "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
+    for f in fields(CheckpointConfig):  # Megatron-LM's dist-ckpt tuning and deprecated flags
+        if f.metadata["status"] == NO_OP and f.name in config.given:
+            config.notices.append(f"{flag_name(f)}: no effect ({f.metadata['note']})")
 
 
 def _validate_lora(config: Config) -> None:

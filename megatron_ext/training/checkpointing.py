@@ -23,8 +23,9 @@ from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding
                                           model_args_namespace, padded_vocab_size, saved_value)
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
-                                                   set_rng_state)
+from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
+                                                   fresh_on_resume, load_scheduler, prune,
+                                                   rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -108,7 +109,10 @@ def _raise_layout_mismatch(root, iteration, topology, part=None) -> None:
     raise ckpt.CheckpointError(
         f"{saved}; reshard it with convert_ckpt.py --load-model-type mg --save-model-type mg "
         f"--target-tensor-parallel-size {topology.tensor_parallel} "
-        f"--target-pipeline-parallel-size {topology.pipeline_parallel}")
+        f"--target-pipeline-parallel-size {topology.pipeline_parallel} (the weights only: then "
+        f"train with --no-load-optim --no-load-rng, or --finetune), or, to keep the optimizer "
+        f"state, resume once at TP={tp} PP={pp} with --ckpt-format torch_dist, whose "
+        f"checkpoints load at any TP/PP")
 
 
 def adopt_saved_vocab_padding(config, vocab_size: int) -> None:
@@ -170,11 +174,11 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         dist_checkpoint.load(trainer, iteration, root, part, weights_only)
         return
     path = _rank_file(root, iteration, topology)
-    if part == lora_checkpoint.ADAPTERS and _saved_layout(ckpt.iteration_dir(root, iteration)) \
+    # Before the saved args are compared: every rank, whether or not it finds a file of its
+    # own, gives this one error (the args' TP mismatch would bring the vocabulary padding's).
+    if not path.is_file() or _saved_layout(ckpt.iteration_dir(root, iteration)) \
             != (topology.tensor_parallel, topology.pipeline_parallel):
-        _raise_layout_mismatch(root, iteration, topology, part)  # before its convert_ckpt hint
-    if not path.is_file():
-        _raise_layout_mismatch(root, iteration, topology)
+        _raise_layout_mismatch(root, iteration, topology, part)
     payload = ckpt.load_rank_file(path)
     check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
     if part == lora_checkpoint.BASE:
@@ -197,11 +201,14 @@ def _load(trainer, root, part, weights_only: bool) -> None:
             raise ckpt.CheckpointError(
                 f"checkpoint file {path} has no optimizer state; pass --no-load-optim or "
                 f"--finetune to load the weights alone")
+        # Megatron-LM writes distrib_optim.pt exactly when the distributed optimizer ran.
+        distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
+        check_optimizer_kind(distrib_path.is_file(),
+                             trainer.config.parallel.use_distributed_optimizer, path.parent)
         trainer.optimizer.load_state_dict(payload["optimizer"])
-        trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
+        load_scheduler(trainer, payload["opt_param_scheduler"], path.parent.parent)
         optimizers = distributed_optimizers(trainer.optimizer)
         if optimizers:
-            distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
             states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_cp_rank == 0
                       else [None] * len(optimizers))
             with platform.torch_adam_steps_kept(optimizers):
@@ -227,4 +234,5 @@ def _load(trainer, root, part, weights_only: bool) -> None:
     trainer.consumed_valid_samples = payload.get(
         "consumed_valid_samples",
         trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0)
-    logger.info(f"resumed from {path} at iteration {trainer.iteration}")
+    logger.info(f"resumed from {path} at iteration {trainer.iteration}"
+                f"{fresh_on_resume(c)}")

@@ -43,8 +43,9 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (distributed_optimizers, prune, rng_state,
-                                                   set_rng_state)
+from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
+                                                   fresh_on_resume, load_scheduler, prune,
+                                                   rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -185,11 +186,8 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
     that says what to change."""
     saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
     mine = trainer.config.parallel.use_distributed_optimizer
-    if saved_distributed is not None and bool(saved_distributed) != mine:
-        raise ckpt.CheckpointError(
-            f"checkpoint {directory} was saved {'with' if saved_distributed else 'without'} "
-            f"--use-distributed-optimizer and this run is {'with' if mine else 'without'} it: "
-            f"its optimizer state does not fit; use the same flag, or pass --no-load-optim")
+    if saved_distributed is not None:
+        check_optimizer_kind(bool(saved_distributed), mine, directory)
     if not mine:
         return _metadata(trainer)
     # Megatron-LM before content metadata (megatron-core < 0.13) wrote these by default.
@@ -267,13 +265,13 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         _allocate_adam_state(trainer.optimizer)
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
-    state = dist_checkpointing.load(sharded, str(directory))
+    state = dist_checkpointing.load(sharded, str(directory), strict=c.dist_ckpt_strictness)
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
         with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
             trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
+        load_scheduler(trainer, state["opt_param_scheduler"], directory)
     elif trainer.config.model.bf16 or trainer.config.model.fp16:
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_rng:
@@ -289,4 +287,4 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     trainer.consumed_valid_samples = state.get(
         "consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", 0))
     logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
-                f"PP={saved_layout[1]}) at iteration {trainer.iteration}")
+                f"PP={saved_layout[1]}) at iteration {trainer.iteration}{fresh_on_resume(c)}")

@@ -103,17 +103,46 @@ def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     assert len(resumed) == 4  # iterations 3..6 from the complete checkpoint at 2
 
 
+def _load_error(argv, world_size) -> str:
+    """This rank's CheckpointError on loading (every rank's, unlike launch's first failure)."""
+    try:
+        _train(argv, world_size)
+    except ckpt.CheckpointError as error:
+        return str(error)
+    return "loaded"
+
+
 def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "1"], 1)
-    # Rank 0 finds its file and reports the saved args; rank 1 finds none and the layout.
-    with pytest.raises(RuntimeError, match=r"other TP/PP"):
-        launch(_train, 2, MODEL + ["--load", str(tmp_path), "--tensor-model-parallel-size", "2"], 2)
+    # Rank 0, which finds a file of its own, says what rank 1 (which finds none) says: the
+    # layout and the converter command for this one, not the vocabulary padding TP brings.
+    errors = launch(_load_error, 2, MODEL + ["--load", str(tmp_path),
+                                             "--tensor-model-parallel-size", "2"], 2)
+    assert errors[0] == errors[1], errors
+    assert "saved with TP=1 PP=1" in errors[0] and "padded" not in errors[0]
+    assert ("convert_ckpt.py --load-model-type mg --save-model-type mg "
+            "--target-tensor-parallel-size 2 --target-pipeline-parallel-size 1") in errors[0]
+    assert "--ckpt-format torch_dist" in errors[0]  # the way that keeps the optimizer state
     with pytest.raises(RuntimeError, match=r"hidden"):
         launch(_train, 1, MODEL + ["--load", str(tmp_path), "--hidden-size", "64"], 1)
     rank_file = tmp_path / "iter_0000001" / "mp_rank_00" / "model_optim_rng.pt"
     rank_file.write_bytes(rank_file.read_bytes()[:1000])
     with pytest.raises(RuntimeError, match=r"model_optim_rng.pt is truncated or unreadable"):
         launch(_train, 1, MODEL + ["--load", str(tmp_path)], 1)
+
+
+@pytest.mark.parametrize("saved,resumed", [("--use-distributed-optimizer", ""),
+                                           ("", "--use-distributed-optimizer")])
+def test_switching_the_distributed_optimizer_names_the_way_out(tmp_path, saved, resumed):
+    """Its state (distrib_optim.pt) and the plain optimizer's do not load into each other:
+    one error naming the flag, not megatron-core's KeyError; --no-load-optim resumes."""
+    launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "1"] + saved.split(), 1)
+    argv = MODEL + ["--load", str(tmp_path)] + resumed.split()
+    side = "with" if saved else "without"
+    with pytest.raises(RuntimeError, match=rf"saved {side} --use-distributed-optimizer.*"
+                                           r"pass --no-load-optim"):
+        launch(_train, 1, argv, 1)
+    assert len(launch(_train, 1, argv + ["--no-load-optim"], 1)[0]) == 5  # iterations 2..6
 
 
 def test_finetune_loads_weights_only(tmp_path):

@@ -12,8 +12,12 @@ import os
 import pytest
 import torch
 
+import pretrain_gpt
 from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.config import parse_args
+from megatron_ext.training import logs
 from megatron_ext.training.metrics import parse_log
+from megatron_ext.training.trainer import Trainer
 from tests.launcher import exit_code_in_fork, free_port, launch
 from tests.training.test_checkpointing import _train, _train_with_weights
 
@@ -138,6 +142,49 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
+def test_no_load_optim_restarts_the_schedule_and_says_so(tmp_path, capfd):
+    """As Megatron-LM's: the optimizer and its LR schedule start afresh (the LRs of a run from
+    scratch) while iterations and data continue; the resume's log line says so. megatron-core's
+    default strictness lets the unread optimizer state be; raise_all (Megatron-LM's
+    --dist-ckpt-strictness) makes it an error."""
+    launch(_train, 1, BASE + ["--save", str(tmp_path), "--exit-interval", "2"], 1)
+    capfd.readouterr()
+    argv = BASE + ["--load", str(tmp_path), "--no-load-optim"]
+    rates = launch(_learning_rates, 1, argv, 1)[0]
+    assert "not loaded: optimizer state and LR schedule (--no-load-optim" in capfd.readouterr().out
+    assert rates == launch(_learning_rates, 1, BASE, 1)[0][:4]
+    with pytest.raises(RuntimeError, match=r"optimizer"):
+        launch(_train, 1, argv + ["--dist-ckpt-strictness", "raise_all"], 1)
+
+
+def _learning_rates(argv, world_size):
+    logs.setup()  # as pretrain: the warnings reach stdout
+    trainer = Trainer(parse_args(argv, world_size=world_size), pretrain_gpt.forward_step,
+                      world_size=world_size)
+    rates = [step["lr"] for step in trainer.train()]
+    trainer.close()
+    return rates
+
+
+def test_another_global_batch_size_on_resume_says_which_schedule_it_follows(tmp_path, capfd):
+    """The schedule counts samples. Resumed at sample 16 with --global-batch-size 16, the LR
+    follows the checkpoint's schedule (that of batches of 8, with a warning naming the flags),
+    or with --override-opt_param-scheduler this run's: the uninterrupted runs' LRs at the same
+    consumed samples."""
+    launch(_train, 1, BASE + ["--save", str(tmp_path), "--exit-interval", "2"], 1)
+    capfd.readouterr()
+    resumed = BASE + ["--load", str(tmp_path), "--global-batch-size", "16"]
+    kept = launch(_learning_rates, 1, resumed, 1)[0]
+    warning = "".join(capfd.readouterr())
+    assert "lr_decay_steps 48 in the checkpoint, 96 here" in warning, warning
+    assert "--override-opt_param-scheduler" in warning
+    by_8 = launch(_learning_rates, 1, BASE + ["--train-iters", "10"], 1)[0]  # steps of 8
+    assert kept == by_8[3::2]  # samples 32, 48, 64, 80
+    overridden = launch(_learning_rates, 1, resumed + ["--override-opt_param-scheduler"], 1)[0]
+    by_16 = launch(_learning_rates, 1, BASE + ["--global-batch-size", "16"], 1)[0]
+    assert overridden == by_16[1:5]
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_flag(tmp_path):
     launch(_train, 1, BASE + ["--save", str(tmp_path), "--train-iters", "1"], 1)
     for flags, world_size, expected in (
@@ -233,7 +280,9 @@ def _loaded_weights(argv, world_size):
     from megatron_ext.config import parse_args
     from megatron_ext.training.trainer import Trainer
     import pretrain_gpt
+    from megatron_ext.training import logs
 
+    logs.setup()  # as pretrain: the warnings reach stdout
     trainer = Trainer(parse_args(argv, world_size=world_size), pretrain_gpt.forward_step,
                       world_size=world_size)
     weights = trainer.full_state_dict()

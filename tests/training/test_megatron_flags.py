@@ -92,3 +92,19 @@ def test_adapted_flags_are_noted_once():
     assert config.model.attention_backend == "sdpa"
     assert len(config.notices) == 5, config.notices
     assert config.notices[0].startswith("--sequence-parallel with --tensor-model-parallel-size 1")
+
+
+def test_megatron_lm_dist_ckpt_flags_are_accepted_and_noted():
+    """The dist-ckpt flags Megatron-LM's scripts pass (tuning, deprecated): each a no-op here,
+    said once; --dist-ckpt-strictness is honoured (training/dist_checkpoint.py) and refuses the
+    return_* values, which hand the mismatches to a caller the command line does not have."""
+    flags = ["--ckpt-fully-parallel-save", "--no-ckpt-fully-parallel-save",
+             "--ckpt-fully-parallel-load", "--ckpt-assume-constant-structure", "--use-dist-ckpt",
+             "--auto-detect-ckpt-format"]
+    config = _parse(flags + ["--dist-ckpt-format", "torch_dist",
+                             "--dist-ckpt-strictness", "log_all"])
+    noted = sorted(notice.split(":")[0] for notice in config.notices)
+    assert noted == sorted(flags + ["--dist-ckpt-format"]), config.notices
+    assert config.checkpoint.dist_ckpt_strictness == "log_all"
+    with pytest.raises(SystemExit):
+        _parse(["--dist-ckpt-strictness", "return_all"])
