@@ -256,6 +256,9 @@ def _validate_schedule(config: Config, dp: int) -> None:
     _require(t.lr_warmup_samples < t.lr_decay_samples,
              f"the warmup ({warmup}) must be shorter than {decay}")
     _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
+    _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are "
+             "exclusive; pick one")
     if t.decoupled_lr is not None and t.decoupled_min_lr is not None:
         _require(t.decoupled_min_lr <= t.decoupled_lr,
                  f"--decoupled-min-lr {t.decoupled_min_lr} is above --decoupled-lr "

@@ -1,8 +1,10 @@
 """What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
-(chained) optimizer, and the pruning of old iterations."""
+(chained) optimizer, the learning-rate schedule against the run's flags, and the pruning of old
+iterations."""
 
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,57 @@ def set_rng_state(state: dict) -> None:
     if state["cuda_rng_state"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+# The scheduler's values that megatron-core's OptimizerParamScheduler.load_state_dict compares,
+# with the flags that make them. Its weight-decay increment (wd_incr_steps, wd_incr_style) is
+# left out: the style is always constant here, so its length has no effect.
+_SCHEDULE = (
+    ("max_lr", "--lr"),
+    ("min_lr", "--min-lr"),
+    ("lr_warmup_steps", "warmup samples (--lr-warmup-iters/-samples/-fraction, x "
+                        "--global-batch-size)"),
+    ("lr_decay_steps", "decay samples (--lr-decay-iters, default --train-iters, x "
+                       "--global-batch-size)"),
+    ("lr_decay_style", "--lr-decay-style"),
+    ("start_wd", "--weight-decay"),
+)
+
+
+def check_schedule(trainer, saved: dict, source) -> None:
+    """The checkpoint's learning-rate schedule (``saved``: its scheduler state) against this
+    run's flags. As in Megatron-LM, a difference is an error unless
+    --override-opt_param-scheduler (this run's flags) or --use-checkpoint-opt_param-scheduler
+    (the checkpoint's) says which applies: megatron-core's scheduler alone keeps the
+    checkpoint's silently, so a changed --lr or a longer --train-iters would have no effect."""
+    t = trainer.config.training
+    if t.override_opt_param_scheduler or t.use_checkpoint_opt_param_scheduler:
+        return
+    differences = [f"{label}: {saved[key]} in the checkpoint, {getattr(trainer.scheduler, key)} "
+                   f"in this run" for key, label in _SCHEDULE
+                   if key in saved and saved[key] != getattr(trainer.scheduler, key)]
+    if differences:
+        raise ckpt.CheckpointError(
+            f"checkpoint {source} was saved with another learning-rate schedule: "
+            f"{'; '.join(differences)}. Pass --override-opt_param-scheduler to schedule by this "
+            f"run's flags from the checkpoint's iteration on, or --use-checkpoint-opt_param-"
+            f"scheduler to keep the checkpoint's schedule (or the flags it was saved with)")
+
+
+@contextmanager
+def run_learning_rates_kept(trainer):
+    """Around loading the optimizer state with --override-opt_param-scheduler: megatron-core
+    keeps each parameter group's peak and final rate (--lr, --min-lr, --decoupled-lr) in the
+    group, where the scheduler reads them, and loading restores the checkpoint's; this run's
+    are put back."""
+    if not trainer.config.training.override_opt_param_scheduler:
+        yield
+        return
+    rates = [{k: group[k] for k in ("max_lr", "min_lr") if k in group}
+             for group in trainer.optimizer.param_groups]
+    yield
+    for group, kept in zip(trainer.optimizer.param_groups, rates):
+        group.update(kept)
 
 
 def prune(root, keep) -> None:

@@ -113,6 +113,9 @@ class Trainer:
             lr_warmup_steps=t.lr_warmup_samples, lr_decay_steps=t.lr_decay_samples,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=t.train_samples, wd_incr_style="constant",
+            # Which schedule a resumed run follows: checked before loading (check_schedule).
+            use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler,
+            override_opt_param_scheduler=t.override_opt_param_scheduler,
         )
         # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
         self.model_config.no_sync_func = self.model[0].no_sync

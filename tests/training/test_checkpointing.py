@@ -147,3 +147,34 @@ def test_resumed_validation_continues_where_it_stopped(tmp_path):
     stopped = run("--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3")
     resumed = run("--load", str(tmp_path))
     assert stopped + resumed == full
+
+
+def _learning_rates(argv, world_size):
+    config = parse_args(argv, world_size=world_size)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
+    rates = [step["lr"] for step in trainer.train()]
+    trainer.close()
+    return rates
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_resume_with_another_schedule_needs_a_choice(tmp_path, ckpt_format):
+    """As Megatron-LM: a schedule flag that differs from the checkpoint's (here --lr) is an
+    error naming it, not ignored (megatron-core's scheduler would keep the checkpoint's);
+    --override-opt_param-scheduler follows this run's flags (the learning rates of an
+    uninterrupted run with them), --use-checkpoint-opt_param-scheduler the checkpoint's."""
+    argv = MODEL + ["--ckpt-format", ckpt_format]
+    launch(_train, 1, argv + ["--save", str(tmp_path), "--exit-interval", "3"], 1)
+    faster = argv + ["--load", str(tmp_path), "--lr", "2e-3"]
+    with pytest.raises(RuntimeError, match=r"another learning-rate schedule: --lr: 0\.001 in the "
+                                           r"checkpoint, 0\.002 in this run\. Pass --override"):
+        launch(_learning_rates, 1, faster, 1)
+    with pytest.raises(RuntimeError, match="exclusive"):
+        launch(_learning_rates, 1, faster + ["--override-opt_param-scheduler",
+                                             "--use-checkpoint-opt-param-scheduler"], 1)
+    for flag, reference in (("--override-opt_param-scheduler", ["--lr", "2e-3"]),
+                            ("--use-checkpoint-opt_param-scheduler", [])):
+        resumed = launch(_learning_rates, 1, faster + [flag], 1)[0]
+        uninterrupted = launch(_learning_rates, 1, argv + reference, 1)[0]
+        assert resumed == uninterrupted[3:], flag
+    assert len(set(uninterrupted[3:])) == 3  # the rates change: the comparison can fail
