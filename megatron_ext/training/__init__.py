@@ -54,12 +54,15 @@ def pretrain(forward_step, argv=None):
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
     # Before megatron-core is imported: its optional-dependency warnings fire at import time.
     logs.setup(config.logging.verbose)
+    from megatron_ext.checkpoint.format import CheckpointError
     from megatron_ext.training.trainer import Trainer
 
     try:
         trainer = Trainer(config, forward_step)
     except ConfigError as error:  # a shard or --split that cannot train (shard_checks.py)
         sys.exit(f"[rank {rank}] invalid data: {error}")
+    except CheckpointError as error:  # --load/--save (checkpoint_checks.py, or while loading)
+        sys.exit(f"[rank {rank}] invalid checkpoint: {error}")
     try:
         trainer.train()
         # Stopped by --exit-interval to be resumed: no end-of-training evaluation (Megatron-LM).

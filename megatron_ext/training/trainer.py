@@ -31,7 +31,8 @@ from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import checkpointing, data, multitask, shard_checks, summary
+from megatron_ext.training import (checkpoint_checks, checkpointing, data, multitask,
+                                   shard_checks, summary)
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.profiling import StepProfiler
 
@@ -62,6 +63,8 @@ class Trainer:
         self.vocab_size = self.tokenizer.vocab_size
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
+        #    The checkpoint to load and the directory to save to, while they too fail alike.
+        checkpoint_checks.check_checkpoints(config)
         self.eval_prompts = None
         if config.logging.eval_prompts:
             from megatron_ext.generation.eval_prompts import EvalPrompts

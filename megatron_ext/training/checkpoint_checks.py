@@ -1,0 +1,126 @@
+"""``--load``, ``--lora-load`` and ``--save`` checked before any process group exists.
+
+What the files alone tell fails every rank alike, with the file and the way out, instead of a
+traceback from one rank once the process groups are up, a fresh start that looks like a
+resume, or a run that trains for hours and then cannot write its checkpoint:
+
+- a Hugging Face model directory is not a Megatron checkpoint: the convert_ckpt.py command;
+- iteration directories without a tracker are named, then training starts from scratch as in
+  Megatron-LM (the first save of a killed run leaves them so);
+- the tracker's iteration directory exists and is a checkpoint of either format;
+- torch: each rank file's zip directory is readable (a truncated file has none);
+- torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says;
+- the ``--save`` directory is a directory this process can create or write to.
+"""
+
+import errno
+import logging
+import os
+import zipfile
+from pathlib import Path
+
+from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.config import Config
+from megatron_ext.training.logs import log_once
+
+logger = logging.getLogger("megatron_ext")
+
+HF_CONFIG, HF_WEIGHTS = "config.json", ("*.safetensors", "pytorch_model*.bin")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save since torch 1.6; older files are read without the check
+
+
+def _iterations(root: Path):
+    return sorted(p.name for p in root.glob("iter_*") if p.name[len("iter_"):].isdigit())
+
+
+def _check_zip(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(len(ZIP_MAGIC)) != ZIP_MAGIC:
+            return
+    try:
+        zipfile.ZipFile(path).close()  # reads the central directory, written last
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ckpt.CheckpointError(f"checkpoint file {path} is truncated or unreadable ({exc})")
+
+
+def _check_dist_files(directory: Path) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as exc:  # truncated pickle, I/O error
+        raise ckpt.CheckpointError(f"checkpoint {directory}/.metadata is truncated or "
+                                   f"unreadable ({type(exc).__name__}: {exc})") from None
+    needed = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = directory / name
+        found = path.stat().st_size if path.is_file() else None
+        if found is None or found < size:
+            state = "is missing" if found is None else f"has {found} bytes"
+            raise ckpt.CheckpointError(f"checkpoint file {path} {state}, its .metadata needs "
+                                       f"{size}: the checkpoint is damaged (copied in part?)")
+    _check_zip(directory / "common.pt")
+
+
+def check_load_dir(root, flag: str) -> None:
+    """The checkpoint in ``root`` (given as ``flag``) as far as its files tell."""
+    root = Path(root)
+    iteration = ckpt.read_tracker(root)
+    if iteration is None:
+        if (root / HF_CONFIG).is_file() and any(next(root.glob(p), None) for p in HF_WEIGHTS):
+            raise ckpt.CheckpointError(
+                f"{flag} {root} is a Hugging Face model, not a Megatron checkpoint; convert it "
+                f"first: python convert_ckpt.py --model-type GPT --load-model-type hf "
+                f"--save-model-type mg --ckpt-format torch_dist --load-dir {root} --save-dir "
+                f"DIR, then train with {flag} DIR --finetune")
+        found = _iterations(root) if root.is_dir() else []
+        if found:
+            log_once(logger, logging.WARNING,
+                     f"{root} holds {', '.join(found)} but no {ckpt.TRACKER_FILENAME} (a first "
+                     f"save that did not finish?): starting from scratch. To resume from one, "
+                     f"write its number into {ckpt.tracker_file(root)}")
+        return
+    directory = ckpt.iteration_dir(root, iteration)
+    if not directory.is_dir():
+        others = [name for name in _iterations(root) if name != directory.name]
+        raise ckpt.CheckpointError(
+            f"{ckpt.tracker_file(root)} names iteration {iteration}, but {directory} does not "
+            f"exist" + (f"; the directory holds {', '.join(others)}: write the number of the "
+                        f"one to resume from into the tracker" if others else ""))
+    if (directory / ".metadata").is_file():
+        _check_dist_files(directory)
+        return
+    files = sorted(directory.glob("mp_rank_*/*.pt"))
+    if not files:
+        raise ckpt.CheckpointError(f"checkpoint directory {directory} holds neither a "
+                                   f"torch_dist checkpoint (.metadata) nor mp_rank_* directories: "
+                                   f"it is incomplete or not a Megatron checkpoint")
+    for path in files:
+        _check_zip(path)
+
+
+def check_save_dir(save) -> None:
+    """``--save`` is, or can be made, a directory this process writes to."""
+    path = Path(save).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ckpt.CheckpointError(f"--save {save}: {existing} is a file, not a directory; give "
+                                   f"--save a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ckpt.CheckpointError(f"--save {save}: cannot write to {existing} "
+                                   f"({os.strerror(errno.EACCES)}); give --save a directory "
+                                   f"you can write to")
+
+
+def check_checkpoints(config: Config) -> None:
+    c, lora = config.checkpoint, config.lora
+    for root, flag in ((c.load, "--load"), (lora.lora_load, "--lora-load")):
+        if root:
+            check_load_dir(root, flag)
+    if c.save:
+        check_save_dir(c.save)

@@ -1,0 +1,87 @@
+"""--load and --save checked before any process group exists (training/checkpoint_checks.py):
+a damaged checkpoint of either format, a tracker naming a missing iteration, a Hugging Face
+model directory and a --save under a file stop pretrain() with one line naming the file and
+the way out, with no process group started; the intact checkpoints pass the same checks."""
+
+import re
+import shutil
+
+import pytest
+import torch.distributed as dist
+
+import pretrain_gpt
+from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.config import parse_args
+from megatron_ext.training import pretrain
+from megatron_ext.training.checkpoint_checks import check_checkpoints
+from tests.checkpoint.conftest import make_hf_model
+from tests.launcher import launch
+from tests.training.test_checkpointing import MODEL, _train
+
+FORMATS = ("torch", "torch_dist")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint of each format at iterations 1 and 2 (the tracker names 2)."""
+    roots = {}
+    for ckpt_format in FORMATS:
+        root = tmp_path_factory.mktemp(ckpt_format)
+        launch(_train, 1, MODEL + ["--ckpt-format", ckpt_format, "--save", str(root),
+                                   "--save-interval", "1", "--train-iters", "2"], 1)
+        roots[ckpt_format] = root
+    return roots
+
+
+def _pretrain_stops(argv, match):
+    with pytest.raises(SystemExit) as stopped:
+        pretrain(pretrain_gpt.forward_step, MODEL + argv)
+    message = str(stopped.value.code)
+    assert message.startswith("[rank 0] invalid checkpoint: ") and "\n" not in message
+    assert re.search(match, message), message
+    assert not dist.is_initialized()
+
+
+def _copy(saved, ckpt_format, tmp_path):
+    root = tmp_path / ckpt_format
+    shutil.copytree(saved[ckpt_format], root)
+    return root
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("ckpt_format", FORMATS)
+def test_intact_checkpoints_pass(saved, ckpt_format):
+    check_checkpoints(parse_args(MODEL + ["--load", str(saved[ckpt_format]), "--save",
+                                          str(saved[ckpt_format])], world_size=1))
+
+
+def test_truncated_files_are_named(saved, tmp_path):
+    root = _copy(saved, "torch", tmp_path)
+    _truncate(root / "iter_0000002" / "mp_rank_00" / ckpt.RANK_FILENAME)
+    _pretrain_stops(["--load", str(root)],
+                    r"iter_0000002/mp_rank_00/model_optim_rng\.pt is truncated or unreadable")
+    root = _copy(saved, "torch_dist", tmp_path)
+    shard = sorted((root / "iter_0000002").glob("*.distcp"))[-1]
+    size = shard.stat().st_size
+    _truncate(shard)
+    _pretrain_stops(["--load", str(root)],
+                    rf"{shard.name} has {size // 2} bytes, its \.metadata needs {size}")
+
+
+@pytest.mark.parametrize("ckpt_format", FORMATS)
+def test_tracker_naming_a_missing_iteration(saved, tmp_path, ckpt_format):
+    root = _copy(saved, ckpt_format, tmp_path)
+    ckpt.write_tracker(root, 7)
+    _pretrain_stops(["--load", str(root)], r"names iteration 7, but \S+/iter_0000007 does not "
+                                           r"exist; the directory holds iter_0000001, iter_0000002")
+
+
+def test_hugging_face_directory_and_save_under_a_file(tmp_path):
+    hf = make_hf_model(tmp_path / "hf")
+    _pretrain_stops(["--load", str(hf)], r"Hugging Face model, not a Megatron checkpoint; "
+                                         r"convert it first: python convert_ckpt.py")
+    (tmp_path / "file").write_text("")
+    _pretrain_stops(["--save", str(tmp_path / "file" / "ckpt")], r"file, not a directory")
