@@ -277,6 +277,10 @@ def plan_splits(config: Config, shards: List[Shard]) -> List[Optional[Tuple[floa
     d, evaluating = config.data, config.logging.eval_iters > 0
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
     counts = split_documents(d.split, shards)
+    if evaluating and matrix[1] is None:  # Megatron-LM then skips validation without a word
+        logger.warning(f"--split {d.split} has no validation part: --eval-interval "
+                       f"{config.logging.eval_interval} evaluates nothing; give the second "
+                       f"number a share (e.g. 98,2,0), or pass --eval-iters 0")
     wanted = [True, evaluating, evaluating]
     for i, name in enumerate(SPLITS):
         if matrix[i] is None:

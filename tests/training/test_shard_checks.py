@@ -223,6 +223,19 @@ def test_zero_document_shard(tmp_path):
         _check(empty)
 
 
+def test_no_validation_split_is_said(shard, caplog):
+    """--split 100,0,0 with evaluation on: trained without validation, as Megatron-LM, and a
+    warning says so (none with --eval-iters 0)."""
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        assert _check(shard, "--split", "100,0,0", "--eval-interval", "5")[1] is None
+    assert "--split 100,0,0 has no validation part: --eval-interval 5 evaluates nothing" in (
+        caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        _check(shard, "--split", "100,0,0", "--eval-iters", "0")
+    assert "validation" not in caplog.text
+
+
 def test_empty_splits(shard):
     # megatron-core cuts documents round(810 x 0.9999) = 810 onwards: valid and test are empty.
     with pytest.raises(ShardError) as error:
