@@ -77,6 +77,28 @@ def check_schedule(trainer, saved: dict, source) -> None:
             f"scheduler to keep the checkpoint's schedule (or the flags it was saved with)")
 
 
+def _precision(dtype) -> str:
+    return {torch.bfloat16: "--bf16", torch.float16: "--fp16"}.get(dtype, "fp32 (no --bf16/--fp16)")
+
+
+def check_precision(trainer, saved_args, source) -> None:
+    """The optimizer state of a checkpoint in another precision does not load: with --bf16 or
+    --fp16, megatron-core's optimizer keeps fp32 main copies of the weights beside the Adam
+    moments, in fp32 none (loading one into the other is a KeyError deep in megatron-core, in
+    Megatron-LM too)."""
+    saved = getattr(saved_args, "params_dtype", None)
+    if saved is None:  # args without it: Megatron-LM's flags say
+        saved = (torch.bfloat16 if getattr(saved_args, "bf16", False) else
+                 torch.float16 if getattr(saved_args, "fp16", False) else torch.float32)
+    ours = trainer.config.model.params_dtype
+    if saved != ours:
+        raise ckpt.CheckpointError(
+            f"checkpoint {source} was saved with {_precision(saved)}, this run has "
+            f"{_precision(ours)}: its optimizer state does not fit this run's optimizer; resume "
+            f"in the checkpoint's precision, or pass --no-load-optim to load the weights (cast "
+            f"to this precision) with a fresh optimizer")
+
+
 @contextmanager
 def run_learning_rates_kept(trainer):
     """Around loading the optimizer state with --override-opt_param-scheduler: megatron-core

@@ -43,9 +43,9 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (check_schedule, distributed_optimizers,
-                                                   prune, rng_state, run_learning_rates_kept,
-                                                   set_rng_state)
+from megatron_ext.training.checkpoint_state import (check_precision, check_schedule,
+                                                   distributed_optimizers, prune, rng_state,
+                                                   run_learning_rates_kept, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -251,6 +251,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
             f"checkpoint {directory} has no optimizer state; pass --no-load-optim or "
             f"--finetune to load the weights alone")
     if load_optim:
+        check_precision(trainer, saved_args, directory)
         check_schedule(trainer, common["opt_param_scheduler"], directory)
     if load_rng and not same_layout:
         log_once(logger, logging.WARNING,

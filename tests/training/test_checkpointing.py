@@ -178,3 +178,21 @@ def test_resume_with_another_schedule_needs_a_choice(tmp_path, ckpt_format):
         uninterrupted = launch(_learning_rates, 1, argv + reference, 1)[0]
         assert resumed == uninterrupted[3:], flag
     assert len(set(uninterrupted[3:])) == 3  # the rates change: the comparison can fail
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_resume_in_another_precision(tmp_path, ckpt_format):
+    """An fp32 checkpoint resumed with --bf16: its optimizer state (no fp32 main copies) does
+    not fit, and the error says so and names --no-load-optim (megatron-core's KeyError
+    otherwise); with it the weights load, rounded to bf16."""
+    argv = MODEL + ["--ckpt-format", ckpt_format]
+    _, _, saved = launch(_train_with_weights, 1, argv + ["--save", str(tmp_path),
+                                                          "--exit-interval", "2"], 1)[0]
+    resume = argv + ["--load", str(tmp_path), "--bf16"]
+    with pytest.raises(RuntimeError, match=r"saved with fp32 \(no --bf16/--fp16\), this run has "
+                                           r"--bf16: .* pass --no-load-optim"):
+        launch(_train, 1, resume, 1)
+    losses, loaded, _ = launch(_train_with_weights, 1, resume + ["--no-load-optim"], 1)[0]
+    assert len(losses) == 4
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name].float(), tensor.to(torch.bfloat16).float()), name
