@@ -80,7 +80,7 @@ def pretrain(forward_step, argv=None):
 
     try:
         trainer = Trainer(config, forward_step)
-    except ConfigError as error:  # a shard or --split that cannot train (shard_checks.py)
+    except ConfigError as error:  # a tokenizer, shard or --split that cannot train
         sys.exit(f"[rank {rank}] invalid data: {error}")
     except CheckpointError as error:  # --load/--save (checkpoint_checks.py, or while loading)
         sys.exit(f"[rank {rank}] invalid checkpoint: {error}")

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext import platform
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
-from megatron_ext.config import Config
+from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
@@ -55,8 +55,11 @@ class Trainer:
         # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
         #    any process group exists, so a bad tokenizer file fails every rank alike.
         d = config.data
-        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
-                                         d.tokenizer_options())
+        try:
+            self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
+                                             d.tokenizer_options())
+        except ValueError as error:  # its message names the flag and the file
+            raise ConfigError(str(error)) from None
         note = vocab_size_note(d.tokenizer_type, d.vocab_size)
         if note and int(os.environ.get("RANK", "0")) == 0:
             logger.warning(note)
