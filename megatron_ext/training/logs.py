@@ -38,6 +38,9 @@ _NOTICES = [
     (r"full scope is deprecated", None, False),
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor", None, False),
     (r"`torch\.distributed\.\w+` is deprecated", None, False),
+    # megatron-core's torch_dist loading calls into torch.distributed.checkpoint (every resume).
+    (r"`load_state_dict` is deprecated and will be removed", None, False),
+    (r"Please use DTensor instead and we are deprecating ShardedTensor", None, False),
     # Advice for overlapping TP communication on CUDA streams (the example scripts follow it).
     (r"CUDA_DEVICE_MAX_CONNECTIONS", "set CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron-core's advice "
                                      "for overlapping tensor-parallel communication)", True),
