@@ -371,11 +371,29 @@ def _validate_multitask(config: Config) -> None:
         _require(t.coba_tau > 0, "--coba-tau must be > 0")
 
 
+def _writable_directory(path, flag: str) -> None:
+    """``path`` is, or can be made, a directory this process writes to; else the run would
+    stop once its process groups exist (the index cache) or after training (a checkpoint)."""
+    if path is None:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _require(os.path.isdir(existing),
+             f"{flag} {path}: {existing} is a file, not a directory; give {flag} a directory")
+    _require(os.access(existing, os.W_OK | os.X_OK),
+             f"{flag} {path}: {existing} is not writable; give {flag} a directory you can "
+             f"write to")
+
+
 def _validate_logging_and_checkpoint(config: Config) -> None:
     c, d = config.checkpoint, config.data
     if d.data_cache_path is None and not d.mock_data:
         # One cache folder beside the run: shards stay read-only and can be shared.
         d.data_cache_path = os.path.join(c.save or ".cache", DATA_CACHE_DIR)
+    for path, flag in ((c.save, "--save"), (d.data_cache_path, "--data-cache-path"),
+                       (config.logging.tensorboard_dir, "--tensorboard-dir")):
+        _writable_directory(path, flag)
     for name in ("wandb_project", "wandb_exp_name"):
         if name in config.given:
             config.notices.append(f"--{name.replace('_', '-')}: no effect (Weights & Biases is "

@@ -1,21 +1,20 @@
-"""``--load``, ``--lora-load`` and ``--save`` checked before any process group exists.
+"""``--load`` and ``--lora-load`` checked before any process group exists.
 
 What the files alone tell fails every rank alike, with the file and the way out, instead of a
-traceback from one rank once the process groups are up, a fresh start that looks like a
-resume, or a run that trains for hours and then cannot write its checkpoint:
+traceback from one rank once the process groups are up, or a fresh start that looks like a
+resume:
 
 - a Hugging Face model directory is not a Megatron checkpoint: the convert_ckpt.py command;
 - iteration directories without a tracker are named, then training starts from scratch as in
   Megatron-LM (the first save of a killed run leaves them so);
 - the tracker's iteration directory exists and is a checkpoint of either format;
 - torch: each rank file's zip directory is readable (a truncated file has none);
-- torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says;
-- the ``--save`` directory is a directory this process can create or write to.
+- torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says.
+
+(``--save`` is checked with the flags: config/validate.py.)
 """
 
-import errno
 import logging
-import os
 import zipfile
 from pathlib import Path
 
@@ -102,25 +101,8 @@ def check_load_dir(root, flag: str) -> None:
         _check_zip(path)
 
 
-def check_save_dir(save) -> None:
-    """``--save`` is, or can be made, a directory this process writes to."""
-    path = Path(save).absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ckpt.CheckpointError(f"--save {save}: {existing} is a file, not a directory; give "
-                                   f"--save a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ckpt.CheckpointError(f"--save {save}: cannot write to {existing} "
-                                   f"({os.strerror(errno.EACCES)}); give --save a directory "
-                                   f"you can write to")
-
-
 def check_checkpoints(config: Config) -> None:
     c, lora = config.checkpoint, config.lora
     for root, flag in ((c.load, "--load"), (lora.lora_load, "--lora-load")):
         if root:
             check_load_dir(root, flag)
-    if c.save:
-        check_save_dir(c.save)

@@ -1,7 +1,8 @@
-"""--load and --save checked before any process group exists (training/checkpoint_checks.py):
-a damaged checkpoint of either format, a tracker naming a missing iteration, a Hugging Face
-model directory and a --save under a file stop pretrain() with one line naming the file and
-the way out, with no process group started; the intact checkpoints pass the same checks."""
+"""--load checked before any process group exists (training/checkpoint_checks.py): a damaged
+checkpoint of either format, a tracker naming a missing iteration and a Hugging Face model
+directory stop pretrain() with one line naming the file and the way out, with no process group
+started; the intact checkpoints pass the same checks. So do the directories a run writes
+(--save, --data-cache-path, --tensorboard-dir under a file: config/validate.py)."""
 
 import re
 import shutil
@@ -33,11 +34,11 @@ def saved(tmp_path_factory):
     return roots
 
 
-def _pretrain_stops(argv, match):
+def _pretrain_stops(argv, match, kind="checkpoint"):
     with pytest.raises(SystemExit) as stopped:
         pretrain(pretrain_gpt.forward_step, MODEL + argv)
     message = str(stopped.value.code)
-    assert message.startswith("[rank 0] invalid checkpoint: ") and "\n" not in message
+    assert message.startswith(f"[rank 0] invalid {kind}: ") and "\n" not in message
     assert re.search(match, message), message
     assert not dist.is_initialized()
 
@@ -79,9 +80,14 @@ def test_tracker_naming_a_missing_iteration(saved, tmp_path, ckpt_format):
                                            r"exist; the directory holds iter_0000001, iter_0000002")
 
 
-def test_hugging_face_directory_and_save_under_a_file(tmp_path):
+def test_hugging_face_directory(tmp_path):
     hf = make_hf_model(tmp_path / "hf")
     _pretrain_stops(["--load", str(hf)], r"Hugging Face model, not a Megatron checkpoint; "
                                          r"convert it first: python convert_ckpt.py")
+
+
+@pytest.mark.parametrize("flag", ["--save", "--data-cache-path", "--tensorboard-dir"])
+def test_output_directory_under_a_file(tmp_path, flag):
     (tmp_path / "file").write_text("")
-    _pretrain_stops(["--save", str(tmp_path / "file" / "ckpt")], r"file, not a directory")
+    _pretrain_stops([flag, str(tmp_path / "file" / "out")],
+                    rf"{flag} \S+/file/out: \S+/file is a file, not a directory", "arguments")
