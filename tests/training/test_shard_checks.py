@@ -223,6 +223,17 @@ def test_zero_document_shard(tmp_path):
         _check(empty)
 
 
+def test_a_file_name_or_output_prefix_for_data_path_names_the_prefix(shard):
+    from megatron_ext.config import ConfigError
+
+    for given in (shard + ".bin", shard + ".idx", shard[:-len("_text_document")]):
+        with pytest.raises(ConfigError, match=rf"does not exist; .*did you mean --data-path "
+                                              rf"{shard}\?$"):
+            _check(given)
+    with pytest.raises(ConfigError, match=r"without \.bin/\.idx\)$"):  # nothing near: no guess
+        _check(shard + "_other")
+
+
 def test_no_validation_split_is_said(shard, caplog):
     """--split 100,0,0 with evaluation on: trained without validation, as Megatron-LM, and a
     warning says so (none with --eval-iters 0)."""
