@@ -168,6 +168,11 @@ def _refuse_unsupported(config: Config) -> None:
     _require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
              "(Hopper or newer), and is not wired here yet; drop the --fp8-* flags and train "
              "with --bf16")
+    per_split = [f"--{name}-data-path" for name in ("train", "valid", "test")
+                 if f"{name}_data_path" in given]
+    _require(not per_split, f"{' '.join(per_split)}: datasets per split are not supported yet; "
+             "give the datasets to --data-path (a prefix or a blend 0.3 A 0.7 B) and cut the "
+             "splits with --split (e.g. 98,2,0)")
     moe = sorted("--" + n.replace("_", "-") for n in given
                  if n.startswith("moe_") or n == "num_experts")
     _require(not moe and p.expert_model_parallel_size == 1,
