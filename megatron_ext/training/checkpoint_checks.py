@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.checkpoint.args import saved_value
 from megatron_ext.config import Config
 from megatron_ext.training.logs import log_once
 
@@ -92,13 +93,33 @@ def check_load_dir(root, flag: str) -> None:
     if (directory / ".metadata").is_file():
         _check_dist_files(directory)
         return
-    files = sorted(directory.glob("mp_rank_*/*.pt"))
-    if not files:
+    _check_torch_files(directory)
+
+
+def _check_torch_files(directory: Path) -> None:
+    rank_files = sorted(directory.glob(f"mp_rank_*/{ckpt.RANK_FILENAME}"))
+    if not rank_files:
         raise ckpt.CheckpointError(f"checkpoint directory {directory} holds neither a "
-                                   f"torch_dist checkpoint (.metadata) nor mp_rank_* directories: "
-                                   f"it is incomplete or not a Megatron checkpoint")
-    for path in files:
+                                   f"torch_dist checkpoint (.metadata) nor mp_rank_*/"
+                                   f"{ckpt.RANK_FILENAME} files: it is incomplete or not a "
+                                   f"Megatron checkpoint")
+    for path in sorted(directory.glob("mp_rank_*/*.pt")):
         _check_zip(path)
+    # The layout it was saved with, from the first rank file (memory-mapped: its tensors are not
+    # read): a rank file missing would otherwise read as a checkpoint of another TP/PP.
+    args = ckpt.load_rank_file(rank_files[0]).get("args")
+    if args is None:
+        return  # said when it is loaded (check_compatible)
+    tp = saved_value(args, "tensor_model_parallel_size") or 1
+    pp = saved_value(args, "pipeline_model_parallel_size")
+    expected = (directory / ckpt.rank_dir_name(t, p, pp) / ckpt.RANK_FILENAME
+                for t in range(tp) for p in range(pp))
+    missing = [path for path in expected if not path.is_file()]
+    if missing:
+        raise ckpt.CheckpointError(
+            f"checkpoint {directory} was saved at TP={tp} PP={pp} but {len(missing)} of its "
+            f"{tp * pp} rank files are missing, e.g. {missing[0]}: it is incomplete (copied in "
+            f"part?); copy it again")
 
 
 def check_checkpoints(config: Config) -> None:

@@ -72,6 +72,19 @@ def test_truncated_files_are_named(saved, tmp_path):
                     rf"{shard.name} has {size // 2} bytes, its \.metadata needs {size}")
 
 
+def test_rank_file_missing_is_not_taken_for_another_layout(tmp_path):
+    """A TP=2 torch checkpoint without its second rank's directory (copied in part): said so,
+    not read as a TP=1 checkpoint to reshard."""
+    root = tmp_path / "tp2"
+    launch(_train, 2, MODEL + ["--ckpt-format", "torch", "--save", str(root), "--train-iters",
+                               "1", "--tensor-model-parallel-size", "2"], 2)
+    shutil.rmtree(root / "iter_0000001" / "mp_rank_01")
+    with pytest.raises(ckpt.CheckpointError, match=r"saved at TP=2 PP=1 but 1 of its 2 rank "
+                                                   r"files are missing, e.g. \S+/mp_rank_01/"):
+        check_checkpoints(parse_args(MODEL + ["--load", str(root), "--tensor-model-parallel-size",
+                                              "2"], world_size=2))
+
+
 @pytest.mark.parametrize("ckpt_format", FORMATS)
 def test_tracker_naming_a_missing_iteration(saved, tmp_path, ckpt_format):
     root = _copy(saved, ckpt_format, tmp_path)
