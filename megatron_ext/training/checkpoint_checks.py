@@ -5,6 +5,7 @@ traceback from one rank once the process groups are up, or a fresh start that lo
 resume:
 
 - a Hugging Face model directory is not a Megatron checkpoint: the convert_ckpt.py command;
+  nor is a PEFT adapter directory;
 - iteration directories without a tracker are named, then training starts from scratch as in
   Megatron-LM (the first save of a killed run leaves them so);
 - the tracker's iteration directory exists and is a checkpoint of either format;
@@ -26,6 +27,7 @@ from megatron_ext.training.logs import log_once
 logger = logging.getLogger("megatron_ext")
 
 HF_CONFIG, HF_WEIGHTS = "config.json", ("*.safetensors", "pytorch_model*.bin")
+PEFT_CONFIG = "adapter_config.json"  # a PEFT adapter directory (convert_ckpt.py --save-lora-to-hf)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since torch 1.6; older files are read without the check
 
 
@@ -76,6 +78,11 @@ def check_load_dir(root, flag: str) -> None:
                 f"first: python convert_ckpt.py --model-type GPT --load-model-type hf "
                 f"--save-model-type mg --ckpt-format torch_dist --load-dir {root} --save-dir "
                 f"DIR, then train with {flag} DIR --finetune")
+        if (root / PEFT_CONFIG).is_file():
+            raise ckpt.CheckpointError(
+                f"{flag} {root} is a PEFT adapter directory, which training does not read; give "
+                f"{flag} the Megatron checkpoint of the LoRA run (its --save; convert_ckpt.py "
+                f"--save-lora-to-hf exports PEFT directories from it)")
         found = _iterations(root) if root.is_dir() else []
         if found:
             log_once(logger, logging.WARNING,

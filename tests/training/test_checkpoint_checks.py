@@ -93,10 +93,20 @@ def test_tracker_naming_a_missing_iteration(saved, tmp_path, ckpt_format):
                                            r"exist; the directory holds iter_0000001, iter_0000002")
 
 
-def test_hugging_face_directory(tmp_path):
+def test_hugging_face_directories(tmp_path):
+    """An HF model (transformers' save_pretrained) and a PEFT adapter directory (peft's)."""
+    import peft
+    from transformers import LlamaForCausalLM
+
     hf = make_hf_model(tmp_path / "hf")
     _pretrain_stops(["--load", str(hf)], r"Hugging Face model, not a Megatron checkpoint; "
                                          r"convert it first: python convert_ckpt.py")
+    adapters = tmp_path / "peft"
+    peft.get_peft_model(LlamaForCausalLM.from_pretrained(hf), peft.LoraConfig(
+        r=4, target_modules=["q_proj"])).save_pretrained(adapters)
+    _pretrain_stops(["--lora-target-modules", "linear_qkv", "--lora-load", str(adapters)],
+                    r"--lora-load \S+/peft is a PEFT adapter directory, which training does not "
+                    r"read; give --lora-load the Megatron checkpoint of the LoRA run")
 
 
 @pytest.mark.parametrize("flag", ["--save", "--data-cache-path", "--tensorboard-dir"])
