@@ -64,7 +64,8 @@ def _check_dist_files(directory: Path) -> None:
             state = "is missing" if found is None else f"has {found} bytes"
             raise ckpt.CheckpointError(f"checkpoint file {path} {state}, its .metadata needs "
                                        f"{size}: the checkpoint is damaged (copied in part?)")
-    _check_zip(directory / "common.pt")
+    if (directory / "common.pt").is_file():  # megatron-core 0.19 keeps it in the .distcp files
+        _check_zip(directory / "common.pt")
 
 
 def check_load_dir(root, flag: str) -> None:

@@ -4,7 +4,6 @@ iterations."""
 
 import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,20 +98,49 @@ def check_precision(trainer, saved_args, source) -> None:
             f"to this precision) with a fresh optimizer")
 
 
-@contextmanager
-def run_learning_rates_kept(trainer):
-    """Around loading the optimizer state with --override-opt_param-scheduler: megatron-core
-    keeps each parameter group's peak and final rate (--lr, --min-lr, --decoupled-lr) in the
-    group, where the scheduler reads them, and loading restores the checkpoint's; this run's
-    are put back."""
-    if not trainer.config.training.override_opt_param_scheduler:
-        yield
-        return
-    rates = [{k: group[k] for k in ("max_lr", "min_lr") if k in group}
-             for group in trainer.optimizer.param_groups]
-    yield
-    for group, kept in zip(trainer.optimizer.param_groups, rates):
-        group.update(kept)
+# What megatron-core keeps of the schedule in each parameter group (the scheduler reads the
+# rates there).
+_GROUP_SCHEDULE = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _saved_param_groups(state):
+    """The parameter groups in a (chained) optimizer state dict, in order."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            yield from state["param_groups"]
+            return
+        for key, value in state.items():
+            if key != "state":  # per-parameter tensors
+                yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
+
+
+def adopt_schedule(trainer, optimizer_state, source) -> None:
+    """Each parameter group's rates and weight decay, saved (``optimizer_state``, before it is
+    loaded) against this run's: --override-opt_param-scheduler writes this run's into the saved
+    groups, --use-checkpoint-opt_param-scheduler the saved ones into this run's, so that loading
+    keeps the one chosen (0.16-0.18 load the saved ones; 0.19 matches saved groups to this
+    run's by them). Without either, a difference is an error: check_schedule has compared
+    --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr."""
+    t = trainer.config.training
+    saved = list(_saved_param_groups(optimizer_state))
+    if len(saved) != len(trainer.optimizer.param_groups):
+        return  # another grouping: megatron-core's loading says so
+    for theirs, ours in zip(saved, trainer.optimizer.param_groups):
+        keys = [k for k in _GROUP_SCHEDULE if k in ours and k in theirs]
+        if t.override_opt_param_scheduler:
+            theirs.update({k: ours[k] for k in keys})
+        elif t.use_checkpoint_opt_param_scheduler:
+            ours.update({k: theirs[k] for k in keys})
+        elif any(theirs[k] != ours[k] for k in keys):
+            rates = lambda group: ", ".join(f"{k} {group[k]}" for k in keys)  # noqa: E731
+            raise ckpt.CheckpointError(
+                f"checkpoint {source} was saved with other rates for a parameter group "
+                f"(--decoupled-lr/--decoupled-min-lr): {rates(theirs)} in the checkpoint, "
+                f"{rates(ours)} in this run. Pass --override-opt_param-scheduler to use this "
+                f"run's, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
 
 def prune(root, keep) -> None:

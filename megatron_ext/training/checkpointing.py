@@ -22,9 +22,9 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (check_precision, check_schedule,
-                                                   distributed_optimizers, prune, rng_state,
-                                                   run_learning_rates_kept, set_rng_state)
+from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision,
+                                                   check_schedule, distributed_optimizers, prune,
+                                                   rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -174,8 +174,8 @@ def _load(trainer, root, part, weights_only: bool) -> None:
                 f"--finetune to load the weights alone")
         check_precision(trainer, payload.get("args"), path)
         check_schedule(trainer, payload["opt_param_scheduler"], path)
-        with run_learning_rates_kept(trainer):
-            trainer.optimizer.load_state_dict(payload["optimizer"])
+        adopt_schedule(trainer, payload["optimizer"], path)
+        trainer.optimizer.load_state_dict(payload["optimizer"])
         trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
         optimizers = distributed_optimizers(trainer.optimizer)
         if optimizers:

@@ -43,9 +43,9 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (check_precision, check_schedule,
-                                                   distributed_optimizers, prune, rng_state,
-                                                   run_learning_rates_kept, set_rng_state)
+from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision,
+                                                   check_schedule, distributed_optimizers, prune,
+                                                   rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -270,8 +270,8 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
-        with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)), \
-                run_learning_rates_kept(trainer):
+        adopt_schedule(trainer, state["optimizer"], directory)
+        with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
             trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
     elif trainer.config.model.bf16 or trainer.config.model.fp16:

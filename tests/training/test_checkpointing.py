@@ -157,6 +157,16 @@ def _learning_rates(argv, world_size):
     return rates
 
 
+def _group_rates(argv, world_size):
+    """The learning rate of every parameter group after the run's last step."""
+    config = parse_args(argv, world_size=world_size)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
+    trainer.train()
+    rates = sorted(group["lr"] for group in trainer.optimizer.param_groups)
+    trainer.close()
+    return rates
+
+
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_resume_with_another_schedule_needs_a_choice(tmp_path, ckpt_format):
     """As Megatron-LM: a schedule flag that differs from the checkpoint's (here --lr) is an
@@ -196,3 +206,20 @@ def test_resume_in_another_precision(tmp_path, ckpt_format):
     assert len(losses) == 4
     for name, tensor in saved.items():
         assert torch.equal(loaded[name].float(), tensor.to(torch.bfloat16).float()), name
+
+
+def test_resume_with_another_decoupled_lr_needs_a_choice(tmp_path):
+    """The rates megatron-core keeps per parameter group: another --decoupled-lr is an error too;
+    --override-opt_param-scheduler follows it (an uninterrupted run's rates with it)."""
+    argv = MODEL + ["--decoupled-lr", "2e-3"]
+    launch(_train, 1, argv + ["--save", str(tmp_path), "--exit-interval", "3"], 1)
+    other = MODEL + ["--decoupled-lr", "3e-3"]
+    with pytest.raises(RuntimeError, match=r"other rates for a parameter group \(--decoupled-lr"
+                                           r"/--decoupled-min-lr\): max_lr 0\.002.* in the "
+                                           r"checkpoint, max_lr 0\.003"):
+        launch(_learning_rates, 1, other + ["--load", str(tmp_path)], 1)
+    # Iteration 5 of the decay over 6: the rates still tell 3e-3 from 2e-3.
+    resumed = launch(_group_rates, 1, other + ["--load", str(tmp_path), "--train-iters", "5",
+                                                "--override-opt_param-scheduler"], 1)[0]
+    assert resumed == launch(_group_rates, 1, other + ["--train-iters", "5"], 1)[0]
+    assert resumed != launch(_group_rates, 1, argv + ["--train-iters", "5"], 1)[0]
