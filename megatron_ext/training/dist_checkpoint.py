@@ -168,7 +168,8 @@ def save(trainer) -> None:
     state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False,
                                 part=lora_checkpoint.saved_part(trainer.config))
     request = dist_checkpointing.save(state, str(staging), async_sharded_save=c.async_save,
-                                      content_metadata=metadata)
+                                      content_metadata=metadata,
+                                      **(platform.async_save_options() if c.async_save else {}))
     if request is None:
         _finalize(root, iteration, c.save_total_limit)
     else:
