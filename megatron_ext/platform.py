@@ -228,7 +228,8 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(current)
 
 
-def _forked_write_results_queue():
+def _forked_write_results_queue(mp_mode=None):
+    """megatron-core's ``(_)get_write_results_queue`` (``mp_mode``, 0.17+: 'spawn'), forked."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
@@ -284,7 +285,11 @@ def apply() -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     _with_cuda_tensor_names(DistributedOptimizer, "get_parameter_state_dp_zero")
-    filesystem_async._get_write_results_queue = _forked_write_results_queue
+    # 0.16's name, and 0.17+'s (a spawned manager there would also outlive a killed rank: the
+    # forked one dies with it, training/__init__.py).
+    name = ("_get_write_results_queue" if hasattr(filesystem_async, "_get_write_results_queue")
+            else "get_write_results_queue")
+    setattr(filesystem_async, name, _forked_write_results_queue)
     _applied = True
 
 
@@ -350,3 +355,17 @@ def mark_decoupled_lr_groups(optimizer, lr, decoupled_lr) -> None:
         return
     for group in optimizer.param_groups:
         group["is_decoupled_lr"] = group.get("max_lr") == decoupled_lr != lr
+
+
+def async_save_options() -> dict:
+    """megatron-core 0.19 writes --async-save checkpoints with NVIDIA's nvidia-resiliency-ext by
+    default (``async_strategy="nvrx"``) and fails at the first save without it; its own writer,
+    the only one 0.16-0.18 have, is ``"mcore"`` (Megatron-LM 0.19 picks one with
+    --async-strategy). Older releases take no such argument."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    if "async_strategy" not in inspect.signature(dist_checkpointing.save).parameters:
+        return {}
+    return {"async_strategy": "mcore"}

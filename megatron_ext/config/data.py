@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ext.config.flags import NO_OP, OURS, flag
+from megatron_ext.config.flags import NO_OP, OURS, REFUSED, flag
 from megatron_ext.tokenizer import TokenizerOptions
 
 
@@ -13,6 +13,16 @@ class DataConfig:
 
     data_path: List[str] = flag(
         [], "Shard prefix, or weight/prefix pairs to blend: 0.3 A 0.7 B.", nargs="+")
+    # Megatron-LM's datasets per split: refused by validate with the way out.
+    train_data_path: Optional[List[str]] = flag(
+        None, "Datasets of the training split alone.", nargs="*", status=REFUSED,
+        note="per-split datasets are not supported yet: --data-path with --split")
+    valid_data_path: Optional[List[str]] = flag(
+        None, "Datasets of the validation split alone.", nargs="*", status=REFUSED,
+        note="per-split datasets are not supported yet: --data-path with --split")
+    test_data_path: Optional[List[str]] = flag(
+        None, "Datasets of the test split alone.", nargs="*", status=REFUSED,
+        note="per-split datasets are not supported yet: --data-path with --split")
     split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1.",
                       note="quoted values (the scripts' \"--split '99,1,0'\") accepted")
     mock_data: bool = flag(False, "Synthetic data (megatron-core's MockGPTDataset).")

@@ -65,16 +65,17 @@ class TrainingConfig:
         None, "Iterations of the decay; unset: --train-iters.", group="learning rate")
     lr_decay_samples: Optional[int] = flag(
         None, "Samples of the decay; unset: --train-samples.", group="learning rate")
+    # Megatron-LM's spellings (with the underscore), as its scripts write them.
     override_opt_param_scheduler: bool = flag(
-        False, "On resume, schedule the learning rate and weight decay by this run's flags, not "
-        "the checkpoint's (the step count is the checkpoint's).", group="learning rate",
-        name="--override-opt_param-scheduler", aliases=["--override-opt-param-scheduler"])
+        False, "On --load, schedule the learning rate and weight decay by this run's flags, "
+        "not the checkpoint's.", group="learning rate", name="--override-opt_param-scheduler",
+        aliases=("--override-opt-param-scheduler",))
     use_checkpoint_opt_param_scheduler: bool = flag(
-        False, "On resume, schedule by the checkpoint's values where this run's flags differ.",
-        group="learning rate", name="--use-checkpoint-opt_param-scheduler",
-        aliases=["--use-checkpoint-opt-param-scheduler"],
-        note="what a resume without either flag does too, saying what differs (Megatron-LM "
-        "refuses the mismatch)")
+        False, "On --load, keep the checkpoint's learning-rate and weight-decay schedule, "
+        "whatever this run's flags say. Without either flag a schedule flag that differs from "
+        "the checkpoint's is an error.", group="learning rate",
+        name="--use-checkpoint-opt_param-scheduler",
+        aliases=("--use-checkpoint-opt-param-scheduler",))
 
     weight_decay: float = flag(0.01, "Weight decay.", group="regularization")
     adam_beta1: float = flag(0.9, "Adam beta1.", group="regularization")

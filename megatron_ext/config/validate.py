@@ -173,6 +173,11 @@ def _refuse_unsupported(config: Config) -> None:
     _require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
              "(Hopper or newer), and is not wired here yet; drop the --fp8-* flags and train "
              "with --bf16")
+    per_split = [f"--{name}-data-path" for name in ("train", "valid", "test")
+                 if f"{name}_data_path" in given]
+    _require(not per_split, f"{' '.join(per_split)}: datasets per split are not supported yet; "
+             "give the datasets to --data-path (a prefix or a blend 0.3 A 0.7 B) and cut the "
+             "splits with --split (e.g. 98,2,0)")
     moe = sorted("--" + n.replace("_", "-") for n in given
                  if n.startswith("moe_") or n == "num_experts")
     _require(not moe and p.expert_model_parallel_size == 1,
@@ -261,6 +266,9 @@ def _validate_schedule(config: Config, dp: int) -> None:
     _require(t.lr_warmup_samples < t.lr_decay_samples,
              f"the warmup ({warmup}) must be shorter than {decay}")
     _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
+    _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are "
+             "exclusive; pick one")
     if t.decoupled_lr is not None and t.decoupled_min_lr is not None:
         _require(t.decoupled_min_lr <= t.decoupled_lr,
                  f"--decoupled-min-lr {t.decoupled_min_lr} is above --decoupled-lr "
@@ -373,11 +381,29 @@ def _validate_multitask(config: Config) -> None:
         _require(t.coba_tau > 0, "--coba-tau must be > 0")
 
 
+def _writable_directory(path, flag: str) -> None:
+    """``path`` is, or can be made, a directory this process writes to; else the run would
+    stop once its process groups exist (the index cache) or after training (a checkpoint)."""
+    if path is None:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _require(os.path.isdir(existing),
+             f"{flag} {path}: {existing} is a file, not a directory; give {flag} a directory")
+    _require(os.access(existing, os.W_OK | os.X_OK),
+             f"{flag} {path}: {existing} is not writable; give {flag} a directory you can "
+             f"write to")
+
+
 def _validate_logging_and_checkpoint(config: Config) -> None:
     c, d = config.checkpoint, config.data
     if d.data_cache_path is None and not d.mock_data:
         # One cache folder beside the run: shards stay read-only and can be shared.
         d.data_cache_path = os.path.join(c.save or ".cache", DATA_CACHE_DIR)
+    for path, flag in ((c.save, "--save"), (d.data_cache_path, "--data-cache-path"),
+                       (config.logging.tensorboard_dir, "--tensorboard-dir")):
+        _writable_directory(path, flag)
     for name in ("wandb_project", "wandb_exp_name"):
         if name in config.given:
             config.notices.append(f"--{name.replace('_', '-')}: no effect (Weights & Biases is "

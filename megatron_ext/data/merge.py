@@ -17,7 +17,8 @@ from megatron_ext.data.indexed import (IndexedDatasetReader, IndexedDatasetWrite
 from megatron_ext.data.outputs import prepare_output_dir
 from megatron_ext.data.shard_meta import TOOL, meta_path, read_meta
 
-_TOKENIZER_FIELDS = ("tokenizer_type", "tokenizer_model", "vocab_size", "eod")
+_TOKENIZER_FIELDS = ("tokenizer_type", "tokenizer_model", "vocab_size", "eod",
+                     "tokenizer_fingerprint")
 
 
 def expand_prefixes(prefixes: Sequence[str]) -> List[str]:

@@ -26,7 +26,7 @@ from megatron_ext.data.partitions import Outputs
 from megatron_ext.data.readers import Chunk, chunk_texts, read_chunks
 from megatron_ext.data.sentences import SentenceSplitter
 from megatron_ext.data.shard_meta import TOOL
-from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer
+from megatron_ext.tokenizer import TokenizerOptions, build_tokenizer, fingerprint
 
 SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
 # With --skip-invalid, the first few skipped records are named, so a systematic problem
@@ -231,7 +231,7 @@ def made_with(tokenizer, tokenizer_type: str, tokenizer_model: Optional[str],
     """The ShardMeta fields on how a token shard was made."""
     return dict(tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model,
                 vocab_size=tokenizer.vocab_size, eod=tokenizer.eod, eod_appended=eod_appended,
-                tool=TOOL)
+                tokenizer_fingerprint=fingerprint(tokenizer), tool=TOOL)
 
 
 def check_not_empty(inputs: Sequence[str], tokens: int, counts: str) -> None:

@@ -35,6 +35,7 @@ class ShardMeta:
     tokenizer_model: Optional[str] = None  # as given to the tool
     vocab_size: Optional[int] = None  # the tokenizer's, without Megatron's padding
     eod: Optional[int] = None
+    tokenizer_fingerprint: Optional[str] = None  # megatron_ext.tokenizer.fingerprint
     eod_appended: Optional[bool] = None  # --append-eod (None: unknown, e.g. a scanned shard)
     tool: str = ""  # "megatron-ext X.Y.Z preprocess_data.py", or "scan" for a scanned shard
 

@@ -34,8 +34,12 @@ EOD is an added `<EOD>` the model never saw: there it is the model's EOS piece (
 id Megatron adds when the model has none, as Megatron's `eos`).
 `tokenize_without_special_tokens` encodes text alone, without the BOS that Llama2Tokenizer or an
 HF post-processor adds: chat templates place BOS/EOS themselves.
+
+`fingerprint` names what a tokenizer does, wherever its files lie: shards record it, and
+training refuses a shard made by another tokenizer of the same vocabulary size.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -97,6 +101,22 @@ def options_from_args(args) -> TokenizerOptions:
     return TokenizerOptions(args.vocab_file, args.merge_file, args.tiktoken_pattern,
                             args.tiktoken_num_special_tokens,
                             tuple(args.special_tokens) if args.special_tokens else None)
+
+
+# Text that two different tokenizers almost surely split differently: several scripts, digits,
+# punctuation, code and runs of whitespace.
+_PROBE = ("The quick brown fox jumps over the lazy dog, 0123456789 times. Grüße, naïve café; "
+          "Привет, мир! 日本語のテキスト、中文文本。 def f(x):\n    return x ** 2  # done\n\t}")
+
+
+def fingerprint(tokenizer: Tokenizer) -> Optional[str]:
+    """A digest of the ids ``tokenizer`` gives a fixed text (without the special tokens a
+    document gets): equal for the same tokenizer under any path or type name that encodes
+    alike, different for another. None for NullTokenizer, whose vocabulary size says it all."""
+    if isinstance(tokenizer, NullTokenizer):
+        return None
+    ids = tokenizer.tokenize_without_special_tokens(_PROBE)
+    return hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16]
 
 
 def vocab_size_note(tokenizer_type: str, vocab_size: Optional[int]) -> Optional[str]:

@@ -11,26 +11,38 @@ from megatron_ext.training import logs
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def _die_with_parent(libc) -> bool:
+    """Have the kernel SIGKILL this process when its parent dies; False where it cannot."""
+    try:
+        return libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except AttributeError:
+        return False
+
+
 def die_with_launcher() -> None:
-    """Make this rank die when the process that started it (torchrun's agent) dies.
+    """Make this rank die when the process that started it (torchrun's agent) dies, and every
+    process the rank forks die with the rank.
 
     torch elastic starts each rank in a session of its own, so a ``kill -9`` of the agent reaches
     no rank: they would go on training and writing into ``--save`` with nobody watching. Linux
     sends a chosen signal to a process when its parent dies (``PR_SET_PDEATHSIG``); SIGKILL,
     because a rank blocked in a collective never returns to the interpreter to run a handler
-    (saves stay consistent: every file is written atomically and the tracker last). It lives
-    here, the first thing ``pretrain`` does, and not in platform.py (adaptations of megatron-core
-    to CPU): it concerns the launcher, on any device. Where prctl does not exist (not Linux) it
-    does nothing: the launcher's own shutdown is all there is.
+    (saves stay consistent: every file is written atomically and the tracker last). fork clears
+    that setting, so it is set again in each child the rank forks: megatron-core's
+    ``--async-save`` writer, orphaned mid-write, blocks forever holding its copy of the
+    checkpoint in memory (its half-written directory is never published, so nothing is lost).
+    It lives here, the first thing ``pretrain`` does, and not in platform.py (adaptations of
+    megatron-core to CPU): it concerns the launcher, on any device. Where prctl does not exist
+    (not Linux) it does nothing: the launcher's own shutdown is all there is.
     """
     if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
         return
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            return
-    except (OSError, AttributeError):
+    except OSError:
+        return
+    if not _die_with_parent(libc):
         return
     # The parent may have died before prctl took effect, and the signal then never comes: the
     # rank was re-parented already, to init (pid 1: caught here), or between the two reads
@@ -38,6 +50,15 @@ def die_with_launcher() -> None:
     # cannot be told from the launcher (torchrun does not export its pid).
     if parent == 1 or os.getppid() != parent:
         os._exit(1)
+    forking = []  # the pid of the process forking, read back in its child
+
+    def in_child():
+        # A parent that died before prctl in the child: the child is re-parented already.
+        if _die_with_parent(libc) and os.getppid() != forking[-1]:
+            os._exit(1)
+
+    os.register_at_fork(before=lambda: forking.append(os.getpid()),
+                        after_in_parent=forking.pop, after_in_child=in_child)
 
 
 def pretrain(forward_step, argv=None):
@@ -54,12 +75,15 @@ def pretrain(forward_step, argv=None):
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
     # Before megatron-core is imported: its optional-dependency warnings fire at import time.
     logs.setup(config.logging.verbose)
+    from megatron_ext.checkpoint.format import CheckpointError
     from megatron_ext.training.trainer import Trainer
 
     try:
         trainer = Trainer(config, forward_step)
-    except ConfigError as error:  # a shard or --split that cannot train (shard_checks.py)
+    except ConfigError as error:  # a tokenizer, shard or --split that cannot train
         sys.exit(f"[rank {rank}] invalid data: {error}")
+    except CheckpointError as error:  # --load/--save (checkpoint_checks.py, or while loading)
+        sys.exit(f"[rank {rank}] invalid checkpoint: {error}")
     try:
         trainer.train()
         # Stopped by --exit-interval to be resumed: no end-of-training evaluation (Megatron-LM).

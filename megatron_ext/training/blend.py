@@ -14,6 +14,16 @@ def parse_blend(data_path: List[str]):
     return list(data_path[1::2]), weights
 
 
+def _near(prefix: str) -> str:
+    """The prefix meant, where a file name or the --output-prefix was given: a hint or ''."""
+    candidates = [prefix[:-len(end)] for end in (".bin", ".idx", ".") if prefix.endswith(end)]
+    candidates += [prefix + "_text_document"]
+    for candidate in candidates:
+        if all(os.path.isfile(candidate + suffix) for suffix in (".bin", ".idx")):
+            return f"; did you mean --data-path {candidate}?"
+    return ""
+
+
 def check_prefixes(prefixes: List[str]) -> None:
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
@@ -21,4 +31,4 @@ def check_prefixes(prefixes: List[str]) -> None:
                 raise ConfigError(
                     f"--data-path: {prefix + suffix} does not exist; give the prefix written by "
                     f"preprocess_data.py (e.g. PREFIX_text_document, without .bin/.idx)"
-                )
+                    + _near(prefix))

@@ -1,8 +1,8 @@
 """What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
-(chained) optimizer, the check that the saved optimizer state is of this run's kind, the
-learning-rate schedule, and the pruning of old iterations."""
+(chained) optimizer, the checks that the saved optimizer state is of this run's kind and
+precision, the learning-rate schedule against the run's flags, and the pruning of old
+iterations."""
 
-import logging
 import random
 import shutil
 from pathlib import Path
@@ -13,18 +13,6 @@ from megatron.core import tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.training.logs import log_once
-
-logger = logging.getLogger("megatron_ext")
-
-# The schedule's values (megatron-core's state_dict keys; lr and wd steps in samples), with the
-# flags that set them here.
-_SCHEDULE = (
-    ("max_lr", "--lr"), ("min_lr", "--min-lr"), ("lr_decay_style", "--lr-decay-style"),
-    ("lr_warmup_steps", "--lr-warmup-iters/-samples/-fraction x --global-batch-size"),
-    ("lr_decay_steps", "--lr-decay-iters/--train-iters x --global-batch-size"),
-    ("start_wd", "--weight-decay"), ("end_wd", "--weight-decay"),
-    ("wd_incr_steps", "--train-iters x --global-batch-size"))
 
 
 def distributed_optimizers(optimizer) -> list:
@@ -43,25 +31,6 @@ def check_optimizer_kind(saved_distributed: bool, distributed: bool, where) -> N
             f"checkpoint {where} was saved {'with' if saved_distributed else 'without'} "
             f"--use-distributed-optimizer and this run is {'with' if distributed else 'without'} "
             f"it: its optimizer state does not fit; use the same flag, or pass --no-load-optim")
-
-
-def load_scheduler(trainer, saved: dict, where) -> None:
-    """Resume the learning-rate schedule. Where this run's flags give other values than the
-    checkpoint's (another --global-batch-size: the steps are samples), megatron-core keeps the
-    checkpoint's, or with --override-opt_param-scheduler takes this run's: say which, since
-    either changes the curve (Megatron-LM refuses the mismatch without one of its two flags)."""
-    t, scheduler = trainer.config.training, trainer.scheduler
-    differ = [f"{key} {saved[key]} in the checkpoint, {getattr(scheduler, key)} here ({flag})"
-              for key, flag in _SCHEDULE
-              if key in saved and saved[key] != getattr(scheduler, key)]
-    scheduler.load_state_dict(saved)
-    if differ and not t.use_checkpoint_opt_param_scheduler:
-        kept = ("this run's (--override-opt_param-scheduler)" if t.override_opt_param_scheduler
-                else "the checkpoint's; pass --override-opt_param-scheduler for this run's, or "
-                "--use-checkpoint-opt_param-scheduler to keep it without this warning")
-        log_once(logger, logging.WARNING,
-                 f"{where}: the learning-rate schedule (its steps are samples) differs from "
-                 f"this run's flags: {'; '.join(differ)}. The schedule followed is {kept}")
 
 
 def fresh_on_resume(checkpoint_config) -> str:
@@ -94,6 +63,108 @@ def set_rng_state(state: dict) -> None:
     if state["cuda_rng_state"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+# The scheduler's values that megatron-core's OptimizerParamScheduler.load_state_dict compares,
+# with the flags that make them. Its weight-decay increment (wd_incr_steps, wd_incr_style) is
+# left out: the style is always constant here, so its length has no effect.
+_SCHEDULE = (
+    ("max_lr", "--lr"),
+    ("min_lr", "--min-lr"),
+    ("lr_warmup_steps", "warmup samples (--lr-warmup-iters/-samples/-fraction, x "
+                        "--global-batch-size)"),
+    ("lr_decay_steps", "decay samples (--lr-decay-iters, default --train-iters, x "
+                       "--global-batch-size)"),
+    ("lr_decay_style", "--lr-decay-style"),
+    ("start_wd", "--weight-decay"),
+)
+
+
+def check_schedule(trainer, saved: dict, source) -> None:
+    """The checkpoint's learning-rate schedule (``saved``: its scheduler state) against this
+    run's flags. As in Megatron-LM, a difference is an error unless
+    --override-opt_param-scheduler (this run's flags) or --use-checkpoint-opt_param-scheduler
+    (the checkpoint's) says which applies: megatron-core's scheduler alone keeps the
+    checkpoint's silently, so a changed --lr or a longer --train-iters would have no effect."""
+    t = trainer.config.training
+    if t.override_opt_param_scheduler or t.use_checkpoint_opt_param_scheduler:
+        return
+    differences = [f"{label}: {saved[key]} in the checkpoint, {getattr(trainer.scheduler, key)} "
+                   f"in this run" for key, label in _SCHEDULE
+                   if key in saved and saved[key] != getattr(trainer.scheduler, key)]
+    if differences:
+        raise ckpt.CheckpointError(
+            f"checkpoint {source} was saved with another learning-rate schedule: "
+            f"{'; '.join(differences)}. Pass --override-opt_param-scheduler to schedule by this "
+            f"run's flags from the checkpoint's iteration on, or --use-checkpoint-opt_param-"
+            f"scheduler to keep the checkpoint's schedule (or the flags it was saved with)")
+
+
+def _precision(dtype) -> str:
+    return {torch.bfloat16: "--bf16", torch.float16: "--fp16"}.get(dtype, "fp32 (no --bf16/--fp16)")
+
+
+def check_precision(trainer, saved_args, source) -> None:
+    """The optimizer state of a checkpoint in another precision does not load: with --bf16 or
+    --fp16, megatron-core's optimizer keeps fp32 main copies of the weights beside the Adam
+    moments, in fp32 none (loading one into the other is a KeyError deep in megatron-core, in
+    Megatron-LM too)."""
+    saved = getattr(saved_args, "params_dtype", None)
+    if saved is None:  # args without it: Megatron-LM's flags say
+        saved = (torch.bfloat16 if getattr(saved_args, "bf16", False) else
+                 torch.float16 if getattr(saved_args, "fp16", False) else torch.float32)
+    ours = trainer.config.model.params_dtype
+    if saved != ours:
+        raise ckpt.CheckpointError(
+            f"checkpoint {source} was saved with {_precision(saved)}, this run has "
+            f"{_precision(ours)}: its optimizer state does not fit this run's optimizer; resume "
+            f"in the checkpoint's precision, or pass --no-load-optim to load the weights (cast "
+            f"to this precision) with a fresh optimizer")
+
+
+# What megatron-core keeps of the schedule in each parameter group (the scheduler reads the
+# rates there).
+_GROUP_SCHEDULE = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _saved_param_groups(state):
+    """The parameter groups in a (chained) optimizer state dict, in order."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            yield from state["param_groups"]
+            return
+        for key, value in state.items():
+            if key != "state":  # per-parameter tensors
+                yield from _saved_param_groups(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_param_groups(value)
+
+
+def adopt_schedule(trainer, optimizer_state, source) -> None:
+    """Each parameter group's rates and weight decay, saved (``optimizer_state``, before it is
+    loaded) against this run's: --override-opt_param-scheduler writes this run's into the saved
+    groups, --use-checkpoint-opt_param-scheduler the saved ones into this run's, so that loading
+    keeps the one chosen (0.16-0.18 load the saved ones; 0.19 matches saved groups to this
+    run's by them). Without either, a difference is an error: check_schedule has compared
+    --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr."""
+    t = trainer.config.training
+    saved = list(_saved_param_groups(optimizer_state))
+    if len(saved) != len(trainer.optimizer.param_groups):
+        return  # another grouping: megatron-core's loading says so
+    for theirs, ours in zip(saved, trainer.optimizer.param_groups):
+        keys = [k for k in _GROUP_SCHEDULE if k in ours and k in theirs]
+        if t.override_opt_param_scheduler:
+            theirs.update({k: ours[k] for k in keys})
+        elif t.use_checkpoint_opt_param_scheduler:
+            ours.update({k: theirs[k] for k in keys})
+        elif any(theirs[k] != ours[k] for k in keys):
+            rates = lambda group: ", ".join(f"{k} {group[k]}" for k in keys)  # noqa: E731
+            raise ckpt.CheckpointError(
+                f"checkpoint {source} was saved with other rates for a parameter group "
+                f"(--decoupled-lr/--decoupled-min-lr): {rates(theirs)} in the checkpoint, "
+                f"{rates(ours)} in this run. Pass --override-opt_param-scheduler to use this "
+                f"run's, or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")
 
 
 def prune(root, keep) -> None:

@@ -23,8 +23,9 @@ from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding
                                           model_args_namespace, padded_vocab_size, saved_value)
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
-                                                   fresh_on_resume, load_scheduler, prune,
+from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
+                                                   check_precision, check_schedule,
+                                                   distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
@@ -205,8 +206,11 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
         check_optimizer_kind(distrib_path.is_file(),
                              trainer.config.parallel.use_distributed_optimizer, path.parent)
+        check_precision(trainer, payload.get("args"), path)
+        check_schedule(trainer, payload["opt_param_scheduler"], path)
+        adopt_schedule(trainer, payload["optimizer"], path)
         trainer.optimizer.load_state_dict(payload["optimizer"])
-        load_scheduler(trainer, payload["opt_param_scheduler"], path.parent.parent)
+        trainer.scheduler.load_state_dict(payload["opt_param_scheduler"])
         optimizers = distributed_optimizers(trainer.optimizer)
         if optimizers:
             states = (ckpt.load_rank_file(distrib_path)["states"] if topology.dp_cp_rank == 0

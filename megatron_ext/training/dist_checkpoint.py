@@ -43,8 +43,9 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (check_optimizer_kind, distributed_optimizers,
-                                                   fresh_on_resume, load_scheduler, prune,
+from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
+                                                   check_precision, check_schedule,
+                                                   distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
@@ -168,7 +169,8 @@ def save(trainer) -> None:
     state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False,
                                 part=lora_checkpoint.saved_part(trainer.config))
     request = dist_checkpointing.save(state, str(staging), async_sharded_save=c.async_save,
-                                      content_metadata=metadata)
+                                      content_metadata=metadata,
+                                      **(platform.async_save_options() if c.async_save else {}))
     if request is None:
         _finalize(root, iteration, c.save_total_limit)
     else:
@@ -252,6 +254,9 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         raise ckpt.CheckpointError(
             f"checkpoint {directory} has no optimizer state; pass --no-load-optim or "
             f"--finetune to load the weights alone")
+    if load_optim:
+        check_precision(trainer, saved_args, directory)
+        check_schedule(trainer, common["opt_param_scheduler"], directory)
     if load_rng and not same_layout:
         log_once(logger, logging.WARNING,
                  f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, this run "
@@ -269,9 +274,10 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
+        adopt_schedule(trainer, state["optimizer"], directory)
         with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
             trainer.optimizer.load_state_dict(state["optimizer"])
-        load_scheduler(trainer, state["opt_param_scheduler"], directory)
+        trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
     elif trainer.config.model.bf16 or trainer.config.model.fp16:
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_rng:

@@ -38,7 +38,7 @@ _NOTICES = [
     (r"full scope is deprecated", None, False),
     (r"The \.grad attribute of a Tensor that is not a leaf Tensor", None, False),
     (r"`torch\.distributed\.\w+` is deprecated", None, False),
-    # megatron-core's torch_dist strategy calls torch APIs that torch has deprecated.
+    # megatron-core's torch_dist loading calls into torch.distributed.checkpoint (every resume).
     (r"`load_state_dict` is deprecated and will be removed", None, False),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", None, False),
     # Advice for overlapping TP communication on CUDA streams (the example scripts follow it).

@@ -31,6 +31,7 @@ from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
 from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError, meta_path,
                                            read_meta, write_json_atomically)
+from megatron_ext.tokenizer import fingerprint
 from megatron_ext.training.blend import check_prefixes, parse_blend
 from megatron_ext.training.sft_dataset import check_prefix
 
@@ -213,6 +214,14 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
             f"--data-path {shard.prefix}: largest token id {max_id} does not fit the vocabulary "
             f"of {vocab} ids of {tokenizer_flags(config)}{_made_with(meta)}; train with the "
             f"tokenizer the shard was made with, or preprocess it again with this one")
+    if meta is not None and meta.tokenizer_fingerprint is not None and (
+            meta.tokenizer_fingerprint != fingerprint(tokenizer)):
+        raise ShardError(
+            f"--data-path {shard.prefix}: made with another tokenizer than this run's "
+            f"{tokenizer_flags(config)}{_made_with(meta)}: the same text has other ids (its "
+            f"tokenizer_fingerprint {meta.tokenizer_fingerprint}, this run's "
+            f"{fingerprint(tokenizer)}); train with the tokenizer the shard was made with, or "
+            f"preprocess it again with this one")
     if meta is not None and meta.vocab_size is not None and meta.vocab_size != vocab:
         logger.warning(f"{shard.prefix} was made with a vocabulary of {meta.vocab_size} ids, "
                        f"this run's {tokenizer_flags(config)} has {vocab}")
@@ -268,6 +277,10 @@ def plan_splits(config: Config, shards: List[Shard]) -> List[Optional[Tuple[floa
     d, evaluating = config.data, config.logging.eval_iters > 0
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
     counts = split_documents(d.split, shards)
+    if evaluating and matrix[1] is None:  # Megatron-LM then skips validation without a word
+        logger.warning(f"--split {d.split} has no validation part: --eval-interval "
+                       f"{config.logging.eval_interval} evaluates nothing; give the second "
+                       f"number a share (e.g. 98,2,0), or pass --eval-iters 0")
     wanted = [True, evaluating, evaluating]
     for i, name in enumerate(SPLITS):
         if matrix[i] is None:

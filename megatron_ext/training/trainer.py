@@ -25,14 +25,15 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_ext import platform
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
-from megatron_ext.config import Config
+from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.config.validate_compat import check_padded_vocab_size
 from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import checkpointing, data, hf2mg, multitask, shard_checks, summary
+from megatron_ext.training import (checkpoint_checks, checkpointing, data, hf2mg, multitask,
+                                   shard_checks, summary)
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.profiling import StepProfiler
@@ -56,16 +57,22 @@ class Trainer:
         # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
         #    any process group exists, so a bad tokenizer file fails every rank alike.
         d = config.data
-        self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
-                                         d.tokenizer_options())
+        try:
+            self.tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size,
+                                             d.tokenizer_options())
+        except ValueError as error:  # its message names the flag and the file
+            raise ConfigError(str(error)) from None
         note = vocab_size_note(d.tokenizer_type, d.vocab_size)
         if note:
             log_once(logger, logging.WARNING, note)
         self.vocab_size = self.tokenizer.vocab_size
         check_padded_vocab_size(config, self.vocab_size)
-        checkpointing.adopt_saved_vocab_padding(config, self.vocab_size)
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
+        #    The checkpoint to load and the directory to save to, while they too fail alike;
+        #    the vocabulary padded as the checkpoint is.
+        checkpoint_checks.check_checkpoints(config)
+        checkpointing.adopt_saved_vocab_padding(config, self.vocab_size)
         self.eval_prompts = None
         if config.logging.eval_prompts:
             from megatron_ext.generation.eval_prompts import EvalPrompts
@@ -117,8 +124,9 @@ class Trainer:
             lr_warmup_steps=t.lr_warmup_samples, lr_decay_steps=t.lr_decay_samples,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=t.train_samples, wd_incr_style="constant",
-            override_opt_param_scheduler=t.override_opt_param_scheduler,
+            # Which schedule a resumed run follows: checked before loading (check_schedule).
             use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler,
+            override_opt_param_scheduler=t.override_opt_param_scheduler,
         )
         # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
         self.model_config.no_sync_func = self.model[0].no_sync

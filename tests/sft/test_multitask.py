@@ -386,8 +386,8 @@ def test_coba_resumes_exactly(data, tmp_path, ckpt_format):
     assert payload["coba"]["history"].shape == (2, len(TASKS))  # measured after steps 1, 2
     state = payload.pop("coba")
     ckpt.save_rank_file(path, payload)
-    fresh, warnings = launch(_coba_run, 1, argv + ["--load", str(tmp_path),
-                                                   "--train-iters", "3"])[0]
+    fresh, warnings = launch(_coba_run, 1, argv + ["--load", str(tmp_path), "--train-iters", "3",
+                                                   "--use-checkpoint-opt_param-scheduler"])[0]
     assert any("holds no CoBa state" in w for w in warnings), warnings
     torch.testing.assert_close(fresh[0][0], torch.full((3,), 1 / 3, dtype=torch.float64))
     ckpt.save_rank_file(path, dict(payload, coba=dict(state, tasks=["code", "prose", "chat"])))

@@ -176,3 +176,79 @@ def test_resumed_validation_continues_where_it_stopped(tmp_path):
     stopped = run("--save", str(tmp_path), "--save-interval", "3", "--exit-interval", "3")
     resumed = run("--load", str(tmp_path))
     assert stopped + resumed == full
+
+
+def _learning_rates(argv, world_size):
+    config = parse_args(argv, world_size=world_size)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
+    rates = [step["lr"] for step in trainer.train()]
+    trainer.close()
+    return rates
+
+
+def _group_rates(argv, world_size):
+    """The learning rate of every parameter group after the run's last step."""
+    config = parse_args(argv, world_size=world_size)
+    trainer = Trainer(config, pretrain_gpt.forward_step, world_size=world_size)
+    trainer.train()
+    rates = sorted(group["lr"] for group in trainer.optimizer.param_groups)
+    trainer.close()
+    return rates
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_resume_with_another_schedule_needs_a_choice(tmp_path, ckpt_format):
+    """As Megatron-LM: a schedule flag that differs from the checkpoint's (here --lr) is an
+    error naming it, not ignored (megatron-core's scheduler would keep the checkpoint's);
+    --override-opt_param-scheduler follows this run's flags (the learning rates of an
+    uninterrupted run with them), --use-checkpoint-opt_param-scheduler the checkpoint's."""
+    argv = MODEL + ["--ckpt-format", ckpt_format]
+    launch(_train, 1, argv + ["--save", str(tmp_path), "--exit-interval", "3"], 1)
+    faster = argv + ["--load", str(tmp_path), "--lr", "2e-3"]
+    with pytest.raises(RuntimeError, match=r"another learning-rate schedule: --lr: 0\.001 in the "
+                                           r"checkpoint, 0\.002 in this run\. Pass --override"):
+        launch(_learning_rates, 1, faster, 1)
+    with pytest.raises(RuntimeError, match="exclusive"):
+        launch(_learning_rates, 1, faster + ["--override-opt_param-scheduler",
+                                             "--use-checkpoint-opt-param-scheduler"], 1)
+    for flag, reference in (("--override-opt_param-scheduler", ["--lr", "2e-3"]),
+                            ("--use-checkpoint-opt_param-scheduler", [])):
+        resumed = launch(_learning_rates, 1, faster + [flag], 1)[0]
+        uninterrupted = launch(_learning_rates, 1, argv + reference, 1)[0]
+        assert resumed == uninterrupted[3:], flag
+    assert len(set(uninterrupted[3:])) == 3  # the rates change: the comparison can fail
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_resume_in_another_precision(tmp_path, ckpt_format):
+    """An fp32 checkpoint resumed with --bf16: its optimizer state (no fp32 main copies) does
+    not fit, and the error says so and names --no-load-optim (megatron-core's KeyError
+    otherwise); with it the weights load, rounded to bf16."""
+    argv = MODEL + ["--ckpt-format", ckpt_format]
+    _, _, saved = launch(_train_with_weights, 1, argv + ["--save", str(tmp_path),
+                                                          "--exit-interval", "2"], 1)[0]
+    resume = argv + ["--load", str(tmp_path), "--bf16"]
+    with pytest.raises(RuntimeError, match=r"saved with fp32 \(no --bf16/--fp16\), this run has "
+                                           r"--bf16: .* pass --no-load-optim"):
+        launch(_train, 1, resume, 1)
+    losses, loaded, _ = launch(_train_with_weights, 1, resume + ["--no-load-optim"], 1)[0]
+    assert len(losses) == 4
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name].float(), tensor.to(torch.bfloat16).float()), name
+
+
+def test_resume_with_another_decoupled_lr_needs_a_choice(tmp_path):
+    """The rates megatron-core keeps per parameter group: another --decoupled-lr is an error too;
+    --override-opt_param-scheduler follows it (an uninterrupted run's rates with it)."""
+    argv = MODEL + ["--decoupled-lr", "2e-3"]
+    launch(_train, 1, argv + ["--save", str(tmp_path), "--exit-interval", "3"], 1)
+    other = MODEL + ["--decoupled-lr", "3e-3"]
+    with pytest.raises(RuntimeError, match=r"other rates for a parameter group \(--decoupled-lr"
+                                           r"/--decoupled-min-lr\): max_lr 0\.002.* in the "
+                                           r"checkpoint, max_lr 0\.003"):
+        launch(_learning_rates, 1, other + ["--load", str(tmp_path)], 1)
+    # Iteration 5 of the decay over 6: the rates still tell 3e-3 from 2e-3.
+    resumed = launch(_group_rates, 1, other + ["--load", str(tmp_path), "--train-iters", "5",
+                                                "--override-opt_param-scheduler"], 1)[0]
+    assert resumed == launch(_group_rates, 1, other + ["--train-iters", "5"], 1)[0]
+    assert resumed != launch(_group_rates, 1, argv + ["--train-iters", "5"], 1)[0]

@@ -81,10 +81,19 @@ def _poll(condition, deadline_s, what):
         time.sleep(0.05)
 
 
+def _descendants(pids):
+    found = list(pids)
+    for pid in pids:
+        found += _descendants(_children(pid))
+    return found
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
-def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True])
+def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path, async_save):
     """kill -9 of torchrun's agent, mid-training with a save every iteration: within seconds no
-    rank is alive, and the tracker names a complete checkpoint."""
+    rank is alive, nor (--async-save, the agent killed while a rank's checkpoint writer runs)
+    any process a rank forked, and the tracker names a complete checkpoint."""
     from megatron_ext.checkpoint import format as ckpt
     from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 
@@ -96,7 +105,8 @@ def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path):
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            os.path.join(ROOT, "pretrain_gpt.py"), *TINY, "--tensor-model-parallel-size", "2",
            "--global-batch-size", "4", "--train-iters", "100000", "--log-interval", "1",
-           "--eval-interval", "0", "--save", str(save), "--save-interval", "1"]
+           "--eval-interval", "0", "--save", str(save), "--save-interval", "1"] + (
+               ["--async-save"] if async_save else [])
     agent = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
     ranks = []
@@ -106,9 +116,12 @@ def test_killed_launcher_leaves_no_rank_and_no_half_checkpoint(tmp_path):
         assert agent.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
         ranks = _children(agent.pid)
         assert len(ranks) == 2, ranks
+        if async_save:  # a writer the ranks forked, writing the next checkpoint
+            _poll(lambda: len(_descendants(ranks)) > 2, RUN_TIMEOUT_S, "a checkpoint writer")
+            ranks = _descendants(ranks)
         os.kill(agent.pid, signal.SIGKILL)
         agent.wait()
-        _poll(lambda: not any(_alive(pid) for pid in ranks), 10, "every rank stopped")
+        _poll(lambda: not any(_alive(pid) for pid in ranks), 10, "every rank and writer stopped")
     finally:
         for pid in ranks:
             if _alive(pid):

@@ -129,6 +129,45 @@ def test_eod_of_another_tokenizer(shard, flag):
         _check(shard, flag)
 
 
+def test_shard_of_another_tokenizer_with_the_same_vocabulary(tmp_path):
+    """Two SentencePiece models of 400 pieces and EOD 2 (BPE and unigram on one corpus): a shard
+    preprocess_data.py wrote with one is refused for a run with the other, which reads the same
+    text as other ids (checked here with the tokenizers themselves); the same model under another
+    path or type name that encodes alike is accepted."""
+    import shutil
+
+    from megatron_ext.data.cli import main as preprocess
+    from megatron_ext.data.default_corpus import build_corpus, train_tokenizer
+
+    corpus = str(tmp_path / "corpus.jsonl")
+    build_corpus(corpus, max_bytes=100_000)
+    bpe = train_tokenizer(corpus, str(tmp_path / "bpe"), vocab_size=400)
+    unigram = train_tokenizer(corpus, str(tmp_path / "unigram"), vocab_size=400,
+                              model_type="unigram")
+    prefix = str(tmp_path / "bpe")
+    preprocess(["--input", corpus, "--output-prefix", prefix, "--tokenizer-type",
+                "GPTSentencePieceTokenizer", "--tokenizer-model", bpe, "--append-eod"])
+    prefix += "_text_document"
+
+    def check(tokenizer_type, model):
+        argv = TINY + ["--tokenizer-type", tokenizer_type, "--tokenizer-model", model,
+                       "--data-path", prefix, "--reset-position-ids"]
+        return check_data(parse_args(argv, world_size=1), build_tokenizer(tokenizer_type, model))
+
+    a, b = (build_tokenizer("GPTSentencePieceTokenizer", m) for m in (bpe, unigram))
+    assert (a.vocab_size, a.eod) == (b.vocab_size, b.eod) == (400, 2)
+    text = "def main(argv):\n    return parse_args(argv)"
+    assert a.tokenize(text) != b.tokenize(text)
+    with pytest.raises(ShardError, match=rf"{prefix}: made with another tokenizer than this "
+                                         rf"run's --tokenizer-type GPTSentencePieceTokenizer "
+                                         rf"--tokenizer-model {unigram} \(the shard was made "
+                                         rf"with GPTSentencePieceTokenizer {bpe}"):
+        check("GPTSentencePieceTokenizer", unigram)
+    moved = shutil.copy(bpe, tmp_path / "moved.model")
+    check("GPTSentencePieceTokenizer", str(moved))
+    check("Llama2Tokenizer", bpe)
+
+
 def test_eod_matching_the_run_passes(tmp_path):
     # NullTokenizer --vocab-size 8000: EOD 8000, so a shard ending documents with it is right.
     docs = [doc[:-1] + [SP_VOCAB] for doc in _sp_docs(50)]
@@ -182,6 +221,30 @@ def test_zero_document_shard(tmp_path):
     empty = _write(str(tmp_path / "empty"), [])  # a valid index of 0 documents, empty .bin
     with pytest.raises(ShardError, match=rf"{empty} holds no documents"):
         _check(empty)
+
+
+def test_a_file_name_or_output_prefix_for_data_path_names_the_prefix(shard):
+    from megatron_ext.config import ConfigError
+
+    for given in (shard + ".bin", shard + ".idx", shard[:-len("_text_document")]):
+        with pytest.raises(ConfigError, match=rf"does not exist; .*did you mean --data-path "
+                                              rf"{shard}\?$"):
+            _check(given)
+    with pytest.raises(ConfigError, match=r"without \.bin/\.idx\)$"):  # nothing near: no guess
+        _check(shard + "_other")
+
+
+def test_no_validation_split_is_said(shard, caplog):
+    """--split 100,0,0 with evaluation on: trained without validation, as Megatron-LM, and a
+    warning says so (none with --eval-iters 0)."""
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        assert _check(shard, "--split", "100,0,0", "--eval-interval", "5")[1] is None
+    assert "--split 100,0,0 has no validation part: --eval-interval 5 evaluates nothing" in (
+        caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        _check(shard, "--split", "100,0,0", "--eval-iters", "0")
+    assert "validation" not in caplog.text
 
 
 def test_empty_splits(shard):

@@ -29,3 +29,24 @@ def test_tiktoken_flags_take_megatron_syntax():
     assert parse_args(base[:-4], world_size=1).data.tiktoken_num_special_tokens == 1000
     with pytest.raises(SystemExit):
         parse_args(base[:-4] + ["--tiktoken-pattern", "v3"], world_size=1)
+
+
+def test_a_tokenizer_that_does_not_load_stops_in_one_line(tmp_path):
+    """A missing or damaged --tokenizer-model: pretrain() stops with the tokenizer's message
+    (naming the flag and the file), not a traceback, before any process group exists."""
+    import torch.distributed as dist
+
+    import pretrain_gpt
+    from megatron_ext.training import pretrain
+
+    damaged = tmp_path / "tokenizer.model"
+    damaged.write_bytes(b"\x0a\x05not a model")
+    for model, expected in ((tmp_path / "missing.model", "no such file or directory"),
+                            (damaged, "is not a SentencePiece model")):
+        with pytest.raises(SystemExit) as stopped:
+            pretrain(pretrain_gpt.forward_step, MODEL + [
+                "--global-batch-size", "2", "--tokenizer-type", "GPTSentencePieceTokenizer",
+                "--tokenizer-model", str(model)])
+        assert str(stopped.value.code).startswith(
+            f"[rank 0] invalid data: --tokenizer-model {model}"), stopped.value.code
+        assert expected in str(stopped.value.code) and not dist.is_initialized()
