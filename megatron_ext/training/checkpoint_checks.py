@@ -78,7 +78,8 @@ def check_load_dir(root, flag: str) -> None:
                 f"{flag} {root} is a Hugging Face model, not a Megatron checkpoint; convert it "
                 f"first: python convert_ckpt.py --model-type GPT --load-model-type hf "
                 f"--save-model-type mg --ckpt-format torch_dist --load-dir {root} --save-dir "
-                f"DIR, then train with {flag} DIR --finetune")
+                f"DIR, then train with {flag} DIR --finetune (or convert at start-up: "
+                f"--enable-hf2mg-convert, as MindSpeed-LLM)")
         if (root / PEFT_CONFIG).is_file():
             raise ckpt.CheckpointError(
                 f"{flag} {root} is a PEFT adapter directory, which training does not read; give "
@@ -132,6 +133,8 @@ def _check_torch_files(directory: Path) -> None:
 
 def check_checkpoints(config: Config) -> None:
     c, lora = config.checkpoint, config.lora
-    for root, flag in ((c.load, "--load"), (lora.lora_load, "--lora-load")):
+    # --enable-hf2mg-convert: --load is the Hugging Face model to convert (training/hf2mg.py).
+    load = None if config.mindspeed.enable_hf2mg_convert else c.load
+    for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
         if root:
             check_load_dir(root, flag)
