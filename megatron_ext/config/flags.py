@@ -55,6 +55,10 @@ def _scalar_type(annotation):
     return unquote
 
 
+def _option_strings(f) -> list:
+    return [flag_name(f), *f.metadata.get("aliases", ())]
+
+
 def _add_argument(group, f) -> None:
     meta = f.metadata
     kwargs = dict(dest=f.name, default=None, **meta.get("argparse", {}))
@@ -69,7 +73,7 @@ def _add_argument(group, f) -> None:
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
         text += f" (default: {shown})"
     kwargs["help"] = text.replace("%", "%%")
-    group.add_argument(flag_name(f), *meta.get("aliases", ()), **kwargs)
+    group.add_argument(*_option_strings(f), **kwargs)
 
 
 # Megatron-LM's argument groups, in its --help order.
@@ -91,12 +95,17 @@ def flags_by_group(components):
 def build_parser_from(components, extra_args_provider=None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Megatron-style GPT pretraining on megatron-core", allow_abbrev=False)
+    # An entry script's own flags first: where one has a component flag's name (generate_gpt.py's
+    # --prompt-type is the chat template it renders, MindSpeed-LLM's a training no-op), the
+    # script's meaning is the one that applies there.
+    if extra_args_provider is not None:
+        extra_args_provider(parser)
+    taken = set(known_flags(parser))
     for title, group_fields in flags_by_group(components).items():
         group = parser.add_argument_group(title)
         for f in group_fields:
-            _add_argument(group, f)
-    if extra_args_provider is not None:
-        extra_args_provider(parser)
+            if not taken.intersection(_option_strings(f)):
+                _add_argument(group, f)
     return parser
 
 
