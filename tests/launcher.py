@@ -98,6 +98,21 @@ def torchrun(nproc, args, timeout, launcher_flags=(), script="pretrain_gpt.py"):
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def run_script(argv, env, timeout) -> str:
+    """A shell script as a user runs it (``argv``: ``["bash", script, ...]``), stdout and stderr
+    together; it must succeed, and one past ``timeout`` s is killed with its workers."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the script did not finish in {timeout} s\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-5000:]
+    return output
+
+
 def iteration_records(stdout: str, train_iters: int) -> list:
     """[(iteration, {field: text})] of a run's iteration lines (``metrics.parse_log``, the one
     parser of Megatron-LM's log format)."""

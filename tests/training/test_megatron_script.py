@@ -8,13 +8,11 @@ rest of the first run exactly.
 import json
 import os
 import shutil
-import signal
-import subprocess
 
 import pytest
 
 from megatron_ext.training.metrics import parse_log
-from tests.launcher import free_port
+from tests.launcher import free_port, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "training", "scripts", "train_tiny_llama_megatron_style.sh")
@@ -25,17 +23,7 @@ def _launch(ckpt, tensorboard):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                MASTER_PORT=str(free_port()), PYTHONPATH=ROOT)
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen(["bash", SCRIPT, str(ckpt), str(tensorboard)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the script did not finish in {TIMEOUT_S} s\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
-    return output
+    return run_script(["bash", SCRIPT, str(ckpt), str(tensorboard)], env, TIMEOUT_S)
 
 
 def test_megatron_style_script_trains_evaluates_saves_and_resumes(tmp_path):

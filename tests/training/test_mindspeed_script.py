@@ -10,7 +10,6 @@ no-ops change nothing and the start-up conversion is convert_ckpt.py's.
 
 import json
 import os
-import signal
 import subprocess
 
 import pytest
@@ -20,7 +19,7 @@ from megatron_ext.data.cli import main as preprocess_main
 from megatron_ext.training import pretrain  # noqa: F401 - likewise
 from megatron_ext.training.metrics import parse_log
 from tests.checkpoint.conftest import make_hf_model, run_convert
-from tests.launcher import free_port, launch, pretrain_records
+from tests.launcher import free_port, launch, pretrain_records, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "tests", "training", "scripts",
@@ -58,17 +57,7 @@ def _env(tmp_path, load, save):
 
 
 def _launch(script, tmp_path, load, save):
-    env = _env(tmp_path, load, save)
-    proc = subprocess.Popen(["bash", str(script)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the script did not finish in {TIMEOUT_S} s\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
-    return output
+    return run_script(["bash", str(script)], _env(tmp_path, load, save), TIMEOUT_S)
 
 
 def test_mindspeed_style_script_runs_unchanged_and_its_no_ops_change_nothing(tmp_path):
