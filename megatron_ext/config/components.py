@@ -22,6 +22,12 @@ class ConfigError(ValueError):
     """A flag value (or combination) that cannot work; the message names the flag to change."""
 
 
+def require(condition: bool, message: str) -> None:
+    """The checks' one form: ``message`` names the flag to change."""
+    if not condition:
+        raise ConfigError(message)
+
+
 def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
     """Megatron-LM's default: 4h, or 2/3 of it rounded down to a multiple of 64 for SwiGLU."""
     return int(4 * hidden_size * 2 / 3 / 64) * 64 if swiglu else 4 * hidden_size

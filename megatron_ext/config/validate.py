@@ -1,31 +1,25 @@
-"""``validate``: the one place of checks. It fills derived defaults by Megatron-LM's rules,
-raises ``ConfigError`` naming the flag to change, and records in ``config.notices`` what it
-decided about flags that are accepted but not honoured as such (no-ops, warned-and-disabled)."""
+"""``validate``: the one place of checks (the schedule's in validate_schedule.py, other
+frameworks' flags in validate_compat.py, both called from here). It fills derived defaults by
+Megatron-LM's rules, raises ``ConfigError`` naming the flag to change, and records in
+``config.notices`` what it decided about flags that are accepted but not honoured as such
+(no-ops, warned-and-disabled)."""
 
 import os
 from dataclasses import fields
 
 from megatron_ext import platform
 from megatron_ext.config.checkpoint import CheckpointConfig
-from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size
+from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size, require
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_ALLGATHER
-from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.config.validate_compat import validate_compat
+from megatron_ext.config.validate_schedule import validate_schedule
 
 
-# Megatron-LM has no default (and fails late without either flag); short runs are what a
-# missing flag means here.
-DEFAULT_TRAIN_ITERS = 10
 # Under --save (or .cache/): the dataset index caches and shard scans of a run.
 DATA_CACHE_DIR = "data_cache"
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def validate(config: Config, world_size: int) -> None:
@@ -34,7 +28,7 @@ def validate(config: Config, world_size: int) -> None:
     validate_compat(config)  # maps other frameworks' flags onto ours, before they are checked
     _validate_model(config)
     _refuse_unsupported(config)
-    _validate_schedule(config, dp)
+    validate_schedule(config, dp)
     _validate_data(config)
     _validate_multitask(config)
     _validate_logging_and_checkpoint(config)
@@ -46,15 +40,15 @@ def _validate_parallel(config: Config, world_size: int) -> int:
     p = config.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     cp = p.context_parallel_size
-    _require(tp >= 1 and pp >= 1 and cp >= 1, "--tensor-model-parallel-size, "
+    require(tp >= 1 and pp >= 1 and cp >= 1, "--tensor-model-parallel-size, "
              "--pipeline-model-parallel-size and --context-parallel-size must be >= 1")
-    _require(world_size % (tp * pp * cp) == 0,
+    require(world_size % (tp * pp * cp) == 0,
              f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
              f"--pipeline-model-parallel-size {pp} x --context-parallel-size {cp}; change them "
              "or --nproc-per-node")
-    _require(p.distributed_backend != "nccl" or platform.cuda_available(),
+    require(p.distributed_backend != "nccl" or platform.cuda_available(),
              "--distributed-backend nccl needs a CUDA device; use gloo (the default on CPU)")
-    _require(p.distributed_backend != "gloo" or not platform.cuda_available(),
+    require(p.distributed_backend != "gloo" or not platform.cuda_available(),
              "--distributed-backend gloo cannot reduce-scatter CUDA tensors (sequence parallelism, "
              "the distributed optimizer); use nccl (the default with a GPU)")
     if p.sequence_parallel and tp == 1:
@@ -62,10 +56,10 @@ def _validate_parallel(config: Config, world_size: int) -> int:
         p.sequence_parallel = False
         config.notices.append("--sequence-parallel with --tensor-model-parallel-size 1: "
                               "disabled (nothing to split the sequence over)")
-    _require(p.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1")
-    _require(not p.overlap_param_gather or p.use_distributed_optimizer,
+    require(p.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1")
+    require(not p.overlap_param_gather or p.use_distributed_optimizer,
              "--overlap-param-gather needs --use-distributed-optimizer")
-    _require(not p.overlap_param_gather or p.overlap_grad_reduce,
+    require(not p.overlap_param_gather or p.overlap_grad_reduce,
              "--overlap-param-gather needs --overlap-grad-reduce")
     _validate_context_parallel(config)
     return world_size // (tp * pp * cp)
@@ -77,24 +71,24 @@ def _validate_context_parallel(config: Config) -> None:
     p, m = config.parallel, config.model
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
     other = sorted(set(p.cp_comm_type) - {CP_ALLGATHER})
-    _require(not other, f"--cp-comm-type {' '.join(other)}: only allgather is supported (K/V "
+    require(not other, f"--cp-comm-type {' '.join(other)}: only allgather is supported (K/V "
              "all-gathered over the CP group in our core attention; p2p, a2a and a2a+p2p are "
              "Transformer Engine's); pass --cp-comm-type allgather or drop the flag")
-    _require(p.hierarchical_context_parallel_sizes is None,
+    require(p.hierarchical_context_parallel_sizes is None,
              "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p, which is not "
              "supported; drop it")
     if cp == 1:
         return
-    _require(m.seq_length % (2 * cp) == 0,
+    require(m.seq_length % (2 * cp) == 0,
              f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp}: "
              f"each sequence is cut into {2 * cp} equal chunks (two per CP rank)")
     # Answering prompts decodes token by token with a KV cache: no sequence to split.
-    _require(config.logging.eval_prompts is None,
+    require(config.logging.eval_prompts is None,
              f"--eval-prompts with --context-parallel-size {cp}: decoding has no sequence to "
              "split over CP ranks; drop --eval-prompts and run generate_gpt.py on a checkpoint "
              "(CP is not part of its layout)")
     # With SP each CP rank's share (seq / CP per row) is split again over TP ranks.
-    _require(not p.sequence_parallel or m.seq_length % (2 * cp * tp) == 0,
+    require(not p.sequence_parallel or m.seq_length % (2 * cp * tp) == 0,
              f"--sequence-parallel with --context-parallel-size {cp} splits each CP rank's "
              f"--seq-length {m.seq_length} / {cp} tokens over --tensor-model-parallel-size {tp}: "
              f"make --seq-length divisible by 2 x {cp} x {tp} = {2 * cp * tp}")
@@ -102,27 +96,27 @@ def _validate_context_parallel(config: Config) -> None:
 
 def _validate_model(config: Config) -> None:
     m, tp = config.model, config.parallel.tensor_model_parallel_size
-    _require(m.num_attention_heads % tp == 0,
+    require(m.num_attention_heads % tp == 0,
              f"--num-attention-heads {m.num_attention_heads} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
     if m.group_query_attention:
-        _require(m.num_query_groups is not None,
+        require(m.num_query_groups is not None,
                  "--group-query-attention needs --num-query-groups")
     else:
-        _require(m.num_query_groups is None,
+        require(m.num_query_groups is None,
                  "--num-query-groups needs --group-query-attention")
         m.num_query_groups = m.num_attention_heads
-    _require(m.num_attention_heads % m.num_query_groups == 0,
+    require(m.num_attention_heads % m.num_query_groups == 0,
              f"--num-attention-heads {m.num_attention_heads} is not divisible by "
              f"--num-query-groups {m.num_query_groups}")
-    _require(m.num_query_groups % tp == 0,
+    require(m.num_query_groups % tp == 0,
              f"--num-query-groups {m.num_query_groups} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
-    _require(m.num_layers % config.parallel.pipeline_model_parallel_size == 0,
+    require(m.num_layers % config.parallel.pipeline_model_parallel_size == 0,
              f"--num-layers {m.num_layers} is not divisible by "
              f"--pipeline-model-parallel-size {config.parallel.pipeline_model_parallel_size}")
     if m.kv_channels is None:
-        _require(m.hidden_size % m.num_attention_heads == 0,
+        require(m.hidden_size % m.num_attention_heads == 0,
                  f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
                  f"{m.num_attention_heads}; set --kv-channels")
         m.kv_channels = m.hidden_size // m.num_attention_heads
@@ -130,17 +124,17 @@ def _validate_model(config: Config) -> None:
         m.ffn_hidden_size = default_ffn_hidden_size(m.hidden_size, m.swiglu)
     if m.max_position_embeddings is None:
         m.max_position_embeddings = m.seq_length
-    _require(m.position_embedding_type == "rope" or m.seq_length <= m.max_position_embeddings,
+    require(m.position_embedding_type == "rope" or m.seq_length <= m.max_position_embeddings,
              f"--seq-length {m.seq_length} exceeds --max-position-embeddings "
              f"{m.max_position_embeddings}")
-    _require(m.add_position_embedding or m.position_embedding_type == "rope",
+    require(m.add_position_embedding or m.position_embedding_type == "rope",
              "--no-position-embedding is deprecated (as in Megatron-LM); use "
              "--position-embedding-type rope")
-    _require(0.0 < m.rotary_percent <= 1.0, f"--rotary-percent {m.rotary_percent}: must be in "
+    require(0.0 < m.rotary_percent <= 1.0, f"--rotary-percent {m.rotary_percent}: must be in "
              "(0, 1]")
-    _require(not (m.bf16 and m.fp16), "--bf16 and --fp16 are exclusive; pick one")
+    require(not (m.bf16 and m.fp16), "--bf16 and --fp16 are exclusive; pick one")
     if m.recompute_granularity == "full":
-        _require(m.recompute_method is not None,
+        require(m.recompute_method is not None,
                  "--recompute-granularity full needs --recompute-method uniform|block")
         if m.recompute_num_layers is None:
             m.recompute_num_layers = 1
@@ -170,128 +164,29 @@ def _refuse_unsupported(config: Config) -> None:
     yet; each refusal is one check, removed when its feature lands."""
     p, given = config.parallel, config.given
     fp8 = sorted("--" + n.replace("_", "-") for n in given if n.startswith("fp8_"))
-    _require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
+    require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
              "(Hopper or newer), and is not wired here yet; drop the --fp8-* flags and train "
              "with --bf16")
     per_split = [f"--{name}-data-path" for name in ("train", "valid", "test")
                  if f"{name}_data_path" in given]
-    _require(not per_split, f"{' '.join(per_split)}: datasets per split are not supported yet; "
+    require(not per_split, f"{' '.join(per_split)}: datasets per split are not supported yet; "
              "give the datasets to --data-path (a prefix or a blend 0.3 A 0.7 B) and cut the "
              "splits with --split (e.g. 98,2,0)")
     moe = sorted("--" + n.replace("_", "-") for n in given
                  if n.startswith("moe_") or n == "num_experts")
-    _require(not moe and p.expert_model_parallel_size == 1,
+    require(not moe and p.expert_model_parallel_size == 1,
              f"{' '.join(moe) or '--expert-model-parallel-size'}: MoE is not supported yet; "
              "drop the MoE flags to train the dense model")
-
-
-def _validate_schedule(config: Config, dp: int) -> None:
-    t, m, given = config.training, config.model, config.given
-    logs = config.logging
-    _require(t.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
-    _require(logs.log_interval >= 1, f"--log-interval {logs.log_interval}: must be >= 1")
-    _require(logs.eval_interval >= 0 and logs.eval_iters >= 0,
-             "--eval-interval and --eval-iters must be >= 0 (0: no evaluation)")
-    _require(logs.eval_prompts is None or os.path.isfile(logs.eval_prompts),
-             f"--eval-prompts {logs.eval_prompts}: no such file (one prompt per line, or JSONL "
-             f'with "prompt")')
-    _require(logs.eval_prompts is None or logs.eval_interval > 0,
-             "--eval-prompts answers at each evaluation: set --eval-interval > 0")
-    # Batch size and its schedule.
-    _require(t.rampup_batch_size is None or t.step_batch_size_schedule is None,
-             "--rampup-batch-size and --step-batch-size-schedule are exclusive; pick one")
-    steps = None
-    if t.step_batch_size_schedule is not None:
-        try:
-            steps = parse_step_schedule(t.step_batch_size_schedule, m.seq_length)
-        except ValueError as error:
-            raise ConfigError(f"--step-batch-size-schedule: {error}") from None
-        # Megatron-LM takes the final size from the schedule; its own script also passes it as
-        # --global-batch-size, accepted here when the two agree.
-        _require(t.global_batch_size in (None, steps[-1][1]),
-                 f"--global-batch-size {t.global_batch_size} differs from the last size of "
-                 f"--step-batch-size-schedule ({steps[-1][1]}); drop --global-batch-size")
-        t.global_batch_size = steps[-1][1]
-    if t.global_batch_size is None:
-        t.global_batch_size = t.micro_batch_size * dp
-    if t.rampup_batch_size is not None:
-        start, increment, samples = t.rampup_batch_size
-        _require(0 < start < t.global_batch_size and increment > 0 and samples >= 0
-                 and (t.global_batch_size - start) % increment == 0,
-                 f"--rampup-batch-size {start} {increment} {samples}: needs 0 < START < "
-                 f"--global-batch-size {t.global_batch_size}, INCREMENT > 0 dividing their "
-                 "difference, SAMPLES >= 0")
-    schedule = BatchSizeSchedule(t.global_batch_size, t.rampup_batch_size, steps)
-    for size in schedule.sizes():
-        _require(size % (t.micro_batch_size * dp) == 0,
-                 f"--global-batch-size {size} is not divisible by "
-                 f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp}")
-    # Iteration- or sample-based, as in Megatron-LM: one form for all three quantities.
-    _require(t.train_iters is None or t.train_samples is None,
-             "--train-iters and --train-samples are exclusive; pick one")
-    if t.train_iters is None and t.train_samples is None:
-        t.train_iters = DEFAULT_TRAIN_ITERS
-    if t.train_samples is not None:
-        bad = [f for f in ("lr_decay_iters", "lr_warmup_iters") if f in given]
-        _require(not bad, f"--{bad[0].replace('_', '-') if bad else ''} with --train-samples: "
-                 "sample-based training takes --lr-decay-samples/--lr-warmup-samples")
-        _require(t.train_samples >= 1, f"--train-samples {t.train_samples}: must be >= 1")
-        t.train_iters = schedule.iterations(t.train_samples)
-    else:
-        bad = [f for f in ("lr_decay_samples", "lr_warmup_samples") if f in given]
-        _require(not bad, f"--{bad[0].replace('_', '-') if bad else ''} with --train-iters: "
-                 "iteration-based training takes --lr-decay-iters/--lr-warmup-iters")
-        t.train_samples = t.train_iters * t.global_batch_size
-        if t.lr_decay_iters is not None:
-            t.lr_decay_samples = t.lr_decay_iters * t.global_batch_size
-        t.lr_warmup_samples = t.lr_warmup_iters * t.global_batch_size
-    _require(t.train_iters >= 1, f"--train-iters {t.train_iters}: must be >= 1")
-    if t.lr_decay_samples is None:
-        t.lr_decay_samples = t.train_samples
-    if t.lr_decay_iters is None:
-        t.lr_decay_iters = -(-t.lr_decay_samples // t.global_batch_size)
-    warmup_flags = [f for f in ("lr_warmup_iters", "lr_warmup_samples") if f in given]
-    _require(t.lr_warmup_fraction is None or not warmup_flags,
-             f"--lr-warmup-fraction and --{(warmup_flags or ['x'])[0].replace('_', '-')} are "
-             "exclusive; pick one")
-    if t.lr_warmup_fraction is not None:
-        t.lr_warmup_samples = t.lr_warmup_fraction * t.lr_decay_samples
-    if "train_samples" in given:
-        decay = f"--lr-decay-samples {t.lr_decay_samples} (default: --train-samples)"
-        warmup = f"{t.lr_warmup_samples} samples from --lr-warmup-samples/--lr-warmup-fraction"
-    else:
-        decay = f"--lr-decay-iters {t.lr_decay_iters} (default: --train-iters)"
-        warmup = (f"{t.lr_warmup_samples / t.global_batch_size:g} iterations from "
-                  "--lr-warmup-iters/--lr-warmup-fraction")
-    _require(t.lr_warmup_samples < t.lr_decay_samples,
-             f"the warmup ({warmup}) must be shorter than {decay}")
-    _require(t.min_lr <= t.lr, f"--min-lr {t.min_lr} is above --lr {t.lr}")
-    _require(not (t.override_opt_param_scheduler and t.use_checkpoint_opt_param_scheduler),
-             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are "
-             "exclusive; pick one")
-    if t.decoupled_lr is not None and t.decoupled_min_lr is not None:
-        _require(t.decoupled_min_lr <= t.decoupled_lr,
-                 f"--decoupled-min-lr {t.decoupled_min_lr} is above --decoupled-lr "
-                 f"{t.decoupled_lr}")
-    if t.grad_reduce_in_bf16 and not m.bf16:
-        config.notices.append("--grad-reduce-in-bf16: no effect without --bf16 (gradients are "
-                              "reduced in the parameters' fp32, as in Megatron-LM)")
-    _require(t.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0")
-    _require(t.exit_duration_in_mins is None or t.exit_duration_in_mins >= 0,
-             "--exit-duration-in-mins must be >= 0")
-    if t.empty_unused_memory_level and not platform.cuda_available():
-        config.notices.append(f"--empty-unused-memory-level {t.empty_unused_memory_level}: no "
-                              "effect without a CUDA device (no cached CUDA memory to release)")
 
 
 def _validate_profile(config: Config, world_size: int) -> None:
     logs = config.logging
     if logs.profile:
-        _require(0 <= logs.profile_step_start < logs.profile_step_end,
+        require(0 <= logs.profile_step_start < logs.profile_step_end,
                  f"--profile-step-start {logs.profile_step_start} must be below "
                  f"--profile-step-end {logs.profile_step_end}")
         outside = [r for r in logs.profile_ranks if not 0 <= r < world_size]
-        _require(not outside, f"--profile-ranks {' '.join(map(str, outside))}: no such rank "
+        require(not outside, f"--profile-ranks {' '.join(map(str, outside))}: no such rank "
                  f"in a world of {world_size} ranks")
 
 
@@ -299,30 +194,30 @@ def _validate_data(config: Config) -> None:
     d, t, m, p = config.data, config.training, config.model, config.parallel
     tp = p.tensor_model_parallel_size
     if d.is_instruction_dataset:
-        _require(not d.mock_data, "--is-instruction-dataset reads instruction shards from "
+        require(not d.mock_data, "--is-instruction-dataset reads instruction shards from "
                  "--data-path PREFIX (preprocess_data.py --handler-name ...); it cannot be used "
                  "with --mock-data")
-        _require(bool(d.data_path), "--is-instruction-dataset needs --data-path PREFIX (the "
+        require(bool(d.data_path), "--is-instruction-dataset needs --data-path PREFIX (the "
                  "--output-prefix of preprocess_data.py --handler-name ...)")
-        _require(not d.eod_mask_loss, "--eod-mask-loss cannot be used with "
+        require(not d.eod_mask_loss, "--eod-mask-loss cannot be used with "
                  "--is-instruction-dataset: the loss mask comes from the data (assistant turns "
                  "and their end tokens)")
     if p.sequence_parallel:
         # SP splits each micro-batch's sequence over TP ranks; packed (varlen) micro-batches are
         # one row of micro-batch x seq-length tokens.
         if config.varlen:
-            _require((t.micro_batch_size * m.seq_length) % tp == 0,
+            require((t.micro_batch_size * m.seq_length) % tp == 0,
                      f"--sequence-parallel with packed documents splits --micro-batch-size "
                      f"{t.micro_batch_size} x --seq-length {m.seq_length} tokens over "
                      f"--tensor-model-parallel-size {tp}: make it divisible")
         else:
-            _require(m.seq_length % tp == 0,
+            require(m.seq_length % tp == 0,
                      f"--sequence-parallel splits --seq-length {m.seq_length} over "
                      f"--tensor-model-parallel-size {tp}: make it divisible")
-    _require(bool(d.data_path) != d.mock_data,
+    require(bool(d.data_path) != d.mock_data,
              "give exactly one of --data-path PREFIX... and --mock-data")
     if d.data_path and len(d.data_path) > 1:
-        _require(len(d.data_path) % 2 == 0,
+        require(len(d.data_path) % 2 == 0,
                  "--data-path with several datasets takes weight/prefix pairs: 0.3 A 0.7 B")
         for weight in d.data_path[0::2]:
             try:
@@ -331,29 +226,29 @@ def _validate_data(config: Config) -> None:
                 raise ConfigError(
                     f"--data-path: {weight!r} is not a weight; use 0.3 A 0.7 B") from None
             # megatron-core's BlendedDataset asserts every weight > 0.
-            _require(float(weight) > 0, f"--data-path: weight {weight} must be > 0")
+            require(float(weight) > 0, f"--data-path: weight {weight} must be > 0")
     split = d.split.replace("/", ",").split(",")
-    _require(all(s.strip().replace(".", "", 1).isdigit() for s in split) and len(split) <= 3,
+    require(all(s.strip().replace(".", "", 1).isdigit() for s in split) and len(split) <= 3,
              f"--split {d.split!r}: expected up to three numbers like 949,50,1")
     # megatron-core divides by the sum (0,0,0 is a ZeroDivisionError there) and returns no
     # training dataset for a zero first part (a TypeError at the first batch).
-    _require(float(split[0]) > 0, f"--split {d.split!r}: the training split (first number) is "
+    require(float(split[0]) > 0, f"--split {d.split!r}: the training split (first number) is "
              "empty")
     if d.num_workers is None:
         # Megatron-LM's 2 overlap loading with GPU work; on a CPU they compete for its cores.
         d.num_workers = 2 if platform.cuda_available() else 0
-    _require(d.num_workers >= 0, f"--num-workers {d.num_workers}: must be >= 0")
+    require(d.num_workers >= 0, f"--num-workers {d.num_workers}: must be >= 0")
     if "create_attention_mask_in_dataloader" in config.given:
         config.notices.append("--no-create-attention-mask-in-dataloader: no effect (no dense "
                               "attention mask is ever built here)")
-    _require(d.tokenizer_type is not None, "--tokenizer-type is required")
+    require(d.tokenizer_type is not None, "--tokenizer-type is required")
     if d.tokenizer_type == "NullTokenizer":
-        _require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
+        require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
     elif d.tokenizer_type == "GPT2BPETokenizer":
-        _require(d.vocab_file is not None and d.merge_file is not None,
+        require(d.vocab_file is not None and d.merge_file is not None,
                  "--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     else:
-        _require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
+        require(d.tokenizer_type == "ByteTokenizer" or d.tokenizer_model is not None,
                  f"--tokenizer-type {d.tokenizer_type} needs --tokenizer-model")
 
 
@@ -362,23 +257,23 @@ def _validate_multitask(config: Config) -> None:
     coba = [name for name in ("coba_warmup_steps", "coba_history_length", "coba_tau",
                               "coba_update_interval", "coba_sample_valid_num")
             if name in config.given]
-    _require(mode == "coba" or not coba, f"--{coba[0].replace('_', '-') if coba else ''} "
+    require(mode == "coba" or not coba, f"--{coba[0].replace('_', '-') if coba else ''} "
              "needs --weighted-loss-mode coba")
     if mode == "case1":
         return
-    _require(config.data.is_instruction_dataset, f"--weighted-loss-mode {mode} weighs the "
+    require(config.data.is_instruction_dataset, f"--weighted-loss-mode {mode} weighs the "
              "tasks of instruction data: it needs --is-instruction-dataset")
     # The weights divide by counts over the whole global batch; megatron-core's
     # per-micro-batch averaging (without the flag) would weigh micro-batches instead.
-    _require(t.calculate_per_token_loss, f"--weighted-loss-mode {mode} needs "
+    require(t.calculate_per_token_loss, f"--weighted-loss-mode {mode} needs "
              "--calculate-per-token-loss")
     if mode == "coba":
-        _require(config.logging.eval_iters > 0, "--weighted-loss-mode coba measures the "
+        require(config.logging.eval_iters > 0, "--weighted-loss-mode coba measures the "
                  "validation split: --eval-iters must be > 0")
         for name in ("coba_warmup_steps", "coba_history_length", "coba_update_interval",
                      "coba_sample_valid_num"):
-            _require(getattr(t, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        _require(t.coba_tau > 0, "--coba-tau must be > 0")
+            require(getattr(t, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        require(t.coba_tau > 0, "--coba-tau must be > 0")
 
 
 def _writable_directory(path, flag: str) -> None:
@@ -389,9 +284,9 @@ def _writable_directory(path, flag: str) -> None:
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    _require(os.path.isdir(existing),
+    require(os.path.isdir(existing),
              f"{flag} {path}: {existing} is a file, not a directory; give {flag} a directory")
-    _require(os.access(existing, os.W_OK | os.X_OK),
+    require(os.access(existing, os.W_OK | os.X_OK),
              f"{flag} {path}: {existing} is not writable; give {flag} a directory you can "
              f"write to")
 
@@ -408,14 +303,14 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
         if name in config.given:
             config.notices.append(f"--{name.replace('_', '-')}: no effect (Weights & Biases is "
                                   "not integrated; use --tensorboard-dir)")
-    _require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
-    _require(c.save_total_limit is None or c.save_total_limit >= 1,
+    require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
+    require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
-    _require(not (config.training.override_opt_param_scheduler
+    require(not (config.training.override_opt_param_scheduler
                   and config.training.use_checkpoint_opt_param_scheduler),
              "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
              "contradict each other; pass one")
-    _require(not c.async_save or c.ckpt_format == "torch_dist",
+    require(not c.async_save or c.ckpt_format == "torch_dist",
              "--async-save needs --ckpt-format torch_dist (the torch format saves synchronously)")
     for f in fields(CheckpointConfig):  # Megatron-LM's dist-ckpt tuning and deprecated flags
         if f.metadata["status"] == NO_OP and f.name in config.given:
@@ -424,19 +319,19 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
 
 def _validate_lora(config: Config) -> None:
     lora, given = config.lora, config.given
-    _require(not lora.qlora, "--qlora: QLoRA trains LoRA on a 4-bit quantized base, which needs "
+    require(not lora.qlora, "--qlora: QLoRA trains LoRA on a 4-bit quantized base, which needs "
              "a GPU 4-bit library (bitsandbytes) that is not available here; drop --qlora to "
              "train LoRA on the base in its own precision")
     unknown = [m for m in lora.lora_target_modules if m not in TARGET_MODULES]
-    _require(not unknown, f"--lora-target-modules {' '.join(unknown)}: not a layer of this model; "
+    require(not unknown, f"--lora-target-modules {' '.join(unknown)}: not a layer of this model; "
              f"choose from {' '.join(TARGET_MODULES)} (megatron-core's names)")
-    _require(len(set(lora.lora_target_modules)) == len(lora.lora_target_modules),
+    require(len(set(lora.lora_target_modules)) == len(lora.lora_target_modules),
              "--lora-target-modules names a layer twice")
-    _require(lora.lora_r >= 1, f"--lora-r {lora.lora_r}: the rank must be >= 1")
-    _require(lora.lora_alpha > 0, f"--lora-alpha {lora.lora_alpha}: must be > 0")
-    _require(0.0 <= lora.lora_dropout < 1.0,
+    require(lora.lora_r >= 1, f"--lora-r {lora.lora_r}: the rank must be >= 1")
+    require(lora.lora_alpha > 0, f"--lora-alpha {lora.lora_alpha}: must be > 0")
+    require(0.0 <= lora.lora_dropout < 1.0,
              f"--lora-dropout {lora.lora_dropout}: must be in [0, 1)")
-    _require(lora.enabled or lora.lora_load is None,
+    require(lora.enabled or lora.lora_load is None,
              "--lora-load needs --lora-target-modules (the adapted layers, as at training)")
     ignored = sorted(n for n in ("lora_r", "lora_alpha", "lora_dropout") if n in given)
     if ignored and not lora.enabled:

@@ -7,18 +7,13 @@ from dataclasses import fields
 
 from megatron_ext.checkpoint.format import TRACKER_FILENAME
 from megatron_ext.config.checkpoint import CheckpointConfig
-from megatron_ext.config.components import Config, ConfigError
+from megatron_ext.config.components import Config, ConfigError, require
 from megatron_ext.config.flags import NO_OP, WARNED, flag_name
 from megatron_ext.config.mindspeed import LLAMA3_ROPE, MindSpeedConfig
 from megatron_ext.config.model import ModelConfig
 
 # Flags whose notice is more than "no effect" (said below, where they are mapped).
 _MAPPED = {"context_parallel_algo"}
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 def validate_compat(config: Config) -> None:
@@ -68,23 +63,23 @@ def _attention(config: Config) -> None:
 def _positions(config: Config) -> None:
     m, ms = config.model, config.mindspeed
     if m.use_rotary_position_embeddings:
-        _require("position_embedding_type" not in config.given
+        require("position_embedding_type" not in config.given
                  or m.position_embedding_type == "rope",
                  f"--use-rotary-position-embeddings with --position-embedding-type "
                  f"{m.position_embedding_type}: pick one")
         m.position_embedding_type = "rope"
     factors = {name: getattr(ms, name) for name in LLAMA3_ROPE if getattr(ms, name) is not None}
     if ms.rope_scaling_type is None:
-        _require(not factors or m.use_rope_scaling,
+        require(not factors or m.use_rope_scaling,
                  f"--{next(iter(factors), '').replace('_', '-')} is a Llama 3.1 RoPE scaling "
                  "factor: add --rope-scaling-type llama3 (or drop it)")
     else:
-        _require(ms.rope_scaling_type == "llama3",
+        require(ms.rope_scaling_type == "llama3",
                  f"--rope-scaling-type {ms.rope_scaling_type}: only llama3 (megatron-core's "
                  "Llama 3.1 scaling) is supported; drop it to train without RoPE scaling")
         m.use_rope_scaling = True
     for name, value in factors.items():
-        _require(value == LLAMA3_ROPE[name],
+        require(value == LLAMA3_ROPE[name],
                  f"--{name.replace('_', '-')} {value:g}: megatron-core's Llama 3.1 scaling "
                  f"fixes it at {LLAMA3_ROPE[name]:g}; pass {LLAMA3_ROPE[name]:g} or drop it")
 
@@ -94,7 +89,7 @@ def _vocabulary(config: Config) -> None:
     if ms.padded_vocab_size is None:
         return
     rows = ms.padded_vocab_size
-    _require(rows > 0 and rows % tp == 0, f"--padded-vocab-size {rows} is not divisible by "
+    require(rows > 0 and rows % tp == 0, f"--padded-vocab-size {rows} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
     if "make_vocab_size_divisible_by" in config.given:
         config.notices.append(f"--make-vocab-size-divisible-by {m.make_vocab_size_divisible_by}: "
@@ -106,7 +101,7 @@ def _vocabulary(config: Config) -> None:
 def check_padded_vocab_size(config: Config, vocab_size: int) -> None:
     """--padded-vocab-size must hold the tokenizer's vocabulary (known once it is built)."""
     rows = config.mindspeed.padded_vocab_size
-    _require(rows is None or vocab_size <= rows,
+    require(rows is None or vocab_size <= rows,
              f"--padded-vocab-size {rows} is smaller than the tokenizer's {vocab_size} tokens; "
              f"raise it (or drop it to pad by --make-vocab-size-divisible-by)")
 
@@ -114,20 +109,20 @@ def check_padded_vocab_size(config: Config, vocab_size: int) -> None:
 def _fine_tuning(config: Config) -> None:
     ms, instruction = config.mindspeed, config.data.is_instruction_dataset
     if ms.stage is not None:
-        _require(ms.stage == "sft", f"--stage {ms.stage}: DPO and the RL stages are not "
+        require(ms.stage == "sft", f"--stage {ms.stage}: DPO and the RL stages are not "
                  "supported; fine-tune with --stage sft (instruction data) or drop --stage to "
                  "pretrain")
-        _require(instruction, "--stage sft trains on instruction shards: add "
+        require(instruction, "--stage sft trains on instruction shards: add "
                  "--is-instruction-dataset (with --data-path from preprocess_data.py "
                  "--handler-name ...)")
-    _require(not ms.no_shuffle or instruction, "--no-shuffle: megatron-core's pretraining "
+    require(not ms.no_shuffle or instruction, "--no-shuffle: megatron-core's pretraining "
              "dataset always shuffles (by --seed, reproducibly); drop it, or use it with "
              "--is-instruction-dataset")
 
 
 def _layout(config: Config) -> None:
     ms, p, m = config.mindspeed, config.parallel, config.model
-    _require(p.num_layers_per_virtual_pipeline_stage is None,
+    require(p.num_layers_per_virtual_pipeline_stage is None,
              "--num-layers-per-virtual-pipeline-stage: the interleaved pipeline schedule is "
              "not supported; drop it (one model chunk per stage)")
     if ms.num_layer_list is None:
@@ -138,10 +133,10 @@ def _layout(config: Config) -> None:
     except ValueError:
         raise ConfigError(f"--num-layer-list {ms.num_layer_list!r}: expected numbers like "
                           "4,4,4,4") from None
-    _require(len(layers) == pp and sum(layers) == m.num_layers,
+    require(len(layers) == pp and sum(layers) == m.num_layers,
              f"--num-layer-list {ms.num_layer_list}: needs {pp} stages (one per "
              f"--pipeline-model-parallel-size) adding up to --num-layers {m.num_layers}")
-    _require(len(set(layers)) == 1, f"--num-layer-list {ms.num_layer_list}: uneven pipeline "
+    require(len(set(layers)) == 1, f"--num-layer-list {ms.num_layer_list}: uneven pipeline "
              "stages are not supported; drop it (--num-layers is split evenly)")
     config.notices.append(f"--num-layer-list {ms.num_layer_list}: even stages, as without it")
 
@@ -150,7 +145,7 @@ def _checkpoint(config: Config) -> None:
     c, ms = config.checkpoint, config.mindspeed
     # With --enable-hf2mg-convert, --load becomes the conversion (always there once started).
     if c.exit_on_missing_checkpoint and c.load and not ms.enable_hf2mg_convert:
-        _require(os.path.isfile(os.path.join(c.load, TRACKER_FILENAME)),
+        require(os.path.isfile(os.path.join(c.load, TRACKER_FILENAME)),
                  f"--exit-on-missing-checkpoint: --load {c.load} holds no checkpoint (no "
                  f"{TRACKER_FILENAME}); fix --load or drop the flag to start from scratch")
     if ms.model_type_hf is not None and not ms.enable_hf2mg_convert:
@@ -159,7 +154,7 @@ def _checkpoint(config: Config) -> None:
     if ms.enable_hf2mg_convert:
         load = c.load or ""
         files = os.listdir(load) if os.path.isdir(load) else []
-        _require("config.json" in files and any(
+        require("config.json" in files and any(
             f.endswith(".safetensors") or (f.startswith("pytorch_model") and f.endswith(".bin"))
             for f in files), f"--enable-hf2mg-convert converts the Hugging Face model in --load: "
             f"{load or '(no --load)'} holds no config.json with *.safetensors weights; give "

@@ -15,11 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import (OptimizerParamScheduler,
-                                                     get_canonical_lr_for_logging)
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_ext import platform
@@ -36,6 +33,7 @@ from megatron_ext.training import (checkpoint_checks, checkpointing, data, hf2mg
                                    shard_checks, summary)
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
+from megatron_ext.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from megatron_ext.training.profiling import StepProfiler
 
 logger = logging.getLogger("megatron_ext")
@@ -95,39 +93,10 @@ class Trainer:
         if config.lora.enabled:
             lora.freeze_base(module)  # before DDP: no gradient buffers, no optimizer state
         self.model_config = module.config
-        p, t, m = config.parallel, config.training, config.model
-        ddp_config = DistributedDataParallelConfig(
-            # Megatron-LM: --grad-reduce-in-bf16 keeps bf16 gradients for the reduction.
-            grad_reduce_in_fp32=not (m.bf16 and t.grad_reduce_in_bf16),
-            overlap_grad_reduce=p.overlap_grad_reduce,
-            overlap_param_gather=p.overlap_param_gather,
-            use_distributed_optimizer=p.use_distributed_optimizer,
-        )
-        self.model = [DistributedDataParallel(self.model_config, ddp_config, module)]
-        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples; the
-        #    decoupled rates apply to the embedding and output layer).
-        self.optimizer = get_megatron_optimizer(
-            OptimizerConfig(
-                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                clip_grad=t.clip_grad, bf16=m.bf16, fp16=m.fp16,
-                params_dtype=self.model_config.params_dtype,
-                initial_loss_scale=t.initial_loss_scale,
-                use_distributed_optimizer=config.parallel.use_distributed_optimizer,
-                decoupled_lr=t.decoupled_lr, decoupled_min_lr=t.decoupled_min_lr,
-            ),
-            self.model,
-        )
-        platform.mark_decoupled_lr_groups(self.optimizer, t.lr, t.decoupled_lr)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_samples, lr_decay_steps=t.lr_decay_samples,
-            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=t.train_samples, wd_incr_style="constant",
-            # Which schedule a resumed run follows: checked before loading (check_schedule).
-            use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler,
-            override_opt_param_scheduler=t.override_opt_param_scheduler,
-        )
+        self.model = [wrap_ddp(config, module)]
+        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples).
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = build_scheduler(config, self.optimizer)
         # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
         self.model_config.no_sync_func = self.model[0].no_sync
         self.model_config.finalize_model_grads_func = finalize_model_grads
@@ -146,6 +115,7 @@ class Trainer:
             checkpointing.load_checkpoint(self)
         # 7. Data, sharded over data-parallel ranks, from where the checkpoint left off; the
         #    global batch size may ramp up (in consumed samples, as Megatron-LM's).
+        t, m = config.training, config.model
         self.batch_schedule = BatchSizeSchedule(
             t.global_batch_size, t.rampup_batch_size,
             parse_step_schedule(t.step_batch_size_schedule, m.seq_length)
