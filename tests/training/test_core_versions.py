@@ -43,8 +43,9 @@ def test_checkpoint_resumes_under_the_other_megatron_core(tmp_path, ckpt_format)
     here, there = _core_version(sys.executable), _core_version(OTHER)
     assert here != there, f"both interpreters have megatron-core {here}"
     fmt = ["--ckpt-format", ckpt_format]
-    _run(sys.executable, *fmt, "--train-iters", "2", "--save", str(tmp_path),
-         "--save-interval", "2")
+    # Stopped at 2 of the same 4 iterations: the resumed runs follow the saved schedule.
+    _run(sys.executable, *fmt, "--train-iters", "4", "--exit-interval", "2", "--save",
+         str(tmp_path), "--save-interval", "2")
     resumed_here = _run(sys.executable, *fmt, "--train-iters", "4", "--load", str(tmp_path))
     resumed_there = _run(OTHER, *fmt, "--train-iters", "4", "--load", str(tmp_path))
     assert [i for i, _ in resumed_here] == [3, 4]
