@@ -85,31 +85,30 @@ def torchrun(nproc, args, timeout, launcher_flags=(), script="pretrain_gpt.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher_flags,
            os.path.join(ROOT, script)] + [str(a) for a in args]
-    # Own process group: on a hang, the launcher and its workers are killed together.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    returncode, stdout, stderr = _run_killed_on_hang(cmd, env, timeout, subprocess.PIPE)
+    return subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
+
+
+def _run_killed_on_hang(cmd, env, timeout, stderr):
+    """(returncode, stdout, stderr) of ``cmd`` in its own process group, so that on a hang
+    (past ``timeout`` s) it is killed with all its workers and the test fails."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s (hang?)\n{stdout[-2000:]}"
-                    f"\n{stderr[-2000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+        pytest.fail(f"{cmd[0]} {cmd[1]} ... did not finish in {timeout} s (hang?)\n"
+                    f"{stdout[-3000:]}\n{(stderr or '')[-2000:]}")
+    return proc.returncode, stdout, stderr
 
 
 def run_script(argv, env, timeout) -> str:
     """A shell script as a user runs it (``argv``: ``["bash", script, ...]``), stdout and stderr
     together; it must succeed, and one past ``timeout`` s is killed with its workers."""
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"the script did not finish in {timeout} s\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    returncode, output, _ = _run_killed_on_hang(argv, env, timeout, subprocess.STDOUT)
+    assert returncode == 0, output[-5000:]
     return output
 
 
