@@ -159,7 +159,7 @@ def markdown(results, dry_run) -> str:
                      [(s["name"], s["status"] + (f" ({s['note']})" if "note" in s else ""),
                        f"{s['seconds']:.0f}", f"`{s['command']}`")
                       for s in results["steps"]])]
-    kernels, varlen = _result(results, "kernels"), _result(results, "varlen")
+    kernels = _result(results, "kernels")
     lines += ["", "## 1. Varlen kernels vs the exact fp32 reference", "",
               _kernel_section(kernels) if kernels else "No result.",
               "", "## 2. Training step (bench/train_step.py --gpu)", "", _train_section(results),
