@@ -15,7 +15,7 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import check_compatible, saved_value
+from megatron_ext.checkpoint.args import check_compatible, divisible_by_padding_to, saved_value
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
 from megatron_ext.training import dist_checkpoint, lora_checkpoint
@@ -89,9 +89,12 @@ def generation_config(args: argparse.Namespace, world_size: int):
         # The padded rows are part of the saved embedding, and Megatron pads to a multiple of
         # divisible-by x TP: at another TP, keep the checkpoint's row count.
         tp, saved_padded = args.tensor_model_parallel_size, saved_value(saved, "padded_vocab_size")
-        if not divisible_given and saved_padded and saved_padded % tp == 0 \
+        if not divisible_given and saved_padded \
                 and tp != (saved_value(saved, "tensor_model_parallel_size") or 1):
-            args.make_vocab_size_divisible_by = saved_padded // tp
+            # The tokenizer is not loaded yet: Megatron-LM's args may lack the unpadded size,
+            # and any size up to the saved rows pads alike.
+            vocab = saved_value(saved, "vocab_size") or saved_padded
+            args.make_vocab_size_divisible_by = divisible_by_padding_to(vocab, saved_padded, tp)
         # Megatron-LM saves its tokenizer flags (ours does not): use them when not given.
         for name in ("tokenizer_type", "tokenizer_model"):
             if getattr(args, name) is None and getattr(saved, name, None):
