@@ -77,7 +77,7 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(
-        config.model.attention_backend
+        config.model.attention_backend, config.parallel.cp_comm_type
     )
     if config.lora.enabled:
         lora.apply_to_spec(spec, config.lora, config.model.swiglu)
