@@ -59,10 +59,13 @@ LAYOUTS = {
                                 "uniform"],
     "cp2-dp2-distopt": CP2 + ["--use-distributed-optimizer"],
     # Ulysses (2 query heads, 1 KV group per CP rank); per layer, mixed with allgather, over
-    # two pipeline stages (each layer's scheme by its global number).
+    # two pipeline stages (each layer's scheme by its global number), the all-to-alls replayed
+    # by recomputation.
     "a2a-cp2-dp2": A2A,
-    "a2a-allgather-cp2-pp2": A2A + ["allgather", "allgather", "a2a",
-                                    "--pipeline-model-parallel-size", "2"],
+    "a2a-allgather-cp2-pp2-recompute": A2A + ["allgather", "allgather", "a2a",
+                                              "--pipeline-model-parallel-size", "2",
+                                              "--recompute-granularity", "full",
+                                              "--recompute-method", "uniform"],
 }
 LOSS_RTOL = 1e-5  # float32 summation order gives ~1e-7
 GRAD_NORM_RTOL = 1e-4
