@@ -32,10 +32,10 @@ S, HEADS, GROUPS, DIM = 32, 4, 2, 8
 ROWS = [[3, 9, 1, 1, 14, 4], [20, 5, 7]]
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, groups=GROUPS):
     g = torch.Generator().manual_seed(seed)
     b = len(ROWS)
-    q, k, v = (torch.randn(S, b, n, DIM, generator=g) for n in (HEADS, GROUPS, GROUPS))
+    q, k, v = (torch.randn(S, b, n, DIM, generator=g) for n in (HEADS, groups, groups))
     cotangent = torch.randn(S, b, HEADS * DIM, generator=g)
     return q, k, v, cotangent
 
@@ -49,7 +49,7 @@ def _rank(cp, packed, backend, inputs, scheme="allgather"):
     platform.manual_seed(1)
     group = parallel_state.get_context_parallel_group()
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
-                               num_query_groups=GROUPS, context_parallel_size=cp,
+                               num_query_groups=inputs[1].size(2), context_parallel_size=cp,
                                attention_dropout=0.0)
     core = CoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type=scheme,
                          backend="sdpa")
@@ -89,8 +89,8 @@ def _expected(packed, inputs):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check(cp, packed, backend="sdpa", scheme="allgather"):
-    inputs = _inputs()
+def _check(cp, packed, backend="sdpa", scheme="allgather", groups=GROUPS):
+    inputs = _inputs(groups=groups)
     actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs, scheme))
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(packed, inputs)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
@@ -102,10 +102,12 @@ def test_context_parallel_attention_equals_each_document_alone(cp, packed):
     _check(cp, packed)
 
 
+@pytest.mark.parametrize("cp, groups", [(2, GROUPS), (4, HEADS)], ids=["cp2-gqa", "cp4-mha"])
 @pytest.mark.parametrize("packed", [True, False], ids=["documents", "plain-causal"])
-def test_all_to_all_attention_equals_each_document_alone(packed):
-    """--cp-comm-type a2a at CP=2: 2 query heads and 1 KV group per rank (GQA 4/2 halved)."""
-    _check(2, packed, scheme="a2a")
+def test_all_to_all_attention_equals_each_document_alone(packed, cp, groups):
+    """--cp-comm-type a2a: at CP=2 2 query heads and 1 KV group per rank (GQA 4/2 halved); at
+    CP=4 one head per rank (4 heads, 4 groups)."""
+    _check(cp, packed, scheme="a2a", groups=groups)
 
 
 def _fake_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
