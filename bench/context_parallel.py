@@ -1,8 +1,8 @@
 """Benchmark: activation memory per rank and tokens/s of context parallelism (prints a table).
 
-Each (sequence length, CP) pair builds a ``Trainer`` from Megatron-LM flags on CP ranks
-(``--context-parallel-size CP --cp-comm-type allgather``, mock data, micro-batch 1, global
-batch 1: every rank holds 1/CP of one sequence), then:
+Each (sequence length, CP, --cp-comm-type) builds a ``Trainer`` from Megatron-LM flags on CP
+ranks (``--context-parallel-size CP --cp-comm-type allgather`` or ``a2a``, mock data,
+micro-batch 1, global batch 1: every rank holds 1/CP of one sequence), then:
 
 - activation memory per rank: the storages autograd saves for backward during one micro-batch's
   forward (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded; as
@@ -10,7 +10,8 @@ batch 1: every rank holds 1/CP of one sequence), then:
   rank keeps alive between forward and backward, exactly, without allocator noise; on a GPU
   the peak allocated memory of a step is reported too. With CP it should fall about as 1/CP
   (each rank keeps its own tokens; allgather adds the whole sequence's K and V per layer, small
-  next to the rest with GQA);
+  next to the rest with GQA; a2a holds the whole rows of heads / CP instead of its columns of
+  all heads, the same size);
 - tokens/s: sequence length / the median step time (each step timed between barriers, a step's
   time is its slowest rank's), after the warm-up steps.
 
@@ -20,7 +21,10 @@ documents are 1..4095 tokens long, so long sequences hold many.
 CPU (default; forked gloo ranks, one torch thread each; a tiny model):
 
     python bench/context_parallel.py                                  # seq 2k..16k, CP 1, 2, 4
-    python bench/context_parallel.py --seq-lengths 2048 --cp 1 2
+    python bench/context_parallel.py --seq-lengths 2048 --cp 1 2 --cp-comm-type a2a
+
+A (CP, --cp-comm-type) the model cannot run (a2a needs the KV groups divisible by CP: the CPU
+model's 2 groups stop it at CP=4) is reported as skipped with the configuration error.
 
 GPU (``--gpu``; one rank per GPU, NCCL, bf16, a 0.6B-parameter Llama shape, full activation
 recomputation; a CP size needs that many GPUs and is reported as skipped otherwise):
@@ -144,6 +148,8 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="--gpu path at tiny sizes, here")
     p.add_argument("--seq-lengths", type=int, nargs="+")
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--cp-comm-type", nargs="+", default=["allgather", "a2a"],
+                   choices=["allgather", "a2a"], help="schemes compared at each CP > 1")
     p.add_argument("--causal", action="store_true", help="no --reset-position-ids")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
@@ -153,6 +159,7 @@ def main():
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     import torch
 
+    from megatron_ext.config import ConfigError, parse_args
     from tests.launcher import launch
 
     gpu = args.gpu and not args.dry_run
@@ -165,31 +172,38 @@ def main():
     seqs = args.seq_lengths or (GPU_SEQ if gpu else DRY_SEQ if args.dry_run else CPU_SEQ)
     rows, skipped = [], []
     for seq in seqs:
-        for cp in args.cp:
+        for cp, comm in [(cp, comm) for cp in args.cp
+                         for comm in (args.cp_comm_type if cp > 1 else ["allgather"])]:
+            name = f"seq {seq} CP {cp}" + (f" {comm}" if cp > 1 else "")
             if gpu and cp > devices:
-                skipped.append(f"seq {seq} CP {cp}: needs {cp} GPUs, {devices} here")
+                skipped.append(f"{name}: needs {cp} GPUs, {devices} here")
                 continue
             argv = (model + " " + COMMON).split() + [
                 "--seq-length", str(seq), "--max-position-embeddings", str(seq),
-                "--context-parallel-size", str(cp), "--cp-comm-type", "allgather",
+                "--context-parallel-size", str(cp), "--cp-comm-type", comm,
             ] + ([] if args.causal else ["--reset-position-ids"])
+            try:
+                parse_args(argv, world_size=cp)
+            except ConfigError as error:
+                skipped.append(f"{name}: {error}")
+                continue
             results = launch(_bench, cp, argv, cp, args.warmup, args.steps, timeout=3600)
-            rows.append(_row(seq, cp, results))
+            rows.append(dict(_row(seq, cp, results), comm=comm if cp > 1 else "-"))
             r = rows[-1]
-            print(f"seq {seq} CP {cp}: {r['activation_mib']:.1f} MiB activations per rank, "
+            print(f"{name}: {r['activation_mib']:.1f} MiB activations per rank, "
                   f"{r['tokens_per_s']:,.0f} tokens/s", flush=True)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     print(f"\ndevice: {device}; torch {torch.__version__}; model: {model}; "
           f"{'causal' if args.causal else 'documents isolated (--reset-position-ids)'}; "
           f"micro-batch 1; {args.warmup} warm-up + median of {args.steps} timed steps")
-    print("\n| seq | CP | activations per rank (MiB) | vs CP=1 | step s | tokens/s | "
-          "peak allocated (GiB) | loss |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| seq | CP | --cp-comm-type | activations per rank (MiB) | vs CP=1 | step s | "
+          "tokens/s | peak allocated (GiB) | loss |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         base = next((b for b in rows if b["seq"] == r["seq"] and b["cp"] == 1), None)
         ratio = f"{r['activation_mib'] / base['activation_mib']:.2f}x" if base else "-"
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a"
-        print(f"| {r['seq']} | {r['cp']} | {r['activation_mib']:.1f} | {ratio} | "
+        print(f"| {r['seq']} | {r['cp']} | {r['comm']} | {r['activation_mib']:.1f} | {ratio} | "
               f"{r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {peak} | {r['loss']:.4f} |")
     for line in skipped:
         print(f"skipped: {line}")

@@ -5,9 +5,11 @@ from typing import List, Optional
 
 from megatron_ext.config.flags import REFUSED, WARNED, flag
 
-CP_ALLGATHER = "allgather"
-# Megatron-LM's --cp-comm-type choices; only allgather is implemented (model/attention.py).
+CP_ALLGATHER, CP_A2A = "allgather", "a2a"
+# Megatron-LM's --cp-comm-type choices; our core attention implements CP_SCHEMES
+# (model/attention.py), the others are Transformer Engine's rings.
 CP_COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
+CP_SCHEMES = (CP_ALLGATHER, CP_A2A)
 
 
 @dataclass
@@ -19,17 +21,18 @@ class ParallelConfig:
     context_parallel_size: int = flag(
         1, "Context parallel size: each sequence is split over this many ranks (world size = "
         "TP x PP x CP x DP); docs/context-parallel.md.")
-    # Megatron-LM's default is p2p (a ring through Transformer Engine); the one scheme of our
-    # core attention is allgather, so it is the default: a Megatron script that sets only
+    # Megatron-LM's default is p2p (a ring through Transformer Engine), which our core
+    # attention does not implement; allgather is the default: a Megatron script that sets only
     # --context-parallel-size runs, with the same results.
     cp_comm_type: List[str] = flag(
-        [CP_ALLGATHER], "Communication of context parallelism in attention: allgather (K/V "
-        "all-gathered over the CP group, exact for causal and packed documents), one value or "
-        "one per layer as in Megatron-LM. Megatron-LM's default p2p, and a2a, a2a+p2p, are "
-        "Transformer Engine's: refused.", nargs="+",
-        choices=list(CP_COMM_TYPES),
-        note="allgather only (our default; Megatron-LM's is p2p): p2p, a2a and a2a+p2p are "
-        "Transformer Engine's schemes, refused")
+        [CP_ALLGATHER], "Communication of context parallelism in attention, one value or one "
+        "per layer as in Megatron-LM: allgather (K/V all-gathered over the CP group) or a2a "
+        "(Ulysses: an all-to-all trades heads for the whole sequence; needs the heads and KV "
+        "groups per TP rank divisible by CP), both exact for causal and packed documents. "
+        "Megatron-LM's default p2p, and a2a+p2p, are Transformer Engine's rings: refused.",
+        nargs="+", choices=list(CP_COMM_TYPES),
+        note="allgather (our default; Megatron-LM's is p2p) and a2a, mixed per layer too, "
+        "without Transformer Engine; p2p and a2a+p2p (Transformer Engine's rings) refused")
     hierarchical_context_parallel_sizes: Optional[List[int]] = flag(
         None, "Sizes of the CP sub-groups of --cp-comm-type a2a+p2p.", nargs="+",
         status=REFUSED, note="only with --cp-comm-type a2a+p2p, which is refused")

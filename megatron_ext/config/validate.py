@@ -13,7 +13,7 @@ from megatron_ext.config.components import Config, ConfigError, default_ffn_hidd
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
-from megatron_ext.config.parallel import CP_ALLGATHER
+from megatron_ext.config.parallel import CP_A2A, CP_SCHEMES
 from megatron_ext.config.validate_compat import validate_compat
 from megatron_ext.config.validate_schedule import validate_schedule
 
@@ -27,6 +27,7 @@ def validate(config: Config, world_size: int) -> None:
     dp = _validate_parallel(config, world_size)
     validate_compat(config)  # maps other frameworks' flags onto ours, before they are checked
     _validate_model(config)
+    _validate_context_parallel(config)  # after both: --context-parallel-algo, the head counts
     _refuse_unsupported(config)
     validate_schedule(config, dp)
     _validate_data(config)
@@ -61,24 +62,37 @@ def _validate_parallel(config: Config, world_size: int) -> int:
              "--overlap-param-gather needs --use-distributed-optimizer")
     require(not p.overlap_param_gather or p.overlap_grad_reduce,
              "--overlap-param-gather needs --overlap-grad-reduce")
-    _validate_context_parallel(config)
     return world_size // (tp * pp * cp)
 
 
 def _validate_context_parallel(config: Config) -> None:
     """What the zigzag layout (docs/context-parallel.md) needs: each sequence cut into 2 x CP
-    equal chunks, each CP rank's share cut again over TP ranks with sequence parallelism."""
+    equal chunks, each CP rank's share cut again over TP ranks with sequence parallelism; with
+    a2a, the heads and KV groups of each TP rank split over the CP ranks."""
     p, m = config.parallel, config.model
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
-    other = sorted(set(p.cp_comm_type) - {CP_ALLGATHER})
-    require(not other, f"--cp-comm-type {' '.join(other)}: only allgather is supported (K/V "
-             "all-gathered over the CP group in our core attention; p2p, a2a and a2a+p2p are "
-             "Transformer Engine's); pass --cp-comm-type allgather or drop the flag")
+    other = sorted(set(p.cp_comm_type) - set(CP_SCHEMES))
+    require(not other, f"--cp-comm-type {' '.join(other)}: only allgather and a2a are supported "
+             "(our core attention's; p2p and a2a+p2p are Transformer Engine's rings); pass "
+             "--cp-comm-type allgather or a2a, or drop the flag")
+    require(len(p.cp_comm_type) in (1, m.num_layers),
+             f"--cp-comm-type has {len(p.cp_comm_type)} values: give one, or one per layer "
+             f"(--num-layers {m.num_layers})")
     require(p.hierarchical_context_parallel_sizes is None,
              "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p, which is not "
              "supported; drop it")
     if cp == 1:
         return
+    if CP_A2A in p.cp_comm_type:
+        origin = ("" if "cp_comm_type" in config.given else
+                  f" (--context-parallel-algo {config.mindspeed.context_parallel_algo})")
+        for count, flag in ((m.num_attention_heads, "--num-attention-heads"),
+                            (m.num_query_groups, "--num-query-groups")):
+            require((count // tp) % cp == 0,
+                     f"--cp-comm-type a2a{origin} splits the heads of each tensor-parallel rank "
+                     f"over the CP ranks: {flag} {count} / --tensor-model-parallel-size {tp} = "
+                     f"{count // tp} is not divisible by --context-parallel-size {cp}; change "
+                     "them or use --cp-comm-type allgather")
     require(m.seq_length % (2 * cp) == 0,
              f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp}: "
              f"each sequence is cut into {2 * cp} equal chunks (two per CP rank)")

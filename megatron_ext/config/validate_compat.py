@@ -9,11 +9,9 @@ from megatron_ext.checkpoint.format import TRACKER_FILENAME
 from megatron_ext.config.checkpoint import CheckpointConfig
 from megatron_ext.config.components import Config, ConfigError, require
 from megatron_ext.config.flags import NO_OP, WARNED, flag_name
-from megatron_ext.config.mindspeed import LLAMA3_ROPE, MindSpeedConfig
+from megatron_ext.config.mindspeed import CP_ALGO_NOTES, LLAMA3_ROPE, MindSpeedConfig
 from megatron_ext.config.model import ModelConfig
-
-# Flags whose notice is more than "no effect" (said below, where they are mapped).
-_MAPPED = {"context_parallel_algo"}
+from megatron_ext.config.parallel import CP_A2A, CP_ALLGATHER
 
 
 def validate_compat(config: Config) -> None:
@@ -34,7 +32,7 @@ def _say_no_ops(config: Config) -> None:
         f for cls in (ModelConfig, CheckpointConfig) for f in fields(cls) if f.name in megatron]
     for f in candidates:
         status = f.metadata.get("status")
-        if f.name in config.given and f.name not in _MAPPED and status in (NO_OP, WARNED):
+        if f.name in config.given and status in (NO_OP, WARNED):
             what = "no effect" if status == NO_OP else "not honoured"
             config.notices.append(f"{flag_name(f)}: {what} ({f.metadata['note']})")
 
@@ -54,10 +52,17 @@ def _attention(config: Config) -> None:
     if m.transformer_impl == "transformer_engine" and "transformer_impl" in given:
         config.notices.append("--transformer-impl transformer_engine: runs as local "
                               "(megatron-core's own layers; Transformer Engine is not wired yet)")
-    if ms.context_parallel_algo is not None:
-        config.notices.append(f"--context-parallel-algo {ms.context_parallel_algo}: runs as "
-                              "--cp-comm-type allgather (exact attention, as every MindSpeed "
-                              "algorithm)")
+    algo = ms.context_parallel_algo
+    if algo is not None:
+        scheme = CP_A2A if algo == "ulysses_cp_algo" else CP_ALLGATHER
+        if "cp_comm_type" in given:
+            config.notices.append(f"--context-parallel-algo {algo} with --cp-comm-type "
+                                  f"{' '.join(config.parallel.cp_comm_type)}: the "
+                                  "--cp-comm-type runs")
+        else:
+            config.parallel.cp_comm_type = [scheme]
+            config.notices.append(f"--context-parallel-algo {algo}: runs as --cp-comm-type "
+                                  f"{scheme} ({CP_ALGO_NOTES[scheme]})")
 
 
 def _positions(config: Config) -> None:

@@ -8,8 +8,10 @@ input is ``[s, b, heads, head_dim]`` and attention is plain causal over each sam
 With megatron-core's KV cache (``megatron_ext.generation``), a decoding step comes as
 ``no_mask``: one new query per sample attends to every cached key. With context parallelism
 (``ContextParallelParams`` from ``megatron_ext.model.context_parallel``) q/k/v are this rank's
-chunks ``[s / CP, b, heads, head_dim]``; K/V are all-gathered over the CP group and every
-(row, chunk, document) piece attends to its document's keys, causal aligned bottom-right.
+chunks ``[s / CP, b, heads, head_dim]``. With ``--cp-comm-type allgather`` K/V are all-gathered
+over the CP group and every (row, chunk, document) piece attends to its document's keys, causal
+aligned bottom-right; with ``a2a`` an all-to-all gives each rank the whole rows of heads / CP
+heads, which attend as without CP (one value per layer: layers may mix them).
 
 Backends (``--attention-backend``; ``auto`` takes the first that can run here):
 - ``flash``: flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16, dropout, GQA);
@@ -41,13 +43,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_ext.model.context_parallel import ContextParallelParams
+from megatron_ext.model.context_parallel import (ContextParallelParams, gather_heads,
+                                                  layer_scheme, scatter_heads)
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "flash", "te", "torch", "sdpa")
-# megatron-core's name of the one scheme here (None: its TransformerConfig default).
-CP_COMM_TYPES = (None, "all_gather", "allgather")
 _AUTO_ORDER = ("flash", "torch", "sdpa")  # te: not wired yet, never picked by auto
 _warned = set()
 
@@ -268,13 +269,12 @@ class CoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
         backend: str = "auto",
+        cp_comm_types: Tuple[str, ...] = (),
     ):
         super().__init__(config=config)
         if attn_mask_type != AttnMaskType.causal:
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
-        if config.context_parallel_size > 1 and cp_comm_type not in CP_COMM_TYPES:
-            raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements "
-                             f"allgather (K/V all-gathered over the CP group) only")
+        self.cp_scheme = layer_scheme(config, layer_number, cp_comm_type, cp_comm_types)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = softmax_scale
         self.backend, self.backend_reason = choose_backend(backend, config)
@@ -302,6 +302,12 @@ class CoreAttention(MegatronModule):
         if attn_mask_type == AttnMaskType.no_mask:
             return self._decode(query, key, value)
         if isinstance(packed_seq_params, ContextParallelParams):
+            if packed_seq_params.cp_group.size() != self.config.context_parallel_size:
+                raise ValueError(f"the batch was sharded over {packed_seq_params.cp_group.size()}"
+                                 f" CP ranks, the model has --context-parallel-size "
+                                 f"{self.config.context_parallel_size}")
+            if self.cp_scheme == "a2a":
+                return self._all_to_all(query, key, value, packed_seq_params, dropout)
             return self._context_parallel(query, key, value, packed_seq_params, dropout)
         if self.config.context_parallel_size > 1:
             raise ValueError("context parallelism needs the ContextParallelParams of "
@@ -334,10 +340,6 @@ class CoreAttention(MegatronModule):
         local queries against K/V all-gathered over the CP group (backward: reduce-scatter of
         dK/dV), one varlen call over every (row, chunk, document) piece."""
         s, b = query.shape[:2]
-        if params.cp_group.size() != self.config.context_parallel_size:
-            raise ValueError(f"the batch was sharded over {params.cp_group.size()} CP ranks, "
-                             f"the model has --context-parallel-size "
-                             f"{self.config.context_parallel_size}")
         key, value = (tensor_parallel.gather_from_sequence_parallel_region(
             x, tensor_parallel_output_grad=True, group=params.cp_group) for x in (key, value))
         key, value = (x.reshape(-1, *x.shape[2:]).index_select(0, params.kv_index)
@@ -348,6 +350,22 @@ class CoreAttention(MegatronModule):
                 self.backend, q, key, value, params.q_cu_seqlens, params.q_max_seqlen,
                 self.softmax_scale, dropout, params.kv_cu_seqlens, params.kv_max_seqlen)
         return out.reshape(b, s, -1).transpose(0, 1).contiguous()
+
+    def _all_to_all(self, query, key, value, params, dropout):
+        """``--cp-comm-type a2a``: [s / CP, b, n, hn] local chunks -> the whole rows of n / CP
+        heads (context_parallel.scatter_heads), attention as at CP=1, and back."""
+        query, key, value = (scatter_heads(x, params) for x in (query, key, value))
+        if params.row_cu_seqlens is None:
+            out = self._causal(query, key, value, dropout)
+        else:
+            s, b = query.shape[:2]
+            q, k, v = (x.transpose(0, 1).reshape(b * s, *x.shape[2:])
+                       for x in (query, key, value))
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = varlen_attention(self.backend, q, k, v, params.row_cu_seqlens,
+                                       params.row_max_seqlen, self.softmax_scale, dropout)
+            out = out.reshape(b, s, -1).transpose(0, 1)
+        return gather_heads(out, params)
 
     def _causal(self, query, key, value, dropout):
         """[s, b, n, hn] -> [s, b, np * hn], causal over each sample."""
@@ -388,7 +406,8 @@ def _check_packed(params: PackedSeqParams, query: torch.Tensor):
     return cu_q, int(max_seqlen)
 
 
-def core_attention_spec(backend: str = "auto"):
-    """The layer-spec entry: ``CoreAttention`` bound to ``--attention-backend``."""
+def core_attention_spec(backend: str = "auto", cp_comm_types: Tuple[str, ...] = ()):
+    """The layer-spec entry: ``CoreAttention`` bound to ``--attention-backend`` and
+    ``--cp-comm-type`` (one value, or one per layer)."""
     _check_name(backend)
-    return functools.partial(CoreAttention, backend=backend)
+    return functools.partial(CoreAttention, backend=backend, cp_comm_types=tuple(cp_comm_types))

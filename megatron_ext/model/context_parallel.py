@@ -41,6 +41,15 @@ document's keys up to the piece's end, causal aligned bottom-right: one varlen c
 pieces of all chunks and rows (``q_cu_seqlens`` / ``kv_cu_seqlens``), with ``kv_index``
 picking the slices out of the gathered K/V.
 
+Attention (``--cp-comm-type a2a``, Ulysses-style, exact): an all-to-all over the CP group
+(``scatter_heads``, megatron-core's ``all_to_all``: its backward is the inverse all-to-all)
+trades heads for sequence: each rank then holds the whole rows of ``heads / CP`` query heads and
+``groups / CP`` KV groups, its columns in the gathered order of the allgather path (rank after
+rank, each rank's two chunks), put back in column order by ``row_order``. The attention is the
+one of CP=1 (each document over ``row_cu_seqlens`` of the whole (b, s)-flattened rows, or plain
+causal), and ``gather_heads`` sends every rank its columns of all heads back. Needs the heads
+and groups per TP rank divisible by CP (config/validate.py); layers may mix the two schemes.
+
 RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
 CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is
 not this layout. So q/k/v stay ``[s / CP, b, heads, dim]`` (``qkv_format="sbhd"``: megatron-core
@@ -54,10 +63,16 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 
-__all__ = ["ContextParallelParams", "local_columns", "rotary_embedding", "shard_batch"]
+__all__ = ["ContextParallelParams", "gather_heads", "layer_scheme", "local_columns",
+           "rotary_embedding", "scatter_heads", "shard_batch"]
 
+# --cp-comm-type values our CoreAttention implements, with megatron-core's spelling of
+# allgather (None: its TransformerConfig default, which is ours).
+_CP_SCHEMES = {None: "allgather", "all_gather": "allgather", "allgather": "allgather",
+               "a2a": "a2a"}
 # Per-token entries, cut like the tokens; task_ids and loss_weight come with multi-task
 # instruction data (training/multitask.py).
 SHARDED = ("tokens", "labels", "loss_mask", "position_ids", "task_ids", "loss_weight")
@@ -78,6 +93,10 @@ class ContextParallelParams(PackedSeqParams):
     q_max_seqlen: int = None
     kv_max_seqlen: int = None
     kv_index: torch.Tensor = None  # int64: rows of the gathered K/V [s * b, ...] (s-major)
+    # --cp-comm-type a2a: the whole rows after the all-to-all.
+    row_order: torch.Tensor = None  # int64 [s]: the gathered row holding each column
+    row_cu_seqlens: torch.Tensor = None  # int32: documents of the (b, s)-flattened rows; None:
+    row_max_seqlen: int = None  # one per row (plain causal)
 
 
 def local_columns(seq_length: int, cp_size: int, cp_rank: int,
@@ -92,10 +111,16 @@ def local_columns(seq_length: int, cp_size: int, cp_rank: int,
                       torch.arange(second, second + c, device=device)])
 
 
-def _document_starts(packed: Optional[PackedSeqParams], b: int, s: int) -> list:
-    """Per row, the sorted columns where a document starts (always including 0)."""
+def _row_order(seq_length: int, cp_size: int) -> torch.Tensor:
+    """Each column's row in a tensor gathered over the CP group (rank after rank)."""
+    return torch.argsort(torch.cat([local_columns(seq_length, cp_size, r)
+                                    for r in range(cp_size)]))
+
+
+def _document_bounds(packed: Optional[PackedSeqParams], b: int, s: int) -> list:
+    """The sorted document boundaries of the (b, s)-flattened rows (None: one per row)."""
     if packed is None:
-        return [[0] for _ in range(b)]
+        return None
     bounds = sorted(set(packed.cu_seqlens_q.tolist()))
     if bounds[0] != 0 or bounds[-1] != b * s:
         raise ValueError(f"packed_seq_params covers tokens {bounds[0]}..{bounds[-1]}, but the "
@@ -104,19 +129,25 @@ def _document_starts(packed: Optional[PackedSeqParams], b: int, s: int) -> list:
     if missing:
         raise ValueError(f"packed_seq_params has documents across rows (no boundary at "
                          f"{missing}): each row must end a document")
+    return bounds
+
+
+def _document_starts(bounds: Optional[list], b: int, s: int) -> list:
+    """Per row, the sorted columns where a document starts (always including 0)."""
+    if bounds is None:
+        return [[0] for _ in range(b)]
     starts = [[] for _ in range(b)]
     for x in bounds[:-1]:
         starts[x // s].append(x % s)
     return starts
 
 
-def _attention_layout(starts: list, s: int, cp_size: int, cp_rank: int):
+def _attention_layout(starts: list, gathered_row: torch.Tensor, cp_size: int, cp_rank: int):
     """(q_cu, kv_cu, q_max, kv_max, kv_index, rotary positions) for this rank; see the module
-    docstring. Gathered K/V are [s, b, ...] in rank order (each rank's two chunks)."""
+    docstring. Gathered K/V are [s, b, ...] in rank order (each rank's two chunks),
+    ``gathered_row`` the ``_row_order`` of their columns."""
+    s = len(gathered_row)
     b, c = len(starts), s // (2 * cp_size)
-    order = torch.cat([local_columns(s, cp_size, r) for r in range(cp_size)])
-    gathered_row = torch.empty_like(order)
-    gathered_row[order] = torch.arange(s)  # column -> its row in the gathered K/V
     q_cu, kv_cu, kv_index, rotary = [0], [0], [], []
     for row, row_starts in enumerate(starts):
         for chunk in (cp_rank, 2 * cp_size - 1 - cp_rank):
@@ -151,15 +182,44 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
     for key in SHARDED:
         if batch.get(key) is not None:
             local[key] = batch[key].index_select(1, columns)
+    bounds, row_order = _document_bounds(packed_seq_params, b, s), _row_order(s, cp_size)
     q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
-        _document_starts(packed_seq_params, b, s), s, cp_size, cp_rank)
+        _document_starts(bounds, b, s), row_order, cp_size, cp_rank)
     to = dict(device=tokens.device)
+    row_cu = row_max = None
+    if bounds is not None:
+        row_cu = torch.tensor(bounds, dtype=torch.int32, **to)
+        row_max = int(torch.diff(row_cu).max())
     params = ContextParallelParams(
         cp_group=cp_group, rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
-        kv_index=kv_index.to(**to),
+        kv_index=kv_index.to(**to), row_order=row_order.to(**to), row_cu_seqlens=row_cu,
+        row_max_seqlen=row_max,
     )
     return local, params
+
+
+def scatter_heads(x: torch.Tensor, params: ContextParallelParams) -> torch.Tensor:
+    """``--cp-comm-type a2a``: this rank's columns of all heads ``[s / CP, b, n, hn]`` -> the
+    whole rows of its ``n / CP`` heads ``[s, b, n / CP, hn]``, in column order."""
+    group, cp = params.cp_group, params.cp_group.size()
+    s_local, b, n = x.shape[:3]
+    # [CP (the rank the heads go to), s / CP, b, n / CP, hn]; received: [CP (the rank the
+    # columns come from), ...], the gathered order.
+    parts = x.reshape(s_local, b, cp, n // cp, -1).permute(2, 0, 1, 3, 4)
+    rows = tensor_parallel.all_to_all(group, parts.contiguous())
+    return rows.reshape(cp * s_local, b, n // cp, -1).index_select(0, params.row_order)
+
+
+def gather_heads(x: torch.Tensor, params: ContextParallelParams) -> torch.Tensor:
+    """The inverse of ``scatter_heads`` for the attention output: ``[s, b, n / CP * hn]`` in
+    column order -> this rank's columns of all heads ``[s / CP, b, n * hn]``."""
+    group, cp = params.cp_group, params.cp_group.size()
+    s, b = x.shape[:2]
+    # Back to the gathered order, [CP (the rank the columns go to), s / CP, b, n / CP * hn].
+    gathered = torch.empty_like(x).index_copy(0, params.row_order, x)
+    parts = tensor_parallel.all_to_all(group, gathered.reshape(cp, s // cp, b, -1).contiguous())
+    return parts.permute(1, 2, 0, 3).reshape(s // cp, b, -1)
 
 
 def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
@@ -175,3 +235,28 @@ def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
     else:
         emb = torch.cat((freqs, freqs), dim=-1)
     return emb[:, :, None, :]
+
+
+def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
+                 per_layer: Tuple[str, ...]) -> Optional[str]:
+    """This layer's scheme, allgather or a2a (None without CP): megatron-core's
+    ``cp_comm_type`` (from ``TransformerConfig``) or ours, one value or one per layer
+    (``layer_number`` counts from 1 over the whole model, as megatron-core's)."""
+    cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
+    if cp == 1:
+        return None
+    if cp_comm_type is None and per_layer:
+        cp_comm_type = per_layer[0] if len(per_layer) == 1 else per_layer[layer_number - 1]
+    if cp_comm_type not in _CP_SCHEMES:
+        raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements allgather "
+                         f"and a2a only")
+    scheme = _CP_SCHEMES[cp_comm_type]
+    if scheme == "a2a":
+        for count, flag in ((config.num_attention_heads, "--num-attention-heads"),
+                            (config.num_query_groups or config.num_attention_heads,
+                             "--num-query-groups")):
+            if (count // tp) % cp:
+                raise ValueError(f"--cp-comm-type a2a splits the {count // tp} heads per TP rank "
+                                 f"of {flag} {count} over --context-parallel-size {cp}: make "
+                                 f"them divisible, or use --cp-comm-type allgather")
+    return scheme

@@ -76,8 +76,11 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     spec = get_gpt_layer_local_spec(normalization=config.model.normalization)
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
+    # --cp-comm-type goes to our core attention, not to TransformerConfig.cp_comm_type: a
+    # per-layer list there is indexed by megatron-core's 1-based layer number (0.16: layer i
+    # would get value i + 1, the last layer none).
     spec.submodules.self_attention.submodules.core_attention = core_attention_spec(
-        config.model.attention_backend
+        config.model.attention_backend, config.parallel.cp_comm_type
     )
     if config.lora.enabled:
         lora.apply_to_spec(spec, config.lora, config.model.swiglu)

@@ -33,6 +33,7 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.config import Config
+from megatron_ext.config.parallel import CP_ALLGATHER
 from megatron_ext.training.logs import SUMMARY_LOGGER
 
 logger = logging.getLogger(SUMMARY_LOGGER)
@@ -101,7 +102,8 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     (SwiGLU: 2f + f + f + f, its linear half is copied; GELU: f + f), dropout masks at a byte
     per element; per layer, RoPE's cos/sin tables. The last stage adds the final norm and the
     vocabulary-parallel cross entropy's fp32 softmax. With context parallelism a rank holds
-    1/CP of the tokens, plus the K and V of the whole sequence that allgather gathers per layer.
+    1/CP of the tokens, plus the K and V of the whole sequence that allgather gathers per layer
+    (a2a's whole rows of heads / CP take the place of the local q/k/v: the same size).
     """
     m, p, t = config.model, config.parallel, config.training
     tp = p.tensor_model_parallel_size
@@ -116,15 +118,17 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     cp = p.context_parallel_size
     tokens = t.micro_batch_size * m.seq_length // cp
     gathered_kv = 2 * e * kv / tp * t.micro_batch_size * m.seq_length if cp > 1 else 0
-    per_layer = (per_token * tokens + gathered_kv
-                 + (4 * m.seq_length * m.kv_channels * e if rope else 0))
+    per_layer = per_token * tokens + (4 * m.seq_length * m.kv_channels * e if rope else 0)
     layers = m.num_layers // p.pipeline_model_parallel_size
+    schemes = p.cp_comm_type * (m.num_layers // len(p.cp_comm_type))  # one per layer
+    allgather_layers = schemes[stage * layers:(stage + 1) * layers].count(CP_ALLGATHER)
     if m.recompute_granularity == "full":
         # Each recomputed chunk keeps its input; backward rebuilds one chunk at a time.
         chunk = m.recompute_num_layers
-        per_stage = (layers // chunk) * h / sp * e * tokens + chunk * per_layer
+        per_stage = ((layers // chunk) * h / sp * e * tokens + chunk * per_layer
+                     + min(chunk, allgather_layers) * gathered_kv)
     else:
-        per_stage = layers * per_layer
+        per_stage = layers * per_layer + allgather_layers * gathered_kv
     if stage == p.pipeline_model_parallel_size - 1:
         vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
         per_stage += (norm + vocab / tp * 4) * tokens

@@ -1,5 +1,5 @@
 """Context-parallel attention: re-assembled from the CP ranks, each document is what it gives
-when run alone.
+when run alone, with either --cp-comm-type (allgather, a2a).
 
 Every CP rank (gloo, forked) takes its chunks of the same global q/k/v (``shard_batch``'s
 layout), runs our ``CoreAttention`` and back-propagates a fixed random cotangent; the parent
@@ -32,15 +32,15 @@ S, HEADS, GROUPS, DIM = 32, 4, 2, 8
 ROWS = [[3, 9, 1, 1, 14, 4], [20, 5, 7]]
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, groups=GROUPS):
     g = torch.Generator().manual_seed(seed)
     b = len(ROWS)
-    q, k, v = (torch.randn(S, b, n, DIM, generator=g) for n in (HEADS, GROUPS, GROUPS))
+    q, k, v = (torch.randn(S, b, n, DIM, generator=g) for n in (HEADS, groups, groups))
     cotangent = torch.randn(S, b, HEADS * DIM, generator=g)
     return q, k, v, cotangent
 
 
-def _rank(cp, packed, backend, inputs):
+def _rank(cp, packed, backend, inputs, scheme="allgather"):
     from megatron.core import parallel_state
 
     platform.apply()
@@ -49,9 +49,10 @@ def _rank(cp, packed, backend, inputs):
     platform.manual_seed(1)
     group = parallel_state.get_context_parallel_group()
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
-                               num_query_groups=GROUPS, context_parallel_size=cp,
+                               num_query_groups=inputs[1].size(2), context_parallel_size=cp,
                                attention_dropout=0.0)
-    core = CoreAttention(config, 1, AttnMaskType.causal, "self", backend="sdpa")
+    core = CoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type=scheme,
+                         backend="sdpa")
     core.backend = backend  # "flash": the fake kernel installed by the test before the fork
     b = len(ROWS)
     params = None
@@ -88,9 +89,9 @@ def _expected(packed, inputs):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check(cp, packed, backend="sdpa"):
-    inputs = _inputs()
-    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs))
+def _check(cp, packed, backend="sdpa", scheme="allgather", groups=GROUPS):
+    inputs = _inputs(groups=groups)
+    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs, scheme))
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(packed, inputs)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
@@ -99,6 +100,14 @@ def _check(cp, packed, backend="sdpa"):
 @pytest.mark.parametrize("packed", [True, False], ids=["documents", "plain-causal"])
 def test_context_parallel_attention_equals_each_document_alone(cp, packed):
     _check(cp, packed)
+
+
+@pytest.mark.parametrize("cp, groups", [(2, GROUPS), (4, HEADS)], ids=["cp2-gqa", "cp4-mha"])
+@pytest.mark.parametrize("packed", [True, False], ids=["documents", "plain-causal"])
+def test_all_to_all_attention_equals_each_document_alone(packed, cp, groups):
+    """--cp-comm-type a2a: at CP=2 2 query heads and 1 KV group per rank (GQA 4/2 halved); at
+    CP=4 one head per rank (4 heads, 4 groups)."""
+    _check(cp, packed, scheme="a2a", groups=groups)
 
 
 def _fake_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
@@ -128,8 +137,9 @@ def _fake_torch_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, r
                        causal=True)
 
 
+@pytest.mark.parametrize("scheme", ["allgather", "a2a"])
 @pytest.mark.parametrize("backend", ["flash", "torch"])
-def test_gpu_backends_get_the_bottom_right_varlen_contract(monkeypatch, backend):
+def test_gpu_backends_get_the_bottom_right_varlen_contract(monkeypatch, backend, scheme):
     """The GPU kernels' arguments on the CPU: fakes that check them, installed before the fork."""
     monkeypatch.setattr(attention, "_require_gpu_half", lambda q, backend: None)
     if backend == "flash":
@@ -140,9 +150,23 @@ def test_gpu_backends_get_the_bottom_right_varlen_contract(monkeypatch, backend)
         monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", module)
         attention._torch_varlen_kernel.cache_clear()
     try:
-        _check(2, True, backend=backend)
+        _check(2, True, backend=backend, scheme=scheme)
     finally:
         attention._torch_varlen_kernel.cache_clear()
+
+
+def test_scheme_per_layer_and_the_heads_a2a_splits():
+    """--cp-comm-type per layer by the layer's global number (megatron-core's, from 1);
+    a2a needs the heads and KV groups divisible by CP."""
+    config = TransformerConfig(num_layers=4, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
+                               num_query_groups=GROUPS, context_parallel_size=2)
+    spec = attention.core_attention_spec("sdpa", ["a2a", "allgather", "allgather", "a2a"])
+    assert [spec(config, n, AttnMaskType.causal, "self").cp_scheme for n in (1, 2, 3, 4)] == [
+        "a2a", "allgather", "allgather", "a2a"]
+    config.context_parallel_size = 4  # 2 KV groups over 4 ranks
+    with pytest.raises(ValueError, match=r"--cp-comm-type a2a .* --num-query-groups 2 over "
+                                         r"--context-parallel-size 4.* --cp-comm-type allgather"):
+        attention.core_attention_spec("sdpa", ["a2a"])(config, 1, AttnMaskType.causal, "self")
 
 
 class _Rank:

@@ -157,10 +157,32 @@ def test_cp2_gives_the_single_process_loss_logits_and_gradients(references, flag
     assert not torch.equal(results[0][2], results[1][2])
 
 
+@pytest.mark.parametrize("flags, comm", [("documents", ["a2a"]), ("plain-causal", ["a2a"]),
+                                         ("documents", ["a2a", "allgather"])],
+                         ids=["documents", "plain-causal", "documents-per-layer"])
+def test_cp2_all_to_all_gives_the_single_process_loss_logits_and_gradients(references, flags,
+                                                                         comm):
+    """--cp-comm-type a2a (Ulysses), alone and mixed with allgather per layer (2 layers)."""
+    argv, sample, ref = references[flags]
+    results = launch(_rank, 2, argv + ["--cp-comm-type", *comm], sample, 2, ref[5])
+    _check(results, ref, sample["tokens"].size(1), results[0][4])
+
+
 def test_cp2_with_tp2_and_sequence_parallel(references):
     argv, sample, ref = references["documents"]
     argv = argv + "--tensor-model-parallel-size 2 --sequence-parallel".split()
     results = launch(_rank, 4, argv, sample, 2, ref[5])
+    merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results])
+    _check(results, ref, sample["tokens"].size(1), merged)
+
+
+def test_cp2_all_to_all_with_tp2_and_sequence_parallel(references):
+    """a2a splits each TP rank's heads over CP: 8 heads / 4 KV groups, 2 / 1 per (TP, CP) rank."""
+    argv, sample, _ = references["documents"]
+    argv = argv + "--num-attention-heads 8 --num-query-groups 4 --cp-comm-type a2a".split()
+    [ref] = launch(_rank, 1, argv, sample, 1, None)
+    results = launch(_rank, 4, argv + "--tensor-model-parallel-size 2 --sequence-parallel".split(),
+                     sample, 2, ref[5])
     merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results])
     _check(results, ref, sample["tokens"].size(1), merged)
 

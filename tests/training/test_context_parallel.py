@@ -1,10 +1,10 @@
 """Context parallelism trains what one process trains, in every layout it composes with.
 
 Each sequence is split over the CP ranks (``--context-parallel-size``, ``--cp-comm-type
-allgather``, docs/context-parallel.md); the CP ranks of a DP replica read the same micro-batch
-and the loss of each micro-batch is the mean over all its trained tokens. So the loss curve,
-the trained token count, the gradient norm and the final weights must equal the single-process
-run's up to float32 summation order, with and without document isolation.
+allgather`` or ``a2a``, docs/context-parallel.md); the CP ranks of a DP replica read the same
+micro-batch and the loss of each micro-batch is the mean over all its trained tokens. So the
+loss curve, the trained token count, the gradient norm and the final weights must equal the
+single-process run's up to float32 summation order, with and without document isolation.
 
 The documents are short (1-40 tokens, arithmetic progressions: learnable) and sequences are 32
 tokens, so at CP=4 (8 chunks of 4 tokens) documents shorter than a chunk, documents across
@@ -46,6 +46,7 @@ MODEL = (
 ).split()
 MODES = {"causal": [], "varlen": ["--reset-position-ids", "--eod-mask-loss"]}
 CP2 = ["--context-parallel-size", "2", "--cp-comm-type", "allgather"]
+A2A = ["--context-parallel-size", "2", "--cp-comm-type", "a2a"]
 # LoRA (tests/lora/) on the packed documents: the adapters alone train, at CP=2 x DP=2 too.
 LORA = MODES["varlen"] + ("--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
                           "--lora-r 4 --lora-alpha 8 --lr 2e-2").split()
@@ -57,6 +58,14 @@ LAYOUTS = {
                                 "--recompute-granularity", "full", "--recompute-method",
                                 "uniform"],
     "cp2-dp2-distopt": CP2 + ["--use-distributed-optimizer"],
+    # Ulysses (2 query heads, 1 KV group per CP rank); per layer, mixed with allgather, over
+    # two pipeline stages (each layer's scheme by its global number), the all-to-alls replayed
+    # by recomputation.
+    "a2a-cp2-dp2": A2A,
+    "a2a-allgather-cp2-pp2-recompute": A2A + ["allgather", "allgather", "a2a",
+                                              "--pipeline-model-parallel-size", "2",
+                                              "--recompute-granularity", "full",
+                                              "--recompute-method", "uniform"],
 }
 LOSS_RTOL = 1e-5  # float32 summation order gives ~1e-7
 GRAD_NORM_RTOL = 1e-4

@@ -74,16 +74,26 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "FP8 needs Transformer Engine"),
     ("--num-experts 8 --moe-router-topk 2", "--moe-router-topk --num-experts: MoE is not "
      "supported yet"),
-    ("--cp-comm-type p2p", "--cp-comm-type p2p: only allgather is supported"),
+    ("--cp-comm-type p2p", "--cp-comm-type p2p: only allgather and a2a are supported"),
     ("--cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 2",
-     "--cp-comm-type a2a+p2p: only allgather"),
+     "--cp-comm-type a2a+p2p: only allgather and a2a"),
+    ("--cp-comm-type a2a allgather a2a", "--cp-comm-type has 3 values: give one, or one per "
+     "layer (--num-layers 2)"),
+    ("--context-parallel-size 2 --cp-comm-type a2a --group-query-attention --num-query-groups 1",
+     "--cp-comm-type a2a splits the heads of each tensor-parallel rank over the CP ranks: "
+     "--num-query-groups 1 / --tensor-model-parallel-size 1 = 1 is not divisible by "
+     "--context-parallel-size 2; change them or use --cp-comm-type allgather"),
+    ("--context-parallel-size 2 --tensor-model-parallel-size 2 --cp-comm-type allgather a2a "
+     "--group-query-attention --num-query-groups 2", "--num-query-groups 2 / "
+     "--tensor-model-parallel-size 2 = 1 is not divisible by --context-parallel-size 2"),
     ("--no-position-embedding", "use --position-embedding-type rope"),
     ("--train-data-path 1 A --valid-data-path B", "--train-data-path --valid-data-path: datasets "
      "per split are not supported yet; give the datasets to --data-path"),
 ])
 def test_refusals_are_one_line_with_the_way_out(extra, expected):
     with pytest.raises(ConfigError) as info:
-        _parse(extra.split(), world_size=2 if "overlap" in extra else 1)
+        _parse(extra.split(), world_size=2 if "overlap" in extra else
+               4 if "parallel-size" in extra else 1)
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 

@@ -162,6 +162,30 @@ def test_refusals_name_the_way_out(extra, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("extra, scheme", [
+    ("--context-parallel-algo ulysses_cp_algo", ["a2a"]),
+    ("--context-parallel-algo megatron_cp_algo", ["allgather"]),
+    ("--context-parallel-algo hybrid_cp_algo", ["allgather"]),
+    ("--context-parallel-algo ulysses_cp_algo --cp-comm-type allgather", ["allgather"]),
+])
+def test_context_parallel_algo_runs_as_our_cp_comm_type(extra, scheme):
+    """Ulysses is our a2a, the rings and hybrids allgather; an explicit --cp-comm-type wins."""
+    config = parse_args(BASE + MOCK + ["--context-parallel-size", "2"] + extra.split(),
+                        world_size=2)
+    assert config.parallel.cp_comm_type == scheme
+    [said] = _said(config, "--context-parallel-algo")
+    assert f"--cp-comm-type {scheme[0]}" in said
+
+
+def test_ulysses_needs_heads_divisible_by_cp_and_names_the_way_out():
+    with pytest.raises(ConfigError) as info:
+        parse_args(BASE + MOCK + "--context-parallel-size 2 --context-parallel-algo "
+                   "ulysses_cp_algo --group-query-attention --num-query-groups 1".split(),
+                   world_size=2)
+    assert ("--cp-comm-type a2a (--context-parallel-algo ulysses_cp_algo) splits the heads"
+            in str(info.value) and "use --cp-comm-type allgather" in str(info.value))
+
+
 def test_hf2mg_convert_needs_a_hugging_face_model_in_load(tmp_path):
     argv = BASE + MOCK + ["--enable-hf2mg-convert", "--load", str(tmp_path)]
     with pytest.raises(ConfigError, match="holds no config.json with"):

@@ -107,6 +107,8 @@ def _total(counts):
         "--global-batch-size 4", "untied"),
     # 1/CP of the tokens and the gathered K/V; the optimizer sharded over DP x CP.
     (2, "--context-parallel-size 2 --use-distributed-optimizer", "untied"),
+    # a2a: no gathered K/V (the heads' rows replace the local q/k/v, same size).
+    (2, "--context-parallel-size 2 --cp-comm-type a2a", "untied"),
     # LoRA: the adapters' gradients and Adam state; activations estimated as the full model's.
     (2, "--tensor-model-parallel-size 2 --sequence-parallel --global-batch-size 4", "lora"),
 ])
