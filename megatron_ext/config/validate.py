@@ -322,6 +322,10 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
             config.notices.append(f"--{name.replace('_', '-')}: no effect (Weights & Biases is "
                                   "not integrated; use --tensorboard-dir)")
     require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
+    for f in fields(CheckpointConfig):
+        if f.name.endswith("_from_checkpoint_args") and f.name in config.given \
+                and not c.use_checkpoint_args:  # ignored, as in Megatron-LM
+            config.notices.append(f"{flag_name(f)}: no effect without --use-checkpoint-args")
     require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
     require(not (config.training.override_opt_param_scheduler
