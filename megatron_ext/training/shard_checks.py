@@ -287,10 +287,12 @@ def plan_splits(config: Config, shards: List[Shard],
                        f"{config.logging.eval_interval} evaluates nothing; give the second "
                        f"number a share (e.g. 98,2,0), or pass --eval-iters 0")
     wanted = [True, evaluating, evaluating]
+    least = _least_tokens(config, resolve(d).blend)
     for i, name in enumerate(SPLITS):
         if matrix[i] is None:
             continue
-        empty = [(shard.prefix, row[i]) for shard, row in zip(shards, counts) if row[i][1] == 0]
+        empty = [(shard.prefix, row[i]) for shard, row in zip(shards, counts)
+                 if row[i][1] < least]
         if not wanted[i] or (empty and name == "test"):
             if empty and wanted[i]:
                 logger.warning(f"--split {d.split} leaves the test split of {empty[0][0]} "
@@ -298,15 +300,31 @@ def plan_splits(config: Config, shards: List[Shard],
             matrix[i] = None
             continue
         if empty:
-            prefix, (docs, _) = empty[0]
+            prefix, (docs, tokens) = empty[0]
             table = "; ".join(f"{shard.prefix}: " + ", ".join(
                 f"{split} {row[j][0]}" for j, split in enumerate(SPLITS) if row[j] is not None)
                 + " documents" for shard, row in zip(shards, counts))
             hint = " (or --eval-iters 0)" if name == "valid" else ""
             raise ShardError(
                 f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
-                f"and no tokens ({table}); give the {name} split a larger part{hint}")
+                f"and {tokens or 'no'} tokens{_why(least)} ({table}); give the {name} split a "
+                f"larger part{hint}")
     return matrix
+
+
+def _least_tokens(config: Config, blend) -> int:
+    """Tokens a dataset of ``blend`` needs in a split that is read: one; for an unweighted
+    blend of several, one sample's (megatron-core builds one epoch of each, weighs it by its
+    sample count and asserts every weight > 0)."""
+    unweighted = blend is not None and blend[1] is None and len(blend[0]) > 1
+    if unweighted and not config.data.is_instruction_dataset:
+        return config.model.seq_length + 1  # a GPTDataset sample: --seq-length + 1 tokens
+    return 1
+
+
+def _why(least: int) -> str:
+    return (f", less than one sample ({least} tokens) for the unweighted blend (or give weights)"
+            if least > 1 else "")
 
 
 def _plan_per_split(config: Config, per_split) -> List[Optional[Tuple[float, float]]]:
@@ -320,10 +338,12 @@ def _plan_per_split(config: Config, per_split) -> List[Optional[Tuple[float, flo
         if shards is None or not (i == 0 or evaluating):
             matrix.append(None)
             continue
-        empty = next((shard for shard in shards if not shard.document_tokens.sum()), None)
+        least = _least_tokens(config, resolve(config.data).per_split[i])
+        empty = next((shard for shard in shards if shard.document_tokens.sum() < least), None)
         if empty is not None:  # megatron-core would loop forever building its samples
-            raise ShardError(f"{empty.where}: its {empty.num_documents} documents hold no "
-                             f"tokens; remove it from the {SPLITS[i]} datasets")
+            raise ShardError(f"{empty.where}: its {empty.num_documents} documents hold "
+                             f"{int(empty.document_tokens.sum()) or 'no'} tokens{_why(least)}; "
+                             f"remove it from the {SPLITS[i]} datasets")
         matrix.append((0.0, 1.0))
     return matrix
 

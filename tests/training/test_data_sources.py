@@ -135,3 +135,16 @@ def test_shard_checks_cover_every_split(tmp_path, shards):
     wide = _write(str(tmp_path / "wide_text_document"), [[300, 301, 302]] * 20)
     with pytest.raises(ShardError, match=rf"--valid-data-path {wide}: largest token id 302"):
         _ours(["--train-data-path", shards["A"], "--valid-data-path", wide])
+
+
+@pytest.mark.parametrize("flag", ["--data-path", "--train-data-path"])
+def test_unweighted_blend_with_a_dataset_shorter_than_a_sample_is_refused(tmp_path, shards,
+                                                                           flag):
+    """megatron-core weighs an unweighted blend by each dataset's samples in one epoch and
+    asserts every weight > 0: a shard of fewer than --seq-length + 1 tokens is named first."""
+    short = _write(str(tmp_path / "short_text_document"), [[1, 2, 3]] * 3)  # 12 tokens
+    split = ["--split", "100,0,0"] if flag == "--data-path" else []
+    with pytest.raises(ShardError, match=r"12 tokens, less than one sample \(17 tokens\) for "
+                                         r"the unweighted blend"):
+        _ours([flag, shards["A"], short, "--eval-iters", "0", *split], [8, 0, 0])
+    _ours([flag, "1", shards["A"], "1", short, "--eval-iters", "0", *split], [8, 0, 0])
