@@ -18,10 +18,12 @@ from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.tokenizer import build_tokenizer
 from megatron_ext.training.data import DatasetTokenizer, build_datasets
 from megatron_ext.training.shard_checks import ShardError, check_data
-from tests.training.test_data import EOD, FLAGS, SEQ, VOCAB, _documents, _write, shards  # noqa: F401
+from tests.training import test_data
+from tests.training.test_data import EOD, FLAGS, SEQ, VOCAB, _documents, _write
 
 pytestmark = pytest.mark.usefixtures("tmp_cwd", "one_rank_group")  # dataset caches there
 
+shards = test_data.shards  # the fixture: A ids 1..99, B ids 100..199, docs k = id k + 1
 SIZES = [200, 40, 0]  # samples of train, valid, test asked for (as the Trainer asks)
 
 
