@@ -207,6 +207,9 @@ def _validate_data_sources(config: Config) -> None:
     if d.mock_data:
         return
     blends = blend.resolve(d)  # the lists checked now (files read), before any process group
+    if blends.blend is not None and "split" not in given:  # Megatron-LM warns alike
+        config.notices.append(f"{one[0]} without --split: cut by the legacy default "
+                              f"{d.split} (train, valid, test)")
     if blends.per_split is not None:
         flags = " ".join(per_split + per_split_file)
         require("split" not in given, f"--split {d.split} with {flags}: each split's datasets "

@@ -150,3 +150,13 @@ def test_unweighted_blend_with_a_dataset_shorter_than_a_sample_is_refused(tmp_pa
                                          r"the unweighted blend"):
         _ours([flag, shards["A"], short, "--eval-iters", "0", *split], [8, 0, 0])
     _ours([flag, "1", shards["A"], "1", short, "--eval-iters", "0", *split], [8, 0, 0])
+
+
+def test_data_path_without_split_is_cut_by_the_legacy_default_and_said(shards):
+    """Megatron-LM warns and cuts 969,30,1; so here (the datasets per split take no --split)."""
+    config = parse_args(FLAGS + ["--data-path", shards["A"]], world_size=1)
+    assert config.data.split == "969,30,1"
+    assert "--data-path without --split: cut by the legacy default 969,30,1" in config.notices[0]
+    for flags in (["--data-path", shards["A"], "--split", "98,2,0"],
+                  ["--train-data-path", shards["A"]]):
+        assert not parse_args(FLAGS + flags, world_size=1).notices
