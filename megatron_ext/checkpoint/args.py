@@ -2,7 +2,8 @@
 
 Training writes them (``model_args_namespace``) and checks a loaded checkpoint against the run
 (``check_compatible``); the converter builds them from an HF config (``build_args``) and reads
-them back from checkpoints of either origin, ours or Megatron-LM's (``saved_value``).
+them back from checkpoints of either origin, ours or Megatron-LM's (``saved_value``);
+generation and ``--use-checkpoint-args`` set flags from them (``fill_flags``).
 """
 
 import argparse
@@ -142,6 +143,9 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         rope_scaling_factor=m.rope_scaling_factor,
         rotary_percent=m.rotary_percent,
         apply_layernorm_1p=m.apply_layernorm_1p,
+        # Not model-defining, but Megatron-LM's --use-checkpoint-args takes them over.
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
     )
 
 
@@ -176,6 +180,42 @@ def saved_value(args: argparse.Namespace, name: str):
     if name == "pipeline_model_parallel_size":
         return get(name, 1) or 1
     return get(name)
+
+
+_ABSENT = object()  # the checkpoint's args hold no value for a flag
+
+
+def _flag_value(saved: argparse.Namespace, name: str):
+    """Our flag ``name`` (a config field) in its own convention, from saved args; ``_ABSENT``
+    where they have none. A model without GQA gives --num-query-groups None (validate wants
+    none then)."""
+    if name == "disable_bias_linear":
+        value = saved_value(saved, "add_bias_linear")
+        return _ABSENT if value is None else not value
+    if name == "group_query_attention":
+        return saved_value(saved, "num_query_groups") != saved_value(saved, "num_attention_heads")
+    value = saved_value(saved, name)
+    if name == "num_query_groups" and value == saved_value(saved, "num_attention_heads"):
+        return None
+    return _ABSENT if value is None else value
+
+
+def fill_flags(args: argparse.Namespace, saved: argparse.Namespace, names=(), forced=()):
+    """Set the flags ``names`` that ``args`` (parsed flags, None: not given) leaves out, and
+    ``forced`` even where given, from a checkpoint's saved ``args`` where they hold a value.
+    Returns (name, given, taken) for each given value replaced by another."""
+    replaced = []
+    for name in (*names, *forced):
+        given = getattr(args, name)
+        if given is not None and name not in forced:
+            continue
+        value = _flag_value(saved, name)
+        if value is _ABSENT:
+            continue
+        if given is not None and value != given:
+            replaced.append((name, given, value))
+        setattr(args, name, value)
+    return replaced
 
 
 # (flag, what differs, attribute): the checks of check_compatible, in the order reported.

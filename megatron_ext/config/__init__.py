@@ -12,7 +12,7 @@ import argparse
 import logging
 import os
 from dataclasses import fields
-from typing import Optional
+from typing import Callable, List, Optional
 
 from megatron_ext.config.checkpoint import CheckpointConfig
 from megatron_ext.config.components import (COMPONENTS, Config, ConfigError,
@@ -56,14 +56,19 @@ def config_from_namespace(args: argparse.Namespace) -> Config:
     return Config(**parts, given=frozenset(given))
 
 
-def parse_args(argv=None, world_size: Optional[int] = None) -> Config:
+def parse_args(argv=None, world_size: Optional[int] = None,
+               prepare: Optional[Callable[[argparse.Namespace], List[str]]] = None) -> Config:
     """Parse Megatron-style flags into a validated ``Config`` (world size from torchrun's env);
-    rank 0 logs what validate noted about accepted flags that are not honoured as such."""
+    rank 0 logs what validate noted about accepted flags that are not honoured as such.
+    ``prepare`` may set flags on the parsed ones first (``--use-checkpoint-args``: training's
+    ``checkpoint_args.take_checkpoint_args``) and returns its notices."""
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise UnknownFlagsError(describe_unknown(parser, unknown))
+    notices = prepare(args) if prepare else []
     config = config_from_namespace(args)
+    config.notices.extend(notices)
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate(config, world_size)

@@ -26,6 +26,18 @@ class CheckpointConfig:
         True, "Do not save the RNG state.", name="--no-save-rng", action="store_false",
         status=WARNED, note="checkpoints keep the RNG state (they stay resumable); said once")
     finetune: bool = flag(False, "Load the model weights only and start at iteration 0.")
+    # Megatron-LM's load_args_from_checkpoint, before validation (training/checkpoint_args.py).
+    use_checkpoint_args: bool = flag(
+        False, "With --load: the model flags from the checkpoint's saved args, as Megatron-LM: "
+        "the sizes where not given; the layer shape, dropout and tokenizer even over the "
+        "command line (its MoE/Mamba/MTP args: those models are not supported here).", note="Megatron-LM's set less its MoE/Mamba/MTP/hybrid args (not supported "
+        "here); --load without a checkpoint: the command line's flags")
+    use_mp_args_from_checkpoint_args: bool = flag(
+        False, "With --use-checkpoint-args: the TP/PP layout from the checkpoint too.")
+    use_tokenizer_model_from_checkpoint_args: bool = flag(
+        True, "With --use-checkpoint-args: keep the command line's --tokenizer-type/--model.",
+        name="--no-use-tokenizer-model-from-checkpoint-args", action="store_false",
+        note="only Megatron-LM's checkpoints save the tokenizer flags")
     save_total_limit: Optional[int] = flag(
         None, "Keep only the newest this many checkpoints.", status=OURS)
     ckpt_format: str = flag(

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ext.config.flags import NO_OP, OURS, REFUSED, flag
+from megatron_ext.config.flags import NO_OP, OURS, flag
 from megatron_ext.tokenizer import TokenizerOptions
 
 
@@ -11,19 +11,26 @@ from megatron_ext.tokenizer import TokenizerOptions
 class DataConfig:
     GROUP = "data and dataloader"
 
+    # The datasets: one blend cut by --split, or whole datasets per split (config/blend.py).
     data_path: List[str] = flag(
-        [], "Shard prefix, or weight/prefix pairs to blend: 0.3 A 0.7 B.", nargs="+")
-    # Megatron-LM's datasets per split: refused by validate with the way out.
+        [], "Datasets cut into train/valid/test by --split: a shard prefix, weight/prefix "
+        "pairs (0.3 A 0.7 B) or prefixes (A B: weighed by their sizes, one epoch of each).",
+        nargs="+")
+    data_args_path: Optional[str] = flag(
+        None, "A file holding the --data-path list (whitespace-separated), for long blends.")
     train_data_path: Optional[List[str]] = flag(
-        None, "Datasets of the training split alone.", nargs="*", status=REFUSED,
-        note="per-split datasets are not supported yet: --data-path with --split")
+        None, "Datasets of the training split, used whole (the forms of --data-path).",
+        nargs="*")
     valid_data_path: Optional[List[str]] = flag(
-        None, "Datasets of the validation split alone.", nargs="*", status=REFUSED,
-        note="per-split datasets are not supported yet: --data-path with --split")
+        None, "Datasets of the validation split, used whole (the forms of --data-path).",
+        nargs="*")
     test_data_path: Optional[List[str]] = flag(
-        None, "Datasets of the test split alone.", nargs="*", status=REFUSED,
-        note="per-split datasets are not supported yet: --data-path with --split")
-    split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1.",
+        None, "Datasets of the test split, used whole (the forms of --data-path).", nargs="*")
+    per_split_data_args_path: Optional[str] = flag(
+        None, "A JSON file {\"train\": [...], \"valid\": [...], \"test\": [...]} holding the "
+        "--train/--valid/--test-data-path lists (a list, a string or null each).")
+    split: str = flag("969,30,1", "Train,valid,test proportions of the data, e.g. 949,50,1 "
+                      "(--data-path's; refused with per-split datasets, as megatron-core).",
                       note="quoted values (the scripts' \"--split '99,1,0'\") accepted")
     mock_data: bool = flag(False, "Synthetic data (megatron-core's MockGPTDataset).")
     data_cache_path: Optional[str] = flag(

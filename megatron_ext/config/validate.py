@@ -8,8 +8,10 @@ import os
 from dataclasses import fields
 
 from megatron_ext import platform
+from megatron_ext.config import blend
+from megatron_ext.config.blend import SPLITS
 from megatron_ext.config.checkpoint import CheckpointConfig
-from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size, require
+from megatron_ext.config.components import Config, default_ffn_hidden_size, require
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
@@ -181,11 +183,6 @@ def _refuse_unsupported(config: Config) -> None:
     require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
              "(Hopper or newer), and is not wired here yet; drop the --fp8-* flags and train "
              "with --bf16")
-    per_split = [f"--{name}-data-path" for name in ("train", "valid", "test")
-                 if f"{name}_data_path" in given]
-    require(not per_split, f"{' '.join(per_split)}: datasets per split are not supported yet; "
-             "give the datasets to --data-path (a prefix or a blend 0.3 A 0.7 B) and cut the "
-             "splits with --split (e.g. 98,2,0)")
     moe = sorted("--" + n.replace("_", "-") for n in given
                  if n.startswith("moe_") or n == "num_experts")
     require(not moe and p.expert_model_parallel_size == 1,
@@ -204,6 +201,41 @@ def _validate_profile(config: Config, world_size: int) -> None:
                  f"in a world of {world_size} ranks")
 
 
+def _validate_data_sources(config: Config) -> None:
+    """One source of datasets, as Megatron-LM allows, and its lists well formed."""
+    d, given = config.data, config.given
+    one = [f for f, on in (("--data-path", d.data_path), ("--data-args-path", d.data_args_path))
+           if on]
+    per_split = [f"--{s}-data-path" for s in SPLITS if f"{s}_data_path" in given]
+    per_split_file = ["--per-split-data-args-path"] if d.per_split_data_args_path else []
+    mock = ["--mock-data"] if d.mock_data else []
+    sources = one + per_split + per_split_file + mock
+    require(bool(sources), "no data: give --data-path PREFIX... (cut by --split), the datasets "
+             "of each split (--train-data-path/--valid-data-path/--test-data-path), or "
+             "--mock-data")
+    require(len(one) < 2 and not (per_split and per_split_file),
+             f"{' and '.join(sources)}: the file holds the same lists as the flags; give one")
+    require(bool(one) + bool(per_split or per_split_file) + bool(mock) == 1,
+             f"{', '.join(sources)}: give one source of data (Megatron-LM's \"a single data "
+             f"source\"): one blend cut by --split, the datasets of each split, or --mock-data")
+    if d.mock_data:
+        return
+    blends = blend.resolve(d)  # the lists checked now (files read), before any process group
+    if blends.blend is not None and "split" not in given:  # Megatron-LM warns alike
+        config.notices.append(f"{one[0]} without --split: cut by the legacy default "
+                              f"{d.split} (train, valid, test)")
+    if blends.per_split is not None:
+        flags = " ".join(per_split + per_split_file)
+        require("split" not in given, f"--split {d.split} with {flags}: each split's datasets "
+                "are used whole (megatron-core: split and blend_per_split are incompatible); "
+                "drop --split, or give one --data-path blend to cut by it")
+        require(blends.per_split[0] is not None, f"{flags}: no training datasets; give "
+                "--train-data-path (or a train list in --per-split-data-args-path)")
+        require(not d.is_instruction_dataset, f"{flags} with --is-instruction-dataset: "
+                "per-split instruction datasets are not supported; give them to --data-path "
+                "and cut the splits with --split")
+
+
 def _validate_data(config: Config) -> None:
     d, t, m, p = config.data, config.training, config.model, config.parallel
     tp = p.tensor_model_parallel_size
@@ -211,7 +243,8 @@ def _validate_data(config: Config) -> None:
         require(not d.mock_data, "--is-instruction-dataset reads instruction shards from "
                  "--data-path PREFIX (preprocess_data.py --handler-name ...); it cannot be used "
                  "with --mock-data")
-        require(bool(d.data_path), "--is-instruction-dataset needs --data-path PREFIX (the "
+        require(bool(d.data_path or d.data_args_path), "--is-instruction-dataset needs "
+                 "--data-path PREFIX (the "
                  "--output-prefix of preprocess_data.py --handler-name ...)")
         require(not d.eod_mask_loss, "--eod-mask-loss cannot be used with "
                  "--is-instruction-dataset: the loss mask comes from the data (assistant turns "
@@ -228,19 +261,7 @@ def _validate_data(config: Config) -> None:
             require(m.seq_length % tp == 0,
                      f"--sequence-parallel splits --seq-length {m.seq_length} over "
                      f"--tensor-model-parallel-size {tp}: make it divisible")
-    require(bool(d.data_path) != d.mock_data,
-             "give exactly one of --data-path PREFIX... and --mock-data")
-    if d.data_path and len(d.data_path) > 1:
-        require(len(d.data_path) % 2 == 0,
-                 "--data-path with several datasets takes weight/prefix pairs: 0.3 A 0.7 B")
-        for weight in d.data_path[0::2]:
-            try:
-                float(weight)
-            except ValueError:
-                raise ConfigError(
-                    f"--data-path: {weight!r} is not a weight; use 0.3 A 0.7 B") from None
-            # megatron-core's BlendedDataset asserts every weight > 0.
-            require(float(weight) > 0, f"--data-path: weight {weight} must be > 0")
+    _validate_data_sources(config)
     split = d.split.replace("/", ",").split(",")
     require(all(s.strip().replace(".", "", 1).isdigit() for s in split) and len(split) <= 3,
              f"--split {d.split!r}: expected up to three numbers like 949,50,1")
@@ -318,6 +339,10 @@ def _validate_logging_and_checkpoint(config: Config) -> None:
             config.notices.append(f"--{name.replace('_', '-')}: no effect (Weights & Biases is "
                                   "not integrated; use --tensorboard-dir)")
     require(c.save_interval is None or c.save is not None, "--save-interval needs --save DIR")
+    for f in fields(CheckpointConfig):
+        if f.name.endswith("_from_checkpoint_args") and f.name in config.given \
+                and not c.use_checkpoint_args:  # ignored, as in Megatron-LM
+            config.notices.append(f"{flag_name(f)}: no effect without --use-checkpoint-args")
     require(c.save_total_limit is None or c.save_total_limit >= 1,
              "--save-total-limit must be >= 1")
     require(not (config.training.override_opt_param_scheduler

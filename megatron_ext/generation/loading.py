@@ -15,51 +15,17 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import check_compatible, divisible_by_padding_to, saved_value
-from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
+from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to, fill_flags,
+                                          saved_value)
 from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
 from megatron_ext.training import dist_checkpoint, lora_checkpoint
+from megatron_ext.training.checkpoint_args import read_checkpoint
 
 logger = logging.getLogger("megatron_ext")
 
 # Flags that do not shape the weights: never taken from a checkpoint.
 _NOT_SAVED = {"attention_dropout", "hidden_dropout", "init_method_std", "attention_backend",
               "recompute_granularity", "recompute_method", "recompute_num_layers"}
-
-
-def read_checkpoint(load_dir):
-    """(iteration, format, saved args) of the latest checkpoint in ``load_dir``."""
-    iteration = ckpt.read_tracker(load_dir)
-    if iteration is None:
-        raise ckpt.CheckpointError(f"--load {load_dir}: no {ckpt.TRACKER_FILENAME} there, so no "
-                                   f"checkpoint to generate with")
-    directory = ckpt.iteration_dir(load_dir, iteration)
-    if is_dist_checkpoint(directory):
-        return iteration, dist_checkpoint.FORMAT, dist_checkpoint.saved_args(directory)
-    files = sorted(directory.glob("mp_rank_*/" + ckpt.RANK_FILENAME))
-    if not files:
-        raise ckpt.CheckpointError(f"{directory} holds neither a torch_dist checkpoint nor "
-                                   f"mp_rank_*/{ckpt.RANK_FILENAME} files")
-    return iteration, "torch", ckpt.load_rank_file(files[0]).get("args")
-
-
-def _fill_model_flags(args: argparse.Namespace, saved: argparse.Namespace) -> None:
-    for f in fields(ModelConfig):
-        if getattr(args, f.name) is not None or f.name in _NOT_SAVED:
-            continue
-        if f.name == "disable_bias_linear":
-            value = saved_value(saved, "add_bias_linear")
-            value = None if value is None else not value
-        elif f.name == "group_query_attention":
-            value = saved_value(saved, "num_query_groups") != saved_value(saved, "num_attention_heads")
-        elif f.name == "num_query_groups":
-            value = saved_value(saved, f.name)
-            if value == saved_value(saved, "num_attention_heads"):
-                value = None  # no GQA: validate wants no --num-query-groups
-        else:
-            value = saved_value(saved, f.name)
-        if value is not None:
-            setattr(args, f.name, value)
 
 
 def _fill_lora_flags(args: argparse.Namespace) -> None:
@@ -82,7 +48,7 @@ def generation_config(args: argparse.Namespace, world_size: int):
     iteration, found, saved = read_checkpoint(args.load)
     if saved is not None:
         divisible_given = args.make_vocab_size_divisible_by is not None
-        _fill_model_flags(args, saved)
+        fill_flags(args, saved, [f.name for f in fields(ModelConfig) if f.name not in _NOT_SAVED])
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(args, name) is None:
                 setattr(args, name, saved_value(saved, name) or 1)

@@ -66,15 +66,30 @@ def pretrain(forward_step, argv=None):
     evaluate (validation, then the test split as Megatron-LM)."""
     die_with_launcher()
     rank = os.environ.get("RANK", "0")
+    logged = []
+
+    def setup_logs(verbose) -> None:
+        # Before megatron-core is imported: its optional-dependency warnings fire at import time.
+        if not logged:
+            logs.setup(bool(verbose))
+            logged.append(True)
+
+    def take_checkpoint_args(args):
+        if not args.use_checkpoint_args:
+            return []
+        setup_logs(args.verbose)  # reading the checkpoint imports megatron-core
+        from megatron_ext.training.checkpoint_args import take_checkpoint_args
+
+        return take_checkpoint_args(args)
+
     try:
-        config = parse_args(argv)
+        config = parse_args(argv, prepare=take_checkpoint_args)
     except UnknownFlagsError as error:
         # The same on every rank: said once.
         sys.exit(f"[rank {rank}] invalid arguments: {error}" if rank == "0" else 2)
     except ConfigError as error:
         sys.exit(f"[rank {rank}] invalid arguments: {error}")
-    # Before megatron-core is imported: its optional-dependency warnings fire at import time.
-    logs.setup(config.logging.verbose)
+    setup_logs(config.logging.verbose)
     from megatron_ext.checkpoint.format import CheckpointError
     from megatron_ext.training.trainer import Trainer
 

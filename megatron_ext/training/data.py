@@ -24,8 +24,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_ext import platform
-from megatron_ext.config import Config
-from megatron_ext.training.blend import check_prefixes, parse_blend
+from megatron_ext.config import Config, ConfigError
+from megatron_ext.config.blend import check_prefixes, resolve
 from megatron_ext.training.sft_dataset import build_sft_datasets
 
 
@@ -53,15 +53,18 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
     d = config.data
     if d.is_instruction_dataset:
         return build_sft_datasets(config, eod, split_sizes, split_matrix)
-    prefixes = None
-    if not d.mock_data:
-        prefixes, weights = parse_blend(d.data_path)
-        check_prefixes(prefixes)
+    blends = resolve(d)  # empty with --mock-data
+    check_prefixes(blends.prefixes())
+    per_split = blends.per_split
+    if per_split is not None and split_matrix is not None:
+        # Whole datasets per split; those of a split the run does not read are not built.
+        per_split = [b if bounds is not None else None for b, bounds in zip(per_split, split_matrix)]
     dataset_config = GPTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,
-        blend=None if d.mock_data else (prefixes, weights),
-        split=d.split,
+        blend=blends.blend,
+        blend_per_split=per_split,
+        split=None if per_split is not None else d.split,
         path_to_cache=d.data_cache_path,
         tokenizer=DatasetTokenizer(eod=eod, vocab_size=vocab_size),
         # Both flags isolate documents (Config.varlen); positions restart with either.
@@ -73,7 +76,7 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         mid_level_dataset_surplus=0.005,
         mmap_bin_files=d.mmap_bin_files,
     )
-    if split_matrix is not None:
+    if split_matrix is not None and per_split is None:
         dataset_config.split_matrix = split_matrix
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
 
@@ -82,12 +85,28 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
             dataset_cls, split_sizes, on_rank, dataset_config).build()
 
     if d.mock_data or not torch.distributed.is_initialized():
-        return build(lambda: True)
+        return check_one_epoch(blends, build(lambda: True), split_sizes)
     build(lambda: torch.distributed.get_rank() == 0)  # writes the cache: rank 0, once
     cache_dirs = ([d.data_cache_path] if d.data_cache_path else
-                  [os.path.join(prefix, "cache", "GPTDataset_indices") for prefix in prefixes])
+                  [os.path.join(prefix, "cache", "GPTDataset_indices")
+                   for prefix, _ in blends.prefixes()])
     check_cache_visible(cache_dirs)
-    return build(lambda: True)  # loads what rank 0 wrote, on every rank
+    return check_one_epoch(blends, build(lambda: True), split_sizes)  # loads rank 0's files
+
+
+def check_one_epoch(blends, datasets, split_sizes: List[int]):
+    """``datasets``, unless an unweighted blend (``A B``: megatron-core builds one epoch of
+    each dataset) holds fewer training samples than the run draws: the loader would run dry
+    mid-training. Every rank builds the same datasets, so every rank raises alike."""
+    train, flags = datasets[0], blends.flags
+    if hasattr(train, "datasets") and split_sizes[0] and len(train) < split_sizes[0]:
+        flag = flags[0] if flags else "--data-path"
+        raise ConfigError(
+            f"{flag}: the unweighted blend of {len(train.datasets)} datasets holds "
+            f"{len(train)} training samples (one epoch of each), the run draws "
+            f"{split_sizes[0]} (--train-iters x --global-batch-size); give weights (0.5 A 0.5 "
+            f"B: epochs repeat as needed) or train for fewer iterations")
+    return datasets
 
 
 def check_cache_visible(cache_dirs: List[str]) -> None:

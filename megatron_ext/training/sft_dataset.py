@@ -43,7 +43,7 @@ from megatron_ext.config import Config, ConfigError
 from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.instruct.tasks import (dataset_task_names, read_tasks, task_ids_prefix,
                                               tasks_path)
-from megatron_ext.training.blend import parse_blend
+from megatron_ext.config.blend import resolve
 
 logger = logging.getLogger("megatron_ext")
 
@@ -214,7 +214,7 @@ def task_names(config: Config) -> List[str]:
     """The run's tasks: those of every ``--data-path`` dataset in order, each name once (a
     dataset's untagged conversations are the task named after the dataset)."""
     names: List[str] = []
-    for prefix in parse_blend(config.data.data_path)[0]:
+    for prefix in resolve(config.data).blend[0]:
         try:
             found = read_tasks(prefix)
         except ValueError as error:
@@ -229,7 +229,7 @@ def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_m
     """(train, valid, test) instruction datasets for ``--is-instruction-dataset`` (None where
     the split is empty); ``split_matrix`` as in ``data.build_datasets``."""
     d = config.data
-    prefixes, weights = parse_blend(d.data_path)
+    prefixes, weights = resolve(d).blend  # validate: no per-split instruction datasets
     # Here, not in InstructionShards: every prefix is checked on every rank before the builder
     # starts building (and synchronising ranks).
     for prefix in prefixes:

@@ -32,12 +32,11 @@ from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
 from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError, meta_path,
                                            read_meta, write_json_atomically)
 from megatron_ext.tokenizer import fingerprint
-from megatron_ext.training.blend import check_prefixes, parse_blend
+from megatron_ext.config.blend import SPLITS, check_prefixes, naming, resolve
 from megatron_ext.training.sft_dataset import check_prefix
 
 logger = logging.getLogger("megatron_ext")
 
-SPLITS = ("train", "valid", "test")
 SCAN_CHUNK_BYTES = 64 << 20  # bounded memory for the comparison with EOD, large enough for speed
 SCAN_VERSION = 2  # of the cached scan's content
 IDX_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence and document counts 8 + 8
@@ -54,15 +53,16 @@ class Shard:
     prefix: str
     reader: IndexedDatasetReader
     document_tokens: np.ndarray  # int64 tokens per document
+    where: str  # how messages name it: "--data-path PREFIX" (config.blend.naming)
 
     @property
     def num_documents(self) -> int:
         return self.document_tokens.size
 
 
-def open_shard(prefix: str) -> Shard:
-    """The pair, or a ShardError naming the file when its structure is damaged."""
-    where = f"--data-path {prefix}"
+def open_shard(prefix: str, flag: str = "--data-path") -> Shard:
+    """The pair, or a ShardError naming the file (and ``flag``) when its structure is damaged."""
+    where = naming(prefix, flag)
     try:
         reader = IndexedDatasetReader(prefix)
     except ValueError as error:  # bad magic, version, dtype code, truncated, .bin size
@@ -89,10 +89,10 @@ def open_shard(prefix: str) -> Shard:
         raise ShardError(f"{where}: {path} is damaged: its document index does not cover its "
                          f"{lengths.size} sequences in order; rewrite the shard")
     if docs.size == 1:
-        raise ShardError(f"{where}: {prefix} holds no documents; remove it from --data-path or "
+        raise ShardError(f"{where}: {prefix} holds no documents; remove it from the list or "
                          f"preprocess a non-empty corpus")
     ends = np.concatenate([[0], np.cumsum(lengths)])
-    return Shard(prefix, reader, ends[docs[1:]] - ends[docs[:-1]])
+    return Shard(prefix, reader, ends[docs[1:]] - ends[docs[:-1]], where)
 
 
 def check_meta(shard: Shard, meta: ShardMeta) -> None:
@@ -102,7 +102,7 @@ def check_meta(shard: Shard, meta: ShardMeta) -> None:
     described = (meta.num_documents, meta.num_tokens, meta.bin_bytes, meta.idx_bytes)
     if found != described:
         raise ShardError(
-            f"--data-path {shard.prefix}: {meta_path(shard.prefix)} describes {described[0]} "
+            f"{shard.where}: {meta_path(shard.prefix)} describes {described[0]} "
             f"documents, {described[1]} tokens, .bin {described[2]} and .idx {described[3]} "
             f"bytes, but the pair holds {found[0]} documents, {found[1]} tokens, .bin {found[2]} "
             f"and .idx {found[3]} bytes: the files come from different runs of "
@@ -211,13 +211,13 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
     max_id = meta.max_id if meta is not None else facts["max_id"]
     if max_id >= vocab:
         raise ShardError(
-            f"--data-path {shard.prefix}: largest token id {max_id} does not fit the vocabulary "
+            f"{shard.where}: largest token id {max_id} does not fit the vocabulary "
             f"of {vocab} ids of {tokenizer_flags(config)}{_made_with(meta)}; train with the "
             f"tokenizer the shard was made with, or preprocess it again with this one")
     if meta is not None and meta.tokenizer_fingerprint is not None and (
             meta.tokenizer_fingerprint != fingerprint(tokenizer)):
         raise ShardError(
-            f"--data-path {shard.prefix}: made with another tokenizer than this run's "
+            f"{shard.where}: made with another tokenizer than this run's "
             f"{tokenizer_flags(config)}{_made_with(meta)}: the same text has other ids (its "
             f"tokenizer_fingerprint {meta.tokenizer_fingerprint}, this run's "
             f"{fingerprint(tokenizer)}); train with the tokenizer the shard was made with, or "
@@ -231,7 +231,7 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
     if meta is not None and meta.eod is not None:
         if meta.eod != eod:
             raise ShardError(
-                f"--data-path {shard.prefix}: the shard's EOD is id {meta.eod} "
+                f"{shard.where}: the shard's EOD is id {meta.eod} "
                 f"({meta.tokenizer_type}), the run's is {eod} ({tokenizer_flags(config)}): "
                 f"{flags} would find no document boundaries; train with the shard's tokenizer")
         if meta.eod_appended is False:
@@ -245,7 +245,7 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
              f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
     if occurrences == 0:
         raise ShardError(
-            f"--data-path {shard.prefix}: {found}: {flags} would find no document boundaries; "
+            f"{shard.where}: {found}: {flags} would find no document boundaries; "
             f"train with the tokenizer the shard was made with (an EOD appended by "
             f"preprocess_data.py --append-eod)")
     if 2 * ending < nonempty:
@@ -270,11 +270,16 @@ def split_documents(split: str, shards: List[Shard]) -> List[List[Optional[Tuple
     return counts
 
 
-def plan_splits(config: Config, shards: List[Shard]) -> List[Optional[Tuple[float, float]]]:
+def plan_splits(config: Config, shards: List[Shard],
+                per_split: Optional[List[List[Shard]]] = None) -> List[Optional[Tuple[float, float]]]:
     """megatron-core's split matrix, less the splits this run does not read. A split without
     tokens that is read is an error (megatron-core would loop forever building it); an empty
-    test split is not evaluated (as Megatron-LM, which evaluates a test split that exists)."""
+    test split is not evaluated (as Megatron-LM, which evaluates a test split that exists).
+    With datasets per split (``per_split``: the shards of each split, None where it has none)
+    each dataset is a split whole: ``(0, 1)`` where it is given and read, else None."""
     d, evaluating = config.data, config.logging.eval_iters > 0
+    if per_split is not None:
+        return _plan_per_split(config, per_split)
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
     counts = split_documents(d.split, shards)
     if evaluating and matrix[1] is None:  # Megatron-LM then skips validation without a word
@@ -282,10 +287,12 @@ def plan_splits(config: Config, shards: List[Shard]) -> List[Optional[Tuple[floa
                        f"{config.logging.eval_interval} evaluates nothing; give the second "
                        f"number a share (e.g. 98,2,0), or pass --eval-iters 0")
     wanted = [True, evaluating, evaluating]
+    least = _least_tokens(config, resolve(d).blend)
     for i, name in enumerate(SPLITS):
         if matrix[i] is None:
             continue
-        empty = [(shard.prefix, row[i]) for shard, row in zip(shards, counts) if row[i][1] == 0]
+        empty = [(shard.prefix, row[i]) for shard, row in zip(shards, counts)
+                 if row[i][1] < least]
         if not wanted[i] or (empty and name == "test"):
             if empty and wanted[i]:
                 logger.warning(f"--split {d.split} leaves the test split of {empty[0][0]} "
@@ -293,51 +300,91 @@ def plan_splits(config: Config, shards: List[Shard]) -> List[Optional[Tuple[floa
             matrix[i] = None
             continue
         if empty:
-            prefix, (docs, _) = empty[0]
+            prefix, (docs, tokens) = empty[0]
             table = "; ".join(f"{shard.prefix}: " + ", ".join(
                 f"{split} {row[j][0]}" for j, split in enumerate(SPLITS) if row[j] is not None)
                 + " documents" for shard, row in zip(shards, counts))
             hint = " (or --eval-iters 0)" if name == "valid" else ""
             raise ShardError(
                 f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
-                f"and no tokens ({table}); give the {name} split a larger part{hint}")
+                f"and {tokens or 'no'} tokens{_why(least)} ({table}); give the {name} split a "
+                f"larger part{hint}")
     return matrix
 
 
-def data_prefixes(config: Config) -> List[Tuple[str, bool]]:
-    """(shard prefix, holds token ids) for every pair the run reads."""
-    prefixes, _ = parse_blend(config.data.data_path)
+def _least_tokens(config: Config, blend) -> int:
+    """Tokens a dataset of ``blend`` needs in a split that is read: one; for an unweighted
+    blend of several, one sample's (megatron-core builds one epoch of each, weighs it by its
+    sample count and asserts every weight > 0)."""
+    unweighted = blend is not None and blend[1] is None and len(blend[0]) > 1
+    if unweighted and not config.data.is_instruction_dataset:
+        return config.model.seq_length + 1  # a GPTDataset sample: --seq-length + 1 tokens
+    return 1
+
+
+def _why(least: int) -> str:
+    return (f", less than one sample ({least} tokens) for the unweighted blend (or give weights)"
+            if least > 1 else "")
+
+
+def _plan_per_split(config: Config, per_split) -> List[Optional[Tuple[float, float]]]:
+    evaluating = config.logging.eval_iters > 0
+    if evaluating and per_split[1] is None:
+        logger.warning(f"no validation datasets (--valid-data-path): --eval-interval "
+                       f"{config.logging.eval_interval} evaluates nothing; give them, or pass "
+                       f"--eval-iters 0")
+    matrix = []
+    for i, shards in enumerate(per_split):
+        if shards is None or not (i == 0 or evaluating):
+            matrix.append(None)
+            continue
+        least = _least_tokens(config, resolve(config.data).per_split[i])
+        empty = next((shard for shard in shards if shard.document_tokens.sum() < least), None)
+        if empty is not None:  # megatron-core would loop forever building its samples
+            raise ShardError(f"{empty.where}: its {empty.num_documents} documents hold "
+                             f"{int(empty.document_tokens.sum()) or 'no'} tokens{_why(least)}; "
+                             f"remove it from the {SPLITS[i]} datasets")
+        matrix.append((0.0, 1.0))
+    return matrix
+
+
+def data_prefixes(config: Config) -> List[Tuple[str, bool, str]]:
+    """(shard prefix, holds token ids, flag that names it) for every pair the run reads."""
+    prefixes = resolve(config.data).prefixes()
     if not config.data.is_instruction_dataset:
         check_prefixes(prefixes)
-        return [(prefix, True) for prefix in prefixes]
+        return [(prefix, True, flag) for prefix, flag in prefixes]
     pairs = []
-    for prefix in prefixes:
+    for prefix, flag in prefixes:
         check_prefix(prefix)
         ids, mask = output_prefixes(prefix)
-        pairs += [(ids, True), (mask, False)]
+        pairs += [(ids, True, flag), (mask, False, flag)]
         if os.path.exists(tasks_path(prefix)):  # multi-task data (check_prefix: it exists)
-            pairs.append((task_ids_prefix(prefix), False))
+            pairs.append((task_ids_prefix(prefix), False, flag))
     return pairs
 
 
 def check_data(config: Config, tokenizer) -> Optional[List[Optional[Tuple[float, float]]]]:
-    """Every check above for ``--data-path``; returns the split matrix to build (None with
-    ``--mock-data``)."""
+    """Every check above for every dataset (of ``--data-path`` or of each split); returns the
+    split matrix to build (None with ``--mock-data``)."""
     d = config.data
     if d.mock_data:
         return None
     check_eod = not d.is_instruction_dataset and (
         d.reset_position_ids or d.reset_attention_mask or d.eod_mask_loss)
-    token_shards = []
-    for prefix, holds_ids in data_prefixes(config):
-        shard = open_shard(prefix)
+    token_shards = {}
+    for prefix, holds_ids, flag in data_prefixes(config):
+        shard = open_shard(prefix, flag)
         try:
             meta = read_meta(prefix)
         except ShardMetaError as error:
-            raise ShardError(f"--data-path {prefix}: {error}") from None
+            raise ShardError(f"{shard.where}: {error}") from None
         if meta is not None:
             check_meta(shard, meta)
         if holds_ids:
             check_tokens(config, shard, meta, tokenizer, check_eod)
-            token_shards.append(shard)
-    return plan_splits(config, token_shards)
+            token_shards[prefix] = shard
+    per_split = resolve(d).per_split
+    if per_split is not None:
+        per_split = [None if b is None else [token_shards[p] for p in b[0]] for b in per_split]
+    return plan_splits(config, list(token_shards.values()), per_split)

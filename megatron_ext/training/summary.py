@@ -33,6 +33,7 @@ from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_ext.checkpoint.args import padded_vocab_size
 from megatron_ext.config import Config
+from megatron_ext.config.blend import resolve
 from megatron_ext.config.parallel import CP_ALLGATHER
 from megatron_ext.training.logs import SUMMARY_LOGGER
 
@@ -276,7 +277,9 @@ def _data_lines(config: Config, train_ds, valid_ds) -> List[str]:
     d, t, m = config.data, config.training, config.model
     if d.mock_data:
         return ["data       --mock-data (random tokens)"]
-    lines = [f"data       --split {d.split}; index cache {d.data_cache_path}"]
+    cut = (f"--split {d.split}" if resolve(d).per_split is None
+           else "datasets per split, each used whole")
+    lines = [f"data       {cut}; index cache {d.data_cache_path}"]
     samples = t.train_iters * t.global_batch_size
     for leaf, share in _leaves(train_ds):
         low = leaf.dataset

@@ -87,8 +87,6 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "--group-query-attention --num-query-groups 2", "--num-query-groups 2 / "
      "--tensor-model-parallel-size 2 = 1 is not divisible by --context-parallel-size 2"),
     ("--no-position-embedding", "use --position-embedding-type rope"),
-    ("--train-data-path 1 A --valid-data-path B", "--train-data-path --valid-data-path: datasets "
-     "per split are not supported yet; give the datasets to --data-path"),
 ])
 def test_refusals_are_one_line_with_the_way_out(extra, expected):
     with pytest.raises(ConfigError) as info:
