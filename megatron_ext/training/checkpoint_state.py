@@ -12,6 +12,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 
 
@@ -147,9 +148,11 @@ def adopt_schedule(trainer, optimizer_state, source) -> None:
     groups, --use-checkpoint-opt_param-scheduler the saved ones into this run's, so that loading
     keeps the one chosen (0.16-0.18 load the saved ones; 0.19 matches saved groups to this
     run's by them). Without either, a difference is an error: check_schedule has compared
-    --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr."""
+    --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr. The saved
+    groups lose the marks 0.16-0.18 need and 0.19 refuses (platform.py)."""
     t = trainer.config.training
     saved = list(_saved_param_groups(optimizer_state))
+    platform.unmark_saved_decoupled_lr_groups(saved)  # saved on megatron-core 0.16-0.18
     if len(saved) != len(trainer.optimizer.param_groups):
         return  # another grouping: megatron-core's loading says so
     for theirs, ours in zip(saved, trainer.optimizer.param_groups):
