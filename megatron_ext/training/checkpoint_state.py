@@ -1,6 +1,6 @@
 """What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
-(chained) optimizer, the checks that the saved optimizer state is of this run's kind and
-precision, the learning-rate schedule against the run's flags, and the pruning of old
+(chained) optimizer, the checks that the saved optimizer state is of this run's kind (torch
+format) and precision, the learning-rate schedule against the run's flags, and the pruning of old
 iterations."""
 
 import random
@@ -24,14 +24,18 @@ def distributed_optimizers(optimizer) -> list:
 
 
 def check_optimizer_kind(saved_distributed: bool, distributed: bool, where) -> None:
-    """The distributed optimizer's state (flat DP shards, or fully reshardable tensors) and the
-    plain optimizer's do not load into each other: say so, with the way out, before megatron-core
-    fails on a missing key."""
+    """--ckpt-format torch: the distributed optimizer's state (distrib_optim.pt, its flat
+    buffers gathered to DP rank 0) and the plain optimizer's do not load into each other: say
+    so, with the way out, before megatron-core fails on a missing key. (torch_dist checkpoints
+    do: training/optimizer_switch.py.)"""
     if saved_distributed != distributed:
         raise ckpt.CheckpointError(
             f"checkpoint {where} was saved {'with' if saved_distributed else 'without'} "
             f"--use-distributed-optimizer and this run is {'with' if distributed else 'without'} "
-            f"it: its optimizer state does not fit; use the same flag, or pass --no-load-optim")
+            f"it: its optimizer state (--ckpt-format torch) does not fit; use the same flag, or "
+            f"pass --no-load-optim. To switch and keep the optimizer state, resume once with the "
+            f"checkpoint's flag and --ckpt-format torch_dist --save: those checkpoints load "
+            f"with or without it")
 
 
 def fresh_on_resume(checkpoint_config) -> str:
