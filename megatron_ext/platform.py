@@ -10,8 +10,9 @@ megatron-core is used unchanged.
    ``torch`` is replaced by a proxy that maps those to the CPU. Other modules see real torch.
 2. Tensor-type checks: the optimizer, distributed optimizer and grad clipping accept only
    ``torch.cuda.*Tensor`` parameters, and the tied-embedding setup moves the weight with
-   ``.cuda()``; these functions run with CPU tensors reporting their CUDA type names and
-   ``.cuda()`` a no-op, for the duration of the call only.
+   ``.cuda()``, as the --fp16 loss scaler its loaded scale; these functions run with CPU
+   tensors reporting their CUDA type names and ``.cuda()`` a no-op, for the duration of the
+   call only.
 3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
    recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
 4. Distributed checkpoints (``--ckpt-format torch_dist``): see ``_DIST_CKPT_MODULES``.
@@ -260,7 +261,7 @@ def apply() -> None:
         importlib.import_module(module_name).torch = proxy
 
     from megatron.core.models.common.language_module.language_module import LanguageModule
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, grad_scaler, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random
 
@@ -269,6 +270,8 @@ def apply() -> None:
         (DistributedOptimizer, "__init__"),
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (LanguageModule, "setup_embeddings_and_output_layer"),
+        # --fp16 resume: the loaded loss scale is moved with .cuda() (0.16.1 and 0.19.2).
+        (grad_scaler.DynamicGradScaler, "load_state_dict"),
     ):
         _with_cuda_tensor_names(owner, name)
     _with_cuda_tensor_names(clip_grads, "clip_grad_by_total_norm_fp32")

@@ -288,9 +288,15 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
-        optimizer_state = state["optimizer"] if not switched else optimizer_switch.converted(
-            trainer.optimizer, sharded["optimizer"], state["optimizer"], common["optimizer"],
-            directory)
+        optimizer_state = state["optimizer"]
+        if switched:
+            optimizer_state = optimizer_switch.converted(
+                trainer.optimizer, sharded["optimizer"], optimizer_state, common["optimizer"],
+                directory)
+            log_once(logger, logging.INFO,
+                     f"{directory} was saved {'with' if saved_distributed else 'without'} "
+                     f"--use-distributed-optimizer: its optimizer state goes into this run's "
+                     f"{'plain' if saved_distributed else 'distributed'} optimizer")
         adopt_schedule(trainer, optimizer_state, directory)
         with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
             trainer.optimizer.load_state_dict(optimizer_state)

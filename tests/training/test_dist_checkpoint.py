@@ -63,14 +63,18 @@ def _assert_close(losses, expected, final, expected_final):
     # With --bf16 the fp32 main copies are carried over too (bf16 weights alone would not do).
     (2, "--bf16 --use-distributed-optimizer", 1, "--bf16"),
     (1, "--bf16", 2, "--bf16 --use-distributed-optimizer"),
+    # --fp16 and its loss scaler, at one DP: DP1 and DP2 sum the gradients in another order,
+    # which the fp16 weights can round apart.
+    (2, "--fp16 --initial-loss-scale 1024", 2,
+     "--fp16 --initial-loss-scale 1024 --use-distributed-optimizer"),
 ], ids=["tp1pp1-to-tp2pp2", "tp2pp2-to-tp1pp1", "dp2-to-dp1-distributed-optimizer",
         "dp2-distributed-to-dp1-plain", "dp2-distributed-to-dp2-plain",
         "dp1-plain-to-dp2-distributed", "dp2-distributed-to-dp1-plain-bf16",
-        "dp1-plain-to-dp2-distributed-bf16"])
+        "dp1-plain-to-dp2-distributed-bf16", "dp2-plain-to-dp2-distributed-fp16"])
 def test_resume_in_another_layout(tmp_path, single_process, saved_ws, saved, resumed_ws, resumed):
     """Stopped at 3 in one layout, resumed in another == uninterrupted in the first."""
     reference = single_process
-    if "pipeline" in saved or "bf16" in saved:
+    if "pipeline" in saved or {"--bf16", "--fp16"} & set(saved.split()):
         reference = launch(_train_with_weights, saved_ws, RESHARD + saved.split(), saved_ws)[0][::2]
     first = launch(_train, saved_ws, RESHARD + saved.split() + [
         "--save", str(tmp_path), "--exit-interval", "3"], saved_ws)[-1]
