@@ -14,10 +14,12 @@ Tensors are stored under their global names and offsets (``GPTModel.sharded_stat
 a checkpoint loads at any TP/PP/DP. The distributed optimizer's state is saved with
 megatron-core's ``fully_reshardable`` sharding (what Megatron-LM writes with
 ``--dist-ckpt-optim-fully-reshardable``): every parameter's fp32 copy and Adam moments in the
-parameter's own shape and sharding, so they reshard exactly as the weights do. The alternatives
-cannot: ``dp_reshardable`` stores the optimizer's flat per-bucket DP shards, whose layout depends
-on TP/PP (it reshards along DP only), and ``fully_sharded_model_space`` relies on flattened
-ShardedTensors, which megatron-core 0.16 refuses. The price is an all-gather of the optimizer
+parameter's own shape and sharding, so they reshard exactly as the weights do, and load into
+the plain optimizer too (a resume without --use-distributed-optimizer, or the reverse:
+optimizer_switch.py). The alternatives cannot: ``dp_reshardable`` stores the optimizer's flat
+per-bucket DP shards, whose layout depends on TP/PP (it reshards along DP only), and
+``fully_sharded_model_space`` relies on flattened ShardedTensors, which megatron-core 0.16
+refuses. The price is an all-gather of the optimizer
 state over DP ranks at save time. A Megatron-LM checkpoint saved as ``dp_reshardable`` loads at
 its own TP/PP (its DP may change); elsewhere the error says so.
 
@@ -198,7 +200,7 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
     mine = trainer.config.parallel.use_distributed_optimizer
     if switched:
         if not mine:
-            optimizer_switch.check_sharding(_saved_sharding(content, saved_args), mine, directory)
+            optimizer_switch.check_sharding(_saved_sharding(content, saved_args), directory)
         return _metadata(trainer)
     if not mine:
         return _metadata(trainer)

@@ -34,7 +34,7 @@ _MAIN_COPY = {True: "param", False: "fp32_param"}
 READABLE_SHARDING = "fully_reshardable"
 
 
-def check_sharding(sharding: str, distributed: bool, directory) -> None:
+def check_sharding(sharding: str, directory) -> None:
     """A checkpoint of the distributed optimizer loads into the plain one only from
     per-parameter tensors: say which flag writes them."""
     if sharding != READABLE_SHARDING:
@@ -42,7 +42,7 @@ def check_sharding(sharding: str, distributed: bool, directory) -> None:
             f"checkpoint {directory} was saved with --use-distributed-optimizer, its optimizer "
             f"state as '{sharding}' (Megatron-LM without --dist-ckpt-optim-fully-reshardable): "
             f"the distributed optimizer's internal buffers, which only it reads, and this run is "
-            f"{'with' if distributed else 'without'} it. Resume once with "
+            f"without it. Resume once with "
             f"--use-distributed-optimizer (this project then saves '{READABLE_SHARDING}', which "
             f"loads either way), or pass --no-load-optim")
 
