@@ -345,7 +345,8 @@ def test_megatron_core_checkpoint_loads_here_and_ours_loads_there(tmp_path):
 
 
 def test_resume_in_another_layout_from_the_command_line(tmp_path):
-    """torchrun pretrain_gpt.py: saved asynchronously at TP=2, resumed at PP=2."""
+    """torchrun pretrain_gpt.py: saved asynchronously at TP=2, resumed at PP=2 with the
+    distributed optimizer."""
     from tests.training.test_launch import RUN_TIMEOUT_S, TINY, _torchrun
 
     argv = TINY + ["--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1",
@@ -356,10 +357,12 @@ def test_resume_in_another_layout_from_the_command_line(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert ckpt.read_tracker(tmp_path) == 2
     assert (tmp_path / "iter_0000002" / "metadata.json").is_file()
-    resumed = _torchrun(2, argv + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path)],
-                        RUN_TIMEOUT_S)
+    resumed = _torchrun(2, argv + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path),
+                                   "--use-distributed-optimizer"], RUN_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "(torch_dist, saved at TP=2 PP=1) at iteration 2" in resumed.stdout, resumed.stdout
+    assert "without --use-distributed-optimizer: its optimizer state goes into this run's " \
+           "distributed optimizer" in resumed.stdout, resumed.stdout
     # megatron-core's calls of torch's deprecated checkpoint API: filtered (training/logs.py).
     assert "FutureWarning" not in resumed.stdout + resumed.stderr, resumed.stderr
     logged, _ = parse_log(resumed.stdout)
