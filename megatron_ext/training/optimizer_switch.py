@@ -26,6 +26,7 @@ import torch
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace, nested_values
 from megatron.core.dist_checkpointing.mapping import (LocalNonpersistentObject, ShardedBase,
                                                       ShardedTensor, ShardedTensorFactory)
+from megatron.core.optimizer import distrib_optimizer
 
 from megatron_ext.checkpoint import format as ckpt
 
@@ -122,17 +123,19 @@ def _converted(request, loaded, saved, directory):
             f"checkpoint {directory}: its optimizer has "
             f"{len(theirs['param_groups']) if theirs else 'no'} parameter groups, this run's "
             f"{len(ours['param_groups'])}; pass --no-load-optim")
-    # The plain optimizer (torch's Adam) keeps one step for all parameters, the distributed
-    # one a step per group.
+    # megatron-core saves the step of the plain optimizer on torch's Adam (a step per
+    # parameter) as one common_step, else (the distributed optimizer; Apex/TE's Adam, which
+    # counts per group) in each param group.
     step = theirs.get("state", {}).get("common_step", theirs["param_groups"][0].get("step"))
     step = step.item() if torch.is_tensor(step) else step
+    step_per_group = "state" not in ours or distrib_optimizer.HAVE_APEX_OR_TE
     for group, saved_group in zip(ours["param_groups"], theirs["param_groups"]):
         # Same order: both kinds build their groups with megatron-core's _get_param_groups.
         group.update({k: saved_group[k] for k in group if k not in ("params", "step")
                       and k in saved_group})
-        if "step" in group:
+        if step is not None and step_per_group:
             group["step"] = step
-    if step is not None and "state" in ours and "step" not in ours["param_groups"][0]:
+    if step is not None and not step_per_group:
         ours["state"]["common_step"] = torch.tensor(float(step))
     if "grad_scaler" in state and "grad_scaler" in saved:
         state["grad_scaler"] = saved["grad_scaler"]
