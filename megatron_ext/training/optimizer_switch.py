@@ -89,6 +89,8 @@ def converted(optimizer, request, loaded, saved, directory):
 
 
 def _filled(request, loaded):
+    """``request`` with each sharded entry replaced by its tensor in ``loaded``
+    (dist_checkpointing's result, whose other values are the checkpoint's), the rest its own."""
     if isinstance(request, ShardedBase):
         return loaded
     if isinstance(request, LocalNonpersistentObject):
