@@ -10,8 +10,9 @@ megatron-core is used unchanged.
    ``torch`` is replaced by a proxy that maps those to the CPU. Other modules see real torch.
 2. Tensor-type checks: the optimizer, distributed optimizer and grad clipping accept only
    ``torch.cuda.*Tensor`` parameters, and the tied-embedding setup moves the weight with
-   ``.cuda()``; these functions run with CPU tensors reporting their CUDA type names and
-   ``.cuda()`` a no-op, for the duration of the call only.
+   ``.cuda()``, as the --fp16 loss scaler its loaded scale; these functions run with CPU
+   tensors reporting their CUDA type names and ``.cuda()`` a no-op, for the duration of the
+   call only.
 3. RNG tracker: the tensor-parallel RNG tracker (used by attention dropout and by activation
    recomputation) keeps CUDA generator states; on CPU it keeps CPU generator states.
 4. Distributed checkpoints (``--ckpt-format torch_dist``): see ``_DIST_CKPT_MODULES``.
@@ -26,7 +27,8 @@ megatron-core is used unchanged.
    ``megatron.core.transformer.attention`` puts them on the CPU (checked on 0.16.1 only).
 8. Optimizer state on any device: loading a distributed optimizer that drives torch's Adam
    (no Apex/TE) needs ``torch_adam_steps_kept``; resuming with ``--decoupled-lr`` on 0.16-0.18
-   needs ``mark_decoupled_lr_groups``.
+   needs ``mark_decoupled_lr_groups``, and such a checkpoint on 0.19
+   ``unmark_saved_decoupled_lr_groups``.
 
 Supported: megatron-core 0.16 through 0.19 (``SUPPORTED``). Adaptations 1-3, 5 and 6 were
 checked on 0.16.1, 0.17.1, 0.18.2 and 0.19.2 (parallel equivalence, varlen and checkpoint
@@ -259,7 +261,7 @@ def apply() -> None:
         importlib.import_module(module_name).torch = proxy
 
     from megatron.core.models.common.language_module.language_module import LanguageModule
-    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.optimizer import clip_grads, grad_scaler, optimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random
 
@@ -268,6 +270,8 @@ def apply() -> None:
         (DistributedOptimizer, "__init__"),
         (optimizer.Float16OptimizerWithFloat16Params, "__init__"),
         (LanguageModule, "setup_embeddings_and_output_layer"),
+        # --fp16 resume: the loaded loss scale is moved with .cuda() (0.16.1 and 0.19.2).
+        (grad_scaler.DynamicGradScaler, "load_state_dict"),
     ):
         _with_cuda_tensor_names(owner, name)
     _with_cuda_tensor_names(clip_grads, "clip_grad_by_total_norm_fp32")
@@ -348,13 +352,35 @@ def mark_decoupled_lr_groups(optimizer, lr, decoupled_lr) -> None:
     ``--decoupled-lr`` creates, so a resume loads its state into the wrong group (or fails):
     mark it. 0.19 adds max_lr and min_lr to that key (``param_group_identifier_keys``) and tells
     the groups apart as Megatron-LM's checkpoints leave them; there nothing is marked, so
-    such checkpoints load (a --decoupled-lr checkpoint saved on 0.16-0.18 does not)."""
-    from megatron.core.optimizer import optimizer as core_optimizer
-
-    if decoupled_lr is None or "max_lr" in core_optimizer.param_group_identifier_keys:
+    such checkpoints load, and ``unmark_saved_decoupled_lr_groups`` lets a --decoupled-lr
+    checkpoint saved on 0.16-0.18 load there too."""
+    if decoupled_lr is None or _groups_keyed_by_max_lr():
         return
     for group in optimizer.param_groups:
         group["is_decoupled_lr"] = group.get("max_lr") == decoupled_lr != lr
+
+
+def unmark_saved_decoupled_lr_groups(saved_groups) -> None:
+    """The param groups of a checkpoint, before megatron-core 0.19+ loads them: one saved on
+    0.16-0.18 with --decoupled-lr carries ``is_decoupled_lr`` True on the group that
+    ``mark_decoupled_lr_groups`` marked, and 0.19, whose groups all keep megatron-core's False
+    (told apart by max_lr instead), finds no group for it ("Could not find parameter group with
+    key ..."). Unmarked, it matches its group by max_lr. On 0.16-0.18 nothing changes: there the
+    marks are the ones this run's groups carry. (0.16-0.18 cannot read 0.19's torch_dist
+    checkpoints at all: 0.19 writes no common.pt.)"""
+    if not _groups_keyed_by_max_lr():
+        return
+    for group in saved_groups:
+        if group.get("is_decoupled_lr"):
+            group["is_decoupled_lr"] = False
+
+
+def _groups_keyed_by_max_lr() -> bool:
+    """megatron-core 0.19+: saved param groups are matched to live ones by max_lr (and min_lr,
+    start_wd, ...), besides 0.16-0.18's wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr."""
+    from megatron.core.optimizer import optimizer as core_optimizer
+
+    return "max_lr" in core_optimizer.param_group_identifier_keys
 
 
 def async_save_options() -> dict:

@@ -1,6 +1,6 @@
 """What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
-(chained) optimizer, the checks that the saved optimizer state is of this run's kind and
-precision, the learning-rate schedule against the run's flags, and the pruning of old
+(chained) optimizer, the checks that the saved optimizer state is of this run's kind (torch
+format) and precision, the learning-rate schedule against the run's flags, and the pruning of old
 iterations."""
 
 import random
@@ -12,6 +12,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 
 
@@ -23,14 +24,18 @@ def distributed_optimizers(optimizer) -> list:
 
 
 def check_optimizer_kind(saved_distributed: bool, distributed: bool, where) -> None:
-    """The distributed optimizer's state (flat DP shards, or fully reshardable tensors) and the
-    plain optimizer's do not load into each other: say so, with the way out, before megatron-core
-    fails on a missing key."""
+    """--ckpt-format torch: the distributed optimizer's state (distrib_optim.pt, its flat
+    buffers gathered to DP rank 0) and the plain optimizer's do not load into each other: say
+    so, with the way out, before megatron-core fails on a missing key. (torch_dist checkpoints
+    do: training/optimizer_switch.py.)"""
     if saved_distributed != distributed:
         raise ckpt.CheckpointError(
             f"checkpoint {where} was saved {'with' if saved_distributed else 'without'} "
             f"--use-distributed-optimizer and this run is {'with' if distributed else 'without'} "
-            f"it: its optimizer state does not fit; use the same flag, or pass --no-load-optim")
+            f"it: its optimizer state (--ckpt-format torch) does not fit; use the same flag, or "
+            f"pass --no-load-optim. To switch and keep the optimizer state, resume once with the "
+            f"checkpoint's flag and --ckpt-format torch_dist --save: those checkpoints load "
+            f"with or without it")
 
 
 def fresh_on_resume(checkpoint_config) -> str:
@@ -147,9 +152,11 @@ def adopt_schedule(trainer, optimizer_state, source) -> None:
     groups, --use-checkpoint-opt_param-scheduler the saved ones into this run's, so that loading
     keeps the one chosen (0.16-0.18 load the saved ones; 0.19 matches saved groups to this
     run's by them). Without either, a difference is an error: check_schedule has compared
-    --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr."""
+    --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr. The saved
+    groups lose the marks 0.16-0.18 need and 0.19 refuses (platform.py)."""
     t = trainer.config.training
     saved = list(_saved_param_groups(optimizer_state))
+    platform.unmark_saved_decoupled_lr_groups(saved)  # saved on megatron-core 0.16-0.18
     if len(saved) != len(trainer.optimizer.param_groups):
         return  # another grouping: megatron-core's loading says so
     for theirs, ours in zip(saved, trainer.optimizer.param_groups):

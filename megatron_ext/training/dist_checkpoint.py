@@ -14,10 +14,12 @@ Tensors are stored under their global names and offsets (``GPTModel.sharded_stat
 a checkpoint loads at any TP/PP/DP. The distributed optimizer's state is saved with
 megatron-core's ``fully_reshardable`` sharding (what Megatron-LM writes with
 ``--dist-ckpt-optim-fully-reshardable``): every parameter's fp32 copy and Adam moments in the
-parameter's own shape and sharding, so they reshard exactly as the weights do. The alternatives
-cannot: ``dp_reshardable`` stores the optimizer's flat per-bucket DP shards, whose layout depends
-on TP/PP (it reshards along DP only), and ``fully_sharded_model_space`` relies on flattened
-ShardedTensors, which megatron-core 0.16 refuses. The price is an all-gather of the optimizer
+parameter's own shape and sharding, so they reshard exactly as the weights do, and load into
+the plain optimizer too (a resume without --use-distributed-optimizer, or the reverse:
+optimizer_switch.py). The alternatives cannot: ``dp_reshardable`` stores the optimizer's flat
+per-bucket DP shards, whose layout depends on TP/PP (it reshards along DP only), and
+``fully_sharded_model_space`` relies on flattened ShardedTensors, which megatron-core 0.16
+refuses. The price is an all-gather of the optimizer
 state over DP ranks at save time. A Megatron-LM checkpoint saved as ``dp_reshardable`` loads at
 its own TP/PP (its DP may change); elsewhere the error says so.
 
@@ -42,9 +44,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
-from megatron_ext.training import coba, lora_checkpoint
-from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
-                                                   check_precision, check_schedule,
+from megatron_ext.training import coba, lora_checkpoint, optimizer_switch
+from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
@@ -183,19 +184,27 @@ def save(trainer) -> None:
 # -- load ------------------------------------------------------------------------------------
 
 
-def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layout: bool):
-    """The sharded-state-dict options that read this checkpoint's optimizer state, or an error
-    that says what to change."""
-    saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
-    mine = trainer.config.parallel.use_distributed_optimizer
-    if saved_distributed is not None:
-        check_optimizer_kind(bool(saved_distributed), mine, directory)
-    if not mine:
-        return _metadata(trainer)
-    # Megatron-LM before content metadata (megatron-core < 0.13) wrote these by default.
-    sharding = content.get("distrib_optim_sharding_type") or (
+def _saved_sharding(content: dict, saved_args) -> str:
+    """How the checkpoint holds the distributed optimizer's state; Megatron-LM before content
+    metadata (megatron-core < 0.13) wrote these by default."""
+    return content.get("distrib_optim_sharding_type") or (
         "fully_sharded_model_space" if getattr(saved_args, "ckpt_fully_parallel_save", False)
         else "dp_zero_gather_scatter")
+
+
+def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layout: bool,
+                        switched: bool):
+    """The sharded-state-dict options that read this checkpoint's optimizer state, or an error
+    that says what to change. ``switched``: saved by the other kind of optimizer
+    (optimizer_switch.py), read in this run's own format."""
+    mine = trainer.config.parallel.use_distributed_optimizer
+    if switched:
+        if not mine:
+            optimizer_switch.check_sharding(_saved_sharding(content, saved_args), directory)
+        return _metadata(trainer)
+    if not mine:
+        return _metadata(trainer)
+    sharding = _saved_sharding(content, saved_args)
     if not same_layout and sharding not in DistributedOptimizer.checkpoint_fully_reshardable_formats:
         raise ckpt.CheckpointError(
             f"checkpoint {directory} holds the distributed optimizer's state as '{sharding}' "
@@ -264,19 +273,35 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
                  f"not restored")
         load_rng = False
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
-    metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout)
-                if load_optim else _metadata(trainer))
+    saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
+    switched = load_optim and saved_distributed is not None and \
+        bool(saved_distributed) != trainer.config.parallel.use_distributed_optimizer
+    metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout,
+                                    switched) if load_optim else _metadata(trainer))
     if load_optim:
         _allocate_adam_state(trainer.optimizer)
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
+    if switched:
+        m = trainer.config.model
+        optimizer_switch.rename(sharded["optimizer"], sharded["model"], bool(saved_distributed),
+                                fp32=not (m.bf16 or m.fp16))
     state = dist_checkpointing.load(sharded, str(directory), strict=c.dist_ckpt_strictness)
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
     if load_optim:
-        adopt_schedule(trainer, state["optimizer"], directory)
+        optimizer_state = state["optimizer"]
+        if switched:
+            optimizer_state = optimizer_switch.converted(
+                trainer.optimizer, sharded["optimizer"], optimizer_state, common["optimizer"],
+                directory)
+            log_once(logger, logging.INFO,
+                     f"{directory} was saved {'with' if saved_distributed else 'without'} "
+                     f"--use-distributed-optimizer: its optimizer state goes into this run's "
+                     f"{'plain' if saved_distributed else 'distributed'} optimizer")
+        adopt_schedule(trainer, optimizer_state, directory)
         with platform.torch_adam_steps_kept(distributed_optimizers(trainer.optimizer)):
-            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.optimizer.load_state_dict(optimizer_state)
         trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
     elif trainer.config.model.bf16 or trainer.config.model.fp16:
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights

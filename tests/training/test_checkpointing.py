@@ -135,12 +135,13 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
                                            ("", "--use-distributed-optimizer")])
 def test_switching_the_distributed_optimizer_names_the_way_out(tmp_path, saved, resumed):
     """Its state (distrib_optim.pt) and the plain optimizer's do not load into each other:
-    one error naming the flag, not megatron-core's KeyError; --no-load-optim resumes."""
+    one error naming the flag and the torch_dist way, not megatron-core's KeyError;
+    --no-load-optim resumes."""
     launch(_train, 1, MODEL + ["--save", str(tmp_path), "--train-iters", "1"] + saved.split(), 1)
     argv = MODEL + ["--load", str(tmp_path)] + resumed.split()
     side = "with" if saved else "without"
     with pytest.raises(RuntimeError, match=rf"saved {side} --use-distributed-optimizer.*"
-                                           r"pass --no-load-optim"):
+                                           r"pass --no-load-optim.*--ckpt-format torch_dist"):
         launch(_train, 1, argv, 1)
     assert len(launch(_train, 1, argv + ["--no-load-optim"], 1)[0]) == 5  # iterations 2..6
 

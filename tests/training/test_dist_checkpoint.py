@@ -56,18 +56,32 @@ def _assert_close(losses, expected, final, expected_final):
     (1, "", 4, TP2PP2),
     (4, TP2PP2, 1, ""),
     (2, "--use-distributed-optimizer", 1, "--use-distributed-optimizer"),
-], ids=["tp1pp1-to-tp2pp2", "tp2pp2-to-tp1pp1", "dp2-to-dp1-distributed-optimizer"])
+    # The other kind of optimizer (training/optimizer_switch.py), at the same and another DP.
+    (2, "--use-distributed-optimizer", 1, ""),
+    (2, "--use-distributed-optimizer", 2, ""),
+    (1, "", 2, "--use-distributed-optimizer"),
+    # With --bf16 the fp32 main copies are carried over too (bf16 weights alone would not do).
+    (2, "--bf16 --use-distributed-optimizer", 1, "--bf16"),
+    (1, "--bf16", 2, "--bf16 --use-distributed-optimizer"),
+    # --fp16 and its loss scaler, at one DP: DP1 and DP2 sum the gradients in another order,
+    # which the fp16 weights can round apart.
+    (2, "--fp16 --initial-loss-scale 1024", 2,
+     "--fp16 --initial-loss-scale 1024 --use-distributed-optimizer"),
+], ids=["tp1pp1-to-tp2pp2", "tp2pp2-to-tp1pp1", "dp2-to-dp1-distributed-optimizer",
+        "dp2-distributed-to-dp1-plain", "dp2-distributed-to-dp2-plain",
+        "dp1-plain-to-dp2-distributed", "dp2-distributed-to-dp1-plain-bf16",
+        "dp1-plain-to-dp2-distributed-bf16", "dp2-plain-to-dp2-distributed-fp16"])
 def test_resume_in_another_layout(tmp_path, single_process, saved_ws, saved, resumed_ws, resumed):
     """Stopped at 3 in one layout, resumed in another == uninterrupted in the first."""
     reference = single_process
-    if "pipeline" in saved:
+    if "pipeline" in saved or {"--bf16", "--fp16"} & set(saved.split()):
         reference = launch(_train_with_weights, saved_ws, RESHARD + saved.split(), saved_ws)[0][::2]
     first = launch(_train, saved_ws, RESHARD + saved.split() + [
         "--save", str(tmp_path), "--exit-interval", "3"], saved_ws)[-1]
     argv = RESHARD + resumed.split() + ["--load", str(tmp_path)]
     rest, _, final = launch(_train_with_weights, resumed_ws, argv, resumed_ws)[0]
     _assert_close(first + rest, reference[0], final, reference[1])
-    if saved_ws == 2:
+    if "--use-distributed-optimizer" in saved + resumed:
         # The restored Adam moments matter: without them the curve leaves the reference.
         fresh = launch(_train, resumed_ws, argv + ["--no-load-optim"], resumed_ws)[-1]
         assert abs(fresh[1] - reference[0][4]) > 1e-3 * abs(reference[0][4])
@@ -188,12 +202,29 @@ def test_another_global_batch_size_on_resume_needs_a_schedule_choice(tmp_path):
 
 def test_a_checkpoint_that_does_not_fit_names_the_flag(tmp_path):
     launch(_train, 1, BASE + ["--save", str(tmp_path), "--train-iters", "1"], 1)
-    for flags, world_size, expected in (
-        ("--hidden-size 64", 1, r"--hidden-size 32 in the checkpoint, --hidden-size 64"),
-        ("--use-distributed-optimizer", 1, r"without --use-distributed-optimizer.*--no-load-optim"),
-    ):
-        with pytest.raises(RuntimeError, match=expected):
-            launch(_train, world_size, BASE + ["--load", str(tmp_path)] + flags.split(), world_size)
+    with pytest.raises(RuntimeError, match=r"--hidden-size 32 in the checkpoint, --hidden-size 64"):
+        launch(_train, 1, BASE + ["--load", str(tmp_path), "--hidden-size", "64"], 1)
+
+
+def _train_saving_as_megatron_lm_by_default(argv, world_size):
+    """Saves the distributed optimizer's state as Megatron-LM does without
+    --dist-ckpt-optim-fully-reshardable: 'dp_reshardable', its internal flat buffers."""
+    from megatron_ext.training import dist_checkpoint
+
+    metadata = dist_checkpoint._metadata
+    dist_checkpoint._metadata = lambda trainer: metadata(trainer, "dp_reshardable")
+    return _train(argv, world_size)
+
+
+def test_a_dp_reshardable_optimizer_state_loads_into_the_distributed_optimizer_only(tmp_path):
+    distributed = BASE + ["--use-distributed-optimizer"]
+    launch(_train_saving_as_megatron_lm_by_default, 2, distributed + [
+        "--save", str(tmp_path), "--train-iters", "1"], 2)
+    with pytest.raises(RuntimeError, match=r"as 'dp_reshardable' \(Megatron-LM without "
+                                           r"--dist-ckpt-optim-fully-reshardable\).*Resume once "
+                                           r"with --use-distributed-optimizer.*--no-load-optim"):
+        launch(_train, 2, BASE + ["--load", str(tmp_path)], 2)
+    assert len(launch(_train, 2, distributed + ["--load", str(tmp_path)], 2)[0]) == 5
 
 
 def test_vocabulary_rows_that_do_not_split_over_tp_name_the_re_pad(tmp_path):
@@ -314,7 +345,8 @@ def test_megatron_core_checkpoint_loads_here_and_ours_loads_there(tmp_path):
 
 
 def test_resume_in_another_layout_from_the_command_line(tmp_path):
-    """torchrun pretrain_gpt.py: saved asynchronously at TP=2, resumed at PP=2."""
+    """torchrun pretrain_gpt.py: saved asynchronously at TP=2, resumed at PP=2 with the
+    distributed optimizer."""
     from tests.training.test_launch import RUN_TIMEOUT_S, TINY, _torchrun
 
     argv = TINY + ["--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1",
@@ -325,10 +357,12 @@ def test_resume_in_another_layout_from_the_command_line(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert ckpt.read_tracker(tmp_path) == 2
     assert (tmp_path / "iter_0000002" / "metadata.json").is_file()
-    resumed = _torchrun(2, argv + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path)],
-                        RUN_TIMEOUT_S)
+    resumed = _torchrun(2, argv + ["--pipeline-model-parallel-size", "2", "--load", str(tmp_path),
+                                   "--use-distributed-optimizer"], RUN_TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "(torch_dist, saved at TP=2 PP=1) at iteration 2" in resumed.stdout, resumed.stdout
+    assert "without --use-distributed-optimizer: its optimizer state goes into this run's " \
+           "distributed optimizer" in resumed.stdout, resumed.stdout
     # megatron-core's calls of torch's deprecated checkpoint API: filtered (training/logs.py).
     assert "FutureWarning" not in resumed.stdout + resumed.stderr, resumed.stderr
     logged, _ = parse_log(resumed.stdout)
