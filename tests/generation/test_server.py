@@ -197,6 +197,16 @@ def test_server_answers_as_generate_gpt_and_transformers(checkpoint, hf_model, c
         for token, value, top in zip(lp["tokens"][len(prompt):], lp["token_logprobs"][len(prompt):],
                                      lp["top_logprobs"][len(prompt):]):
             assert len(top) == 2 and list(top)[0] == token and top[token] == value  # greedy
+        # Megatron-LM's client: prompt, number of tokens; answers and errors as it prints them.
+        client = subprocess.run(
+            [sys.executable, f"{ROOT}/tools/text_generation_cli.py", server.url.split("//")[1]],
+            input="1 2 3\n4\n1 2\n-1\n", capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert client.returncode == 0, client.stderr
+        shown = client.stdout.split("Enter prompt: ")
+        assert re.fullmatch(r"Enter number of tokens to generate: Megatron Response: \n"
+                            r"1 2 3( \d+){0,4}\n", shown[1]), shown
+        assert shown[2] == ("Enter number of tokens to generate: Error 400: tokens_to_generate "
+                            "must be an integer greater than or equal to 0\n"), shown
         for method, path, body, message in BAD_REQUESTS:
             status, error = server.request(method, path, body)
             assert status == 400, (body, error)
