@@ -72,14 +72,16 @@ def _unsupported(body, defaults):
 def _known(body, names):
     unknown = sorted(set(body) - set(names))
     if unknown:
-        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(names))}")
 
 
 def _check_length(prompts, new_tokens, max_length, what):
     for i, ids in enumerate(prompts):
         if len(ids) + new_tokens > max_length:
             raise BadRequest(f"prompt {i}: {len(ids)} tokens + {what} {new_tokens} exceeds the "
-                             f"model's {max_length} positions (--max-position-embeddings)")
+                             f"model's {max_length} positions (--max-position-embeddings, by "
+                             f"default --seq-length)")
 
 
 # -- PUT /api (Megatron-LM's MegatronGenerate) ----------------------------------------------
@@ -176,8 +178,9 @@ def parse_completions(body, tokenizer, max_length):
     if not isinstance(prompt, list) or not prompt:
         raise BadRequest("prompt must be a string, or a non-empty list of strings, of token "
                          "ids, or of token id lists")
-    if all(isinstance(p, str) for p in prompt):
-        texts, ids = prompt, [tokenizer.tokenize(p) for p in prompt]
+    strings = all(isinstance(p, str) for p in prompt)
+    if strings:
+        ids = [tokenizer.tokenize(p) for p in prompt]
     elif all(_is_int(t) for t in prompt):
         ids = [prompt]
     elif all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
@@ -186,8 +189,7 @@ def parse_completions(body, tokenizer, max_length):
         raise BadRequest("prompt must be str, list[str], list[int] or list[list[int]]")
     if any(not 0 <= t < tokenizer.vocab_size for p in ids for t in p):
         raise BadRequest(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
-    if not all(isinstance(p, str) for p in prompt):
-        texts = [tokenizer.detokenize(p) for p in ids]
+    texts = prompt if strings else [tokenizer.detokenize(p) for p in ids]
     if len(ids) > MAX_PROMPTS:
         raise BadRequest(f"Maximum number of prompts is {MAX_PROMPTS}")
     if any(not p for p in ids):
@@ -210,7 +212,7 @@ def parse_completions(body, tokenizer, max_length):
         isinstance(v, list) and all(isinstance(s, str) for s in v)),
         "stop must be a string or a list of strings")
     if not echo and new == 0:
-        raise BadRequest("echo=False not supported when tokens_to_generate == 0")
+        raise BadRequest("echo=False not supported when max_tokens == 0 (nothing to answer)")
     _check_length(ids, new, max_length, "max_tokens")
     # OpenAI's temperature 0 is greedy; its top_p 1 is no nucleus (Megatron-LM's top_p 0).
     params = (SamplingParams(top_k=1) if temperature == 0 else
@@ -267,6 +269,9 @@ class _Request:
 def _handler(session, jobs):
     tokenizer = session.tokenizer
     max_length = session.max_length
+    # Handler threads run side by side; a Hugging Face fast tokenizer may refuse to be entered
+    # from two threads at once ("Already borrowed"): tokenizing and decoding take turns.
+    tokenizing = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, status, payload):
@@ -282,13 +287,16 @@ def _handler(session, jobs):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 if not isinstance(body, dict):
                     raise BadRequest("the request body must be a JSON object")
-                job, *rest = parse(body, tokenizer, max_length)
+                with tokenizing:
+                    job, *rest = parse(body, tokenizer, max_length)
             except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as e:
                 return self._reply(400, error(str(e)))
             request = _Request(job)
             jobs.put(request)
             request.done.wait()
-            self._reply(200, answer(job, *rest, request.results, tokenizer))
+            with tokenizing:
+                payload = answer(job, *rest, request.results, tokenizer)
+            self._reply(200, payload)
 
         def do_PUT(self):
             if self.path != "/api":

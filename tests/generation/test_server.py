@@ -241,5 +241,9 @@ def test_bad_port_fails_before_loading(checkpoint, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(SystemExit, match=f"--port {port} on --host 127.0.0.1: Address already in use"):
+        in_use = f"--port {port} on --host 127.0.0.1: Address already in use"
+        with pytest.raises(SystemExit, match=in_use):
             main(argv + ["--port", str(port), "--host", "127.0.0.1"])
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # failed before any process group (and any model)
