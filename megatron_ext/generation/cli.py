@@ -10,6 +10,7 @@ default) is greedy; ``--top-k 0`` / ``--top-p 0`` switch a filter off; ``--top_k
 and ``--num-tokens-to-generate`` are accepted as Megatron-LM spells them. Answers go to stdout
 (rank 0), one block per prompt; logs go to stderr. ``--interactive`` reads one message per line
 (an empty line or end of input quits); with ``--prompt-type`` it is a multi-turn chat.
+``--port N`` serves Megatron-LM's HTTP API instead (``server.py``).
 """
 
 import logging
@@ -24,6 +25,7 @@ from megatron_ext.config import build_parser
 from megatron_ext.generation.generator import Generator
 from megatron_ext.generation.loading import generation_config, load_weights
 from megatron_ext.generation.sampling import SamplingParams
+from megatron_ext.generation.server import bind, serve
 
 logger = logging.getLogger("megatron_ext")
 
@@ -42,6 +44,12 @@ def add_generation_args(parser):
     group.add_argument("--temperature", type=float, default=1.0)
     group.add_argument("--top-k", "--top_k", dest="top_k", type=int, default=1)
     group.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=0.0)
+    group.add_argument("--port", type=int, default=None,
+                       help="serve Megatron-LM's HTTP API on this port (PUT /api, POST "
+                            "/completions; 0: any free port) instead of --prompt/--interactive; "
+                            "requests carry their own sampling fields")
+    group.add_argument("--host", default="0.0.0.0",
+                       help="address --port listens on (Megatron-LM's: every interface)")
 
 
 class Session:
@@ -72,12 +80,14 @@ class Session:
         load_weights(model, config, self.tokenizer.vocab_size, iteration, found, saved,
                      self.topology)
         model.eval()
+        self.max_length = config.model.max_position_embeddings  # positions a request may fill
         self.generator = Generator(model, self.tokenizer.vocab_size,
                                    [self.tokenizer.eod, self.tokenizer.eos])
         self.rng = torch.Generator().manual_seed(config.training.seed)
         self.history = []
 
-    def _shared(self, value):
+    def shared(self, value):
+        """``value`` of rank 0, on every rank."""
         box = [value]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -114,7 +124,7 @@ class Session:
                     line = input("> " if sys.stdin.isatty() else "")
                 except EOFError:
                     line = ""
-            line = self._shared(line)
+            line = self.shared(line)
             if not line.strip():
                 return
             reply = self.answer(line)
@@ -130,17 +140,30 @@ def main(argv=None) -> int:
     parser = build_parser(add_generation_args)
     parser.description = "Generate text with a Megatron checkpoint (megatron-core, KV cache)"
     args = parser.parse_args(argv)
-    if bool(args.prompt) == args.interactive:
-        parser.error("give --prompt TEXT (repeatable) or --interactive")
+    if (bool(args.prompt) + args.interactive + (args.port is not None)) != 1:
+        parser.error("give --prompt TEXT (repeatable), --interactive or --port N")
+    if args.port is not None and not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port}: must be in [0, 65535] (0: any free port)")
+    if args.port is not None and args.prompt_type:
+        parser.error("--port serves raw prompts (Megatron-LM's API): render a chat template "
+                     "client-side, or use --interactive --prompt-type")
     if args.system is not None and not args.prompt_type:
         parser.error("--system needs --prompt-type (a chat template)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    server = None
     try:
+        if args.port is not None and rank == 0:  # a taken port fails before loading anything
+            server = bind(args.host, args.port)
         session = Session(args, world_size)
     except (ValueError, OSError) as error:  # ConfigError, CheckpointError, tokenizer, template
+        if server is not None:
+            server.server_close()
         sys.exit(f"[rank {rank}] generate_gpt.py: {error}")
     try:
-        session.run()
+        if args.port is not None:
+            serve(session, server)
+        else:
+            session.run()
     finally:
         session.topology.destroy()
         if dist.is_initialized():

@@ -15,7 +15,7 @@ causal attention keeps the padding out of the real positions) each step.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,13 @@ class Generation:
     tokens: List[int]  # the new tokens, without the stop token
     stopped: bool  # ended at a stop token (else at max_new_tokens)
     logits: List[torch.Tensor] = field(default_factory=list)  # per step [vocab], last stage only
+    # With ``logprobs=N``, on every rank: log-probabilities (log_softmax of the real vocabulary's
+    # logits, before temperature and filters) of each new token, of each prompt token after the
+    # first, and the N most likely (id, log-probability) at each of those positions.
+    logprobs: List[float] = field(default_factory=list)
+    prompt_logprobs: List[float] = field(default_factory=list)
+    top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
+    prompt_top_logprobs: List[List[Tuple[int, float]]] = field(default_factory=list)
 
 
 class Generator:
@@ -69,12 +76,25 @@ class Generator:
             context.sequence_len_offset = fed
             logits = self._forward(torch.tensor([tokens[fed:]], device=self.device), context)
             return None if logits is None else logits[0, -1]
+        logits = self._uncached_logits(tokens)
+        return None if logits is None else logits[-1]
+
+    def _uncached_logits(self, tokens: List[int]) -> Optional[torch.Tensor]:
+        """[len(tokens), V] logits of a plain causal forward over ``tokens`` (last stage)."""
         ids = list(tokens)
         if self.config.sequence_parallel:
             tp = self.config.tensor_model_parallel_size
             ids += [ids[-1]] * (-len(ids) % tp)
         logits = self._forward(torch.tensor([ids], device=self.device), None)
-        return None if logits is None else logits[0, len(tokens) - 1]
+        return None if logits is None else logits[0, : len(tokens)]
+
+    def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, top: int):
+        """Log-probabilities [n] of ``chosen`` [n] under ``logits`` [n, V] (real rows only), and
+        the ``top`` most likely (id, log-probability) of each row."""
+        logprobs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        picked = logprobs.gather(-1, chosen.view(-1, 1).to(logprobs.device)).squeeze(-1).tolist()
+        values, ids = torch.topk(logprobs, min(top, self.vocab_size), dim=-1)
+        return picked, [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
     def _broadcast(self, token: Optional[torch.Tensor]) -> int:
         last = dist.get_world_size() - 1  # pipeline-outermost rank order: on the last stage
@@ -87,8 +107,11 @@ class Generator:
     # -- the loop ---------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
-                 rng: Optional[torch.Generator] = None, keep_logits: bool = False) -> Generation:
-        """Up to ``max_new_tokens`` tokens after ``prompt`` (the same on every rank)."""
+                 rng: Optional[torch.Generator] = None, keep_logits: bool = False,
+                 logprobs: Optional[int] = None) -> Generation:
+        """Up to ``max_new_tokens`` (0: none, for ``logprobs`` of the prompt alone) tokens after
+        ``prompt`` (the same on every rank); ``logprobs=N`` adds their log-probabilities and the
+        prompt's, with the N most likely alternatives at each position."""
         if not prompt:
             raise ValueError("the prompt is empty: nothing to condition on")
         tokens, new = list(prompt), []
@@ -100,7 +123,7 @@ class Generator:
                              f"exceeds the position table (--max-position-embeddings {table})")
         context = StaticInferenceContext(1, limit) if self.use_cache else None
         result = Generation(tokens=new, stopped=False)
-        fed = 0
+        fed, chosen = 0, []  # chosen: (logits, token) of each step, for logprobs
         for _ in range(max_new_tokens):
             logits = self._next_logits(tokens, context, fed)
             fed = len(tokens)
@@ -113,6 +136,31 @@ class Generator:
             if token in self.stop_ids:
                 result.stopped = True
                 break
+            if logits is not None and logprobs is not None:
+                chosen.append(logits)
             tokens.append(token)
             new.append(token)
+        if logprobs is not None:
+            self._add_logprobs(result, list(prompt), chosen, logprobs)
         return result
+
+    def _add_logprobs(self, result: Generation, prompt: List[int], chosen, top: int) -> None:
+        """Fill ``result``'s log-probabilities on the last stage, then share them from the last
+        rank (the first stage, which answers requests, has no logits under PP)."""
+        last = dist.get_world_size() - 1
+        # The cache computed the prompt's last position only: its other positions come from a
+        # plain forward over the prompt (every rank takes part: pipeline stages pass it on).
+        prompt_logits = self._uncached_logits(prompt) if len(prompt) > 1 else None
+        box = [None]
+        if dist.get_rank() == last:
+            if prompt_logits is not None:
+                result.prompt_logprobs, result.prompt_top_logprobs = self._logprobs(
+                    prompt_logits[:-1], torch.tensor(prompt[1:]), top)
+            if chosen:
+                result.logprobs, result.top_logprobs = self._logprobs(
+                    torch.stack(chosen), torch.tensor(result.tokens), top)
+            box = [(result.logprobs, result.prompt_logprobs, result.top_logprobs,
+                    result.prompt_top_logprobs)]
+        dist.broadcast_object_list(box, src=last)
+        (result.logprobs, result.prompt_logprobs, result.top_logprobs,
+         result.prompt_top_logprobs) = box[0]

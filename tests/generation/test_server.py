@@ -1,0 +1,249 @@
+"""``generate_gpt.py --port``: Megatron-LM's HTTP API over a converted HF Llama, under torchrun.
+
+Each answer is checked against a path that shares no code with the server: the same prompts and
+sampling through ``generate_gpt.py --prompt`` (its stdout), and ``transformers``' forward for
+greedy tokens and for every log-probability (log_softmax over prompt + answer). Bad requests get
+400 with Megatron-LM's message; SIGTERM to rank 0 stops every rank with exit status 0.
+"""
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+import torch
+
+from tests.checkpoint.conftest import make_hf_model, run_convert
+from tests.launcher import ROOT, free_port
+
+TIMEOUT_S = 120
+EOD = 249  # NullTokenizer --vocab-size 249: ids 0..248, EOD 249 (the HF model's vocabulary 250)
+FLAGS = ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(EOD)]
+PROMPTS = ["1 2 3 4 5", "200 17 9"]
+SAMPLED = {"temperature": 0.8, "top_k": 5, "random_seed": 7}  # /api's fields
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(HF model dir, the same model converted to torch_dist: loads at TP 1 and 2)."""
+    root = tmp_path_factory.mktemp("server")
+    hf = make_hf_model(root / "hf")
+    run_convert("hf", "mg", hf, root / "mg", "--ckpt-format", "torch_dist")
+    return hf, root / "mg"
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32,
+                                                    attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="module")
+def cli_sampled(checkpoint):
+    """generate_gpt.py's answers to PROMPTS with SAMPLED's sampling (one process, stdout)."""
+    cmd = [sys.executable, f"{ROOT}/generate_gpt.py", "--load", str(checkpoint[1]), *FLAGS,
+           "--max-new-tokens", str(NEW), "--temperature", "0.8", "--top-k", "5", "--seed", "7",
+           "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
+                            env={**_env(), "MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.splitlines()
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+class Server:
+    """``generate_gpt.py --port 0`` under torchrun; ``url`` once it announces its port."""
+
+    def __init__(self, nproc, load, *extra):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+             f"{ROOT}/generate_gpt.py", "--load", str(load), *FLAGS, "--port", "0",
+             "--host", "127.0.0.1", *extra],
+            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        self.log, lines = [], queue.Queue()
+        threading.Thread(target=self._read, args=(lines,), daemon=True).start()
+        try:
+            while True:  # bounded: each wait ends at the timeout or at the server's exit
+                line = lines.get(timeout=TIMEOUT_S)
+                assert line is not None, "server exited:\n" + "".join(self.log[-60:])
+                found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", line)
+                if found:
+                    self.url = found.group(1)
+                    break
+        except BaseException:
+            self.kill()
+            raise
+
+    def _read(self, lines):
+        for line in self.proc.stderr:
+            self.log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    def request(self, method, path, body):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stop(self) -> int:
+        """SIGTERM to rank 0 (as a scheduler stops a job's main process): every rank exits."""
+        rank0 = [p for p in psutil.Process(self.proc.pid).children()
+                 if p.environ().get("RANK") == "0"]
+        assert len(rank0) == 1
+        rank0[0].send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=TIMEOUT_S)
+        finally:
+            self.kill()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def _hf_logprobs(hf, tokens):
+    """log_softmax of a plain forward over ``tokens``: each token's after the first."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(tokens[1:])[:, None])[:, 0]
+
+
+def _check_api_answer(answer, cli_lines, hf):
+    for prompt, text, tokens, logprobs, cli in zip(PROMPTS, answer["text"], answer["tokens"],
+                                                   answer["logprobs"], cli_lines):
+        n = len(prompt.split())
+        assert tokens[:n] == [int(t) for t in prompt.split()]
+        assert tokens[n:] == [int(t) for t in cli.split()]  # the CLI's answer, token for token
+        assert text == " ".join([prompt] + cli.split())  # prompt + answer, spaced as decoded
+        torch.testing.assert_close(torch.tensor(logprobs), _hf_logprobs(hf, tokens),
+                                   atol=1e-4, rtol=1e-4)
+    assert any(len(c.split()) > 1 for c in cli_lines), "an empty answer would prove little"
+
+
+BAD_REQUESTS = [  # (method, path, body, part of the message)
+    ("PUT", "/api", {"prompts": ["1"], "tokens_to_generate": -1},
+     "tokens_to_generate must be an integer greater than or equal to 0"),
+    ("PUT", "/api", {"prompts": []}, "prompts is empty"),
+    ("PUT", "/api", {"tokens_to_generate": 4}, "prompts argument required"),
+    ("PUT", "/api", {"prompts": ["1 2"], "tokens_to_generate": 2047},
+     "2 tokens + tokens_to_generate 2047 exceeds the model's 2048 positions"),
+    ("PUT", "/api", {"prompts": ["1"], "top_k": 2, "top_p": 0.5},
+     "cannot set both top-k and top-p samplings."),
+    ("PUT", "/api", {"prompts": ["1"], "tokens_to_generate": 0},
+     "tokens_to_generate=0 implies logprobs should be True"),
+    ("PUT", "/api", {"prompts": ["1"], "top-k": 2}, "unknown field(s) top-k"),
+    ("PUT", "/api", b"{not json", "Expecting property name"),
+    ("POST", "/v1/completions", {"prompt": "1", "n": 2}, "n=2 is not supported"),
+    ("POST", "/completions", {"prompt": [1, 250]}, "prompt token ids must be in [0, 250)"),
+]
+
+
+def test_server_answers_as_generate_gpt_and_transformers(checkpoint, hf_model, cli_sampled):
+    server = Server(1, checkpoint[1])
+    try:
+        body = {"prompts": PROMPTS, "tokens_to_generate": NEW, "logprobs": True, **SAMPLED}
+        status, answer = server.request("PUT", "/api", body)
+        assert status == 200, answer
+        _check_api_answer(answer, cli_sampled, hf_model)
+        # Served one at a time: concurrent requests, each reseeding, get the same answer.
+        with ThreadPoolExecutor(3) as pool:
+            again = list(pool.map(lambda _: server.request("PUT", "/api", body), range(3)))
+        assert again == [(200, answer)] * 3
+        # OpenAI's completions, greedy (temperature 0), against transformers' generate.
+        prompt = [int(t) for t in PROMPTS[1].split()]
+        status, answer = server.request("POST", "/v1/completions", {
+            "model": "tiny", "prompt": PROMPTS[1], "max_tokens": NEW, "temperature": 0,
+            "logprobs": 2, "echo": True})
+        assert status == 200, answer
+        with torch.no_grad():
+            greedy = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW,
+                                       eos_token_id=EOD, pad_token_id=0)[0].tolist()
+        greedy = [t for t in greedy if t != EOD]
+        choice = answer["choices"][0]
+        assert choice["text"] == " ".join(map(str, greedy))
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [str(t) for t in greedy] and lp["token_logprobs"][0] is None
+        torch.testing.assert_close(torch.tensor(lp["token_logprobs"][1:]),
+                                   _hf_logprobs(hf_model, greedy), atol=1e-4, rtol=1e-4)
+        for token, value, top in zip(lp["tokens"][len(prompt):], lp["token_logprobs"][len(prompt):],
+                                     lp["top_logprobs"][len(prompt):]):
+            assert len(top) == 2 and list(top)[0] == token and top[token] == value  # greedy
+        # Megatron-LM's client: prompt, number of tokens; answers and errors as it prints them.
+        client = subprocess.run(
+            [sys.executable, f"{ROOT}/tools/text_generation_cli.py", server.url.split("//")[1]],
+            input="1 2 3\n4\n1 2\n-1\n", capture_output=True, text=True, timeout=TIMEOUT_S)
+        assert client.returncode == 0, client.stderr
+        shown = client.stdout.split("Enter prompt: ")
+        assert re.fullmatch(r"Enter number of tokens to generate: Megatron Response: \n"
+                            r"1 2 3( \d+){0,4}\n", shown[1]), shown
+        assert shown[2] == ("Enter number of tokens to generate: Error 400: tokens_to_generate "
+                            "must be an integer greater than or equal to 0\n"), shown
+        for method, path, body, message in BAD_REQUESTS:
+            status, error = server.request(method, path, body)
+            assert status == 400, (body, error)
+            assert message in json.dumps(error), (body, error)
+        assert server.stop() == 0, "".join(server.log[-40:])
+        assert "server stopped" in "".join(server.log)
+    finally:
+        server.kill()
+
+
+def test_server_tp2_answers_as_one_rank(checkpoint, hf_model, cli_sampled):
+    server = Server(2, checkpoint[1], "--tensor-model-parallel-size", "2")  # saved at TP=1
+    try:
+        status, answer = server.request("PUT", "/api", {
+            "prompts": PROMPTS, "tokens_to_generate": NEW, "logprobs": True, **SAMPLED})
+        assert status == 200, answer
+        _check_api_answer(answer, cli_sampled, hf_model)
+        assert server.stop() == 0, "".join(server.log[-40:])
+    finally:
+        server.kill()
+
+
+def test_bad_port_fails_before_loading(checkpoint, capsys):
+    from megatron_ext.generation.cli import main
+
+    argv = ["--load", str(checkpoint[1]), *FLAGS]
+    with pytest.raises(SystemExit) as error:
+        main(argv + ["--port", "70000"])
+    assert error.value.code == 2  # argparse's usage error, on every rank
+    assert "--port 70000: must be in [0, 65535]" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        in_use = f"--port {port} on --host 127.0.0.1: Address already in use"
+        with pytest.raises(SystemExit, match=in_use):
+            main(argv + ["--port", str(port), "--host", "127.0.0.1"])
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # failed before any process group (and any model)
