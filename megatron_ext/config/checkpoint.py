@@ -37,7 +37,9 @@ class CheckpointConfig:
     use_tokenizer_model_from_checkpoint_args: bool = flag(
         True, "With --use-checkpoint-args: keep the command line's --tokenizer-type/--model.",
         name="--no-use-tokenizer-model-from-checkpoint-args", action="store_false",
-        note="only Megatron-LM's checkpoints save the tokenizer flags")
+        note="checkpoints save the tokenizer flags (Megatron-LM's names; files as absolute "
+        "paths); without this flag its other files (--vocab-file ...) are taken where not given "
+        "too; a saved file that is gone is named")
     save_total_limit: Optional[int] = flag(
         None, "Keep only the newest this many checkpoints.", status=OURS)
     ckpt_format: str = flag(

@@ -4,8 +4,9 @@ generation too) and Megatron-LM's ``--use-checkpoint-args`` for training.
 ``--use-checkpoint-args`` follows Megatron-LM's ``load_args_from_checkpoint`` (core_v0.16 to
 0.19): the sizes (``IF_NOT_GIVEN``) are taken where the command line leaves them out, the shape
 of the model (``FORCED``) even over the command line, the tokenizer (unless
-``--no-use-tokenizer-model-from-checkpoint-args``) too, and the TP/PP layout only with
-``--use-mp-args-from-checkpoint-args``. Everything else stays the run's (Megatron-LM takes
+``--no-use-tokenizer-model-from-checkpoint-args``) too, with its other files (``--vocab-file``
+...) where not given (Megatron-LM leaves them to the command line), and the TP/PP layout only
+with ``--use-mp-args-from-checkpoint-args``. Everything else stays the run's (Megatron-LM takes
 neither ``--norm-epsilon`` nor ``--use-rope-scaling``, say: ``check_compatible`` names a
 difference when the checkpoint is loaded). Its MoE, Mamba, MTP and hybrid args are not taken:
 those models are not supported here. It runs on the parsed flags, before validation and before
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import List
 
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import fill_flags
+from megatron_ext.checkpoint.args import fill_flags, fill_tokenizer_flags
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.config import ConfigError
 from megatron_ext.training import checkpoint_checks, dist_checkpoint
@@ -79,11 +80,12 @@ def _take(args) -> List[str]:
         return [f"--use-checkpoint-args: {directory} saved no args; the model flags of the "
                 f"command line are used"]
     names, forced = IF_NOT_GIVEN, FORCED
-    if args.use_tokenizer_model_from_checkpoint_args is not False:
-        forced += TOKENIZER
     if args.use_mp_args_from_checkpoint_args:
         names, forced = names + LAYOUT_IF_NOT_GIVEN, forced + LAYOUT
     replaced = fill_flags(args, saved, names, forced)
+    if args.use_tokenizer_model_from_checkpoint_args is not False:
+        replaced += fill_tokenizer_flags(
+            args, saved, TOKENIZER, " with --no-use-tokenizer-model-from-checkpoint-args")
     notices = [f"--use-checkpoint-args: the model flags come from {directory}'s args"]
     notices += [f"--use-checkpoint-args: --{name.replace('_', '-')} {taken} from {directory} "
                 f"replaces the command line's {given}" for name, given, taken in replaced]
