@@ -12,6 +12,8 @@ resume:
 - torch: each rank file's zip directory is readable (a truncated file has none);
 - torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says.
 
+``--pretrained-checkpoint`` gets the same checks where it is the checkpoint loaded (``--load``
+holds none yet), and then takes ``--load``'s place with ``--finetune``, as in Megatron-LM.
 (``--save`` is checked with the flags: config/validate.py.)
 """
 
@@ -138,3 +140,25 @@ def check_checkpoints(config: Config) -> None:
     for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
         if root:
             check_load_dir(root, flag)
+    _take_pretrained(config)
+
+
+def _take_pretrained(config: Config) -> None:
+    """Megatron-LM's --pretrained-checkpoint (load_checkpoint, core_v0.16 to 0.19): while
+    --load holds no checkpoint, the checkpoint loaded is --pretrained-checkpoint's, with
+    --finetune; a --load with one (this run's earlier save) is resumed as usual."""
+    c = config.checkpoint
+    pretrained = c.pretrained_checkpoint
+    if not pretrained or (c.load and ckpt.read_tracker(Path(c.load)) is not None):
+        return
+    check_load_dir(pretrained, "--pretrained-checkpoint")
+    if ckpt.read_tracker(Path(pretrained)) is None:
+        raise ckpt.CheckpointError(
+            f"--pretrained-checkpoint {pretrained} holds no checkpoint (no "
+            f"{ckpt.TRACKER_FILENAME}), and " + (f"--load {c.load} neither" if c.load else
+                                                 "no --load is given") +
+            ": give the directory of the checkpoint to fine-tune from")
+    log_once(logger, logging.INFO,
+             f"{'--load ' + c.load if c.load else 'no --load'} holds no checkpoint: fine-tuning "
+             f"from --pretrained-checkpoint {pretrained} (its weights only, as --finetune)")
+    c.load, c.finetune = pretrained, True
