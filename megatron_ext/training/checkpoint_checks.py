@@ -70,8 +70,9 @@ def _check_dist_files(directory: Path) -> None:
         _check_zip(directory / "common.pt")
 
 
-def check_load_dir(root, flag: str) -> None:
-    """The checkpoint in ``root`` (given as ``flag``) as far as its files tell."""
+def check_load_dir(root, flag: str, instead: str = "starting from scratch") -> None:
+    """The checkpoint in ``root`` (given as ``flag``) as far as its files tell; ``instead``:
+    what the run does when it holds none."""
     root = Path(root)
     iteration = ckpt.read_tracker(root)
     if iteration is None:
@@ -91,7 +92,7 @@ def check_load_dir(root, flag: str) -> None:
         if found:
             log_once(logger, logging.WARNING,
                      f"{root} holds {', '.join(found)} but no {ckpt.TRACKER_FILENAME} (a first "
-                     f"save that did not finish?): starting from scratch. To resume from one, "
+                     f"save that did not finish?): {instead}. To resume from one, "
                      f"write its number into {ckpt.tracker_file(root)}")
         return
     directory = ckpt.iteration_dir(root, iteration)
@@ -139,7 +140,9 @@ def check_checkpoints(config: Config) -> None:
     load = None if config.mindspeed.enable_hf2mg_convert else c.load
     for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
         if root:
-            check_load_dir(root, flag)
+            check_load_dir(root, flag, f"fine-tuning from --pretrained-checkpoint "
+                           f"{c.pretrained_checkpoint}" if c.pretrained_checkpoint and
+                           flag == "--load" else "starting from scratch")
     _take_pretrained(config)
 
 

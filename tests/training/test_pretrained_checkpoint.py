@@ -3,6 +3,8 @@
 once it has saved to ``--load``, it resumes from there (iteration, optimizer), equal to the run
 that never stopped."""
 
+import logging
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from tests.launcher import launch
 from tests.training.test_checkpoint_args import MODEL, RUN, _parse, _train
 
 
-def test_pretrained_checkpoint_is_finetune_until_load_holds_one(tmp_path):
+def test_pretrained_checkpoint_is_finetune_until_load_holds_one(tmp_path, caplog):
     pretrained = tmp_path / "pretrained"
     launch(_train, 1, MODEL + RUN + ["--ckpt-format", "torch", "--save", str(pretrained),
                                      "--save-interval", "6"], 1)
@@ -35,6 +37,15 @@ def test_pretrained_checkpoint_is_finetune_until_load_holds_one(tmp_path):
     assert config.model.num_layers == 3 and config.model.swiglu
     checkpoint_checks.check_checkpoints(config)
     assert (config.checkpoint.load, config.checkpoint.finetune) == (str(pretrained), True)
+    # A first save to --load that did not finish: said, and the pretrained weights load.
+    half = tmp_path / "half"
+    (half / "iter_0000003").mkdir(parents=True)
+    config = _parse(MODEL + RUN + ["--load", str(half), "--pretrained-checkpoint", str(pretrained)])
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        checkpoint_checks.check_checkpoints(config)
+    assert f"no {ckpt.TRACKER_FILENAME} (a first save that did not finish?): fine-tuning from " \
+           f"--pretrained-checkpoint {pretrained}" in caplog.text
+    assert config.checkpoint.load == str(pretrained)
 
 
 def test_a_pretrained_checkpoint_that_holds_none_is_named(tmp_path):
