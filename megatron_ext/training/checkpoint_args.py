@@ -53,7 +53,8 @@ def read_checkpoint(load_dir):
 def take_checkpoint_args(args) -> List[str]:
     """With ``--use-checkpoint-args``, set the parsed flags ``args`` from the checkpoints in
     ``--pretrained-checkpoint`` and ``--load`` as Megatron-LM does; the notices to log (what
-    was taken, what was replaced). A damaged checkpoint is a ConfigError naming the flag, raised on every rank alike."""
+    was taken, what was replaced). A damaged checkpoint is a ConfigError naming the flag,
+    raised on every rank alike."""
     if not args.use_checkpoint_args:
         return []
     try:

@@ -138,11 +138,13 @@ def check_checkpoints(config: Config) -> None:
     c, lora = config.checkpoint, config.lora
     # --enable-hf2mg-convert: --load is the Hugging Face model to convert (training/hf2mg.py).
     load = None if config.mindspeed.enable_hf2mg_convert else c.load
-    for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
+    scratch = "starting from scratch"
+    instead = (f"fine-tuning from --pretrained-checkpoint {c.pretrained_checkpoint}"
+               if c.pretrained_checkpoint else scratch)
+    for root, flag, without in ((load, "--load", instead),
+                                (lora.lora_load, "--lora-load", scratch)):
         if root:
-            check_load_dir(root, flag, f"fine-tuning from --pretrained-checkpoint "
-                           f"{c.pretrained_checkpoint}" if c.pretrained_checkpoint and
-                           flag == "--load" else "starting from scratch")
+            check_load_dir(root, flag, without)
     _take_pretrained(config)
 
 

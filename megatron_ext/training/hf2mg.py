@@ -7,11 +7,12 @@ sizes and mtimes, the conversion's options) in ``hf_source.json``, and another m
 
 The conversion is convert_ckpt.py's (``--load-model-type hf --save-model-type mg``, written to
 a staged directory and renamed, so a cache is whole or absent; a stale one is renamed away
-first). Rank 0 converts (with ``--no-shared-storage``: local rank 0 of each node); every rank then learns every converter's
-outcome from one ``all_gather_object``, so a failed conversion stops all ranks with its error
-and none waits for a checkpoint that will not come. That wait runs in a gloo group of its own
-with a long timeout: converting a 70B model takes longer than --distributed-timeout-minutes,
-and a converter that dies takes the launcher's other workers down with it.
+first). Rank 0 converts (with ``--no-shared-storage``: local rank 0 of each node); every rank
+then learns every converter's outcome from one ``all_gather_object``, so a failed conversion
+stops all ranks with its error and none waits for a checkpoint that will not come. That wait
+runs in a gloo group of its own with a long timeout: converting a 70B model takes longer than
+--distributed-timeout-minutes, and a converter that dies takes the launcher's other workers
+down with it.
 """
 
 import hashlib
