@@ -185,6 +185,8 @@ def fill_tokenizer_flags(args: argparse.Namespace, saved: argparse.Namespace, fo
     fill_flags' replacements."""
     names = [field for field, _ in TOKENIZER_ARGS if field not in forced]
     replaced = fill_flags(args, saved, names, forced)
+    # A path of the saved file (relative, say) is not another tokenizer: not said.
+    replaced = [change for change in replaced if not _same_file(*change)]
     for field in TOKENIZER_FILES:
         value = getattr(args, field)
         if value and value == getattr(saved, field, None) and not os.path.exists(value):
@@ -192,6 +194,11 @@ def fill_tokenizer_flags(args: argparse.Namespace, saved: argparse.Namespace, fo
             raise CheckpointError(f"the checkpoint's args name {flag} {value}, which does not "
                                   f"exist here: pass {flag} PATH{way_out}")
     return replaced
+
+
+def _same_file(name: str, given, taken) -> bool:
+    return (name in TOKENIZER_FILES and os.path.exists(given) and os.path.exists(taken)
+            and os.path.samefile(given, taken))
 
 
 def saved_value(args: argparse.Namespace, name: str):

@@ -2,6 +2,8 @@
 checkpoint and equals the uninterrupted run, loss for loss and weight for weight; which flags it
 takes, and over which command-line values, follows Megatron-LM's load_args_from_checkpoint."""
 
+import os
+
 import pytest
 import torch
 
@@ -122,6 +124,8 @@ def test_the_tokenizer_comes_from_the_checkpoint_too(tmp_path):
     config = _parse(resume + ["--tokenizer-model", str(other)])
     assert config.data.tokenizer_model == str(tok)
     assert any(f"--tokenizer-model {tok} from" in n for n in config.notices), config.notices
+    same = _parse(resume + ["--tokenizer-model", os.path.relpath(tok)])  # the same file
+    assert not any("replaces" in n for n in same.notices), same.notices
     kept = resume + ["--no-use-tokenizer-model-from-checkpoint-args"]
     assert _parse(kept + flags[:3] + [str(other)]).data.tokenizer_model == str(other)
     with pytest.raises(ConfigError, match="--tokenizer-type is required"):
