@@ -7,6 +7,7 @@ generation and ``--use-checkpoint-args`` set flags from them (``fill_flags``).
 """
 
 import argparse
+import os
 from typing import Optional
 
 import torch
@@ -149,9 +150,55 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
     )
 
 
+# The tokenizer's flags, saved as Megatron-LM saves them (all its args), so that a resume with
+# --use-checkpoint-args and generate_gpt.py need none: (our field, Megatron-LM's name).
+TOKENIZER_ARGS = (("tokenizer_type", "tokenizer_type"), ("tokenizer_model", "tokenizer_model"),
+                  ("vocab_file", "vocab_file"), ("merge_file", "merge_file"),
+                  ("tiktoken_pattern", "tiktoken_pattern"),
+                  ("tiktoken_num_special_tokens", "tiktoken_num_special_tokens"),
+                  ("tokenizer_special_tokens", "special_tokens"))
+TOKENIZER_FILES = ("tokenizer_model", "vocab_file", "merge_file")
+
+
+def tokenizer_args(data) -> dict:
+    """The tokenizer flags of a run's DataConfig under Megatron-LM's names; its files as
+    absolute paths, so that a run started in another directory finds them."""
+    values = {}
+    for field, name in TOKENIZER_ARGS:
+        value = getattr(data, field)
+        if field in TOKENIZER_FILES and value and os.path.exists(value):
+            value = os.path.abspath(value)
+        values[name] = value
+    return values
+
+
 def model_args_namespace(config, vocab_size: Optional[int]) -> argparse.Namespace:
     """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab."""
-    return build_args(**_run_values(config, vocab_size))
+    return build_args(**_run_values(config, vocab_size), **tokenizer_args(config.data))
+
+
+def fill_tokenizer_flags(args: argparse.Namespace, saved: argparse.Namespace, forced=(),
+                         way_out: str = ""):
+    """Set the tokenizer flags ``args`` leaves out (and ``forced`` even where given) from saved
+    ``args``. A file they name that is not there (a checkpoint copied from another machine) is
+    a CheckpointError naming it and the flag to pass instead (``way_out`` added). Returns
+    fill_flags' replacements."""
+    names = [field for field, _ in TOKENIZER_ARGS if field not in forced]
+    replaced = fill_flags(args, saved, names, forced)
+    # A path of the saved file (relative, say) is not another tokenizer: not said.
+    replaced = [change for change in replaced if not _same_file(*change)]
+    for field in TOKENIZER_FILES:
+        value = getattr(args, field)
+        if value and value == getattr(saved, field, None) and not os.path.exists(value):
+            flag = "--" + field.replace("_", "-")
+            raise CheckpointError(f"the checkpoint's args name {flag} {value}, which does not "
+                                  f"exist here: pass {flag} PATH{way_out}")
+    return replaced
+
+
+def _same_file(name: str, given, taken) -> bool:
+    return (name in TOKENIZER_FILES and os.path.exists(given) and os.path.exists(taken)
+            and os.path.samefile(given, taken))
 
 
 def saved_value(args: argparse.Namespace, name: str):
@@ -194,6 +241,8 @@ def _flag_value(saved: argparse.Namespace, name: str):
         return _ABSENT if value is None else not value
     if name == "group_query_attention":
         return saved_value(saved, "num_query_groups") != saved_value(saved, "num_attention_heads")
+    if name == "tokenizer_special_tokens":
+        name = "special_tokens"  # Megatron-LM's name of --tokenizer-special-tokens
     value = saved_value(saved, name)
     if name == "num_query_groups" and value == saved_value(saved, "num_attention_heads"):
         return None

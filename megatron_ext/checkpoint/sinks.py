@@ -91,7 +91,7 @@ class MegatronSink:
             padded_vocab_size=self.padded, make_vocab_size_divisible_by=divisible_by,
             vocab_size=saved_value(a, "vocab_size"), **dtype_flags(dtype))
         if tokenizer_model is not None:
-            self.args.tokenizer_model = str(tokenizer_model)
+            self.args.tokenizer_model = str(tokenizer_model.resolve())
         self.iteration = source.iteration
         self.swiglu = saved_value(a, "swiglu")
 

@@ -29,6 +29,14 @@ _TE_RENAMES = (
 )
 
 
+def _hf_tokenizer_args(load_dir: Path) -> dict:
+    """The tokenizer flags of a model directory that holds its tokenizer (tokenizer.json), as
+    Megatron-LM saves them: the checkpoint then loads without --tokenizer-* flags."""
+    if not (load_dir / "tokenizer.json").is_file():
+        return {}
+    return {"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": str(load_dir.resolve())}
+
+
 class HfSource:
     def __init__(self, load_dir: Path, model_type_hf: Optional[str]):
         self.path = load_dir
@@ -46,7 +54,8 @@ class HfSource:
         self.args = build_args(
             **self.flags, padded_vocab_size=self.flags["vocab_size"], make_vocab_size_divisible_by=1,
             tensor_model_parallel_size=1, pipeline_model_parallel_size=1, params_dtype=self.dtype,
-            hf_model_type=self.model_type_hf, hf_config=self.hf_config)
+            hf_model_type=self.model_type_hf, hf_config=self.hf_config,
+            **_hf_tokenizer_args(load_dir))
 
     def _check_tensors(self) -> None:
         """Every tensor the config implies is in the files, with the right shape."""

@@ -26,6 +26,9 @@ class CheckpointConfig:
         True, "Do not save the RNG state.", name="--no-save-rng", action="store_false",
         status=WARNED, note="checkpoints keep the RNG state (they stay resumable); said once")
     finetune: bool = flag(False, "Load the model weights only and start at iteration 0.")
+    pretrained_checkpoint: Optional[str] = flag(
+        None, "Checkpoint to fine-tune from: while --load holds no checkpoint, its weights "
+        "load as with --finetune; once the run has saved to --load, that is resumed.")
     # Megatron-LM's load_args_from_checkpoint, before validation (training/checkpoint_args.py).
     use_checkpoint_args: bool = flag(
         False, "With --load: the model flags from the checkpoint's saved args, as Megatron-LM: "
@@ -37,7 +40,9 @@ class CheckpointConfig:
     use_tokenizer_model_from_checkpoint_args: bool = flag(
         True, "With --use-checkpoint-args: keep the command line's --tokenizer-type/--model.",
         name="--no-use-tokenizer-model-from-checkpoint-args", action="store_false",
-        note="only Megatron-LM's checkpoints save the tokenizer flags")
+        note="checkpoints save the tokenizer flags (Megatron-LM's names; files as absolute "
+        "paths); without this flag its other files (--vocab-file ...) are taken where not given "
+        "too; a saved file that is gone is named")
     save_total_limit: Optional[int] = flag(
         None, "Keep only the newest this many checkpoints.", status=OURS)
     ckpt_format: str = flag(

@@ -141,7 +141,8 @@ class MindSpeedConfig:
         False, "--load names a Hugging Face model: convert it at start-up (once; reused) into "
         "{load}/megatron_cache_tp{TP}pp{PP}ep1 with convert_ckpt.py's converter, and load that.",
         group="checkpointing", status=HONOURED,
-        note="MindSpeed-LLM's place and reuse; the conversion is convert_ckpt.py's")
+        note="MindSpeed-LLM's place and reuse (here only while the HF files and options it "
+        "was converted from are unchanged); the conversion is convert_ckpt.py's")
     model_type_hf: Optional[str] = flag(
         None, "The Hugging Face architecture for --enable-hf2mg-convert (MindSpeed-LLM's names: "
         "llama2, llama3, qwen25, mistral); unset: from config.json.", group="checkpointing",

@@ -148,8 +148,13 @@ def _layout(config: Config) -> None:
 
 def _checkpoint(config: Config) -> None:
     c, ms = config.checkpoint, config.mindspeed
-    # With --enable-hf2mg-convert, --load becomes the conversion (always there once started).
-    if c.exit_on_missing_checkpoint and c.load and not ms.enable_hf2mg_convert:
+    require(not (c.pretrained_checkpoint and ms.enable_hf2mg_convert),
+            "--pretrained-checkpoint gives a Megatron checkpoint to fine-tune from, "
+            "--enable-hf2mg-convert a Hugging Face model in --load: drop one of them")
+    # With --enable-hf2mg-convert, --load becomes the conversion (always there once started);
+    # with --pretrained-checkpoint, a --load without a checkpoint loads that one instead.
+    if c.exit_on_missing_checkpoint and c.load and not ms.enable_hf2mg_convert \
+            and not c.pretrained_checkpoint:
         require(os.path.isfile(os.path.join(c.load, TRACKER_FILENAME)),
                  f"--exit-on-missing-checkpoint: --load {c.load} holds no checkpoint (no "
                  f"{TRACKER_FILENAME}); fix --load or drop the flag to start from scratch")

@@ -2,8 +2,8 @@
 
 Either format ``--load`` holds: ``torch`` (one ``model_optim_rng.pt`` per TP/PP rank, loaded at
 its own layout) or ``torch_dist`` (megatron-core's, at any TP/PP). Model flags the command line
-leaves out are taken from the checkpoint's ``args`` (ours or Megatron-LM's): a user passes the
-tokenizer and, at most, the layout. ``--lora-load ADAPTERS`` adds a LoRA run's adapters to the
+leaves out are taken from the checkpoint's ``args`` (ours or Megatron-LM's), the tokenizer's
+too: a user passes, at most, the layout. ``--lora-load ADAPTERS`` adds a LoRA run's adapters to the
 base in ``--load`` (their flags read from the adapter checkpoint).
 """
 
@@ -16,7 +16,7 @@ from megatron.core import dist_checkpointing
 
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to, fill_flags,
-                                          saved_value)
+                                          fill_tokenizer_flags, saved_value)
 from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
 from megatron_ext.training import dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_args import read_checkpoint
@@ -61,10 +61,8 @@ def generation_config(args: argparse.Namespace, world_size: int):
             # and any size up to the saved rows pads alike.
             vocab = saved_value(saved, "vocab_size") or saved_padded
             args.make_vocab_size_divisible_by = divisible_by_padding_to(vocab, saved_padded, tp)
-        # Megatron-LM saves its tokenizer flags (ours does not): use them when not given.
-        for name in ("tokenizer_type", "tokenizer_model"):
-            if getattr(args, name) is None and getattr(saved, name, None):
-                setattr(args, name, getattr(saved, name))
+        # The tokenizer too (both Megatron-LM's checkpoints and ours save its flags).
+        fill_tokenizer_flags(args, saved)
     elif args.num_layers is None:
         raise ConfigError(f"{args.load} saved no args: pass the model flags (--num-layers, "
                           f"--hidden-size, ...) as for training")

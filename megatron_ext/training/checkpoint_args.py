@@ -4,8 +4,9 @@ generation too) and Megatron-LM's ``--use-checkpoint-args`` for training.
 ``--use-checkpoint-args`` follows Megatron-LM's ``load_args_from_checkpoint`` (core_v0.16 to
 0.19): the sizes (``IF_NOT_GIVEN``) are taken where the command line leaves them out, the shape
 of the model (``FORCED``) even over the command line, the tokenizer (unless
-``--no-use-tokenizer-model-from-checkpoint-args``) too, and the TP/PP layout only with
-``--use-mp-args-from-checkpoint-args``. Everything else stays the run's (Megatron-LM takes
+``--no-use-tokenizer-model-from-checkpoint-args``) too, with its other files (``--vocab-file``
+...) where not given (Megatron-LM leaves them to the command line), and the TP/PP layout only
+with ``--use-mp-args-from-checkpoint-args``. Everything else stays the run's (Megatron-LM takes
 neither ``--norm-epsilon`` nor ``--use-rope-scaling``, say: ``check_compatible`` names a
 difference when the checkpoint is loaded). Its MoE, Mamba, MTP and hybrid args are not taken:
 those models are not supported here. It runs on the parsed flags, before validation and before
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import List
 
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import fill_flags
+from megatron_ext.checkpoint.args import fill_flags, fill_tokenizer_flags
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.config import ConfigError
 from megatron_ext.training import checkpoint_checks, dist_checkpoint
@@ -50,9 +51,10 @@ def read_checkpoint(load_dir):
 
 
 def take_checkpoint_args(args) -> List[str]:
-    """With ``--use-checkpoint-args``, set the parsed flags ``args`` from the checkpoint in
-    ``--load`` as Megatron-LM does; the notices to log (what was taken, what was replaced).
-    A damaged checkpoint is a ConfigError naming the flag, raised on every rank alike."""
+    """With ``--use-checkpoint-args``, set the parsed flags ``args`` from the checkpoints in
+    ``--pretrained-checkpoint`` and ``--load`` as Megatron-LM does; the notices to log (what
+    was taken, what was replaced). A damaged checkpoint is a ConfigError naming the flag,
+    raised on every rank alike."""
     if not args.use_checkpoint_args:
         return []
     try:
@@ -62,29 +64,42 @@ def take_checkpoint_args(args) -> List[str]:
 
 
 def _take(args) -> List[str]:
-    if not args.load:
+    if not args.load and not args.pretrained_checkpoint:
         raise ConfigError("--use-checkpoint-args takes the model flags from the checkpoint in "
-                          "--load: give --load CHECKPOINT_DIR")
+                          "--load (or --pretrained-checkpoint): give --load CHECKPOINT_DIR")
     if args.enable_hf2mg_convert:
         raise ConfigError("--use-checkpoint-args reads a Megatron checkpoint's args; with "
                           "--enable-hf2mg-convert, --load is a Hugging Face model (its "
                           "config.json gives the model): drop one of them")
-    checkpoint_checks.check_load_dir(args.load, "--load")
-    if ckpt.read_tracker(Path(args.load)) is None:  # Megatron-LM: "using provided arguments"
-        return [f"--use-checkpoint-args: {args.load} holds no checkpoint yet; the model flags "
-                f"of the command line are used"]
-    iteration, _, saved = read_checkpoint(args.load)
-    directory = ckpt.iteration_dir(args.load, iteration)
+    # Megatron-LM reads --pretrained-checkpoint's args, then --load's over them.
+    notices, taken = [], False
+    for flag, root in (("--pretrained-checkpoint", args.pretrained_checkpoint),
+                       ("--load", args.load)):
+        if root:
+            read, said = _take_from(args, flag, root)
+            notices, taken = notices + said, taken or read
+    if not taken:  # Megatron-LM: "using provided arguments"
+        notices.append("--use-checkpoint-args: no checkpoint to read; the model flags of the "
+                       "command line are used")
+    return notices
+
+
+def _take_from(args, flag: str, root):
+    """Whether the checkpoint in ``root`` (given as ``flag``) gave flags, and the notices."""
+    checkpoint_checks.check_load_dir(root, flag)
+    if ckpt.read_tracker(Path(root)) is None:
+        return False, [f"--use-checkpoint-args: {flag} {root} holds no checkpoint yet"]
+    iteration, _, saved = read_checkpoint(root)
+    directory = ckpt.iteration_dir(root, iteration)
     if saved is None:
-        return [f"--use-checkpoint-args: {directory} saved no args; the model flags of the "
-                f"command line are used"]
+        return False, [f"--use-checkpoint-args: {directory} saved no args"]
     names, forced = IF_NOT_GIVEN, FORCED
-    if args.use_tokenizer_model_from_checkpoint_args is not False:
-        forced += TOKENIZER
     if args.use_mp_args_from_checkpoint_args:
         names, forced = names + LAYOUT_IF_NOT_GIVEN, forced + LAYOUT
     replaced = fill_flags(args, saved, names, forced)
-    notices = [f"--use-checkpoint-args: the model flags come from {directory}'s args"]
-    notices += [f"--use-checkpoint-args: --{name.replace('_', '-')} {taken} from {directory} "
-                f"replaces the command line's {given}" for name, given, taken in replaced]
-    return notices
+    if args.use_tokenizer_model_from_checkpoint_args is not False:
+        replaced += fill_tokenizer_flags(
+            args, saved, TOKENIZER, " with --no-use-tokenizer-model-from-checkpoint-args")
+    notices = [f"--use-checkpoint-args: --{name.replace('_', '-')} {taken} from {directory} "
+               f"replaces the command line's {given}" for name, given, taken in replaced]
+    return True, notices + [f"--use-checkpoint-args: the model flags come from {directory}'s args"]

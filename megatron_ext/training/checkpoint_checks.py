@@ -12,6 +12,8 @@ resume:
 - torch: each rank file's zip directory is readable (a truncated file has none);
 - torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says.
 
+``--pretrained-checkpoint`` gets the same checks where it is the checkpoint loaded (``--load``
+holds none yet), and then takes ``--load``'s place with ``--finetune``, as in Megatron-LM.
 (``--save`` is checked with the flags: config/validate.py.)
 """
 
@@ -68,8 +70,9 @@ def _check_dist_files(directory: Path) -> None:
         _check_zip(directory / "common.pt")
 
 
-def check_load_dir(root, flag: str) -> None:
-    """The checkpoint in ``root`` (given as ``flag``) as far as its files tell."""
+def check_load_dir(root, flag: str, instead: str = "starting from scratch") -> None:
+    """The checkpoint in ``root`` (given as ``flag``) as far as its files tell; ``instead``:
+    what the run does when it holds none."""
     root = Path(root)
     iteration = ckpt.read_tracker(root)
     if iteration is None:
@@ -89,7 +92,7 @@ def check_load_dir(root, flag: str) -> None:
         if found:
             log_once(logger, logging.WARNING,
                      f"{root} holds {', '.join(found)} but no {ckpt.TRACKER_FILENAME} (a first "
-                     f"save that did not finish?): starting from scratch. To resume from one, "
+                     f"save that did not finish?): {instead}. To resume from one, "
                      f"write its number into {ckpt.tracker_file(root)}")
         return
     directory = ckpt.iteration_dir(root, iteration)
@@ -135,6 +138,32 @@ def check_checkpoints(config: Config) -> None:
     c, lora = config.checkpoint, config.lora
     # --enable-hf2mg-convert: --load is the Hugging Face model to convert (training/hf2mg.py).
     load = None if config.mindspeed.enable_hf2mg_convert else c.load
-    for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
+    scratch = "starting from scratch"
+    instead = (f"fine-tuning from --pretrained-checkpoint {c.pretrained_checkpoint}"
+               if c.pretrained_checkpoint else scratch)
+    for root, flag, without in ((load, "--load", instead),
+                                (lora.lora_load, "--lora-load", scratch)):
         if root:
-            check_load_dir(root, flag)
+            check_load_dir(root, flag, without)
+    _take_pretrained(config)
+
+
+def _take_pretrained(config: Config) -> None:
+    """Megatron-LM's --pretrained-checkpoint (load_checkpoint, core_v0.16 to 0.19): while
+    --load holds no checkpoint, the checkpoint loaded is --pretrained-checkpoint's, with
+    --finetune; a --load with one (this run's earlier save) is resumed as usual."""
+    c = config.checkpoint
+    pretrained = c.pretrained_checkpoint
+    if not pretrained or (c.load and ckpt.read_tracker(Path(c.load)) is not None):
+        return
+    check_load_dir(pretrained, "--pretrained-checkpoint")
+    if ckpt.read_tracker(Path(pretrained)) is None:
+        raise ckpt.CheckpointError(
+            f"--pretrained-checkpoint {pretrained} holds no checkpoint (no "
+            f"{ckpt.TRACKER_FILENAME}), and " + (f"--load {c.load} neither" if c.load else
+                                                 "no --load is given") +
+            ": give the directory of the checkpoint to fine-tune from")
+    log_once(logger, logging.INFO,
+             f"{'--load ' + c.load if c.load else 'no --load'} holds no checkpoint: fine-tuning "
+             f"from --pretrained-checkpoint {pretrained} (its weights only, as --finetune)")
+    c.load, c.finetune = pretrained, True

@@ -38,6 +38,21 @@ def make_hf_model(path: Path, *, arch: str = "llama", tied: bool = False, seed: 
     return path
 
 
+def make_tokenizer_json(path: Path, vocab: int = VOCAB) -> Path:
+    """A word-level tokenizer.json of exactly ``vocab`` ids: words w0..w{vocab-2} (w0 also
+    the unknown word) and <|endoftext|> (EOD) last; it decodes to the words spaced."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = {f"w{i}": i for i in range(vocab - 1)}
+    words["<|endoftext|>"] = vocab - 1
+    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
 def hf_state_dict(path: Path) -> dict:
     from safetensors.torch import load_file
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from megatron_ext.generation.sampling import SamplingParams, sample
-from tests.checkpoint.conftest import make_hf_model, run_convert
+from tests.checkpoint.conftest import make_hf_model, make_tokenizer_json, run_convert
 from tests.launcher import launch, torchrun
 
 TIMEOUT_S = 300
@@ -177,6 +177,66 @@ def test_eval_prompts_answers_at_each_evaluation(tmp_path):
         "--max-new-tokens", EVAL_MAX_NEW_TOKENS, "--prompt", "3 1 4 1 5", "--prompt", "9 2 6"])
     assert stdout.splitlines() == [answers[4, 0], answers[4, 1]]
     assert any(answers.values()), "a model that answers nothing at once would prove little"
+
+
+def _train_and_save(argv):
+    import pretrain_gpt
+    from megatron_ext.config import parse_args
+    from megatron_ext.training.trainer import Trainer
+
+    trainer = Trainer(parse_args(argv, world_size=1), pretrain_gpt.forward_step, world_size=1)
+    trainer.train()
+    trainer.close()
+
+
+def _generate(argv):
+    """generate_gpt.py's stdout, or its SystemExit message."""
+    import contextlib
+    import io
+
+    from megatron_ext.generation.cli import main
+
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            main([str(a) for a in argv])
+    except SystemExit as stopped:
+        return f"exit: {stopped.code}"
+    return out.getvalue()
+
+
+def test_generate_takes_the_tokenizer_saved_in_the_checkpoint(tmp_path):
+    """A checkpoint saves its tokenizer flags (as Megatron-LM's do): generate_gpt.py without
+    any writes what it writes with them; once the tokenizer file is gone, the error names it
+    and the flag that points at its new place."""
+    tok = make_tokenizer_json(tmp_path / "tok" / "tokenizer.json", VOCAB)
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok)]
+    model = " ".join(MODEL_ARGS).replace(
+        f"--tokenizer-type NullTokenizer --vocab-size {VOCAB - 1}", "").split()
+    launch(_train_and_save, 1, model + flags + (
+        f"--lr 1e-3 --train-iters 1 --micro-batch-size 2 --global-batch-size 2 --eval-iters 0 "
+        f"--ckpt-format torch --save {tmp_path / 'ckpt'} --save-interval 1").split())
+    ask = ["--load", tmp_path / "ckpt", "--max-new-tokens", 8, "--prompt", "w5 w17 w42"]
+    given = launch(_generate, 1, ask + flags)[0]
+    assert len(set(given.split())) > 2, given  # words of the tokenizer, not a degenerate run
+    assert launch(_generate, 1, ask)[0] == given
+    moved = tok.parent.rename(tmp_path / "moved") / "tokenizer.json"
+    error = launch(_generate, 1, ask)[0]
+    assert error.startswith("exit: ") and f"--tokenizer-model {tok}, which does not exist" \
+        in error and "pass --tokenizer-model PATH" in error, error
+    assert launch(_generate, 1, ask + ["--tokenizer-model", moved])[0] == given
+
+
+def test_a_converted_hf_model_carries_its_tokenizer(tmp_path):
+    """convert_ckpt.py hf->mg saves the flags of the tokenizer.json beside the weights."""
+    hf_dir = make_hf_model(tmp_path / "hf")  # vocab 250
+    make_tokenizer_json(hf_dir / "tokenizer.json", 250)
+    run_convert("hf", "mg", hf_dir, tmp_path / "mg")
+    ask = ["--load", tmp_path / "mg", "--max-new-tokens", 6, "--prompt", "w1 w2 w3 w4 w5"]
+    given = launch(_generate, 1, ask + ["--tokenizer-type", "HuggingFaceTokenizer",
+                                        "--tokenizer-model", hf_dir])[0]
+    assert given.strip() and not given.startswith("exit: "), given
+    assert launch(_generate, 1, ask)[0] == given
 
 
 def test_bad_load_dir_is_named(tmp_path):

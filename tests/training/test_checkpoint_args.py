@@ -2,6 +2,8 @@
 checkpoint and equals the uninterrupted run, loss for loss and weight for weight; which flags it
 takes, and over which command-line values, follows Megatron-LM's load_args_from_checkpoint."""
 
+import os
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.config import ConfigError, parse_args
 from megatron_ext.training.checkpoint_args import take_checkpoint_args
 from megatron_ext.training.trainer import Trainer
+from tests.checkpoint.conftest import make_tokenizer_json
 from tests.launcher import launch
 
 # Every value off its default, so that a flag not taken over would change the run (or fail the
@@ -98,3 +101,36 @@ def test_use_checkpoint_args_errors_and_fresh_start(tmp_path):
     with pytest.raises(ConfigError, match=rf"--use-checkpoint-args: checkpoint file {rank_file} "
                                           r"is truncated"):
         _parse(RUN + ["--load", load, "--use-checkpoint-args"])
+
+
+def test_the_tokenizer_comes_from_the_checkpoint_too(tmp_path):
+    """Checkpoints save the tokenizer flags (Megatron-LM's names): a resume without any equals
+    the continuous run; as in Megatron-LM they replace the command line's unless
+    --no-use-tokenizer-model-from-checkpoint-args; a tokenizer file gone is named."""
+    tok = make_tokenizer_json(tmp_path / "tok" / "tokenizer.json", 127)
+    flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok)]
+    run = " ".join(RUN).replace("--tokenizer-type NullTokenizer --vocab-size 127", "").split()
+    argv = MODEL + run + flags + ["--ckpt-format", "torch"]
+    full = launch(_train, 1, argv, 1)[0]
+    load = tmp_path / "ckpt"
+    first = launch(_train, 1, argv + ["--save", str(load), "--save-interval", "3",
+                                      "--exit-interval", "3"], 1)[0]
+    resume = run + ["--load", str(load), "--use-checkpoint-args"]
+    resumed = launch(_train, 1, resume, 1)[0]
+    assert first[0] + resumed[0] == full[0]
+    for name, tensor in full[1].items():
+        assert torch.equal(resumed[1][name], tensor), name
+    other = make_tokenizer_json(tmp_path / "other.json", 127)
+    config = _parse(resume + ["--tokenizer-model", str(other)])
+    assert config.data.tokenizer_model == str(tok)
+    assert any(f"--tokenizer-model {tok} from" in n for n in config.notices), config.notices
+    same = _parse(resume + ["--tokenizer-model", os.path.relpath(tok)])  # the same file
+    assert not any("replaces" in n for n in same.notices), same.notices
+    kept = resume + ["--no-use-tokenizer-model-from-checkpoint-args"]
+    assert _parse(kept + flags[:3] + [str(other)]).data.tokenizer_model == str(other)
+    with pytest.raises(ConfigError, match="--tokenizer-type is required"):
+        _parse(kept)
+    tok.parent.rename(tmp_path / "moved")
+    with pytest.raises(ConfigError, match=rf"--tokenizer-model {tok}, which does not exist here: "
+                       r"pass --tokenizer-model PATH with --no-use-tokenizer-model-from-"):
+        _parse(resume)

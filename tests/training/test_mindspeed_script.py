@@ -9,10 +9,13 @@ no-ops change nothing and the start-up conversion is convert_ckpt.py's.
 """
 
 import json
+import logging
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
+import torch
 
 import pretrain_gpt  # noqa: F401 - imported once here, not in each forked rank
 from megatron_ext.data.cli import main as preprocess_main
@@ -116,7 +119,7 @@ def test_the_start_up_conversion_is_convert_ckpts_reused_and_fails_cleanly(tmp_p
                                                                           one_rank_group):
     from megatron_ext.checkpoint.format import read_tracker
     from megatron_ext.config import ConfigError, parse_args
-    from megatron_ext.training.hf2mg import convert_hf_load
+    from megatron_ext.training.hf2mg import SOURCE_RECORD, convert_hf_load
     from tests.checkpoint.conftest import hf_state_dict
 
     hf = make_hf_model(tmp_path / "hf")
@@ -131,7 +134,8 @@ def test_the_start_up_conversion_is_convert_ckpts_reused_and_fails_cleanly(tmp_p
     by_hand = run_convert("hf", "mg", hf, tmp_path / "by-hand", "--make-vocab-size-divisible-by",
                           1, "--model-type-hf", "llama2")
     ours = sorted(p.relative_to(cache) for p in cache.rglob("*") if p.is_file())
-    assert ours == sorted(p.relative_to(by_hand) for p in by_hand.rglob("*") if p.is_file())
+    assert ours == sorted([Path(SOURCE_RECORD)] + [p.relative_to(by_hand) for p in
+                                                   by_hand.rglob("*") if p.is_file()])
     stamp = (cache / "latest_checkpointed_iteration.txt").stat().st_mtime_ns
     convert_hf_load(parse_args(argv))  # a second run reuses it
     assert (cache / "latest_checkpointed_iteration.txt").stat().st_mtime_ns == stamp
@@ -145,3 +149,43 @@ def test_the_start_up_conversion_is_convert_ckpts_reused_and_fails_cleanly(tmp_p
     with pytest.raises(ConfigError, match="--enable-hf2mg-convert: converting .*broken failed"):
         convert_hf_load(config)
     assert not (broken / "megatron_cache_tp1pp1ep1").exists()
+
+
+def test_a_cache_of_another_model_is_converted_again(tmp_path, one_rank_group, caplog):
+    """The cache records what it was converted from: another model copied over the files of
+    --load (same config.json, other weights), or a cache without a record, is converted again,
+    said in the log, and equals convert_ckpt.py's conversion of the model now there."""
+    from megatron_ext.checkpoint import format as fmt
+    from megatron_ext.config import parse_args
+    from megatron_ext.training.hf2mg import SOURCE_RECORD, convert_hf_load
+
+    hf = make_hf_model(tmp_path / "hf")
+    argv = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --tokenizer-type "
+            f"NullTokenizer --vocab-size 250 --mock-data --enable-hf2mg-convert --load {hf} "
+            "--make-vocab-size-divisible-by 1").split()
+    cache = hf / "megatron_cache_tp1pp1ep1"
+
+    def converted(root):
+        return fmt.load_rank_file(fmt.rank_file(root, 1, 0, 0, 1))["model"]
+
+    def start(message):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="megatron_ext.training.hf2mg"):
+            convert_hf_load(parse_args(argv))
+        assert any(message in r.getMessage() for r in caplog.records), caplog.text
+
+    start("converted")
+    first = converted(cache)
+    make_hf_model(hf, seed=7)  # another model copied over it: the same config.json
+    start("the weight files changed (names, sizes or mtimes); converting it again")
+    expected = converted(run_convert("hf", "mg", hf, tmp_path / "by-hand",
+                                     "--make-vocab-size-divisible-by", 1))
+    now = converted(cache)
+    assert sorted(now) == sorted(expected)
+    assert all(torch.equal(now[k], expected[k]) for k in now)
+    assert not all(torch.equal(now[k], first[k]) for k in now)
+    start("reusing the converted")
+    (cache / SOURCE_RECORD).unlink()  # a cache made before caches recorded their source
+    start(f"it has no {SOURCE_RECORD}")
+    assert (cache / SOURCE_RECORD).is_file()
+    assert [p.name for p in hf.iterdir() if p.name.startswith(".")] == []  # no staging left
