@@ -3,7 +3,8 @@
 Endpoints, with Megatron-LM's request and answer formats (core_v0.16-0.19
 ``text_generation_server``): ``PUT /api`` (``{"prompts": [...], "tokens_to_generate": N, ...}``
 -> ``{"text", "segments", "tokens", "logprobs"}``) and the OpenAI-style ``POST /completions``
-(also ``/v1/completions``). A bad request gets 400 with a message before any rank is involved.
+(also ``/v1/completions``), and with ``--prompt-type`` OpenAI's ``POST /chat/completions`` (also
+``/v1/chat/completions``; megatron-core 0.19's fields). A bad request gets 400 with a message before any rank is involved.
 
 Rank 0 listens; its handler threads only parse and queue. Rank 0's main thread takes one job at a
 time (Megatron's lock), shares it with every rank (``Session.shared``), and all ranks generate it
@@ -168,6 +169,22 @@ _COMPLETION_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "
                       "echo", "seed", "stop", "model", "user", *_COMPLETION_UNSUPPORTED}
 
 
+def _openai_sampling(body):
+    """(SamplingParams, seed) of OpenAI's sampling fields (completions and chat)."""
+    temperature = _field(body, "temperature", 1.0, lambda v: _is_number(v) and 0 <= v <= 100,
+                         "temperature must be a number in [0, 100] (0: greedy)")
+    top_k = _field(body, "top_k", 0, lambda v: _is_int(v) and v >= 0,
+                   "top_k must be an integer >= 0")
+    top_p = _field(body, "top_p", 1.0, lambda v: _is_number(v) and 0 <= v <= 1,
+                   "top_p must be a number in [0, 1]")
+    seed = _field(body, "seed", None, lambda v: v is None or (_is_int(v) and v >= 0),
+                  "seed must be a non-negative integer")
+    # OpenAI's temperature 0 is greedy; its top_p 1 is no nucleus (Megatron-LM's top_p 0).
+    params = (SamplingParams(top_k=1) if temperature == 0 else
+              SamplingParams(float(temperature), top_k, 0.0 if top_p == 1 else float(top_p)))
+    return params, seed
+
+
 def parse_completions(body, tokenizer, max_length):
     """(Job, prompt texts, echo, stop strings) of a ``POST /completions`` body."""
     _known(body, _COMPLETION_FIELDS)
@@ -196,27 +213,17 @@ def parse_completions(body, tokenizer, max_length):
         raise BadRequest("a prompt tokenizes to no tokens: nothing to condition on")
     new = _field(body, "max_tokens", 16, lambda v: _is_int(v) and v >= 0,
                  "max_tokens must be an integer >= 0")
-    temperature = _field(body, "temperature", 1.0, lambda v: _is_number(v) and 0 <= v <= 100,
-                         "temperature must be a number in [0, 100] (0: greedy)")
-    top_k = _field(body, "top_k", 0, lambda v: _is_int(v) and v >= 0,
-                   "top_k must be an integer >= 0")
-    top_p = _field(body, "top_p", 1.0, lambda v: _is_number(v) and 0 <= v <= 1,
-                   "top_p must be a number in [0, 1]")
+    params, seed = _openai_sampling(body)
     logprobs = _field(body, "logprobs", None,
                       lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS),
                       f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
     echo = _field(body, "echo", False, lambda v: isinstance(v, bool), "echo must be a boolean")
-    seed = _field(body, "seed", None, lambda v: v is None or (_is_int(v) and v >= 0),
-                  "seed must be a non-negative integer")
     stop = _field(body, "stop", None, lambda v: v is None or isinstance(v, str) or (
         isinstance(v, list) and all(isinstance(s, str) for s in v)),
         "stop must be a string or a list of strings")
     if not echo and new == 0:
         raise BadRequest("echo=False not supported when max_tokens == 0 (nothing to answer)")
     _check_length(ids, new, max_length, "max_tokens")
-    # OpenAI's temperature 0 is greedy; its top_p 1 is no nucleus (Megatron-LM's top_p 0).
-    params = (SamplingParams(top_k=1) if temperature == 0 else
-              SamplingParams(float(temperature), top_k, 0.0 if top_p == 1 else float(top_p)))
     stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
     return Job(ids, new, params, seed, logprobs), texts, echo, stops
 
@@ -258,6 +265,78 @@ def completions_answer(job, texts, echo, stops, results, tokenizer):
             "usage": {"prompt_tokens": sum(map(len, job.prompts)),
                       "completion_tokens": generated,
                       "total_tokens": sum(map(len, job.prompts)) + generated}}
+
+
+# -- POST /chat/completions (OpenAI's, as megatron-core 0.19's chat_completions) -----------
+_CHAT_UNSUPPORTED = {"n": 1, "stream": False, "presence_penalty": 0, "frequency_penalty": 0}
+_CHAT_FIELDS = {"messages", "max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
+                "top_logprobs", "model", "user", *_CHAT_UNSUPPORTED}
+_ROLES = ("system", "user", "assistant")
+
+
+def _turns(messages):
+    """OpenAI's messages as the chat template's turns, checked."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
+            raise BadRequest(f"messages[{i}] must be an object of role and content (and name)")
+        role, content = message.get("role"), message.get("content")
+        if role not in _ROLES:
+            raise BadRequest(f"messages[{i}]: unknown role {role!r}; known: {', '.join(_ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        if role == "system" and i > 0:
+            raise BadRequest(f"messages[{i}]: a system message may only come first")
+        turns.append((role, content))
+    if turns[-1][0] != "user":
+        raise BadRequest("the last message must be the user's (the assistant answers it)")
+    return turns
+
+
+def parse_chat(body, tokenizer, max_length, session):
+    """(Job, encoder) of a ``POST /chat/completions`` body, rendered by ``session.chat_prompt``
+    (the interactive chat's rendering); ``max_tokens`` defaults to --max-new-tokens."""
+    if session.encoder is None:
+        raise BadRequest("POST /chat/completions needs a chat template: start the server with "
+                         "--prompt-type NAME (megatron_ext/data/instruct/templates.json, or hf)")
+    _known(body, _CHAT_FIELDS)
+    _unsupported(body, _CHAT_UNSUPPORTED)
+    turns = _turns(body.get("messages"))
+    new = _field(body, "max_tokens", session.args.max_new_tokens,
+                 lambda v: _is_int(v) and v >= 1, "max_tokens must be an integer >= 1")
+    params, seed = _openai_sampling(body)
+    logprobs = _field(body, "logprobs", False, lambda v: isinstance(v, bool),
+                      "logprobs must be a boolean")
+    top = _field(body, "top_logprobs", 0, lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
+                 f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    try:
+        ids = session.chat_prompt(turns)[1]
+    except ValueError as error:  # the template's: a system message it has no place for, ...
+        raise BadRequest(f"messages: {error}") from None
+    _check_length([ids], new, max_length, "max_tokens")
+    return Job([ids], new, params, seed, top if logprobs else None), session.encoder
+
+
+def chat_answer(job, encoder, results, tokenizer):
+    (ids,), (result,) = job.prompts, results
+    content, kept, cut = encoder.reply(result.tokens)
+    logprobs = None
+    if job.logprobs is not None:
+        def entry(token, value):
+            text = tokenizer.detokenize([token])
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        logprobs = {"content": [{**entry(t, v), "top_logprobs": [entry(i, p) for i, p in top]}
+                                for t, v, top in zip(result.tokens[:kept], result.logprobs,
+                                                     result.top_logprobs)]}
+    return {"object": "chat.completion", "created": int(time.time()),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": logprobs,
+                         "finish_reason": "stop" if result.stopped or cut else "length"}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": kept,
+                      "total_tokens": len(ids) + kept}}
 
 
 # -- serving ---------------------------------------------------------------------------------
@@ -304,10 +383,13 @@ def _handler(session, jobs):
             self._serve(parse_api, api_answer, lambda m: {"message": m})
 
         def do_POST(self):
-            if self.path not in ("/completions", "/v1/completions"):
-                return self._reply(404, {"message": f"no POST {self.path}: POST /completions"})
-            self._serve(parse_completions, completions_answer,
-                        lambda m: {"error": {"message": m, "type": "invalid_request_error"}})
+            error = lambda m: {"error": {"message": m, "type": "invalid_request_error"}}  # noqa
+            if self.path in ("/completions", "/v1/completions"):
+                return self._serve(parse_completions, completions_answer, error)
+            if self.path in ("/chat/completions", "/v1/chat/completions"):
+                return self._serve(lambda *a: parse_chat(*a, session), chat_answer, error)
+            self._reply(404, {"message": f"no POST {self.path}: POST /completions or "
+                                         "/chat/completions"})
 
         def log_message(self, format, *args):
             logger.info("%s %s", self.address_string(), format % args)
@@ -337,7 +419,8 @@ def serve(session, server: Optional[ThreadingHTTPServer]) -> None:
         stop = lambda *_: threading.Thread(target=jobs.put, args=(None,)).start()  # noqa: E731
         threading.Thread(target=server.serve_forever, daemon=True).start()
         host, port = server.server_address[:2]
-        logger.info(f"serving on http://{host}:{port} (PUT /api, POST /completions)")
+        chat = ", POST /chat/completions" if session.encoder is not None else ""
+        logger.info(f"serving on http://{host}:{port} (PUT /api, POST /completions{chat})")
     else:
         stop = lambda *_: None  # noqa: E731  rank 0 ends the loop for every rank
     for signum in (signal.SIGTERM, signal.SIGINT):

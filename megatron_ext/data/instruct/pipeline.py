@@ -114,6 +114,18 @@ class ConversationEncoder:
             return list(self.hf(text, add_special_tokens=False)["input_ids"])
         return [int(i) for i in self._encode_template(turns)[0]]
 
+    def reply(self, new_ids: Sequence[int]) -> Tuple[str, int, bool]:
+        """(text, tokens kept, stopped) of generated ids as an assistant's answer: cut before
+        the template's stop text (generation itself stops at EOD/EOS only)."""
+        text = self.tokenizer.detokenize(list(new_ids))
+        stop = self.template.stop if self.template is not None else None
+        cut = text.find(stop) if stop else -1
+        if cut < 0:
+            return text, len(new_ids), False
+        kept = next(i for i in range(len(new_ids) + 1)
+                    if len(self.tokenizer.detokenize(list(new_ids[:i + 1]))) > cut)
+        return text[:cut], kept, True
+
     def _encode_template(self, turns):
         ids, mask = [], []
         run, run_trained = [], False
