@@ -266,15 +266,20 @@ def _turns(messages):
         raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects")
     turns = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content", "name"}:
-            raise BadRequest(f"messages[{i}] must be an object of role and content (and name)")
-        role, content = message.get("role"), message.get("content")
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise BadRequest(f"messages[{i}] must be an object of role and content")
+        role, content = message["role"], message["content"]
         if role not in _ROLES:
             raise BadRequest(f"messages[{i}]: unknown role {role!r}; known: {', '.join(_ROLES)}")
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content must be a string")
         if role == "system" and i > 0:
             raise BadRequest(f"messages[{i}]: a system message may only come first")
+        # The templates render user and assistant turns in turn (as they were trained).
+        expected = "user" if not turns or turns[-1][0] != "user" else "assistant"
+        if role != "system" and role != expected:
+            raise BadRequest(f"messages[{i}]: {role} where the {expected}'s turn comes (user "
+                             "and assistant messages alternate, the user's first)")
         turns.append((role, content))
     if turns[-1][0] != "user":
         raise BadRequest("the last message must be the user's (the assistant answers it)")

@@ -177,6 +177,8 @@ BAD_CHATS = [  # (messages, part of the message)
     ([USER, {"role": "assistant", "content": "4"}], "the last message must be the user's"),
     ([{"role": "user", "content": [1, 2]}], "messages[0].content must be a string"),
     ([USER, {"role": "system", "content": "4"}, USER], "messages[1]: a system message may only"),
+    ([USER, USER], "messages[1]: user where the assistant's turn comes"),
+    ([{**USER, "name": "ann"}], "messages[0] must be an object of role and content"),
     ([{"role": "user", "content": "x"}], "messages: 'x' is not an integer token id"),
 ]
 
