@@ -10,7 +10,8 @@ default) is greedy; ``--top-k 0`` / ``--top-p 0`` switch a filter off; ``--top_k
 and ``--num-tokens-to-generate`` are accepted as Megatron-LM spells them. Answers go to stdout
 (rank 0), one block per prompt; logs go to stderr. ``--interactive`` reads one message per line
 (an empty line or end of input quits); with ``--prompt-type`` it is a multi-turn chat.
-``--port N`` serves Megatron-LM's HTTP API instead (``server.py``).
+``--port N`` serves Megatron-LM's HTTP API instead (``server.py``; with ``--prompt-type``, also
+OpenAI's chat completions, rendered by ``Session.chat_prompt`` as the interactive chat).
 """
 
 import logging
@@ -37,8 +38,10 @@ def add_generation_args(parser):
     group.add_argument("--interactive", action="store_true",
                        help="read prompts (or chat messages, with --prompt-type) from stdin")
     group.add_argument("--prompt-type", default=None,
-                       help="chat template (megatron_ext/data/instruct/templates.json, or hf)")
-    group.add_argument("--system", default=None, help="system message for --prompt-type")
+                       help="chat template (megatron_ext/data/instruct/templates.json, or hf) "
+                            "of --interactive and of --port's POST /chat/completions")
+    group.add_argument("--system", default=None,
+                       help="system message for --prompt-type (a chat without one of its own)")
     group.add_argument("--max-new-tokens", "--num-tokens-to-generate", dest="max_new_tokens",
                        type=int, default=64)
     group.add_argument("--temperature", type=float, default=1.0)
@@ -46,8 +49,9 @@ def add_generation_args(parser):
     group.add_argument("--top-p", "--top_p", dest="top_p", type=float, default=0.0)
     group.add_argument("--port", type=int, default=None,
                        help="serve Megatron-LM's HTTP API on this port (PUT /api, POST "
-                            "/completions; 0: any free port) instead of --prompt/--interactive; "
-                            "requests carry their own sampling fields")
+                            "/completions, POST /chat/completions with --prompt-type; 0: any "
+                            "free port) instead of --prompt/--interactive; requests carry their "
+                            "own sampling fields")
     group.add_argument("--host", default="0.0.0.0",
                        help="address --port listens on (Megatron-LM's: every interface)")
 
@@ -92,20 +96,25 @@ class Session:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def chat_prompt(self, turns):
+        """(turns, prompt ids) of a conversation ending with a user turn, rendered with
+        --prompt-type; --system opens it unless it has a system turn (the CLI's chat and the
+        server's /chat/completions)."""
+        if self.args.system and (not turns or turns[0][0] != "system"):
+            turns = [("system", self.args.system)] + list(turns)
+        return list(turns), self.encoder.encode_prompt(turns)
+
     def answer(self, text: str) -> str:
         """The model's continuation of ``text`` (a chat turn with --prompt-type)."""
         if self.encoder is not None:
-            turns = list(self.history)
-            if self.args.system and not turns:
-                turns.append(("system", self.args.system))
-            turns.append(("user", text))
-            ids = self.encoder.encode_prompt(turns)
+            turns, ids = self.chat_prompt(self.history + [("user", text)])
         else:
             ids = self.tokenizer.tokenize(text)
         result = self.generator.generate(ids, self.args.max_new_tokens, self.params, self.rng)
-        reply = self.tokenizer.detokenize(result.tokens)
-        if self.encoder is not None:
-            self.history = turns + [("assistant", reply)]
+        if self.encoder is None:
+            return self.tokenizer.detokenize(result.tokens)
+        reply = self.encoder.reply(result.tokens)[0]
+        self.history = turns + [("assistant", reply)]
         return reply
 
     def run(self) -> None:
@@ -144,9 +153,6 @@ def main(argv=None) -> int:
         parser.error("give --prompt TEXT (repeatable), --interactive or --port N")
     if args.port is not None and not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port}: must be in [0, 65535] (0: any free port)")
-    if args.port is not None and args.prompt_type:
-        parser.error("--port serves raw prompts (Megatron-LM's API): render a chat template "
-                     "client-side, or use --interactive --prompt-type")
     if args.system is not None and not args.prompt_type:
         parser.error("--system needs --prompt-type (a chat template)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

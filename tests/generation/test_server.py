@@ -164,6 +164,22 @@ BAD_REQUESTS = [  # (method, path, body, part of the message)
     ("PUT", "/api", b"{not json", "Expecting property name"),
     ("POST", "/v1/completions", {"prompt": "1", "n": 2}, "n=2 is not supported"),
     ("POST", "/completions", {"prompt": [1, 250]}, "prompt token ids must be in [0, 250)"),
+    ("POST", "/chat/completions", {"messages": [{"role": "user", "content": "1"}]},
+     "start the server with --prompt-type NAME"),
+]
+# A chat template NullTokenizer can tokenize (numbers): system, user, assistant markers.
+CHAT_TEMPLATE = {"system": "{content} 10 ", "user": "{content} 11", "assistant_prefix": " 12 ",
+                 "assistant": "{content} 13{eos}"}
+USER = {"role": "user", "content": "1 2 3"}
+BAD_CHATS = [  # (messages, part of the message)
+    ([], "messages must be a non-empty list"),
+    ([{"role": "tool", "content": "1"}], "messages[0]: unknown role 'tool'"),
+    ([USER, {"role": "assistant", "content": "4"}], "the last message must be the user's"),
+    ([{"role": "user", "content": [1, 2]}], "messages[0].content must be a string"),
+    ([USER, {"role": "system", "content": "4"}, USER], "messages[1]: a system message may only"),
+    ([USER, USER], "messages[1]: user where the assistant's turn comes"),
+    ([{**USER, "name": "ann"}], "messages[0] must be an object of role and content"),
+    ([{"role": "user", "content": "x"}], "messages: 'x' is not an integer token id"),
 ]
 
 
@@ -247,3 +263,50 @@ def test_bad_port_fails_before_loading(checkpoint, capsys):
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # failed before any process group (and any model)
+
+
+def test_chat_completions_answer_as_interactive_chat(checkpoint, hf_model, tmp_path):
+    """POST /chat/completions renders as ``--interactive --prompt-type`` does: the same greedy
+    answer as that CLI (one user line on stdin, --system), and as transformers' greedy tokens
+    after the template's rendering, cut at its stop text " 13"; bad messages get 400."""
+    template = tmp_path / "numbers.json"
+    template.write_text(json.dumps(CHAT_TEMPLATE))
+    chat = ["--prompt-type", str(template), "--max-new-tokens", str(NEW)]
+    cli = subprocess.run(
+        [sys.executable, f"{ROOT}/generate_gpt.py", "--load", str(checkpoint[1]), *FLAGS, *chat,
+         "--interactive", "--system", "9 9"], input=USER["content"] + "\n", cwd=ROOT,
+        capture_output=True, text=True, timeout=TIMEOUT_S,
+        env={**_env(), "MASTER_PORT": str(free_port())})
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    expected = cli.stdout.split("\n")[0]  # the answer's line (a chat answer has no newline)
+    server = Server(1, checkpoint[1], *chat)
+    try:
+        status, answer = server.request("POST", "/v1/chat/completions", {
+            "model": "tiny", "temperature": 0, "logprobs": True, "top_logprobs": 1,
+            "messages": [{"role": "system", "content": "9 9"}, USER]})
+        assert status == 200, answer
+        (choice,) = answer["choices"]
+        assert choice["message"] == {"role": "assistant", "content": expected}
+        prompt = [9, 9, 10, 1, 2, 3, 11, 12]  # CHAT_TEMPLATE's rendering, spelled out
+        with torch.no_grad():
+            greedy = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW,
+                                       eos_token_id=EOD, pad_token_id=0)[0, len(prompt):].tolist()
+        new = greedy[:greedy.index(EOD)] if EOD in greedy else greedy
+        kept = new.index(13) if 13 in new else len(new)
+        assert 0 < kept < len(new), f"{new}: to test the stop, the answer holds a 13 (not first)"
+        assert choice["message"]["content"] == " ".join(map(str, new[:kept]))
+        assert answer["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": kept,
+                                   "total_tokens": len(prompt) + kept}
+        assert choice["finish_reason"] == ("length" if kept == NEW else "stop")
+        content = choice["logprobs"]["content"]
+        assert [c["token"] for c in content] == [str(t) for t in new[:kept]]
+        torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]),
+                                   _hf_logprobs(hf_model, prompt + new[:kept])[len(prompt) - 1:],
+                                   atol=1e-4, rtol=1e-4)
+        assert all(c["top_logprobs"][0]["token"] == c["token"] for c in content)  # greedy
+        for messages, message in BAD_CHATS:
+            status, error = server.request("POST", "/chat/completions", {"messages": messages})
+            assert status == 400 and message in error["error"]["message"], (messages, error)
+        assert server.stop() == 0, "".join(server.log[-40:])
+    finally:
+        server.kill()

@@ -114,6 +114,18 @@ class ConversationEncoder:
             return list(self.hf(text, add_special_tokens=False)["input_ids"])
         return [int(i) for i in self._encode_template(turns)[0]]
 
+    def reply(self, new_ids: Sequence[int]) -> Tuple[str, int, bool]:
+        """(text, tokens kept, stopped) of generated ids as an assistant's answer: cut before
+        the template's stop text (generation itself stops at EOD/EOS only)."""
+        text = self.tokenizer.detokenize(list(new_ids))
+        stop = self.template.stop if self.template is not None else None
+        cut = text.find(stop) if stop else -1
+        if cut < 0:
+            return text, len(new_ids), False
+        kept = next(i for i in range(len(new_ids) + 1)
+                    if len(self.tokenizer.detokenize(list(new_ids[:i + 1]))) > cut)
+        return text[:cut], kept, True
+
     def _encode_template(self, turns):
         ids, mask = [], []
         run, run_trained = [], False
@@ -141,32 +153,30 @@ class ConversationEncoder:
         return ids, mask
 
     def _render_hf(self, messages, **kwargs) -> str:
-        return self.hf.apply_chat_template(messages, tokenize=False, **kwargs)
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as e:  # jinja2 errors: raise_exception() in templates, bad roles
+            raise ValueError(f"chat_template failed: {type(e).__name__}: {e}") from None
 
     def _encode_hf(self, turns):
         """The whole conversation rendered and tokenized as ``apply_chat_template`` does; the
         characters an assistant message adds to the rendering (after the generation prompt)
         are trained on: a token is trained when it starts inside them."""
         messages = [{"role": role, "content": content} for role, content in turns]
-        try:
-            full = self._render_hf(messages)
-            spans = []
-            for i, message in enumerate(messages):
-                if message["role"] != "assistant":
-                    continue
-                before = self._render_hf(messages[:i], add_generation_prompt=True)
-                through = self._render_hf(messages[:i + 1])
-                if not (full.startswith(before) and full.startswith(through)
-                        and through.startswith(before)):
-                    raise ValueError(
-                        "the chat_template does not render a conversation as its prefixes "
-                        f"(at message {i}), so assistant tokens cannot be located; use a "
-                        "--prompt-type from templates.json")
-                spans.append((len(before), len(through)))
-        except ValueError:
-            raise
-        except Exception as e:  # jinja2 errors: raise_exception() in templates, bad roles
-            raise ValueError(f"chat_template failed: {type(e).__name__}: {e}") from None
+        full = self._render_hf(messages)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self._render_hf(messages[:i], add_generation_prompt=True)
+            through = self._render_hf(messages[:i + 1])
+            if not (full.startswith(before) and full.startswith(through)
+                    and through.startswith(before)):
+                raise ValueError(
+                    "the chat_template does not render a conversation as its prefixes "
+                    f"(at message {i}), so assistant tokens cannot be located; use a "
+                    "--prompt-type from templates.json")
+            spans.append((len(before), len(through)))
         encoding = self.hf(full, add_special_tokens=False, return_offsets_mapping=True)
         starts = np.array([start for start, _ in encoding["offset_mapping"]], np.int64)
         mask = np.zeros(len(starts), MASK_DTYPE)

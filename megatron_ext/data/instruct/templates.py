@@ -82,6 +82,13 @@ class Template:
                 used.update(p for p in _PLACEHOLDER.findall(value) if p in SPECIALS)
         return used
 
+    @property
+    def stop(self) -> Optional[str]:
+        """The text that ends an assistant turn before any ``{eos}`` (chatml's ``<|im_end|>``):
+        where a generated answer stops; None when only the EOS token (or whitespace) ends it."""
+        tail = self.assistant.split("{content}", 1)[1].split("{eos}", 1)[0]
+        return tail if tail.strip() else None
+
     def render(self, turns: Sequence[Turn]) -> List[Tuple[Piece, bool]]:
         """``[(piece, trained)]`` for a valid conversation: an optional leading system turn,
         then user/assistant turns alternating, ending with an assistant turn."""

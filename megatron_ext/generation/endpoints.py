@@ -1,0 +1,330 @@
+"""The requests and answers of ``generate_gpt.py --port`` (``server.py`` serves them).
+
+Megatron-LM's formats (core_v0.16-0.19 ``text_generation_server``): ``PUT /api``
+(``{"prompts": [...], "tokens_to_generate": N, ...}`` -> ``{"text", "segments", "tokens",
+"logprobs"}``), the OpenAI-style ``POST /completions``, and with ``--prompt-type`` OpenAI's
+``POST /chat/completions`` (megatron-core 0.19's fields). Each ``parse_*`` checks a body and
+raises ``BadRequest`` (answered with 400 before any rank is involved); each ``*_answer`` formats
+the generations of its ``Job``.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron_ext.generation.sampling import SamplingParams
+
+MAX_PROMPTS = 128  # Megatron-LM's limit per request
+MAX_TOP_LOGPROBS = 10
+
+
+class BadRequest(ValueError):
+    """Answered with 400 and this message."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every rank needs to generate one request (shared from rank 0)."""
+    prompts: List[List[int]]
+    max_new_tokens: int
+    params: SamplingParams
+    seed: Optional[int]  # reseeds the sampling generator (else it goes on)
+    logprobs: Optional[int]  # None: none; N: with the N most likely alternatives
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _field(body, name, default, ok, message):
+    if name not in body:
+        return default
+    if not ok(body[name]):
+        raise BadRequest(message)
+    return body[name]
+
+
+def _unsupported(body, defaults):
+    """Megatron-LM fields this server does not implement: accepted at their default only."""
+    for name, default in defaults.items():
+        if name in body and body[name] != default:
+            raise BadRequest(f"{name}={body[name]!r} is not supported by this server "
+                             f"(only {default!r}); leave it out")
+
+
+def _known(body, names):
+    unknown = sorted(set(body) - set(names))
+    if unknown:
+        raise BadRequest(f"unknown field(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(sorted(names))}")
+
+
+def _check_length(prompts, new_tokens, max_length, what):
+    for i, ids in enumerate(prompts):
+        if len(ids) + new_tokens > max_length:
+            raise BadRequest(f"prompt {i}: {len(ids)} tokens + {what} {new_tokens} exceeds the "
+                             f"model's {max_length} positions (--max-position-embeddings, by "
+                             f"default --seq-length)")
+
+
+# -- PUT /api (Megatron-LM's MegatronGenerate) ----------------------------------------------
+_API_RETIRED = {"max_len": "max_len is no longer used.  Replace with tokens_to_generate",
+                "sentences": "sentences is no longer used.  Replace with prompts",
+                "beam_width": "Beam search is no longer supported."}
+_API_UNSUPPORTED = {"top_p_decay": 0.0, "top_p_bound": 0.0, "stop_on_double_eol": False,
+                    "stop_on_eol": False, "prevent_newline_after_colon": False,
+                    "length_penalty": 1}
+_API_FIELDS = {"prompts", "tokens_to_generate", "logprobs", "temperature", "top_k", "top_p",
+               "add_BOS", "random_seed", "no_log", "stop_token", *_API_UNSUPPORTED}
+
+
+def parse_api(body, tokenizer, max_length):
+    """(Job, prompt texts) of a ``PUT /api`` body, with Megatron-LM's checks and defaults
+    (64 tokens, temperature 1, top-k 0 and top-p 0: plain sampling)."""
+    for name, message in _API_RETIRED.items():
+        if name in body:
+            raise BadRequest(message)
+    if "prompts" not in body:
+        raise BadRequest("prompts argument required")
+    _known(body, _API_FIELDS)
+    prompts = body["prompts"]
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise BadRequest("prompts is not a list of strings")
+    if not prompts:
+        raise BadRequest("prompts is empty")
+    if len(prompts) > MAX_PROMPTS:
+        raise BadRequest(f"Maximum number of prompts is {MAX_PROMPTS}")
+    new = _field(body, "tokens_to_generate", 64, lambda v: _is_int(v) and v >= 0,
+                 "tokens_to_generate must be an integer greater than or equal to 0")
+    logprobs = _field(body, "logprobs", False, lambda v: isinstance(v, bool),
+                      "logprobs must be a boolean value")
+    if new == 0 and not logprobs:
+        raise BadRequest("tokens_to_generate=0 implies logprobs should be True")
+    temperature = _field(body, "temperature", 1.0, lambda v: _is_number(v) and 0 < v <= 100,
+                         "temperature must be a positive number less than or equal to 100.0")
+    top_k = _field(body, "top_k", 0, lambda v: _is_int(v) and 0 <= v <= 1000,
+                   "top_k must be an integer equal to or greater than 0 and less than or equal "
+                   "to 1000")
+    top_p = _field(body, "top_p", 0.0, lambda v: _is_number(v) and 0 <= v <= 1,
+                   "top_p must be a positive float less than or equal to 1.0")
+    if top_p > 0 and top_k > 0:
+        raise BadRequest("cannot set both top-k and top-p samplings.")
+    add_bos = _field(body, "add_BOS", False, lambda v: isinstance(v, bool),
+                     "add_BOS must be a boolean value")
+    seed = _field(body, "random_seed", None, lambda v: _is_int(v) and v >= 0,
+                  "random_seed must be a non-negative integer")
+    _field(body, "no_log", False, lambda v: isinstance(v, bool), "no_log must be a boolean value")
+    _unsupported(body, {**_API_UNSUPPORTED, "stop_token": tokenizer.eod})
+    if any(not p for p in prompts) and not add_bos:
+        raise BadRequest("Empty prompts require add_BOS=true")
+    ids = [([tokenizer.eod] if add_bos else []) + tokenizer.tokenize(p) for p in prompts]
+    if any(not i for i in ids):
+        raise BadRequest("a prompt tokenizes to no tokens: nothing to condition on")
+    _check_length(ids, new, max_length, "tokens_to_generate")
+    params = SamplingParams(float(temperature), top_k, float(top_p))
+    return Job(ids, new, params, seed, 0 if logprobs else None), prompts
+
+
+def continuation(tokenizer, prompt_ids, new_ids) -> str:
+    """The text ``new_ids`` add after ``prompt_ids`` (decoded in context: SentencePiece and
+    NullTokenizer put the space before a word in the word's token)."""
+    head, full = tokenizer.detokenize(prompt_ids), tokenizer.detokenize(prompt_ids + new_ids)
+    return full[len(head):] if full.startswith(head) else tokenizer.detokenize(new_ids)
+
+
+def api_answer(job, texts, results, tokenizer):
+    answer = {"text": [], "segments": [], "tokens": []}
+    for text, ids, result in zip(texts, job.prompts, results):
+        tokens = ids + result.tokens
+        answer["text"].append(text + continuation(tokenizer, ids, result.tokens))
+        answer["segments"].append([tokenizer.detokenize([t]) for t in tokens])
+        answer["tokens"].append(tokens)
+    if job.logprobs is not None:  # Megatron-LM's: each token's after the first
+        answer["logprobs"] = [r.prompt_logprobs + r.logprobs for r in results]
+    return answer
+
+
+# -- POST /completions (OpenAI's, as Megatron-LM's MegatronCompletions) --------------------
+_COMPLETION_UNSUPPORTED = {"n": 1, "best_of": 1, "stream": False, "presence_penalty": 0,
+                           "frequency_penalty": 0}
+_COMPLETION_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "logprobs",
+                      "echo", "seed", "stop", "model", "user", *_COMPLETION_UNSUPPORTED}
+
+
+def _openai_sampling(body):
+    """(SamplingParams, seed) of OpenAI's sampling fields (completions and chat)."""
+    temperature = _field(body, "temperature", 1.0, lambda v: _is_number(v) and 0 <= v <= 100,
+                         "temperature must be a number in [0, 100] (0: greedy)")
+    top_k = _field(body, "top_k", 0, lambda v: _is_int(v) and v >= 0,
+                   "top_k must be an integer >= 0")
+    top_p = _field(body, "top_p", 1.0, lambda v: _is_number(v) and 0 <= v <= 1,
+                   "top_p must be a number in [0, 1]")
+    seed = _field(body, "seed", None, lambda v: v is None or (_is_int(v) and v >= 0),
+                  "seed must be a non-negative integer")
+    # OpenAI's temperature 0 is greedy; its top_p 1 is no nucleus (Megatron-LM's top_p 0).
+    params = (SamplingParams(top_k=1) if temperature == 0 else
+              SamplingParams(float(temperature), top_k, 0.0 if top_p == 1 else float(top_p)))
+    return params, seed
+
+
+def parse_completions(body, tokenizer, max_length):
+    """(Job, prompt texts, echo, stop strings) of a ``POST /completions`` body."""
+    _known(body, _COMPLETION_FIELDS)
+    _unsupported(body, _COMPLETION_UNSUPPORTED)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest("prompt must be a string, or a non-empty list of strings, of token "
+                         "ids, or of token id lists")
+    strings = all(isinstance(p, str) for p in prompt)
+    if strings:
+        ids = [tokenizer.tokenize(p) for p in prompt]
+    elif all(_is_int(t) for t in prompt):
+        ids = [prompt]
+    elif all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt):
+        ids = prompt
+    else:
+        raise BadRequest("prompt must be str, list[str], list[int] or list[list[int]]")
+    if any(not 0 <= t < tokenizer.vocab_size for p in ids for t in p):
+        raise BadRequest(f"prompt token ids must be in [0, {tokenizer.vocab_size})")
+    texts = prompt if strings else [tokenizer.detokenize(p) for p in ids]
+    if len(ids) > MAX_PROMPTS:
+        raise BadRequest(f"Maximum number of prompts is {MAX_PROMPTS}")
+    if any(not p for p in ids):
+        raise BadRequest("a prompt tokenizes to no tokens: nothing to condition on")
+    new = _field(body, "max_tokens", 16, lambda v: _is_int(v) and v >= 0,
+                 "max_tokens must be an integer >= 0")
+    params, seed = _openai_sampling(body)
+    logprobs = _field(body, "logprobs", None,
+                      lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS),
+                      f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    echo = _field(body, "echo", False, lambda v: isinstance(v, bool), "echo must be a boolean")
+    stop = _field(body, "stop", None, lambda v: v is None or isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(s, str) for s in v)),
+        "stop must be a string or a list of strings")
+    if not echo and new == 0:
+        raise BadRequest("echo=False not supported when max_tokens == 0 (nothing to answer)")
+    _check_length(ids, new, max_length, "max_tokens")
+    stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
+    return Job(ids, new, params, seed, logprobs), texts, echo, stops
+
+
+def _offsets(tokenizer, ids, start):
+    """Each of ``ids[start:]``'s character offset in the text decoded after ``ids[:start]``."""
+    head = len(tokenizer.detokenize(ids[:start]))
+    return [len(tokenizer.detokenize(ids[:i])) - head for i in range(start, len(ids))]
+
+
+def completions_answer(job, texts, echo, stops, results, tokenizer):
+    choices, generated = [], 0
+    for index, (text, ids, result) in enumerate(zip(texts, job.prompts, results)):
+        new, reason = result.tokens, "stop" if result.stopped else "length"
+        answer = continuation(tokenizer, ids, new)
+        cut = min((answer.find(s) for s in stops if s in answer), default=-1)
+        kept = len(new)
+        if cut >= 0:  # OpenAI's stop: the text up to the first stop string, without it
+            answer, reason = answer[:cut], "stop"
+            kept = sum(o < cut for o in _offsets(tokenizer, ids + new, len(ids)))
+        generated += kept
+        logprobs = None
+        if job.logprobs is not None:
+            tokens = (ids if echo else []) + new[:kept]
+            values = ([None] + result.prompt_logprobs if echo else []) + result.logprobs[:kept]
+            top = ([None] + result.prompt_top_logprobs if echo else []) + result.top_logprobs[:kept]
+            # Offsets in the prompt + answer text, as OpenAI's (echo or not).
+            offsets = [len(text) + o for o in _offsets(tokenizer, ids + new[:kept], len(ids))]
+            if echo:
+                offsets = _offsets(tokenizer, ids, 0) + offsets
+            logprobs = {"tokens": [tokenizer.detokenize([t]) for t in tokens],
+                        "token_logprobs": values, "text_offset": offsets,
+                        "top_logprobs": [None if t is None else
+                                         {tokenizer.detokenize([i]): v for i, v in t}
+                                         for t in top] if job.logprobs else None}
+        choices.append({"index": index, "text": (text if echo else "") + answer,
+                        "logprobs": logprobs, "finish_reason": reason})
+    return {"object": "text_completion", "created": int(time.time()), "choices": choices,
+            "usage": {"prompt_tokens": sum(map(len, job.prompts)),
+                      "completion_tokens": generated,
+                      "total_tokens": sum(map(len, job.prompts)) + generated}}
+
+
+# -- POST /chat/completions (OpenAI's, as megatron-core 0.19's chat_completions) -----------
+_CHAT_UNSUPPORTED = {"n": 1, "stream": False, "presence_penalty": 0, "frequency_penalty": 0}
+_CHAT_FIELDS = {"messages", "max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
+                "top_logprobs", "model", "user", *_CHAT_UNSUPPORTED}
+_ROLES = ("system", "user", "assistant")
+
+
+def _turns(messages):
+    """OpenAI's messages as the chat template's turns, checked."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise BadRequest(f"messages[{i}] must be an object of role and content")
+        role, content = message["role"], message["content"]
+        if role not in _ROLES:
+            raise BadRequest(f"messages[{i}]: unknown role {role!r}; known: {', '.join(_ROLES)}")
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}].content must be a string")
+        if role == "system" and i > 0:
+            raise BadRequest(f"messages[{i}]: a system message may only come first")
+        # The templates render user and assistant turns in turn (as they were trained).
+        expected = "user" if not turns or turns[-1][0] != "user" else "assistant"
+        if role != "system" and role != expected:
+            raise BadRequest(f"messages[{i}]: {role} where the {expected}'s turn comes (user "
+                             "and assistant messages alternate, the user's first)")
+        turns.append((role, content))
+    if turns[-1][0] != "user":
+        raise BadRequest("the last message must be the user's (the assistant answers it)")
+    return turns
+
+
+def parse_chat(body, tokenizer, max_length, session):
+    """(Job, encoder) of a ``POST /chat/completions`` body, rendered by ``session.chat_prompt``
+    (the interactive chat's rendering); ``max_tokens`` defaults to --max-new-tokens."""
+    if session.encoder is None:
+        raise BadRequest("POST /chat/completions needs a chat template: start the server with "
+                         "--prompt-type NAME (megatron_ext/data/instruct/templates.json, or hf)")
+    _known(body, _CHAT_FIELDS)
+    _unsupported(body, _CHAT_UNSUPPORTED)
+    turns = _turns(body.get("messages"))
+    new = _field(body, "max_tokens", session.args.max_new_tokens,
+                 lambda v: _is_int(v) and v >= 1, "max_tokens must be an integer >= 1")
+    params, seed = _openai_sampling(body)
+    logprobs = _field(body, "logprobs", False, lambda v: isinstance(v, bool),
+                      "logprobs must be a boolean")
+    top = _field(body, "top_logprobs", 0, lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
+                 f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    try:
+        ids = session.chat_prompt(turns)[1]
+    except ValueError as error:  # the template's: a system message it has no place for, ...
+        raise BadRequest(f"messages: {error}") from None
+    _check_length([ids], new, max_length, "max_tokens")
+    return Job([ids], new, params, seed, top if logprobs else None), session.encoder
+
+
+def chat_answer(job, encoder, results, tokenizer):
+    (ids,), (result,) = job.prompts, results
+    content, kept, cut = encoder.reply(result.tokens)
+    logprobs = None
+    if job.logprobs is not None:
+        def entry(token, value):
+            text = tokenizer.detokenize([token])
+            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
+
+        logprobs = {"content": [{**entry(t, v), "top_logprobs": [entry(i, p) for i, p in top]}
+                                for t, v, top in zip(result.tokens[:kept], result.logprobs,
+                                                     result.top_logprobs)]}
+    return {"object": "chat.completion", "created": int(time.time()),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                         "logprobs": logprobs,
+                         "finish_reason": "stop" if result.stopped or cut else "length"}],
+            "usage": {"prompt_tokens": len(ids), "completion_tokens": kept,
+                      "total_tokens": len(ids) + kept}}
