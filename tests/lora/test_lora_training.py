@@ -179,6 +179,24 @@ def test_lora_load_checks_the_checkpoint(reference, base):
         launch(lora_run, 1, argv + ["--load", str(reference["save"])], 1)
 
 
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_lora_checkpoint_as_load_without_lora_flags_says_how(reference, base, tmp_path,
+                                                             ckpt_format):
+    """Adapters given as --load to a run without --lora-* flags: an error naming the flags
+    they were trained with and the two ways on (resume as LoRA, or merge), not megatron-core's
+    state-dict mismatch (torch_dist) or missing keys (torch)."""
+    adapters = reference["save"]
+    if ckpt_format == "torch":
+        adapters = tmp_path / "torch"
+        launch(lora_run, 1, MODEL + TRAIN + LORA + [
+            "--load", str(base), "--ckpt-format", "torch", "--save", str(adapters),
+            "--train-iters", "2"], 1)
+    with pytest.raises(RuntimeError, match=r"--load: .* is a LoRA checkpoint .*trained with "
+                       r"--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
+                       r"--lora-r 4 --lora-alpha 8.* --lora-load .*convert_ckpt.py"):
+        launch(lora_run, 1, MODEL + TRAIN + ["--load", str(adapters)], 1)
+
+
 def test_full_recomputation_trains_the_adapters(reference):
     """Checkpointed layers behind a frozen embedding: the adapters inside still get their
     gradients (the same run, bit for bit)."""
