@@ -1,6 +1,7 @@
 """Training flags (Megatron-LM's ``training``, ``learning rate``, ``regularization`` and
 ``mixed precision`` groups)."""
 
+import re
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -101,6 +102,13 @@ class TrainingConfig:
         "with CoBa's convergence-balancing task weights (from the validation loss slopes).",
         choices=["case1", "case2", "case3", "case4", "coba"], note="MFTCoder's "
         "weighted_loss_mode; all but case1 need --calculate-per-token-loss", **_MFT)
+    task_weights: Optional[List[str]] = flag(
+        None, "case3, case4: each task's fixed weight w_t, the loss being sum_t w_t L_t / "
+        "sum_t w_t over the tasks of the global batch; one non-negative number per task, in "
+        "the run's task order (the start-up line 'tasks (data_name): ...': the --data-path "
+        "datasets in order, each one's data_name tasks in order of first appearance), space- "
+        "or comma-separated or as MFTCoder writes them ('[1.0,2.0]'). Unset: 1 each.",
+        nargs="+", note="MFTCoder's task_weights", **_MFT)
     coba_warmup_steps: int = flag(
         100, "coba: steps with equal task weights before CoBa adjusts them.", **_MFT)
     coba_history_length: int = flag(
@@ -110,3 +118,22 @@ class TrainingConfig:
     coba_update_interval: int = flag(1, "coba: steps between weight updates.", **_MFT)
     coba_sample_valid_num: int = flag(
         1, "coba: validation global batches measured per update.", **_MFT)
+
+
+def parse_task_weights(values: List[str]) -> List[float]:
+    """``--task-weights`` as numbers: ``1 2``, ``1,2`` and MFTCoder's ``[1.0,2.0]`` alike;
+    ValueError when one is not a finite non-negative number or all are 0."""
+    items = [item for value in values
+             for item in re.split(r"[\s,]+", value.strip().strip("[]").strip()) if item]
+    weights = []
+    for item in items:
+        try:
+            weight = float(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number") from None
+        if not (0 <= weight < float("inf")):
+            raise ValueError(f"{item}: a weight must be finite and >= 0")
+        weights.append(weight)
+    if not any(weights):
+        raise ValueError("all weights are 0: nothing would be trained")
+    return weights

@@ -14,6 +14,7 @@ from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_ALLGATHER
+from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
 from megatron_ext.config.validate_schedule import validate_schedule
 
@@ -259,6 +260,14 @@ def _validate_multitask(config: Config) -> None:
             if name in config.given]
     require(mode == "coba" or not coba, f"--{coba[0].replace('_', '-') if coba else ''} "
              "needs --weighted-loss-mode coba")
+    if t.task_weights is not None:
+        # MFTCoder reads task_weights in case3 and case4 only (coba sets its own weights).
+        require(mode in ("case3", "case4"), f"--task-weights weighs the tasks of "
+                 f"--weighted-loss-mode case3 or case4, not {mode}")
+        try:
+            parse_task_weights(t.task_weights)
+        except ValueError as error:
+            raise ConfigError(f"--task-weights {' '.join(t.task_weights)}: {error}") from None
     if mode == "case1":
         return
     require(config.data.is_instruction_dataset, f"--weighted-loss-mode {mode} weighs the "
