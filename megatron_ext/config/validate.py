@@ -346,6 +346,14 @@ def _validate_lora(config: Config) -> None:
     if ignored and not lora.enabled:
         config.notices.append(f"{' '.join('--' + n.replace('_', '-') for n in ignored)} without "
                               "--lora-target-modules: LoRA is off (MindSpeed-LLM's rule)")
+    c = config.checkpoint
+    # A LoRA save is the adapters alone: in the base's directory it would become the latest
+    # checkpoint there, and the base's --load would then find adapters instead of a model.
+    require(not (lora.enabled and c.save and c.load
+                 and os.path.realpath(c.save) == os.path.realpath(c.load)),
+             f"--save {c.save} is the --load directory (the LoRA base): LoRA saves the adapters "
+             f"alone, which would replace the base as the latest checkpoint there; give --save "
+             f"a directory of its own (resume later with --lora-load it)")
     if lora.enabled and config.checkpoint.finetune and lora.lora_load is None:
         config.notices.append("--finetune with LoRA and no --lora-load: no effect (--load is "
                               "always the base, loaded as weights only)")

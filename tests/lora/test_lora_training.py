@@ -162,7 +162,9 @@ def test_flag_errors_name_the_flag():
     cases = [(["--lora-target-modules", "q_proj"], "--lora-target-modules q_proj"),
              (["--lora-load", "x"], "--lora-load needs --lora-target-modules"),
              (LORA + ["--lora-r", "0"], "--lora-r 0"),
-             (LORA + ["--qlora"], "--qlora: QLoRA")]
+             (LORA + ["--qlora"], "--qlora: QLoRA"),
+             (LORA + ["--load", "ckpt", "--save", "ckpt/"],
+              r"--save ckpt/ is the --load directory \(the LoRA base\)")]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):
             parse_args(base + extra, world_size=1)
