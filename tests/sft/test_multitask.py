@@ -454,6 +454,16 @@ def test_coba_resumes_exactly(data, tmp_path, ckpt_format):
         launch(_coba_run, 1, argv + ["--load", str(tmp_path)])
 
 
+def test_coba_without_a_validation_split_is_refused(data):
+    """CoBa weighs by the validation losses: --split without a validation share names it."""
+    argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "2",
+                           "--global-batch-size", "4", "--train-iters", "2", "--split",
+                           "100,0,0", "--eval-iters", "1", "--weighted-loss-mode", "coba"]
+    with pytest.raises(RuntimeError, match=r"--weighted-loss-mode coba measures the validation "
+                       r"split, and --split 100,0,0 leaves it empty"):
+        launch(_coba_run, 1, argv)
+
+
 def test_a_task_table_without_its_shard_is_named(data, tmp_path):
     import glob
     import shutil
