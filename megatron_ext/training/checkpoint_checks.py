@@ -138,3 +138,11 @@ def check_checkpoints(config: Config) -> None:
     for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
         if root:
             check_load_dir(root, flag)
+    saved = ckpt.read_tracker(c.save) if lora.enabled and c.save and not lora.lora_load else None
+    if saved is not None:
+        # A LoRA run resumes from --lora-load only (--load is its base): the same command
+        # rerun after a stop starts new adapters, whose saves then replace the old ones there.
+        log_once(logger, logging.WARNING,
+                 f"--save {c.save} holds a checkpoint (iteration {saved}) and this LoRA run has "
+                 f"no --lora-load: it trains new adapters from the base, and its saves become "
+                 f"the latest there. To resume that checkpoint, add --lora-load {c.save}")

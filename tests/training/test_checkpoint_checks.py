@@ -59,6 +59,23 @@ def test_intact_checkpoints_pass(saved, ckpt_format):
                                           str(saved[ckpt_format])], world_size=1))
 
 
+def test_lora_run_saving_over_adapters_without_lora_load_is_warned(saved, tmp_path, caplog):
+    """The same LoRA command rerun after a stop (no --lora-load: --load is the base) starts
+    new adapters: said, with the flag that resumes, before their saves replace the old."""
+    lora = ["--lora-target-modules", "linear_qkv", "--load", str(saved["torch"])]
+    check_checkpoints(parse_args(MODEL + lora + ["--save", str(tmp_path)], world_size=1))
+    assert "no --lora-load" not in caplog.text  # an empty --save: a first run
+    check_checkpoints(parse_args(MODEL + lora + ["--save", str(saved["torch_dist"])],
+                                 world_size=1))
+    assert re.search(r"--save \S+ holds a checkpoint \(iteration 2\) and this LoRA run has no "
+                     r"--lora-load: .* add --lora-load \S+", caplog.text), caplog.text
+    caplog.clear()
+    check_checkpoints(parse_args(MODEL + lora + ["--save", str(saved["torch_dist"]),
+                                                 "--lora-load", str(saved["torch_dist"])],
+                                 world_size=1))
+    assert "no --lora-load" not in caplog.text
+
+
 def test_truncated_files_are_named(saved, tmp_path):
     root = _copy(saved, "torch", tmp_path)
     _truncate(root / "iter_0000002" / "mp_rank_00" / ckpt.RANK_FILENAME)
