@@ -16,6 +16,7 @@ resume:
 """
 
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -138,11 +139,26 @@ def check_checkpoints(config: Config) -> None:
     for root, flag in ((load, "--load"), (lora.lora_load, "--lora-load")):
         if root:
             check_load_dir(root, flag)
-    saved = ckpt.read_tracker(c.save) if lora.enabled and c.save and not lora.lora_load else None
+    _check_fresh_start_over_save(config)
+
+
+def _check_fresh_start_over_save(config: Config) -> None:
+    """A fine-tuning command rerun after a stop does not resume: a LoRA run resumes from
+    --lora-load only (--load is its base), --finetune always starts at iteration 0 from --load.
+    Its saves would then replace the stopped run's as the latest in --save: said, with the way
+    to resume."""
+    c, lora = config.checkpoint, config.lora
+    if not c.save:
+        return
+    if lora.enabled:
+        fresh, way = not lora.lora_load, f"add --lora-load {c.save}"
+        what = "this LoRA run has no --lora-load: it trains new adapters from the base"
+    else:
+        fresh = c.finetune and c.load and os.path.realpath(c.load) != os.path.realpath(c.save)
+        way = f"--load {c.save} without --finetune"
+        what = "--finetune starts from --load's weights at iteration 0"
+    saved = ckpt.read_tracker(c.save) if fresh else None
     if saved is not None:
-        # A LoRA run resumes from --lora-load only (--load is its base): the same command
-        # rerun after a stop starts new adapters, whose saves then replace the old ones there.
         log_once(logger, logging.WARNING,
-                 f"--save {c.save} holds a checkpoint (iteration {saved}) and this LoRA run has "
-                 f"no --lora-load: it trains new adapters from the base, and its saves become "
-                 f"the latest there. To resume that checkpoint, add --lora-load {c.save}")
+                 f"--save {c.save} holds a checkpoint (iteration {saved}) and {what}, and its "
+                 f"saves become the latest there. To resume that checkpoint: {way}")
