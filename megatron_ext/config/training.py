@@ -1,9 +1,8 @@
 """Training flags (Megatron-LM's ``training``, ``learning rate``, ``regularization`` and
 ``mixed precision`` groups)."""
 
-import re
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_ext.config.flags import OURS, flag
 
@@ -107,7 +106,8 @@ class TrainingConfig:
         "sum_t w_t over the tasks of the global batch; one non-negative number per task, in "
         "the run's task order (the start-up line 'tasks (data_name): ...': the --data-path "
         "datasets in order, each one's data_name tasks in order of first appearance), space- "
-        "or comma-separated or as MFTCoder writes them ('[1.0,2.0]'). Unset: 1 each.",
+        "or comma-separated or as MFTCoder writes them ('[1.0,2.0]'); or by name, NAME:W for "
+        "every task (code:2 math:0.5). Unset: 1 each.",
         nargs="+", note="MFTCoder's task_weights", **_MFT)
     coba_warmup_steps: int = flag(
         100, "coba: steps with equal task weights before CoBa adjusts them.", **_MFT)
@@ -120,20 +120,32 @@ class TrainingConfig:
         1, "coba: validation global batches measured per update.", **_MFT)
 
 
-def parse_task_weights(values: List[str]) -> List[float]:
-    """``--task-weights`` as numbers: ``1 2``, ``1,2`` and MFTCoder's ``[1.0,2.0]`` alike;
-    ValueError when one is not a finite non-negative number or all are 0."""
-    items = [item for value in values
-             for item in re.split(r"[\s,]+", value.strip().strip("[]").strip()) if item]
+def parse_task_weights(values: List[str]) -> List[Tuple[Optional[str], float]]:
+    """``--task-weights`` as (task name or None, weight): numbers in the tasks' order (``1 2``,
+    ``1,2``, MFTCoder's ``[1.0,2.0]``) or ``NAME:W`` entries (a task name holds no ``:``);
+    ValueError when one is not a finite non-negative number, names are mixed with positions,
+    a name repeats, or all weights are 0."""
+    items = []
+    for value in values:
+        for part in value.strip().strip("[]").split(","):
+            # A name may hold spaces: only positional numbers are also split on whitespace.
+            items += [part.strip()] if ":" in part else part.split()
     weights = []
     for item in items:
+        name, _, number = item.rpartition(":")
         try:
-            weight = float(item)
+            weight = float(number)
         except ValueError:
-            raise ValueError(f"{item!r} is not a number") from None
+            raise ValueError(f"{item!r} is not a number (or NAME:NUMBER)") from None
         if not (0 <= weight < float("inf")):
             raise ValueError(f"{item}: a weight must be finite and >= 0")
-        weights.append(weight)
-    if not any(weights):
+        weights.append((name.strip() if ":" in item else None, weight))
+    named = [name for name, _ in weights if name is not None]
+    if named and len(named) != len(weights):
+        raise ValueError("give every weight as NAME:W, or none (the tasks' order)")
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise ValueError(f"task {repeated[0]!r} is given twice")
+    if not any(weight for _, weight in weights):
         raise ValueError("all weights are 0: nothing would be trained")
     return weights

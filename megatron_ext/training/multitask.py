@@ -120,17 +120,28 @@ def task_fields(names: List[str], totals: Optional[torch.Tensor],
 
 
 def fixed_weights(given: Optional[List[str]], names: List[str]) -> torch.Tensor:
-    """w_t of case3 and case4: ``--task-weights`` (validated but for its count, which needs
-    the data's tasks), else 1 each."""
+    """w_t of case3 and case4: ``--task-weights`` (validated but against the data's tasks,
+    known here), else 1 each."""
     if given is None:
         return torch.ones(len(names), dtype=torch.float64)
     weights = parse_task_weights(given)
+    tasks = f"{', '.join(names)} (the --data-path datasets' tasks, in this order)"
+    if weights[0][0] is not None:  # by name
+        by_name = dict(weights)
+        unknown = [name for name in by_name if name not in names]
+        missing = [name for name in names if name not in by_name]
+        if unknown or missing:
+            raise ConfigError(
+                f"--task-weights: " + (f"no task {unknown[0]!r}" if unknown else
+                                       f"no weight for task {missing[0]!r}")
+                + f"; the run's tasks are {tasks}: give NAME:W for each")
+        return torch.tensor([by_name[name] for name in names], dtype=torch.float64)
     if len(weights) != len(names):
         raise ConfigError(
             f"--task-weights gives {len(weights)} weight{'s' * (len(weights) != 1)}, the run "
-            f"has {len(names)} task{'s' * (len(names) != 1)}: {', '.join(names)} (the "
-            f"--data-path datasets' tasks, in this order); give one weight per task")
-    return torch.tensor(weights, dtype=torch.float64)
+            f"has {len(names)} task{'s' * (len(names) != 1)}: {tasks}; give one weight per "
+            f"task (or NAME:W for each)")
+    return torch.tensor([weight for _, weight in weights], dtype=torch.float64)
 
 
 class MultiTask:

@@ -229,19 +229,23 @@ def test_modes_under_packing_and_parallelism(data, single, reference, name):
     _assert_mode(run, reference, flags.split()[1])
 
 
-def _task_weights_flag(prefix):
-    """--task-weights with WEIGHTS in the run's task order (that of the data's task table)."""
+def _task_weights_flag(prefix, by_name):
+    """--task-weights with WEIGHTS: in the run's task order (that of the data's task table),
+    or NAME:W in another order."""
+    if by_name:
+        return ["--task-weights"] + [f"{n}:{w}" for n, w in sorted(WEIGHTS.items())]
     return ["--task-weights", ",".join(str(WEIGHTS[n]) for n in read_tasks(prefix) if n)]
 
 
-@pytest.mark.parametrize("mode,world_size,micro_batch", [("case3", 1, 2), ("case4", 2, 1)])
+@pytest.mark.parametrize("mode,world_size,micro_batch,by_name", [
+    ("case3", 1, 2, False), ("case4", 2, 1, False), ("case3", 1, 2, True)])
 def test_fixed_task_weights_weigh_the_task_losses(data, single, reference, mode, world_size,
-                                                  micro_batch):
+                                                  micro_batch, by_name):
     """--task-weights: the gradient of sum_t w_t L_t / sum_t w_t (a task of weight 0 trains
-    nothing), on one process and with DP=2 + gradient accumulation."""
+    nothing), on one process and with DP=2 + gradient accumulation; by position or name."""
     argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", str(micro_batch),
                            "--global-batch-size", str(PACKED_ROWS), "--weighted-loss-mode",
-                           mode] + _task_weights_flag(data["packed"])
+                           mode] + _task_weights_flag(data["packed"], by_name)
     run = launch(_one_global_batch, world_size, argv, world_size, single[3])[0]
     _assert_mode(run, reference, f"{mode}-weighted")
 
@@ -266,16 +270,24 @@ def test_task_weights_are_checked(data):
             (["--weighted-loss-mode", "case3", "--task-weights", "1", "-2", "1"],
              "--task-weights 1 -2 1: -2: a weight must be finite and >= 0"),
             (["--weighted-loss-mode", "case4", "--task-weights", "[1,x,1]"], "'x' is not a"),
-            (["--weighted-loss-mode", "case3", "--task-weights", "0", "0", "0"], "all weights")]:
+            (["--weighted-loss-mode", "case3", "--task-weights", "0", "0", "0"], "all weights"),
+            (["--weighted-loss-mode", "case3", "--task-weights", "code:1", "2"],
+             "give every weight as NAME:W, or none"),
+            (["--weighted-loss-mode", "case3", "--task-weights", "code:1", "code:2"],
+             "task 'code' is given twice")]:
         with pytest.raises(ConfigError, match=message):
             parse_args(base + extra, world_size=1)
-    # The count needs the data's tasks: checked when the run reads them, naming them in order.
+    # The count and names need the data's tasks: checked when the run reads them, naming them.
     names = ", ".join(n for n in read_tasks(data["packed"]) if n)
-    with pytest.raises(RuntimeError, match=f"--task-weights gives 2 weights, the run has 3 "
-                       f"tasks: {names} "):
-        launch(_one_global_batch, 1, base + ["--global-batch-size", str(PACKED_ROWS),
-                                             "--weighted-loss-mode", "case3",
-                                             "--task-weights", "1", "2"], 1, None)
+    for weights, message in [(["1", "2"], "--task-weights gives 2 weights, the run has 3 "
+                               f"tasks: {names} "),
+                             (["code:1", "math:1", "prose:1"], "--task-weights: no task "
+                              f"'prose'; the run's tasks are {names} "),
+                             (["code:1", "math:1"], "no weight for task 'chat'")]:
+        with pytest.raises(RuntimeError, match=message):
+            launch(_one_global_batch, 1, base + ["--global-batch-size", str(PACKED_ROWS),
+                                                 "--weighted-loss-mode", "case3",
+                                                 "--task-weights", *weights], 1, None)
 
 
 def _coba_direct(history, tau, history_length):
