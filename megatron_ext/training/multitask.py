@@ -131,10 +131,9 @@ def fixed_weights(given: Optional[List[str]], names: List[str]) -> torch.Tensor:
         unknown = [name for name in by_name if name not in names]
         missing = [name for name in names if name not in by_name]
         if unknown or missing:
-            raise ConfigError(
-                f"--task-weights: " + (f"no task {unknown[0]!r}" if unknown else
-                                       f"no weight for task {missing[0]!r}")
-                + f"; the run's tasks are {tasks}: give NAME:W for each")
+            what = f"no task {unknown[0]!r}" if unknown else f"no weight for task {missing[0]!r}"
+            raise ConfigError(f"--task-weights: {what}; the run's tasks are {tasks}: give "
+                              f"NAME:W for each")
         return torch.tensor([by_name[name] for name in names], dtype=torch.float64)
     if len(weights) != len(names):
         raise ConfigError(
