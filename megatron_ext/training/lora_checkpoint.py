@@ -95,9 +95,12 @@ def check_adapters(trainer, saved_lora, where) -> None:
     for name in _HYPER:
         if saved_lora.get(name) != getattr(lora, name):
             flag = "--" + name.replace("_", "-")
+            # As typed on the command line (target modules: space-separated names).
+            saved, given = (" ".join(v) if isinstance(v, list) else v
+                            for v in (saved_lora.get(name), getattr(lora, name)))
             raise ckpt.CheckpointError(
-                f"--lora-load: {where} was trained with {flag} {saved_lora.get(name)}, this run "
-                f"has {getattr(lora, name)}; use the same {flag}")
+                f"--lora-load: {where} was trained with {flag} {saved}, this run has {given}; "
+                f"use the same {flag}")
     base = getattr(trainer, "lora_base", None)
     saved_base = (saved_lora.get("base_load"), saved_lora.get("base_iteration"))
     if saved_base[0] and (base is None or tuple(base) != saved_base):

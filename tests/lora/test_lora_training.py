@@ -179,6 +179,10 @@ def test_lora_load_checks_the_checkpoint(reference, base):
                                     str(reference["save"])], 1)
     with pytest.raises(RuntimeError, match="pass it as --lora-load"):
         launch(lora_run, 1, argv + ["--load", str(reference["save"])], 1)
+    with pytest.raises(RuntimeError, match="trained with --lora-target-modules linear_qkv "
+                       "linear_proj linear_fc1 linear_fc2, this run has linear_qkv; use the same"):
+        launch(lora_run, 1, argv + ["--lora-target-modules", "linear_qkv", "--load", str(base),
+                                    "--lora-load", str(reference["save"])], 1)
 
 
 @pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
