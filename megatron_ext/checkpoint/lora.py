@@ -78,14 +78,24 @@ def read_metadata(opts) -> dict:
     return entry
 
 
-def check(opts, meta: dict, base_args, adapter_args) -> None:
-    """The MindSpeed-LLM flags against the checkpoint, and the adapters against the base."""
+def flag_mismatch(opts, meta: dict):
+    """The first of ``opts``' --lora-r/--lora-alpha/--lora-target-modules given (not None)
+    and unlike the adapters' ``lora`` entry, as an error message; None when they agree."""
     for name in ("lora_r", "lora_alpha", "lora_target_modules"):
         given = getattr(opts, name)
         if given is not None and given != meta[name] and not (
                 name == "lora_alpha" and float(given) == float(meta[name])):
-            raise ConversionError(f"--{name.replace('_', '-')} {given}: {opts.lora_load} was "
-                                  f"trained with {meta[name]}; leave the flag out")
+            given, saved = (" ".join(v) if isinstance(v, list) else v for v in (given, meta[name]))
+            return (f"--{name.replace('_', '-')} {given}: {opts.lora_load} was trained with "
+                    f"{saved}; leave the flag out (it is read from the adapters)")
+    return None
+
+
+def check(opts, meta: dict, base_args, adapter_args) -> None:
+    """The MindSpeed-LLM flags against the checkpoint, and the adapters against the base."""
+    mismatch = flag_mismatch(opts, meta)
+    if mismatch:
+        raise ConversionError(mismatch)
     for name in _SHAPE:
         if saved_value(base_args, name) != saved_value(adapter_args, name):
             raise ConversionError(

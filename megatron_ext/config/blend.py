@@ -135,12 +135,31 @@ def naming(prefix: str, flag: str) -> str:
     return f"{prefix} (in {flag})" if " " in flag else f"{flag} {prefix}"
 
 
+def _shards_exist(prefix: str) -> bool:
+    return all(os.path.isfile(prefix + suffix) for suffix in (".bin", ".idx"))
+
+
+def _instruction_hint(prefix: str) -> str:
+    """Where ``prefix`` is the --output-prefix of instruction shards, the flag that trains on
+    them: a hint or ''."""
+    from megatron_ext.data.instruct.pipeline import output_prefixes
+
+    if all(_shards_exist(shard) for shard in output_prefixes(prefix)):
+        return (f"; {prefix} holds instruction shards (preprocess_data.py --handler-name): "
+                f"train on them with --is-instruction-dataset --data-path {prefix}")
+    return ""
+
+
 def _near(prefix: str, flag: str) -> str:
-    """The prefix meant, where a file name or the --output-prefix was given: a hint or ''."""
+    """The prefix meant, where a file name, the --output-prefix or instruction shards were
+    given: a hint or ''."""
+    hint = _instruction_hint(prefix)
+    if hint:
+        return hint
     candidates = [prefix[:-len(end)] for end in (".bin", ".idx", ".") if prefix.endswith(end)]
     candidates += [prefix + "_text_document"]
     for candidate in candidates:
-        if all(os.path.isfile(candidate + suffix) for suffix in (".bin", ".idx")):
+        if _shards_exist(candidate):
             # A list read from a file (its flag names the file) is fixed there.
             where = "" if " " in flag else f"{flag} "
             return f"; did you mean {where}{candidate}?"

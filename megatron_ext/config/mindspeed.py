@@ -133,6 +133,16 @@ class MindSpeedConfig:
         None, "Accepted in a training script: the chat template of preprocess_data.py.",
         group="data and dataloader", status=NO_OP,
         note="the shards carry the template; it acts in preprocess_data.py --prompt-type")
+    pack: bool = flag(
+        False, "Accepted in a training script: preprocess_data.py's --pack.",
+        group="data and dataloader", status=NO_OP,
+        note="the shards say whether they are packed (checked against --seq-length); it acts "
+        "in preprocess_data.py")
+    neat_pack: bool = flag(
+        False, "Accepted: MindSpeed-LLM's per-conversation (jagged) attention over packed "
+        "instruction samples.", group="data and dataloader", status=NO_OP,
+        note="packed conversations always attend to themselves alone here (variable-length "
+        "attention from the shards' sequence boundaries); needs no --reset-attention-mask")
     tokenizer_not_use_fast: bool = flag(
         False, "Accepted: MindSpeed-LLM's slow Hugging Face tokenizer.", group="tokenizer",
         status=NO_OP, note="tokenizer.json (the fast tokenizer) is read; Llama 3 and Qwen2.5 "

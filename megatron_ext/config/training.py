@@ -2,7 +2,7 @@
 ``mixed precision`` groups)."""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_ext.config.flags import OURS, flag
 
@@ -101,6 +101,14 @@ class TrainingConfig:
         "with CoBa's convergence-balancing task weights (from the validation loss slopes).",
         choices=["case1", "case2", "case3", "case4", "coba"], note="MFTCoder's "
         "weighted_loss_mode; all but case1 need --calculate-per-token-loss", **_MFT)
+    task_weights: Optional[List[str]] = flag(
+        None, "case3, case4: each task's fixed weight w_t, the loss being sum_t w_t L_t / "
+        "sum_t w_t over the tasks of the global batch; one non-negative number per task, in "
+        "the run's task order (the start-up line 'tasks (data_name): ...': the --data-path "
+        "datasets in order, each one's data_name tasks in order of first appearance), space- "
+        "or comma-separated or as MFTCoder writes them ('[1.0,2.0]'); or by name, NAME:W for "
+        "every task (code:2 math:0.5). Unset: 1 each.",
+        nargs="+", note="MFTCoder's task_weights", **_MFT)
     coba_warmup_steps: int = flag(
         100, "coba: steps with equal task weights before CoBa adjusts them.", **_MFT)
     coba_history_length: int = flag(
@@ -110,3 +118,34 @@ class TrainingConfig:
     coba_update_interval: int = flag(1, "coba: steps between weight updates.", **_MFT)
     coba_sample_valid_num: int = flag(
         1, "coba: validation global batches measured per update.", **_MFT)
+
+
+def parse_task_weights(values: List[str]) -> List[Tuple[Optional[str], float]]:
+    """``--task-weights`` as (task name or None, weight): numbers in the tasks' order (``1 2``,
+    ``1,2``, MFTCoder's ``[1.0,2.0]``) or ``NAME:W`` entries (a task name holds no ``:``);
+    ValueError when one is not a finite non-negative number, names are mixed with positions,
+    a name repeats, or all weights are 0."""
+    items = []
+    for value in values:
+        for part in value.strip().strip("[]").split(","):
+            # A name may hold spaces: only positional numbers are also split on whitespace.
+            items += [part.strip()] if ":" in part else part.split()
+    weights = []
+    for item in items:
+        name, _, number = item.rpartition(":")
+        try:
+            weight = float(number)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a number (or NAME:NUMBER)") from None
+        if not (0 <= weight < float("inf")):
+            raise ValueError(f"{item}: a weight must be finite and >= 0")
+        weights.append((name.strip() if ":" in item else None, weight))
+    named = [name for name, _ in weights if name is not None]
+    if named and len(named) != len(weights):
+        raise ValueError("give every weight as NAME:W, or none (the tasks' order)")
+    repeated = sorted({name for name in named if named.count(name) > 1})
+    if repeated:
+        raise ValueError(f"task {repeated[0]!r} is given twice")
+    if not any(weight for _, weight in weights):
+        raise ValueError("all weights are 0: nothing would be trained")
+    return weights

@@ -16,6 +16,7 @@ from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_A2A, CP_SCHEMES
+from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
 from megatron_ext.config.validate_schedule import validate_schedule
 
@@ -294,6 +295,14 @@ def _validate_multitask(config: Config) -> None:
             if name in config.given]
     require(mode == "coba" or not coba, f"--{coba[0].replace('_', '-') if coba else ''} "
              "needs --weighted-loss-mode coba")
+    if t.task_weights is not None:
+        # MFTCoder reads task_weights in case3 and case4 only (coba sets its own weights).
+        require(mode in ("case3", "case4"), f"--task-weights weighs the tasks of "
+                 f"--weighted-loss-mode case3 or case4, not {mode}")
+        try:
+            parse_task_weights(t.task_weights)
+        except ValueError as error:
+            raise ConfigError(f"--task-weights {' '.join(t.task_weights)}: {error}") from None
     if mode == "case1":
         return
     require(config.data.is_instruction_dataset, f"--weighted-loss-mode {mode} weighs the "
@@ -376,6 +385,14 @@ def _validate_lora(config: Config) -> None:
     if ignored and not lora.enabled:
         config.notices.append(f"{' '.join('--' + n.replace('_', '-') for n in ignored)} without "
                               "--lora-target-modules: LoRA is off (MindSpeed-LLM's rule)")
+    c = config.checkpoint
+    # A LoRA save is the adapters alone: in the base's directory it would become the latest
+    # checkpoint there, and the base's --load would then find adapters instead of a model.
+    require(not (lora.enabled and c.save and c.load
+                 and os.path.realpath(c.save) == os.path.realpath(c.load)),
+             f"--save {c.save} is the --load directory (the LoRA base): LoRA saves the adapters "
+             f"alone, which would replace the base as the latest checkpoint there; give --save "
+             f"a directory of its own (resume later with --lora-load it)")
     if lora.enabled and config.checkpoint.finetune and lora.lora_load is None:
         config.notices.append("--finetune with LoRA and no --lora-load: no effect (--load is "
                               "always the base, loaded as weights only)")

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rename the fields a handler reads, e.g. '{\"prompt\": \"question\"}'")
     group.add_argument("--pack", action="store_true",
                        help="pack conversations into samples of --seq-length (+1) tokens")
+    group.add_argument("--neat-pack", action="store_true",
+                       help="MindSpeed-LLM's: --pack with an attention mask per conversation; "
+                            "what --pack writes here (training isolates packed conversations)")
     group.add_argument("--seq-length", type=int, metavar="N",
                        help="the training --seq-length: a sample holds N + 1 tokens")
     group.add_argument("--overwrite-cache", action="store_true",
@@ -140,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     options = options_from_args(args)
     instruction_flags = [flag for flag, given in (
         ("--prompt-type", args.prompt_type), ("--map-keys", args.map_keys), ("--pack", args.pack),
-        ("--seq-length", args.seq_length is not None),
+        ("--neat-pack", args.neat_pack), ("--seq-length", args.seq_length is not None),
         ("--overlong", args.overlong != "drop")) if given]
     if args.handler_name:
         if args.merge or args.append_eod or args.json_keys != ["text"]:
@@ -150,6 +153,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             parser.error("--handler-name needs --prompt-type (a chat template)")
         if args.pack and args.seq_length is None:
             parser.error("--pack needs --seq-length (the training --seq-length)")
+        if args.neat_pack:
+            if not args.pack:
+                parser.error("--neat-pack needs --pack (it is the attention of packed samples)")
+            print("note: --neat-pack (MindSpeed-LLM's) is what --pack writes here: every packed "
+                  "conversation is a sequence of its own, attending to itself alone in "
+                  "training", file=sys.stderr)
     elif instruction_flags:
         parser.error(f"{', '.join(instruction_flags)}: only with --handler-name (instruction data)")
     try:

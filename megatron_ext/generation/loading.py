@@ -30,15 +30,32 @@ _NOT_SAVED = {"attention_dropout", "hidden_dropout", "init_method_std", "attenti
 
 def _fill_lora_flags(args: argparse.Namespace) -> None:
     """--lora-load: the adapters' hyper-parameters from their checkpoint, where not given."""
-    from megatron_ext.checkpoint.lora import saved_metadata
+    from megatron_ext.checkpoint.lora import flag_mismatch, saved_metadata
 
     saved = saved_metadata(Path(args.lora_load))
     if saved is None:
         raise ckpt.CheckpointError(f"--lora-load {args.lora_load} holds no LoRA adapters (a base "
                                    f"model? pass it as --load)")
+    # A flag unlike the adapters' would build layers of other shapes than those saved.
+    mismatch = flag_mismatch(args, saved)
+    if mismatch:
+        raise ckpt.CheckpointError(mismatch)
     for name in ("lora_r", "lora_alpha", "lora_target_modules"):
         if getattr(args, name) is None:
             setattr(args, name, saved[name])
+
+
+def _check_not_adapters(load_dir) -> None:
+    """``--load`` must be a whole model: adapters alone (with their training run's layout in
+    their args) would otherwise fail later on that layout or on missing weights."""
+    from megatron_ext.checkpoint.lora import saved_metadata
+
+    saved = saved_metadata(Path(load_dir))
+    if saved is not None:
+        raise ckpt.CheckpointError(
+            f"--load {load_dir} is a LoRA checkpoint (adapters only): pass it as --lora-load, "
+            f"and its base model ({saved.get('base_load') or 'the --load of its training run'}) "
+            f"as --load")
 
 
 def generation_config(args: argparse.Namespace, world_size: int):
@@ -46,6 +63,7 @@ def generation_config(args: argparse.Namespace, world_size: int):
     if not args.load:
         raise ConfigError("--load CHECKPOINT_DIR is required")
     iteration, found, saved = read_checkpoint(args.load)
+    _check_not_adapters(args.load)
     if saved is not None:
         divisible_given = args.make_vocab_size_divisible_by is not None
         fill_flags(args, saved, [f.name for f in fields(ModelConfig) if f.name not in _NOT_SAVED])

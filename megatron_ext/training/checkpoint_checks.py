@@ -18,6 +18,7 @@ holds none yet), and then takes ``--load``'s place with ``--finetune``, as in Me
 """
 
 import logging
+import os
 import zipfile
 from pathlib import Path
 
@@ -146,6 +147,7 @@ def check_checkpoints(config: Config) -> None:
         if root:
             check_load_dir(root, flag, without)
     _take_pretrained(config)
+    _check_fresh_start_over_save(config)
 
 
 def _take_pretrained(config: Config) -> None:
@@ -167,3 +169,25 @@ def _take_pretrained(config: Config) -> None:
              f"{'--load ' + c.load if c.load else 'no --load'} holds no checkpoint: fine-tuning "
              f"from --pretrained-checkpoint {pretrained} (its weights only, as --finetune)")
     c.load, c.finetune = pretrained, True
+
+
+def _check_fresh_start_over_save(config: Config) -> None:
+    """A fine-tuning command rerun after a stop does not resume: a LoRA run resumes from
+    --lora-load only (--load is its base), --finetune always starts at iteration 0 from --load.
+    Its saves would then replace the stopped run's as the latest in --save: said, with the way
+    to resume."""
+    c, lora = config.checkpoint, config.lora
+    if not c.save:
+        return
+    if lora.enabled:
+        fresh, way = not lora.lora_load, f"add --lora-load {c.save}"
+        what = "this LoRA run has no --lora-load: it trains new adapters from the base"
+    else:
+        fresh = c.finetune and c.load and os.path.realpath(c.load) != os.path.realpath(c.save)
+        way = f"--load {c.save} without --finetune"
+        what = "--finetune starts from --load's weights at iteration 0"
+    saved = ckpt.read_tracker(c.save) if fresh else None
+    if saved is not None:
+        log_once(logger, logging.WARNING,
+                 f"--save {c.save} holds a checkpoint (iteration {saved}) and {what}, and its "
+                 f"saves become the latest there. To resume that checkpoint: {way}")

@@ -182,10 +182,7 @@ def _load(trainer, root, part, weights_only: bool) -> None:
         _raise_layout_mismatch(root, iteration, topology, part)
     payload = ckpt.load_rank_file(path)
     check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
-    if part == lora_checkpoint.BASE:
-        lora_checkpoint.check_base_checkpoint(payload.get("lora"), path)
-    elif part == lora_checkpoint.ADAPTERS:
-        lora_checkpoint.check_adapters(trainer, payload.get("lora"), path)
+    lora_checkpoint.check_part(trainer, part, payload.get("lora"), path)
     ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path,
                                lora_checkpoint.keys(part))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE

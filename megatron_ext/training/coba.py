@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.checkpoint.format import CheckpointError
+from megatron_ext.config import ConfigError
 from megatron_ext.training import data
 from megatron_ext.training.logs import log_once
 
@@ -125,6 +126,11 @@ class CoBaSchedule:
         self.valid_samples = 0  # read by its own validation pass
         if trainer.coba_checkpoint is not None:
             self._restore(trainer, *trainer.coba_checkpoint)
+        if trainer.valid_ds is None:  # megatron-core builds no dataset for a split of 0
+            raise ConfigError(
+                f"--weighted-loss-mode coba measures the validation split, and --split "
+                f"{trainer.config.data.split} leaves it empty: give it a share (e.g. --split "
+                f"98,2,0)")
         topo = trainer.topology
         # Its own pass over the validation split: --eval-interval's evaluations keep theirs.
         self.iterator = data.cyclic_iterator(trainer.valid_ds, t.micro_batch_size, topo.dp_rank,

@@ -249,10 +249,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     common = dist_checkpointing.load_common_state_dict(str(directory))
     saved_args = common.get("args")
     check_compatible(saved_args, trainer.config, trainer.vocab_size, directory, reshardable=True)
-    if part == lora_checkpoint.BASE:
-        lora_checkpoint.check_base_checkpoint(common.get("lora"), directory)
-    elif part == lora_checkpoint.ADAPTERS:
-        lora_checkpoint.check_adapters(trainer, common.get("lora"), directory)
+    lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
                     saved_value(saved_args, "pipeline_model_parallel_size"))
     same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)

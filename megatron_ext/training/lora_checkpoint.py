@@ -50,12 +50,29 @@ def note_base(trainer, root, iteration) -> None:
     trainer.lora_base = (os.path.abspath(root), iteration)
 
 
-def check_base_checkpoint(saved_lora, where) -> None:
-    """``--load`` must hold a base model, not adapters alone."""
-    if saved_lora is not None:
+def check_part(trainer, part: Optional[str], saved_lora, where) -> None:
+    """A checkpoint's ``lora`` entry (None: a full model) against what this run loads from it:
+    ``part`` ADAPTERS from ``--lora-load``; BASE (a LoRA run) or the whole model (a run without
+    LoRA) from ``--load``, which must then hold a full model, not adapters alone."""
+    if part == ADAPTERS:
+        check_adapters(trainer, saved_lora, where)
+        return
+    if saved_lora is None:
+        return
+    base = saved_lora.get("base_load") or "the --load of its training run"
+    if part == BASE:
         raise ckpt.CheckpointError(
             f"{where} is a LoRA checkpoint (adapters only): pass it as --lora-load, and its base "
-            f"model ({saved_lora.get('base_load') or 'the --load of its training run'}) as --load")
+            f"model ({base}) as --load")
+    # Without LoRA flags the model has no adapters to load them into and no base under them.
+    flags = (f"--lora-target-modules {' '.join(saved_lora.get('lora_target_modules') or [])} "
+             f"--lora-r {saved_lora.get('lora_r')} --lora-alpha {saved_lora.get('lora_alpha')}")
+    raise ckpt.CheckpointError(
+        f"--load: {where} is a LoRA checkpoint (adapters only, trained with {flags}), and "
+        f"this run has no --lora-target-modules. To continue its training, add {flags} "
+        f"--lora-load with it, and give its base model ({base}) as --load; to train or use it "
+        f"as a full model, merge it into the base first: convert_ckpt.py --load-model-type mg "
+        f"--save-model-type mg --load-dir BASE --lora-load ADAPTERS --save-dir MERGED")
 
 
 def torch_layout_error(saved: str, tp: int, pp: int) -> str:
@@ -78,9 +95,12 @@ def check_adapters(trainer, saved_lora, where) -> None:
     for name in _HYPER:
         if saved_lora.get(name) != getattr(lora, name):
             flag = "--" + name.replace("_", "-")
+            # As typed on the command line (target modules: space-separated names).
+            saved, given = (" ".join(v) if isinstance(v, list) else v
+                            for v in (saved_lora.get(name), getattr(lora, name)))
             raise ckpt.CheckpointError(
-                f"--lora-load: {where} was trained with {flag} {saved_lora.get(name)}, this run "
-                f"has {getattr(lora, name)}; use the same {flag}")
+                f"--lora-load: {where} was trained with {flag} {saved}, this run has {given}; "
+                f"use the same {flag}")
     base = getattr(trainer, "lora_base", None)
     saved_base = (saved_lora.get("base_load"), saved_lora.get("base_iteration"))
     if saved_base[0] and (base is None or tuple(base) != saved_base):

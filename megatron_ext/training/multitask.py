@@ -10,8 +10,10 @@ s, M the conversations with trained tokens and M_t those of task t:
 - ``case2``: L = sum_s L_s / M, every conversation alike;
 - ``case3``: L = sum_{t: N_t > 0} w_t L_t / W, W = sum_{t: N_t > 0} w_t, w_t = 1: the tasks
   present in the global batch weigh equally, tokens within a task alike (MFTCoder's default);
-- ``case4``: L = sum_t w_t (sum_{s in t} L_s / M_t) / W: tasks alike, conversations within a
-  task alike;
+  ``--task-weights`` fixes other w_t (MFTCoder's ``task_weights``); a global batch whose tasks
+  all weigh 0 trains nothing (L = 0, not 0 / 0);
+- ``case4``: L = sum_t w_t (sum_{s in t} L_s / M_t) / W: tasks alike (or ``--task-weights``),
+  conversations within a task alike;
 - ``coba``: case3 with CoBa's weights w_t (``coba.py``), updated every step.
 
 megatron-core (``--calculate-per-token-loss``) divides the gradient of the micro-batches'
@@ -37,6 +39,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_ext import platform
+from megatron_ext.config import ConfigError
+from megatron_ext.config.training import parse_task_weights
 
 TASK_LOSS = "task loss"  # the loss function's report: [2, tasks] (summed loss, trained tokens)
 SAMPLE_MODES = ("case2", "case4")  # conversations weigh alike
@@ -57,7 +61,8 @@ def task_scales(mode: str, tokens: torch.Tensor, samples: torch.Tensor,
         return scale.float()
     present = tokens > 0
     weights = weights.double().to(tokens.device)
-    share = torch.where(present, total * weights / weights[present].sum(),
+    present_weight = weights[present].sum()
+    share = torch.where(present, total * weights / present_weight.clamp(min=1e-300),
                         torch.zeros_like(tokens))
     if mode == "case4":
         scale[1] = share / samples.clamp(min=1)
@@ -114,13 +119,37 @@ def task_fields(names: List[str], totals: Optional[torch.Tensor],
             for i, name in enumerate(names) if totals[1, i] > 0}
 
 
+def fixed_weights(given: Optional[List[str]], names: List[str]) -> torch.Tensor:
+    """w_t of case3 and case4: ``--task-weights`` (validated but against the data's tasks,
+    known here), else 1 each."""
+    if given is None:
+        return torch.ones(len(names), dtype=torch.float64)
+    weights = parse_task_weights(given)
+    tasks = f"{', '.join(names)} (the --data-path datasets' tasks, in this order)"
+    if weights[0][0] is not None:  # by name
+        by_name = dict(weights)
+        unknown = [name for name in by_name if name not in names]
+        missing = [name for name in names if name not in by_name]
+        if unknown or missing:
+            what = f"no task {unknown[0]!r}" if unknown else f"no weight for task {missing[0]!r}"
+            raise ConfigError(f"--task-weights: {what}; the run's tasks are {tasks}: give "
+                              f"NAME:W for each")
+        return torch.tensor([by_name[name] for name in names], dtype=torch.float64)
+    if len(weights) != len(names):
+        raise ConfigError(
+            f"--task-weights gives {len(weights)} weight{'s' * (len(weights) != 1)}, the run "
+            f"has {len(names)} task{'s' * (len(names) != 1)}: {tasks}; give one weight per "
+            f"task (or NAME:W for each)")
+    return torch.tensor([weight for _, weight in weights], dtype=torch.float64)
+
+
 class MultiTask:
     """The trainer's side: counts before each schedule run, per-task totals after it."""
 
-    def __init__(self, names: List[str], mode: str):
+    def __init__(self, names: List[str], mode: str, task_weights: Optional[List[str]] = None):
         self.names, self.mode = names, mode
-        # w_t of case3 and case4 (equal); CoBa replaces them before every step (coba.py).
-        self.weights = torch.ones(len(names), dtype=torch.float64)
+        # w_t of case3 and case4; CoBa replaces them before every step (coba.py).
+        self.weights = fixed_weights(task_weights, names)
 
     def prepare(self, iterator, num_microbatches: int):
         """This rank's micro-batches of the global batch, each with ``task_scale`` added."""

@@ -58,6 +58,10 @@ def check_prefix(prefix: str) -> None:
     if not missing:
         return
     hint = "; write them with preprocess_data.py --handler-name ... --output-prefix PREFIX"
+    if all(os.path.isfile(prefix + suffix) for suffix in (".bin", ".idx")):
+        hint = (f"; {prefix} is pretraining data (one Megatron text dataset, no loss mask): "
+                f"drop --is-instruction-dataset to pretrain on it, or write instruction shards "
+                f"with preprocess_data.py --handler-name ... --output-prefix PREFIX")
     for key in ("_input_ids_document", "_loss_mask_document"):
         if prefix.endswith(key):
             hint = f"; give the prefix without {key}: --data-path {prefix[:-len(key)]}"

@@ -140,11 +140,16 @@ class Trainer:
         if config.data.is_instruction_dataset:
             from megatron_ext.training.sft_dataset import task_names
 
-            self.multitask = multitask.MultiTask(task_names(config), t.weighted_loss_mode)
+            self.multitask = multitask.MultiTask(task_names(config), t.weighted_loss_mode,
+                                                 t.task_weights)
             self.metrics.task_names = self.multitask.names
-            if len(self.multitask.names) > 1 and dist.get_rank() == 0:
-                logger.info(f"tasks (data_name): {', '.join(self.multitask.names)}; "
-                            f"--weighted-loss-mode {t.weighted_loss_mode}")
+            if len(self.multitask.names) > 1:
+                names = self.multitask.names
+                if t.task_weights is not None:
+                    names = [f"{n} (weight {w:g})" for n, w in zip(names, self.multitask.weights)]
+                # The last rank's log shows INFO (logs.setup); rank 0's did not, with 2 ranks+.
+                log_once(logger, logging.INFO, f"tasks (data_name): {', '.join(names)}; "
+                         f"--weighted-loss-mode {t.weighted_loss_mode}")
             if t.weighted_loss_mode == "coba":
                 from megatron_ext.training.coba import CoBaSchedule
 

@@ -9,6 +9,7 @@ import torch
 
 from megatron_ext.checkpoint.hf import ConversionError
 from megatron_ext.checkpoint.lora import PEFT_CONFIG, PEFT_WEIGHTS
+from megatron_ext.generation import cli as generation
 from tests.checkpoint.conftest import run_convert
 from tests.launcher import launch, torchrun
 from tests.lora.conftest import LORA, MODEL, SEQ, TRAIN, VOCAB
@@ -97,6 +98,23 @@ def test_convert_checks_the_adapters(reference, base, tmp_path):
         run_convert("mg", "hf", reference["save"], tmp_path / "y", "--lora-load", base)
     with pytest.raises(ConversionError, match="holds no LoRA adapters"):
         run_convert("mg", "hf", base, tmp_path / "z", "--lora-load", base)
+
+
+def test_generate_gpt_checks_the_adapters(reference, base):
+    """generate_gpt.py with adapters as --load, or a --lora-* flag unlike theirs: one line
+    naming the way, not the adapters' TP as a world-size error or megatron-core's shape
+    mismatch."""
+    common = ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB - 1),
+              "--max-new-tokens", "1", "--prompt", "1 2"]
+    with pytest.raises(RuntimeError, match=r"--load .* is a LoRA checkpoint \(adapters only\): "
+                       r"pass it as --lora-load, and its base model \(.*base\) as --load"):
+        launch(generation.main, 1, ["--load", str(reference["save"])] + common)
+    for flag, value, saved in [("--lora-r", "8", "4"),
+                               ("--lora-target-modules", "linear_qkv", " ".join(LORA[1:5]))]:
+        with pytest.raises(RuntimeError, match=f"{flag} {value}: .* was trained with {saved}; "
+                           f"leave the flag out"):
+            launch(generation.main, 1, ["--load", str(base), "--lora-load",
+                                        str(reference["save"]), flag, value] + common)
 
 
 def test_generate_gpt_with_lora_load_equals_the_merged_model(reference, base, exports):

@@ -162,7 +162,9 @@ def test_flag_errors_name_the_flag():
     cases = [(["--lora-target-modules", "q_proj"], "--lora-target-modules q_proj"),
              (["--lora-load", "x"], "--lora-load needs --lora-target-modules"),
              (LORA + ["--lora-r", "0"], "--lora-r 0"),
-             (LORA + ["--qlora"], "--qlora: QLoRA")]
+             (LORA + ["--qlora"], "--qlora: QLoRA"),
+             (LORA + ["--load", "ckpt", "--save", "ckpt/"],
+              r"--save ckpt/ is the --load directory \(the LoRA base\)")]
     for extra, message in cases:
         with pytest.raises(ConfigError, match=message):
             parse_args(base + extra, world_size=1)
@@ -177,6 +179,28 @@ def test_lora_load_checks_the_checkpoint(reference, base):
                                     str(reference["save"])], 1)
     with pytest.raises(RuntimeError, match="pass it as --lora-load"):
         launch(lora_run, 1, argv + ["--load", str(reference["save"])], 1)
+    with pytest.raises(RuntimeError, match="trained with --lora-target-modules linear_qkv "
+                       "linear_proj linear_fc1 linear_fc2, this run has linear_qkv; use the same"):
+        launch(lora_run, 1, argv + ["--lora-target-modules", "linear_qkv", "--load", str(base),
+                                    "--lora-load", str(reference["save"])], 1)
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_lora_checkpoint_as_load_without_lora_flags_says_how(reference, base, tmp_path,
+                                                             ckpt_format):
+    """Adapters given as --load to a run without --lora-* flags: an error naming the flags
+    they were trained with and the two ways on (resume as LoRA, or merge), not megatron-core's
+    state-dict mismatch (torch_dist) or missing keys (torch)."""
+    adapters = reference["save"]
+    if ckpt_format == "torch":
+        adapters = tmp_path / "torch"
+        launch(lora_run, 1, MODEL + TRAIN + LORA + [
+            "--load", str(base), "--ckpt-format", "torch", "--save", str(adapters),
+            "--train-iters", "2"], 1)
+    with pytest.raises(RuntimeError, match=r"--load: .* is a LoRA checkpoint .*trained with "
+                       r"--lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2 "
+                       r"--lora-r 4 --lora-alpha 8.* --lora-load .*convert_ckpt.py"):
+        launch(lora_run, 1, MODEL + TRAIN + ["--load", str(adapters)], 1)
 
 
 def test_full_recomputation_trains_the_adapters(reference):

@@ -109,3 +109,23 @@ def test_unknown_handler_lists_real_and_short_names():
 def test_bad_records_say_what_is_wrong(name, record, message):
     with pytest.raises(ValueError, match=message):
         build_handler(name).turns(record)
+
+
+@pytest.mark.parametrize("name, record, reader", [
+    (SHAREGPT, {"instruction": "q", "input": "", "output": "a"}, ALPACA),
+    (ALPACA, {"conversations": [{"from": "human", "value": "q"}]}, SHAREGPT),
+    (OPENAI, {"chat_rounds": [], "data_name": "t"}, MFTCODER),
+    (MFTCODER, {"messages": []}, OPENAI),
+])
+def test_a_record_of_another_format_names_its_handler(name, record, reader):
+    """The common mistake (Alpaca records given to the ShareGPT handler, ...): the error
+    names the handler that reads them."""
+    with pytest.raises(ValueError, match=f"no key .*; these are {reader} records: "
+                       f"--handler-name {reader[:-len('StyleInstructionHandler')]}"):
+        build_handler(name).turns(record)
+
+
+def test_a_record_missing_a_field_of_its_own_format_gets_no_format_hint():
+    with pytest.raises(ValueError) as error:
+        build_handler(ALPACA).turns({"instruction": "q"})
+    assert "these are" not in str(error.value)

@@ -38,6 +38,8 @@ from tests.sft.test_packed_training import (MODEL, PACKED_ROWS, SEQ, _one_global
 pytestmark = pytest.mark.usefixtures("tmp_cwd")
 
 TASKS = ["code", "math", "chat"]
+# --task-weights (MFTCoder's task_weights): uneven, one task left out of the loss.
+WEIGHTS = {"code": 0.5, "math": 3.0, "chat": 0.0}
 LOSS_RTOL = 1e-5
 GRAD_ATOL = 1e-6
 
@@ -140,11 +142,15 @@ def _reference(argv, conversations, state):
     task_tokens = {t: sum(n for n, u in zip(counts, tasks) if u == t) for t in names}
     task_convs = {t: tasks.count(t) for t in names}
     n_tokens, n_convs, n_tasks = sum(counts), len(conversations), len(names)
+    w, w_sum = WEIGHTS, sum(WEIGHTS[t] for t in names)
     coefficients = {  # d loss / d (conversation's summed loss), from the definitions
         "case1": [1 / n_tokens for _ in counts],
         "case2": [1 / (n_convs * n) for n in counts],
         "case3": [1 / (n_tasks * task_tokens[t]) for t in tasks],
         "case4": [1 / (n_tasks * task_convs[t] * n) for n, t in zip(counts, tasks)],
+        # sum_t w_t L_t / sum_t w_t, L_t as in case3 and case4 (MFTCoder's loss_func_mft)
+        "case3-weighted": [w[t] / (w_sum * task_tokens[t]) for t in tasks],
+        "case4-weighted": [w[t] / (w_sum * task_convs[t] * n) for n, t in zip(counts, tasks)],
     }
     losses = {mode: sum(c * v for c, v in zip(cs, sums)) for mode, cs in coefficients.items()}
     grads = {mode: {n: sum(c * g[n] for c, g in zip(cs, conv_grads)) for n in conv_grads[0]}
@@ -186,7 +192,8 @@ def test_case3_gradient_is_the_mean_of_the_task_means(single, reference):
     _assert_mode(single, reference, "case3")
     # The comparisons can fail: the modes differ on these uneven tasks and conversations.
     ref_grads = reference[2]
-    for a, b in [("case1", "case3"), ("case1", "case2"), ("case3", "case4"), ("case2", "case4")]:
+    for a, b in [("case1", "case3"), ("case1", "case2"), ("case3", "case4"), ("case2", "case4"),
+                 ("case3", "case3-weighted"), ("case4", "case4-weighted")]:
         assert max((ref_grads[a][n] - g).abs().max() for n, g in ref_grads[b].items()) \
             > 100 * GRAD_ATOL, (a, b)
 
@@ -220,6 +227,67 @@ def test_modes_under_packing_and_parallelism(data, single, reference, name):
                            "--global-batch-size", str(rows)] + flags.split()
     run = launch(_one_global_batch, world_size, argv, world_size, single[3])[0]
     _assert_mode(run, reference, flags.split()[1])
+
+
+def _task_weights_flag(prefix, by_name):
+    """--task-weights with WEIGHTS: in the run's task order (that of the data's task table),
+    or NAME:W in another order."""
+    if by_name:
+        return ["--task-weights"] + [f"{n}:{w}" for n, w in sorted(WEIGHTS.items())]
+    return ["--task-weights", ",".join(str(WEIGHTS[n]) for n in read_tasks(prefix) if n)]
+
+
+@pytest.mark.parametrize("mode,world_size,micro_batch,by_name", [
+    ("case3", 1, 2, False), ("case4", 2, 1, False), ("case3", 1, 2, True)])
+def test_fixed_task_weights_weigh_the_task_losses(data, single, reference, mode, world_size,
+                                                  micro_batch, by_name):
+    """--task-weights: the gradient of sum_t w_t L_t / sum_t w_t (a task of weight 0 trains
+    nothing), on one process and with DP=2 + gradient accumulation; by position or name."""
+    argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", str(micro_batch),
+                           "--global-batch-size", str(PACKED_ROWS), "--weighted-loss-mode",
+                           mode] + _task_weights_flag(data["packed"], by_name)
+    run = launch(_one_global_batch, world_size, argv, world_size, single[3])[0]
+    _assert_mode(run, reference, f"{mode}-weighted")
+
+
+def test_a_global_batch_of_zero_weight_tasks_trains_nothing():
+    """Only tasks of weight 0 in the global batch: L = 0 (no gradient), not 0 / 0 (NaN)."""
+    from megatron_ext.training.multitask import task_scales
+
+    tokens, samples = torch.tensor([0.0, 0.0, 7.0]), torch.tensor([0.0, 0.0, 2.0])
+    for mode in ("case3", "case4"):
+        scale = task_scales(mode, tokens, samples, torch.tensor([1.0, 2.0, 0.0]))
+        assert torch.equal(scale, torch.zeros(2, 3)), mode
+
+
+def test_task_weights_are_checked(data):
+    base = data["argv"] + ["--data-path", data["packed"]]
+    for extra, message in [
+            (["--task-weights", "1", "2", "3"], "--task-weights weighs the tasks of "
+             "--weighted-loss-mode case3 or case4, not case1"),
+            (["--weighted-loss-mode", "coba", "--eval-iters", "1", "--task-weights", "1"],
+             "not coba"),
+            (["--weighted-loss-mode", "case3", "--task-weights", "1", "-2", "1"],
+             "--task-weights 1 -2 1: -2: a weight must be finite and >= 0"),
+            (["--weighted-loss-mode", "case4", "--task-weights", "[1,x,1]"], "'x' is not a"),
+            (["--weighted-loss-mode", "case3", "--task-weights", "0", "0", "0"], "all weights"),
+            (["--weighted-loss-mode", "case3", "--task-weights", "code:1", "2"],
+             "give every weight as NAME:W, or none"),
+            (["--weighted-loss-mode", "case3", "--task-weights", "code:1", "code:2"],
+             "task 'code' is given twice")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_args(base + extra, world_size=1)
+    # The count and names need the data's tasks: checked when the run reads them, naming them.
+    names = ", ".join(n for n in read_tasks(data["packed"]) if n)
+    for weights, message in [(["1", "2"], "--task-weights gives 2 weights, the run has 3 "
+                               f"tasks: {names} "),
+                             (["code:1", "math:1", "prose:1"], "--task-weights: no task "
+                              f"'prose'; the run's tasks are {names} "),
+                             (["code:1", "math:1"], "no weight for task 'chat'")]:
+        with pytest.raises(RuntimeError, match=message):
+            launch(_one_global_batch, 1, base + ["--global-batch-size", str(PACKED_ROWS),
+                                                 "--weighted-loss-mode", "case3",
+                                                 "--task-weights", *weights], 1, None)
 
 
 def _coba_direct(history, tau, history_length):
@@ -313,6 +381,9 @@ def test_cli_dp2_resumed_logs_the_single_process_task_curves(data, tmp_path):
         out = torchrun(nproc, args + flags, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         runs[name] = _curves(out.stdout + out.stderr)
+        # The start-up line naming the tasks, whatever the number of ranks.
+        assert f"tasks (data_name): {', '.join(n for n in read_tasks(data['packed']) if n)}; " \
+            "--weighted-loss-mode coba" in out.stdout + out.stderr, name
     train, valid = runs["one"]
     assert len(train) == iters and len(valid) == 1
     assert all(any(k.startswith("lm loss [") for k in r) for r in train + valid)
@@ -393,6 +464,16 @@ def test_coba_resumes_exactly(data, tmp_path, ckpt_format):
     ckpt.save_rank_file(path, dict(payload, coba=dict(state, tasks=["code", "prose", "chat"])))
     with pytest.raises(RuntimeError, match=r"tasks \['code', 'prose', 'chat'\], this run has"):
         launch(_coba_run, 1, argv + ["--load", str(tmp_path)])
+
+
+def test_coba_without_a_validation_split_is_refused(data):
+    """CoBa weighs by the validation losses: --split without a validation share names it."""
+    argv = data["argv"] + ["--data-path", data["packed"], "--micro-batch-size", "2",
+                           "--global-batch-size", "4", "--train-iters", "2", "--split",
+                           "100,0,0", "--eval-iters", "1", "--weighted-loss-mode", "coba"]
+    with pytest.raises(RuntimeError, match=r"--weighted-loss-mode coba measures the validation "
+                       r"split, and --split 100,0,0 leaves it empty"):
+        launch(_coba_run, 1, argv)
 
 
 def test_a_task_table_without_its_shard_is_named(data, tmp_path):

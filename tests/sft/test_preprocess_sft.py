@@ -16,6 +16,7 @@ from megatron_ext.data.instruct.pipeline import (ConversationEncoder, output_pre
 from megatron_ext.data.cli import main
 from megatron_ext.data.preprocess import SKIP_HINT
 from megatron_ext.data.instruct.packing import Packer
+from megatron_ext.data.instruct.tasks import task_ids_prefix
 from megatron_ext.tokenizer import build_tokenizer
 
 from .conftest import PAD
@@ -198,6 +199,8 @@ def test_json_array_errors_name_the_element(tmp_path, tokenizer, char_tokenizer_
     (["--handler-name", OPENAI], "--handler-name needs --prompt-type"),
     (["--handler-name", OPENAI, "--prompt-type", "chatml", "--pack"], "--pack needs --seq-length"),
     (["--prompt-type", "chatml", "--pack"], "--prompt-type, --pack: only with --handler-name"),
+    (["--handler-name", OPENAI, "--prompt-type", "chatml", "--neat-pack"],
+     "--neat-pack needs --pack"),
     (["--handler-name", OPENAI, "--prompt-type", "chatml", "--append-eod"],
      "takes no --merge, --append-eod or --json-keys"),
 ])
@@ -221,6 +224,22 @@ def test_short_handler_name_writes_what_the_full_name_writes(tmp_path, char_toke
         for suffix in (".bin", ".idx"):
             with open(a + suffix, "rb") as fa, open(b + suffix, "rb") as fb:
                 assert fa.read() == fb.read()
+
+
+def test_neat_pack_writes_what_pack_writes(tmp_path, char_tokenizer_dir, capsys):
+    """MindSpeed-LLM's --pack --neat-pack (packing with a per-conversation attention mask):
+    what --pack writes here (each conversation a sequence, isolated in training), said once."""
+    pack = _run(tmp_path, char_tokenizer_dir, RECORDS, "--pack", "--seq-length", str(SEQ),
+                name="pack")
+    capsys.readouterr()
+    neat = _run(tmp_path, char_tokenizer_dir, RECORDS, "--pack", "--neat-pack", "--seq-length",
+                str(SEQ), name="neat")
+    assert capsys.readouterr().err.count("--neat-pack (MindSpeed-LLM's) is what --pack") == 1
+    for a, b in zip((*output_prefixes(pack), task_ids_prefix(pack)),
+                    (*output_prefixes(neat), task_ids_prefix(neat))):
+        for suffix in (".bin", ".idx"):
+            with open(a + suffix, "rb") as fa, open(b + suffix, "rb") as fb:
+                assert fa.read() == fb.read(), a + suffix
 
 
 def test_unknown_handler_name_is_refused_with_the_real_names(tmp_path, capsys):

@@ -181,6 +181,19 @@ def test_missing_or_mismatched_shards(shards, tmp_path):
         _datasets([output_prefixes(shards["packed"])[0]], [4, 0, 0])
     with pytest.raises(ConfigError, match="missing; write them with preprocess_data.py"):
         _datasets([str(tmp_path / "nothing")], [4, 0, 0])
+    # The two formats mixed up: pretraining data as instruction data, and the other way round.
+    text = str(tmp_path / "corpus_text_document")
+    with IndexedDatasetWriter(text, np.uint16) as writer:
+        writer.add_document(np.arange(1, 30), [29])
+    with pytest.raises(ConfigError, match=f"{text} is pretraining data .*: drop "
+                                          "--is-instruction-dataset"):
+        _datasets([text], [4, 0, 0])
+    pretraining = [a for a in FLAGS if a != "--is-instruction-dataset"]
+    with pytest.raises(ConfigError, match=f"{shards['packed']} holds instruction shards .*: "
+                       f"train on them with --is-instruction-dataset --data-path "
+                       f"{shards['packed']}$"):
+        build_datasets(parse_args(pretraining + ["--data-path", shards["packed"]],
+                                  world_size=1), EOD, VOCAB, [4, 0, 0])
     # a loss mask written for other documents
     prefix = str(tmp_path / "mixed")
     _write(prefix, [[_conversation(1, 10, 2)]])

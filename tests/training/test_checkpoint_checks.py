@@ -59,6 +59,37 @@ def test_intact_checkpoints_pass(saved, ckpt_format):
                                           str(saved[ckpt_format])], world_size=1))
 
 
+def test_lora_run_saving_over_adapters_without_lora_load_is_warned(saved, tmp_path, caplog):
+    """The same LoRA command rerun after a stop (no --lora-load: --load is the base) starts
+    new adapters: said, with the flag that resumes, before their saves replace the old."""
+    lora = ["--lora-target-modules", "linear_qkv", "--load", str(saved["torch"])]
+    check_checkpoints(parse_args(MODEL + lora + ["--save", str(tmp_path)], world_size=1))
+    assert "no --lora-load" not in caplog.text  # an empty --save: a first run
+    check_checkpoints(parse_args(MODEL + lora + ["--save", str(saved["torch_dist"])],
+                                 world_size=1))
+    assert re.search(r"--save \S+ holds a checkpoint \(iteration 2\) and this LoRA run has no "
+                     r"--lora-load: .* resume that checkpoint: add --lora-load \S+",
+                     caplog.text), caplog.text
+    caplog.clear()
+    check_checkpoints(parse_args(MODEL + lora + ["--save", str(saved["torch_dist"]),
+                                                 "--lora-load", str(saved["torch_dist"])],
+                                 world_size=1))
+    assert "no --lora-load" not in caplog.text
+
+
+def test_finetune_over_a_checkpoint_in_save_is_warned(saved, caplog):
+    """Full fine-tuning (--load PRETRAINED --finetune --save SFT) rerun after a stop starts at
+    iteration 0 again: said, with the way to resume (Megatron-LM's --load SFT)."""
+    argv = MODEL + ["--load", str(saved["torch"]), "--finetune"]
+    check_checkpoints(parse_args(argv, world_size=1))  # no --save
+    check_checkpoints(parse_args(argv + ["--save", str(saved["torch"])], world_size=1))
+    assert "--finetune starts" not in caplog.text  # --save is --load: nothing to lose there
+    check_checkpoints(parse_args(argv + ["--save", str(saved["torch_dist"])], world_size=1))
+    assert re.search(r"--save \S+ holds a checkpoint \(iteration 2\) and --finetune starts "
+                     r".* resume that checkpoint: --load \S+torch_dist\S* without --finetune",
+                     caplog.text), caplog.text
+
+
 def test_truncated_files_are_named(saved, tmp_path):
     root = _copy(saved, "torch", tmp_path)
     _truncate(root / "iter_0000002" / "mp_rank_00" / ckpt.RANK_FILENAME)

@@ -127,6 +127,15 @@ def test_each_script_parses_as_a_whole(script, tmp_path):
             assert len(_said(config, flag)) == 1, (flag, config.notices)
 
 
+def test_their_packed_fine_tuning_flags_are_accepted_and_said_once():
+    """--pack --neat-pack --reset-attention-mask of their packed fine-tuning scripts (tune_*
+    _pack): packed instruction shards always attend per conversation here."""
+    config = parse_args(BASE + INSTRUCTION + ["--stage", "sft", "--pack", "--neat-pack",
+                                              "--reset-attention-mask"], world_size=1)
+    for flag in ("--pack", "--neat-pack"):
+        assert len(_said(config, flag)) == 1, (flag, config.notices)
+
+
 def test_flash_attention_and_rope_scaling_map_onto_ours():
     config = parse_args(BASE + MOCK + ["--use-flash-attn"])
     assert config.model.attention_backend == "auto"

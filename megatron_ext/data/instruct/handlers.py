@@ -12,11 +12,26 @@ from typing import List, Optional, Sequence
 from megatron_ext.data.instruct.templates import Turn
 
 
+def _missing(record: dict, key: str, what: str = "") -> ValueError:
+    """The error for a record without ``key``: its keys, and for a record of another format
+    (Alpaca given to the ShareGPT handler, ...) the --handler-name that reads it."""
+    keys = ", ".join(map(str, record)) or "none"
+    hint = ""
+    if not what:  # a top-level key: the record's format is in question
+        for name, (_, defaults) in HANDLERS.items():
+            wanted = ([defaults["prompt"], defaults["response"]] if "prompt" in defaults
+                      else [defaults["messages"]])
+            if all(k in record for k in wanted):
+                hint = (f"; these are {name} records: --handler-name "
+                        f"{name[:-len(_SUFFIX)]}, or --map-keys to rename the fields")
+                break
+    return ValueError(f"no key {key!r}{what} (keys: {keys}){hint}")
+
+
 def _text(record: dict, key: str, required: bool, what: str = "") -> Optional[str]:
     if key not in record:
         if required:
-            keys = ", ".join(map(str, record)) or "none"
-            raise ValueError(f"no key {key!r}{what} (keys: {keys})")
+            raise _missing(record, key, what)
         return None
     value = record[key]
     if value is None and not required:
@@ -108,7 +123,7 @@ class MessagesHandler:
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
         key, tags = self.keys["messages"], self.keys["tags"]
         if key not in record:
-            raise ValueError(f"no key {key!r} (keys: {', '.join(map(str, record)) or 'none'})")
+            raise _missing(record, key)
         messages = record[key]
         if not isinstance(messages, list):
             raise ValueError(f"key {key!r} is {type(messages).__name__}, not a list of messages")
