@@ -11,7 +11,7 @@ from megatron_ext import platform
 from megatron_ext.config import blend
 from megatron_ext.config.blend import SPLITS
 from megatron_ext.config.checkpoint import CheckpointConfig
-from megatron_ext.config.components import Config, default_ffn_hidden_size, require
+from megatron_ext.config.components import Config, ConfigError, default_ffn_hidden_size, require
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
