@@ -52,6 +52,7 @@ def save_checkpoint(trainer) -> None:
     # Collective over the DP x CP ranks the distributed optimizer shards over: every rank
     # takes part, DP x CP rank 0 receives the full state and writes the (tp, pp) file. CP ranks
     # hold the same weights and the same RNG states (seeded alike), so CP is not in the layout.
+    platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     distrib_states = [opt.get_parameter_state_dp_zero()
                       for opt in distributed_optimizers(trainer.optimizer)]
     if topology.dp_cp_rank == 0:

@@ -33,12 +33,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext import platform
@@ -167,6 +165,7 @@ def save(trainer) -> None:
         staging.mkdir(parents=True)
     dist.barrier()
     metadata = _metadata(trainer)
+    platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False,
                                 part=lora_checkpoint.saved_part(trainer.config))
     request = dist_checkpointing.save(state, str(staging), async_sharded_save=c.async_save,
@@ -216,25 +215,6 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
     return dict(content, distrib_optim_sharding_type=sharding)
 
 
-def _torch_adam_optimizers(optimizer) -> list:
-    """The distributed optimizers that drive torch's Adam (megatron-core without Apex/TE)."""
-    return [] if distrib_optimizer.HAVE_APEX_OR_TE else distributed_optimizers(optimizer)
-
-
-def _allocate_adam_state(optimizer) -> None:
-    """megatron-core 0.16's ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` calls
-    its ``state_dict()``, which with torch's Adam reads every parameter's ``step``: state that
-    torch allocates at the first step only. Allocate it (zeros, overwritten by the load)."""
-    for opt in _torch_adam_optimizers(optimizer):
-        adam = opt.optimizer
-        for group in adam.param_groups:
-            for param in group["params"]:
-                if not adam.state[param]:
-                    adam.state[param] = {"step": torch.zeros(()),
-                                         "exp_avg": torch.zeros_like(param),
-                                         "exp_avg_sq": torch.zeros_like(param)}
-
-
 def saved_args(directory):
     """The ``args`` of the torch_dist checkpoint in ``directory`` (None if it saved none)."""
     return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
@@ -279,7 +259,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout,
                                     switched) if load_optim else _metadata(trainer))
     if load_optim:
-        _allocate_adam_state(trainer.optimizer)
+        platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
     if switched:
