@@ -110,7 +110,9 @@ def check_meta(shard: Shard, meta: ShardMeta) -> None:
 
 
 # -- scanning shards without metadata -----------------------------------------------------------
-def _scan_key(prefix: str) -> Dict[str, object]:
+def shard_key(prefix: str) -> Dict[str, object]:
+    """The shard's identity: path, and size and mtime of its .bin and .idx (a rewrite changes
+    them)."""
     key = {"version": SCAN_VERSION, "path": os.path.abspath(bin_path(prefix))}
     for name, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
         stat = os.stat(path)
@@ -147,7 +149,7 @@ def scan_tokens(shard: Shard, eod: int) -> Dict[str, object]:
 def scanned_facts(shard: Shard, eod: int, cache_dir: Optional[str]) -> Dict[str, object]:
     """``scan_tokens``' result, from the cache when this file (path, size, mtime) was scanned
     before for the same EOD id; a new scan is written atomically (ranks may race: same bytes)."""
-    key = _scan_key(shard.prefix)
+    key = shard_key(shard.prefix)
     path = _cache_file(cache_dir, key) if cache_dir else None
     cached = None
     if path and os.path.isfile(path):
