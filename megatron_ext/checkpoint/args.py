@@ -150,8 +150,10 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
 
 
 def model_args_namespace(config, vocab_size: Optional[int]) -> argparse.Namespace:
-    """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab."""
-    return build_args(**_run_values(config, vocab_size))
+    """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab;
+    with the tokenizer, which Megatron-LM's ``--use-checkpoint-args`` takes over too."""
+    return build_args(**_run_values(config, vocab_size), tokenizer_type=config.data.tokenizer_type,
+                      tokenizer_model=config.data.tokenizer_model)
 
 
 def saved_value(args: argparse.Namespace, name: str):
