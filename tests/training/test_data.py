@@ -226,8 +226,7 @@ def test_dataset_caches_go_beside_the_run_never_beside_the_shards(tmp_path, tmp_
     assert train is not None and valid is not None
     assert sorted(os.listdir(shard_dir)) == before
     cache = (tmp_path / "ckpt" if save else tmp_cwd / ".cache") / "data_cache"
-    [indices] = cache.glob("indices-*")
-    written = sorted(os.listdir(indices))
+    written = sorted(path.name for path in cache.glob("indices-*/*"))
     # GPTDataset indices of both prefixes and the BlendedDataset indices, train and valid.
     assert any("GPTDataset-train" in name for name in written), written
     assert any("BlendedDataset-train" in name for name in written), written
