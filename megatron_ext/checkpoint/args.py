@@ -149,11 +149,12 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
     )
 
 
-def model_args_namespace(config, vocab_size: Optional[int]) -> argparse.Namespace:
+def model_args_namespace(config, vocab_size: Optional[int], **extra) -> argparse.Namespace:
     """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab;
-    with the tokenizer, which Megatron-LM's ``--use-checkpoint-args`` takes over too."""
+    with the tokenizer, which Megatron-LM's ``--use-checkpoint-args`` takes over too, and
+    ``extra``."""
     return build_args(**_run_values(config, vocab_size), tokenizer_type=config.data.tokenizer_type,
-                      tokenizer_model=config.data.tokenizer_model)
+                      tokenizer_model=config.data.tokenizer_model, **extra)
 
 
 def saved_value(args: argparse.Namespace, name: str):

@@ -46,6 +46,7 @@ from megatron_ext.training import coba, lora_checkpoint, optimizer_switch
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
+from megatron_ext.training import shard_checks
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -73,6 +74,7 @@ def _saved_args(trainer):
     args.data_parallel_size = trainer.topology.data_parallel
     args.consumed_train_samples = trainer.consumed_samples
     args.consumed_valid_samples = trainer.consumed_valid_samples
+    args.data_shards = shard_checks.shard_sizes(trainer.config)
     return args
 
 
@@ -238,6 +240,8 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
+    if not weights_only:
+        shard_checks.warn_changed_shards(saved_args, trainer.config, directory)
     load_rng = not weights_only and not c.no_load_rng
     if load_optim and "opt_param_scheduler" not in common:
         raise ckpt.CheckpointError(

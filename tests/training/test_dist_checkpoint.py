@@ -165,6 +165,34 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, ckpt_format):
+    """The resumed run reads other samples than the saved run would have: it says which shard
+    changed (and not when none did)."""
+    import numpy as np
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+
+    def write(count):
+        with IndexedDatasetWriter(prefix, np.uint16) as writer:
+            for doc in np.random.default_rng(count).integers(1, 126, (count, 20)):
+                writer.add_document(list(doc) + [127])  # NullTokenizer(127)'s EOD
+
+    prefix = str(tmp_path / "A_text_document")
+    write(300)
+    argv = [a for a in BASE if a != "--mock-data"] + [
+        "--data-path", prefix, "--split", "100,0,0", "--ckpt-format", ckpt_format]
+    launch(_train, 1, argv + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
+    resume = argv + ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"]
+    capfd.readouterr()
+    launch(_learning_rates, 1, resume, 1)  # with the log set up as pretrain's
+    assert "the shard changed" not in "".join(capfd.readouterr())
+    write(250)
+    launch(_learning_rates, 1, resume, 1)
+    log = "".join(capfd.readouterr())
+    # 21 uint16 tokens a document: .bin 300 x 42 bytes then, 250 x 42 now.
+    assert f"{prefix}: the shard changed since" in log and "12600/" in log and "10500/" in log
+
+
 def test_no_load_optim_restarts_the_schedule_and_says_so(tmp_path, capfd):
     """As Megatron-LM's: the optimizer and its LR schedule start afresh (the LRs of a run from
     scratch) while iterations and data continue; the resume's log line says so. megatron-core's
