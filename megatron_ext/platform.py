@@ -25,8 +25,9 @@ megatron-core is used unchanged.
 7. KV cache (``megatron_ext.generation``): megatron-core's attention allocates the static
    inference context's key/value buffers on ``torch.cuda.current_device()``; the shim (1.) on
    ``megatron.core.transformer.attention`` puts them on the CPU (checked on 0.16.1 only).
-8. Optimizer state on any device: loading a distributed optimizer that drives torch's Adam
-   (no Apex/TE) needs ``torch_adam_steps_kept``; resuming with ``--decoupled-lr`` on 0.16-0.18
+8. Optimizer state on any device: saving or loading a distributed optimizer that drives
+   torch's Adam (no Apex/TE) needs ``torch_adam_state_allocated``, loading it also
+   ``torch_adam_steps_kept``; resuming with ``--decoupled-lr`` on 0.16-0.18
    needs ``mark_decoupled_lr_groups``, and such a checkpoint on 0.19
    ``unmark_saved_decoupled_lr_groups``.
 
@@ -307,6 +308,28 @@ def manual_seed(seed: int) -> None:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
+
+
+def torch_adam_state_allocated(optimizers) -> None:
+    """Give every parameter of the megatron-core ``DistributedOptimizer``s that drive torch's
+    Adam (no Apex/TE) the Adam state torch allocates at its first step, where it has none yet:
+    before any step, and with --fp16 after steps the loss scaler skipped (the first dozens).
+    Both save formats and the torch_dist load read it: ``state_dict()`` asserts one ``step``
+    over all parameters (0.16.1-0.19.2), ``get_parameter_state_dp_zero`` reads ``exp_avg``.
+    The zeros are what torch's Adam would start from (``step`` a float32 scalar), so training
+    goes on as without them; a load overwrites them. On Apex/TE it changes nothing."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for opt in optimizers:
+        adam = opt.optimizer
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {"step": torch.zeros(()),
+                                         "exp_avg": torch.zeros_like(param),
+                                         "exp_avg_sq": torch.zeros_like(param)}
 
 
 @contextlib.contextmanager

@@ -81,7 +81,8 @@ def test_readme_preprocessing_and_a_run_leave_the_repository_clean(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     # The dataset caches went to SAVE/data_cache, nothing beside the shards.
     assert sorted(os.listdir(repo / "runs" / "data")) == shard_files
-    assert any("BlendedDataset" in name for name in os.listdir(repo / "runs/ckpt/data_cache"))
+    assert any("BlendedDataset" in path.name for path in (repo / "runs/ckpt/data_cache").glob(
+        "indices-*/*"))
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=repo,
                             capture_output=True, text=True, check=True)
     assert status.stdout == ""

@@ -27,6 +27,7 @@ from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimi
                                                    check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
+from megatron_ext.training import shard_checks
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -52,12 +53,14 @@ def save_checkpoint(trainer) -> None:
     # Collective over the DP x CP ranks the distributed optimizer shards over: every rank
     # takes part, DP x CP rank 0 receives the full state and writes the (tp, pp) file. CP ranks
     # hold the same weights and the same RNG states (seeded alike), so CP is not in the layout.
+    platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     distrib_states = [opt.get_parameter_state_dp_zero()
                       for opt in distributed_optimizers(trainer.optimizer)]
     if topology.dp_cp_rank == 0:
         saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
         payload = {
-            "args": model_args_namespace(trainer.config, trainer.vocab_size),
+            "args": model_args_namespace(trainer.config, trainer.vocab_size,
+                                         data_shards=shard_checks.shard_sizes(trainer.config)),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
@@ -186,6 +189,8 @@ def _load(trainer, root, part, weights_only: bool) -> None:
     ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path,
                                lora_checkpoint.keys(part))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
+    if not weights_only:
+        shard_checks.warn_changed_shards(payload.get("args"), trainer.config, path)
     if (weights_only or c.no_load_optim) and (trainer.config.model.bf16
                                               or trainer.config.model.fp16):
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights

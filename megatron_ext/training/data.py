@@ -14,6 +14,8 @@ every rank checks that it sees rank 0's files, and all ranks stop alike, naming 
 one does not; only then do the other ranks load. On one node nothing changes.
 """
 
+import hashlib
+import json
 import os
 
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron_ext import platform
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.blend import check_prefixes, resolve
+from megatron_ext.training.shard_checks import shard_key
 from megatron_ext.training.sft_dataset import build_sft_datasets
 
 
@@ -59,13 +62,14 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
     if per_split is not None and split_matrix is not None:
         # Whole datasets per split; those of a split the run does not read are not built.
         per_split = [b if bounds is not None else None for b, bounds in zip(per_split, split_matrix)]
+    cache = d.data_cache_path and index_cache_path(d.data_cache_path, blends.prefixes())
     dataset_config = GPTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,
         blend=blends.blend,
         blend_per_split=per_split,
         split=None if per_split is not None else d.split,
-        path_to_cache=d.data_cache_path,
+        path_to_cache=cache,
         tokenizer=DatasetTokenizer(eod=eod, vocab_size=vocab_size),
         # Both flags isolate documents (Config.varlen); positions restart with either.
         reset_position_ids=config.varlen,
@@ -87,11 +91,22 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
     if d.mock_data or not torch.distributed.is_initialized():
         return check_one_epoch(blends, build(lambda: True), split_sizes)
     build(lambda: torch.distributed.get_rank() == 0)  # writes the cache: rank 0, once
-    cache_dirs = ([d.data_cache_path] if d.data_cache_path else
+    cache_dirs = ([cache] if cache else
                   [os.path.join(prefix, "cache", "GPTDataset_indices")
                    for prefix, _ in blends.prefixes()])
     check_cache_visible(cache_dirs)
     return check_one_epoch(blends, build(lambda: True), split_sizes)  # loads rank 0's files
+
+
+def index_cache_path(base: str, prefixes) -> str:
+    """The directory under ``base`` for the index caches of these shards. megatron-core names
+    its cached indices by the dataset's description (shard path, split, seed, sequence length,
+    tokenizer), not by what the shard holds: a shard rewritten in place (a resume after the
+    data was regenerated, say) would reuse indices of the old one, an IndexError mid-training
+    or other samples silently. Keyed by every shard's size and mtime, it is rebuilt instead."""
+    keys = [shard_key(prefix) for prefix, _ in prefixes]
+    digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(base, f"indices-{digest}")
 
 
 def check_one_epoch(blends, datasets, split_sizes: List[int]):

@@ -33,12 +33,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.optimizer import distrib_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext import platform
@@ -48,6 +46,7 @@ from megatron_ext.training import coba, lora_checkpoint, optimizer_switch
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
+from megatron_ext.training import shard_checks
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -75,6 +74,7 @@ def _saved_args(trainer):
     args.data_parallel_size = trainer.topology.data_parallel
     args.consumed_train_samples = trainer.consumed_samples
     args.consumed_valid_samples = trainer.consumed_valid_samples
+    args.data_shards = shard_checks.shard_sizes(trainer.config)
     return args
 
 
@@ -167,6 +167,7 @@ def save(trainer) -> None:
         staging.mkdir(parents=True)
     dist.barrier()
     metadata = _metadata(trainer)
+    platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False,
                                 part=lora_checkpoint.saved_part(trainer.config))
     request = dist_checkpointing.save(state, str(staging), async_sharded_save=c.async_save,
@@ -216,25 +217,6 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
     return dict(content, distrib_optim_sharding_type=sharding)
 
 
-def _torch_adam_optimizers(optimizer) -> list:
-    """The distributed optimizers that drive torch's Adam (megatron-core without Apex/TE)."""
-    return [] if distrib_optimizer.HAVE_APEX_OR_TE else distributed_optimizers(optimizer)
-
-
-def _allocate_adam_state(optimizer) -> None:
-    """megatron-core 0.16's ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` calls
-    its ``state_dict()``, which with torch's Adam reads every parameter's ``step``: state that
-    torch allocates at the first step only. Allocate it (zeros, overwritten by the load)."""
-    for opt in _torch_adam_optimizers(optimizer):
-        adam = opt.optimizer
-        for group in adam.param_groups:
-            for param in group["params"]:
-                if not adam.state[param]:
-                    adam.state[param] = {"step": torch.zeros(()),
-                                         "exp_avg": torch.zeros_like(param),
-                                         "exp_avg_sq": torch.zeros_like(param)}
-
-
 def saved_args(directory):
     """The ``args`` of the torch_dist checkpoint in ``directory`` (None if it saved none)."""
     return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
@@ -255,6 +237,8 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
+    if not weights_only:
+        shard_checks.warn_changed_shards(saved_args, trainer.config, directory)
     load_rng = not weights_only and not c.no_load_rng
     if load_optim and "opt_param_scheduler" not in common:
         raise ckpt.CheckpointError(
@@ -276,7 +260,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     metadata = (_optimizer_metadata(trainer, content, saved_args, directory, same_layout,
                                     switched) if load_optim else _metadata(trainer))
     if load_optim:
-        _allocate_adam_state(trainer.optimizer)
+        platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
     if switched:

@@ -110,7 +110,9 @@ def check_meta(shard: Shard, meta: ShardMeta) -> None:
 
 
 # -- scanning shards without metadata -----------------------------------------------------------
-def _scan_key(prefix: str) -> Dict[str, object]:
+def shard_key(prefix: str) -> Dict[str, object]:
+    """The shard's identity: path, and size and mtime of its .bin and .idx (a rewrite changes
+    them)."""
     key = {"version": SCAN_VERSION, "path": os.path.abspath(bin_path(prefix))}
     for name, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
         stat = os.stat(path)
@@ -147,7 +149,7 @@ def scan_tokens(shard: Shard, eod: int) -> Dict[str, object]:
 def scanned_facts(shard: Shard, eod: int, cache_dir: Optional[str]) -> Dict[str, object]:
     """``scan_tokens``' result, from the cache when this file (path, size, mtime) was scanned
     before for the same EOD id; a new scan is written atomically (ranks may race: same bytes)."""
-    key = _scan_key(shard.prefix)
+    key = shard_key(shard.prefix)
     path = _cache_file(cache_dir, key) if cache_dir else None
     cached = None
     if path and os.path.isfile(path):
@@ -362,6 +364,28 @@ def data_prefixes(config: Config) -> List[Tuple[str, bool, str]]:
         if os.path.exists(tasks_path(prefix)):  # multi-task data (check_prefix: it exists)
             pairs.append((task_ids_prefix(prefix), False, flag))
     return pairs
+
+
+def shard_sizes(config: Config) -> Dict[str, List[int]]:
+    """The bytes of each shard's .bin and .idx, saved with a checkpoint (``data_shards`` in its
+    args) for ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
+    if config.data.mock_data:
+        return {}
+    return {prefix: [os.path.getsize(bin_path(prefix)), os.path.getsize(idx_path(prefix))]
+            for prefix, _, _ in data_prefixes(config)}
+
+
+def warn_changed_shards(saved_args, config: Config, where) -> None:
+    """Name every shard that the checkpoint in ``where`` was trained on at other sizes: the
+    resumed run continues at its consumed samples in the new data's sample order, not in the
+    one the checkpoint's run drew from (Megatron-LM resumes so too, without a word)."""
+    saved = getattr(saved_args, "data_shards", None) or {}
+    for prefix, sizes in shard_sizes(config).items():
+        if prefix in saved and list(saved[prefix]) != sizes:
+            logger.warning(
+                f"{prefix}: the shard changed since {where} was saved (.bin/.idx "
+                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {sizes[0]}/{sizes[1]} now): "
+                f"training continues over the new contents, its samples not the saved run's")
 
 
 def check_data(config: Config, tokenizer) -> Optional[List[Optional[Tuple[float, float]]]]:

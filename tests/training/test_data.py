@@ -226,11 +226,28 @@ def test_dataset_caches_go_beside_the_run_never_beside_the_shards(tmp_path, tmp_
     assert train is not None and valid is not None
     assert sorted(os.listdir(shard_dir)) == before
     cache = (tmp_path / "ckpt" if save else tmp_cwd / ".cache") / "data_cache"
-    written = sorted(os.listdir(cache))
+    written = sorted(path.name for path in cache.glob("indices-*/*"))
     # GPTDataset indices of both prefixes and the BlendedDataset indices, train and valid.
     assert any("GPTDataset-train" in name for name in written), written
     assert any("BlendedDataset-train" in name for name in written), written
     assert any("GPTDataset-valid" in name for name in written), written
+
+
+def test_a_shard_rewritten_in_place_gets_fresh_indices(tmp_path):
+    """Same path, other documents (fewer): the cached indices of the old shard would point past
+    its end. The reference: the same shard built into an empty cache."""
+    rng = np.random.default_rng(2)
+    prefix = str(tmp_path / "A_text_document")
+    _write(prefix, _random_docs(rng, 1, 99, 120))
+    cache = ["--data-cache-path", str(tmp_path / "cache")]
+    old, = _datasets([prefix], "100,0,0", [200, 0, 0], extra=cache)[:1]
+    _write(prefix, _random_docs(rng, 1, 99, 40))
+    new, = _datasets([prefix], "100,0,0", [200, 0, 0], extra=cache)[:1]
+    fresh, = _datasets([prefix], "100,0,0", [200, 0, 0],
+                       extra=["--data-cache-path", str(tmp_path / "empty")])[:1]
+    assert len(new) == len(fresh) != len(old)
+    for i in range(len(fresh)):
+        assert new[i]["tokens"].tolist() == fresh[i]["tokens"].tolist(), i
 
 
 def test_explicit_or_mock_data_cache_path(tmp_path):

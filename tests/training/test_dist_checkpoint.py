@@ -87,20 +87,29 @@ def test_resume_in_another_layout(tmp_path, single_process, saved_ws, saved, res
         assert abs(fresh[1] - reference[0][4]) > 1e-3 * abs(reference[0][4])
 
 
+# --fp16 at this loss scale skips iterations 1-4: the save at 3 finds torch's Adam without state
+# (platform.torch_adam_state_allocated), the resumed run steps at 5 and 6. Both formats.
+FP16_SKIPPING = "--fp16 --initial-loss-scale 5e6 --use-distributed-optimizer"
+
+
 @pytest.mark.parametrize("world_size,flags", [
     (1, ""),
     (4, "--pipeline-model-parallel-size 2 --use-distributed-optimizer"),
-])
+    (2, FP16_SKIPPING),
+    (2, FP16_SKIPPING + " --ckpt-format torch"),
+], ids=["dp1", "pp2-distributed", "dp2-fp16-distributed-skipped", "dp2-fp16-skipped-torch"])
 def test_resume_is_bit_identical(tmp_path, world_size, flags):
     """Same layout, dropout on: stopped at 3 and resumed == uninterrupted, bit for bit."""
     argv = BASE + DROPOUT + flags.split()
     full = launch(_train_with_weights, world_size, argv, world_size)[0]
     first = launch(_train, world_size, argv + ["--save", str(tmp_path), "--save-interval", "3",
                                                "--exit-interval", "3"], world_size)[-1]
-    assert (tmp_path / "iter_0000003" / "metadata.json").is_file()
-    assert (tmp_path / "iter_0000003" / "common.pt").is_file()
+    if "--ckpt-format torch" not in flags:
+        assert (tmp_path / "iter_0000003" / "metadata.json").is_file()
+        assert (tmp_path / "iter_0000003" / "common.pt").is_file()
     resumed = launch(_train_with_weights, world_size, argv + ["--load", str(tmp_path)], world_size)[0]
     assert first + resumed[0] == full[0]
+    assert any(not torch.equal(full[1][name], t) for name, t in full[2].items())  # it trained
     for name, tensor in full[2].items():
         assert torch.equal(resumed[2][name], tensor), name
 
@@ -154,6 +163,34 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
         assert len(losses) == 4
         for name, tensor in weights.items():
             assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, ckpt_format):
+    """The resumed run reads other samples than the saved run would have: it says which shard
+    changed (and not when none did)."""
+    import numpy as np
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+
+    def write(count):
+        with IndexedDatasetWriter(prefix, np.uint16) as writer:
+            for doc in np.random.default_rng(count).integers(1, 126, (count, 20)):
+                writer.add_document(list(doc) + [127])  # NullTokenizer(127)'s EOD
+
+    prefix = str(tmp_path / "A_text_document")
+    write(300)
+    argv = [a for a in BASE if a != "--mock-data"] + [
+        "--data-path", prefix, "--split", "100,0,0", "--ckpt-format", ckpt_format]
+    launch(_train, 1, argv + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
+    resume = argv + ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"]
+    capfd.readouterr()
+    launch(_learning_rates, 1, resume, 1)  # with the log set up as pretrain's
+    assert "the shard changed" not in "".join(capfd.readouterr())
+    write(250)
+    launch(_learning_rates, 1, resume, 1)
+    log = "".join(capfd.readouterr())
+    # 21 uint16 tokens a document: .bin 300 x 42 bytes then, 250 x 42 now.
+    assert f"{prefix}: the shard changed since" in log and "12600/" in log and "10500/" in log
 
 
 def test_no_load_optim_restarts_the_schedule_and_says_so(tmp_path, capfd):
