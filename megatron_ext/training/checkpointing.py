@@ -22,12 +22,11 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to,
                                           model_args_namespace, padded_vocab_size, saved_value)
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
-from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint
+from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint, shard_checks
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
                                                    check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
-from megatron_ext.training import shard_checks
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")

@@ -42,11 +42,10 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
-from megatron_ext.training import coba, lora_checkpoint, optimizer_switch
+from megatron_ext.training import coba, lora_checkpoint, optimizer_switch, shard_checks
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
-from megatron_ext.training import shard_checks
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")

@@ -88,15 +88,6 @@ def test_which_flags_are_taken_over_which_command_line_values(tmp_path):
     assert _parse(RUN + ["--load", load]).model.num_layers == 2
 
 
-def test_the_tokenizer_comes_from_our_checkpoint_too(tmp_path):
-    """As from Megatron-LM's: the resumed run names no tokenizer (a GPT-2 one saved, say, would
-    otherwise fail on a missing --tokenizer-type, or train on another's ids)."""
-    load = _saved(tmp_path)
-    i = RUN.index("--tokenizer-type")
-    config = _parse(RUN[:i] + RUN[i + 2:] + ["--load", load, "--use-checkpoint-args"])
-    assert config.data.tokenizer_type == "NullTokenizer"
-
-
 def test_use_checkpoint_args_errors_and_fresh_start(tmp_path):
     with pytest.raises(ConfigError, match="--use-checkpoint-args .* give --load"):
         _parse(RUN + ["--use-checkpoint-args"])
