@@ -28,7 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron_ext import platform
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.blend import check_prefixes, resolve
-from megatron_ext.training.shard_checks import shard_key
+from megatron_ext.training.shard_scan import shard_key
 from megatron_ext.training.sft_dataset import build_sft_datasets
 
 
