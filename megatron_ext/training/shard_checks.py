@@ -299,7 +299,9 @@ def shard_sizes(config: Config) -> Dict[str, List[int]]:
     args) for ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
     if config.data.mock_data:
         return {}
-    return {prefix: [os.path.getsize(bin_path(prefix)), os.path.getsize(idx_path(prefix))]
+    # Absolute: a resume started elsewhere, or naming the shards by another path, finds them.
+    return {os.path.abspath(prefix): [os.path.getsize(bin_path(prefix)),
+                                      os.path.getsize(idx_path(prefix))]
             for prefix, _, _ in data_prefixes(config)}
 
 

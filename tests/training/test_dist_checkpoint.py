@@ -165,10 +165,12 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
-@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
-def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, ckpt_format):
+@pytest.mark.parametrize("ckpt_format, relative", [("torch_dist", False), ("torch", False),
+                                                    ("torch_dist", True)])
+def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, monkeypatch,
+                                                             ckpt_format, relative):
     """The resumed run reads other samples than the saved run would have: it says which shard
-    changed (and not when none did)."""
+    changed (and not when none did), also where the saved run named it by a relative path."""
     import numpy as np
     from megatron_ext.data.indexed import IndexedDatasetWriter
 
@@ -181,7 +183,11 @@ def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, ck
     write(300)
     argv = [a for a in BASE if a != "--mock-data"] + [
         "--data-path", prefix, "--split", "100,0,0", "--ckpt-format", ckpt_format]
-    launch(_train, 1, argv + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
+    saving = argv
+    if relative:
+        monkeypatch.chdir(tmp_path)
+        saving = [os.path.basename(a) if a == prefix else a for a in argv]
+    launch(_train, 1, saving + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
     resume = argv + ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"]
     capfd.readouterr()
     launch(_learning_rates, 1, resume, 1)  # with the log set up as pretrain's
