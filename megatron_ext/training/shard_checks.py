@@ -295,8 +295,10 @@ def data_prefixes(config: Config) -> List[Tuple[str, bool, str]]:
 
 
 def shard_sizes(config: Config) -> Dict[str, List[int]]:
-    """The bytes of each shard's .bin and .idx, saved with a checkpoint (``data_shards`` in its
-    args) for ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
+    """The bytes of each shard's .bin and .idx, taken at start-up (what the run trains on, and
+    no file read again at a save, where a rank that failed alone would leave the others
+    waiting), saved with a checkpoint (``data_shards`` in its args) for
+    ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
     if config.data.mock_data:
         return {}
     # Absolute: a resume started elsewhere, or naming the shards by another path, finds them.
@@ -305,16 +307,17 @@ def shard_sizes(config: Config) -> Dict[str, List[int]]:
             for prefix, _, _ in data_prefixes(config)}
 
 
-def warn_changed_shards(saved_args, config: Config, where) -> None:
-    """Name every shard that the checkpoint in ``where`` was trained on at other sizes: the
-    resumed run continues at its consumed samples in the new data's sample order, not in the
-    one the checkpoint's run drew from (Megatron-LM resumes so too, without a word)."""
+def warn_changed_shards(saved_args, sizes: Dict[str, List[int]], where) -> None:
+    """Name every shard that the checkpoint in ``where`` was trained on at other sizes than
+    ``sizes`` (this run's ``shard_sizes``): the resumed run continues at its consumed samples
+    in the new data's sample order, not in the one the checkpoint's run drew from (Megatron-LM
+    resumes so too, without a word)."""
     saved = getattr(saved_args, "data_shards", None) or {}
-    for prefix, sizes in shard_sizes(config).items():
-        if prefix in saved and list(saved[prefix]) != sizes:
+    for prefix, now in sizes.items():
+        if prefix in saved and list(saved[prefix]) != now:
             logger.warning(
                 f"{prefix}: the shard changed since {where} was saved (.bin/.idx "
-                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {sizes[0]}/{sizes[1]} now): "
+                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {now[0]}/{now[1]} now): "
                 f"training continues over the new contents, its samples not the saved run's")
 
 
