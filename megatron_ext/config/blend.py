@@ -106,6 +106,9 @@ def _per_split_file(path: str) -> List[Optional[Blend]]:
         value = lists[split]
         if isinstance(value, str):  # Megatron-LM splits a string at whitespace
             value = value.split()
+        if value is not None and not isinstance(value, list):
+            raise ConfigError(f"{flag} {path}: {split} is {json.dumps(value)}; give a list of "
+                              f"datasets (as --{split}-data-path), a string or null")
         blends.append(None if value is None else parse_blend(value, f"{flag} {path} ({split})"))
     return blends
 

@@ -12,6 +12,22 @@ CP_COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
 CP_SCHEMES = (CP_ALLGATHER, CP_A2A)
 
 
+def a2a_heads_error(num_heads: int, num_query_groups: int, tp: int, cp: int,
+                    origin: str = "") -> Optional[str]:
+    """--cp-comm-type a2a gives each CP rank 1 / CP of its TP rank's query heads and KV groups:
+    the error where a count does not split so (``origin``: where a2a came from), else None.
+    Said by validate before any process group, and by CoreAttention for megatron-core's
+    ``cp_comm_type`` (model/context_parallel.py)."""
+    for count, name in ((num_heads, "--num-attention-heads"),
+                        (num_query_groups, "--num-query-groups")):
+        if (count // tp) % cp:
+            return (f"--cp-comm-type a2a{origin} splits the heads of each tensor-parallel rank "
+                    f"over the CP ranks: {name} {count} / --tensor-model-parallel-size {tp} = "
+                    f"{count // tp} is not divisible by --context-parallel-size {cp}; change "
+                    "them or use --cp-comm-type allgather")
+    return None
+
+
 @dataclass
 class ParallelConfig:
     GROUP = "distributed"

@@ -15,7 +15,7 @@ from megatron_ext.config.components import Config, ConfigError, default_ffn_hidd
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
-from megatron_ext.config.parallel import CP_A2A, CP_SCHEMES
+from megatron_ext.config.parallel import CP_A2A, CP_SCHEMES, a2a_heads_error
 from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
 from megatron_ext.config.validate_schedule import validate_schedule
@@ -89,13 +89,8 @@ def _validate_context_parallel(config: Config) -> None:
     if CP_A2A in p.cp_comm_type:
         origin = ("" if "cp_comm_type" in config.given else
                   f" (--context-parallel-algo {config.mindspeed.context_parallel_algo})")
-        for count, flag in ((m.num_attention_heads, "--num-attention-heads"),
-                            (m.num_query_groups, "--num-query-groups")):
-            require((count // tp) % cp == 0,
-                     f"--cp-comm-type a2a{origin} splits the heads of each tensor-parallel rank "
-                     f"over the CP ranks: {flag} {count} / --tensor-model-parallel-size {tp} = "
-                     f"{count // tp} is not divisible by --context-parallel-size {cp}; change "
-                     "them or use --cp-comm-type allgather")
+        error = a2a_heads_error(m.num_attention_heads, m.num_query_groups, tp, cp, origin)
+        require(error is None, error)
     require(m.seq_length % (2 * cp) == 0,
              f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp}: "
              f"each sequence is cut into {2 * cp} equal chunks (two per CP rank)")

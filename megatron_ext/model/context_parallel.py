@@ -48,7 +48,8 @@ trades heads for sequence: each rank then holds the whole rows of ``heads / CP``
 rank, each rank's two chunks), put back in column order by ``row_order``. The attention is the
 one of CP=1 (each document over ``row_cu_seqlens`` of the whole (b, s)-flattened rows, or plain
 causal), and ``gather_heads`` sends every rank its columns of all heads back. Needs the heads
-and groups per TP rank divisible by CP (config/validate.py); layers may mix the two schemes.
+and groups per TP rank divisible by CP (config/parallel.py's ``a2a_heads_error``); layers may
+mix the two schemes.
 
 RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
 CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is
@@ -65,6 +66,8 @@ from typing import Optional, Tuple
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+
+from megatron_ext.config.parallel import a2a_heads_error
 
 __all__ = ["ContextParallelParams", "gather_heads", "layer_scheme", "local_columns",
            "rotary_embedding", "scatter_heads", "shard_batch"]
@@ -252,11 +255,8 @@ def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
                          f"and a2a only")
     scheme = _CP_SCHEMES[cp_comm_type]
     if scheme == "a2a":
-        for count, flag in ((config.num_attention_heads, "--num-attention-heads"),
-                            (config.num_query_groups or config.num_attention_heads,
-                             "--num-query-groups")):
-            if (count // tp) % cp:
-                raise ValueError(f"--cp-comm-type a2a splits the {count // tp} heads per TP rank "
-                                 f"of {flag} {count} over --context-parallel-size {cp}: make "
-                                 f"them divisible, or use --cp-comm-type allgather")
+        error = a2a_heads_error(config.num_attention_heads,
+                                config.num_query_groups or config.num_attention_heads, tp, cp)
+        if error:
+            raise ValueError(error)
     return scheme

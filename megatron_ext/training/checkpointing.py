@@ -59,7 +59,7 @@ def save_checkpoint(trainer) -> None:
         saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
         payload = {
             "args": model_args_namespace(trainer.config, trainer.vocab_size,
-                                         data_shards=shard_checks.shard_sizes(trainer.config)),
+                                         data_shards=trainer.shard_sizes),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
@@ -189,7 +189,7 @@ def _load(trainer, root, part, weights_only: bool) -> None:
                                lora_checkpoint.keys(part))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     if not weights_only:
-        shard_checks.warn_changed_shards(payload.get("args"), trainer.config, path)
+        shard_checks.warn_changed_shards(payload.get("args"), trainer.shard_sizes, path)
     if (weights_only or c.no_load_optim) and (trainer.config.model.bf16
                                               or trainer.config.model.fp16):
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights

@@ -28,7 +28,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron_ext import platform
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.blend import check_prefixes, resolve
-from megatron_ext.training.shard_checks import shard_key
+from megatron_ext.training.shard_scan import shard_key
 from megatron_ext.training.sft_dataset import build_sft_datasets
 
 
@@ -63,6 +63,12 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         # Whole datasets per split; those of a split the run does not read are not built.
         per_split = [b if bounds is not None else None for b, bounds in zip(per_split, split_matrix)]
     cache = d.data_cache_path and index_cache_path(d.data_cache_path, blends.prefixes())
+    if cache and torch.distributed.is_initialized():
+        # Rank 0's, which writes the indices: a node with its own copy of the shards (other
+        # mtimes) reads them there too, as with the cache named by the datasets alone.
+        shared = [cache]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        cache = shared[0]
     dataset_config = GPTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,

@@ -73,7 +73,7 @@ def _saved_args(trainer):
     args.data_parallel_size = trainer.topology.data_parallel
     args.consumed_train_samples = trainer.consumed_samples
     args.consumed_valid_samples = trainer.consumed_valid_samples
-    args.data_shards = shard_checks.shard_sizes(trainer.config)
+    args.data_shards = trainer.shard_sizes
     return args
 
 
@@ -237,7 +237,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
     if not weights_only:
-        shard_checks.warn_changed_shards(saved_args, trainer.config, directory)
+        shard_checks.warn_changed_shards(saved_args, trainer.shard_sizes, directory)
     load_rng = not weights_only and not c.no_load_rng
     if load_optim and "opt_param_scheduler" not in common:
         raise ckpt.CheckpointError(

@@ -9,15 +9,12 @@ every rank alike (all ranks read the same files) before a rank could wait for a 
 
 What a shard holds comes from its ``PREFIX.meta.json`` (written by preprocess_data.py) or, for
 a shard without one (Megatron-LM's tool), from one scan of its tokens, cached as JSON under
-``--data-cache-path`` keyed by the file's path, size and mtime. The ``.idx`` is read with
-numpy alone, as the format is documented in ``megatron_ext/data/indexed.py``.
+``--data-cache-path`` keyed by the file's path, size and mtime (``shard_scan.py``). The ``.idx``
+is read with numpy alone, as the format is documented in ``megatron_ext/data/indexed.py``.
 """
 
-import hashlib
-import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -30,15 +27,14 @@ from megatron_ext.data.indexed import IndexedDatasetReader, bin_path, idx_path
 from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
 from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError, meta_path,
-                                           read_meta, write_json_atomically)
+                                           read_meta)
 from megatron_ext.tokenizer import fingerprint
 from megatron_ext.config.blend import SPLITS, check_prefixes, naming, resolve
 from megatron_ext.training.sft_dataset import check_prefix
+from megatron_ext.training.shard_scan import scanned_facts
 
 logger = logging.getLogger("megatron_ext")
 
-SCAN_CHUNK_BYTES = 64 << 20  # bounded memory for the comparison with EOD, large enough for speed
-SCAN_VERSION = 2  # of the cached scan's content
 IDX_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence and document counts 8 + 8
 
 
@@ -107,74 +103,6 @@ def check_meta(shard: Shard, meta: ShardMeta) -> None:
             f"bytes, but the pair holds {found[0]} documents, {found[1]} tokens, .bin {found[2]} "
             f"and .idx {found[3]} bytes: the files come from different runs of "
             f"preprocess_data.py; rewrite the shard")
-
-
-# -- scanning shards without metadata -----------------------------------------------------------
-def shard_key(prefix: str) -> Dict[str, object]:
-    """The shard's identity: path, and size and mtime of its .bin and .idx (a rewrite changes
-    them)."""
-    key = {"version": SCAN_VERSION, "path": os.path.abspath(bin_path(prefix))}
-    for name, path in (("bin", bin_path(prefix)), ("idx", idx_path(prefix))):
-        stat = os.stat(path)
-        key[f"{name}_bytes"], key[f"{name}_mtime_ns"] = stat.st_size, stat.st_mtime_ns
-    return key
-
-
-def _cache_file(cache_dir: str, key: Dict[str, object]) -> str:
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(cache_dir, "shard_scans", f"{digest}.json")
-
-
-def scan_tokens(shard: Shard, eod: int) -> Dict[str, object]:
-    """Largest id, occurrences of ``eod`` and documents ending with it (one chunked pass over
-    the memory-mapped .bin), and the most frequent last tokens of the documents (a shard written
-    with --append-eod ends every document with its own EOD)."""
-    size = os.path.getsize(bin_path(shard.prefix))
-    dtype = shard.reader.dtype
-    tokens = np.memmap(bin_path(shard.prefix), dtype, "r") if size else np.zeros(0, dtype)
-    chunk = max(1, SCAN_CHUNK_BYTES // dtype.itemsize)
-    max_id, eod_count = -1, 0
-    for start in range(0, tokens.size, chunk):
-        part = tokens[start:start + chunk]
-        max_id = max(max_id, int(part.max()))
-        eod_count += int(np.count_nonzero(part == eod))
-    last = np.asarray(tokens[np.cumsum(shard.document_tokens)[shard.document_tokens > 0] - 1])
-    values, counts = np.unique(last, return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:3]
-    return {"max_id": max_id,
-            "eod_counts": {str(eod): [eod_count, int(np.count_nonzero(last == eod))]},
-            "last_tokens": [[int(values[i]), int(counts[i])] for i in order]}
-
-
-def scanned_facts(shard: Shard, eod: int, cache_dir: Optional[str]) -> Dict[str, object]:
-    """``scan_tokens``' result, from the cache when this file (path, size, mtime) was scanned
-    before for the same EOD id; a new scan is written atomically (ranks may race: same bytes)."""
-    key = shard_key(shard.prefix)
-    path = _cache_file(cache_dir, key) if cache_dir else None
-    cached = None
-    if path and os.path.isfile(path):
-        try:
-            with open(path) as f:
-                cached = json.load(f)
-        except (OSError, ValueError):
-            cached = None  # a damaged cache entry is scanned again and rewritten
-    if cached and cached.get("key") == key and str(eod) in cached.get("eod_counts", {}):
-        logger.info(f"{shard.prefix}: no {META_SUFFIX}; using its "
-                    f"scan cached in {path}")
-        return cached
-    started = time.perf_counter()
-    facts = scan_tokens(shard, eod)
-    seconds = time.perf_counter() - started
-    if cached and cached.get("key") == key:  # same file, another EOD: keep what is known
-        facts["eod_counts"] = {**cached.get("eod_counts", {}), **facts["eod_counts"]}
-    gigabytes = key["bin_bytes"] / 1e9
-    where = f"cached in {path}" if path else "not cached (no --data-cache-path)"
-    logger.info(f"{shard.prefix}: no {META_SUFFIX} (a shard of "
-                f"Megatron-LM's tool?): scanned {gigabytes:.2f} GB in {seconds:.2f} s, {where}")
-    if path:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_json_atomically(path, {"key": key, **facts, "seconds": round(seconds, 3)})
-    return facts
 
 
 # -- the checks against the run -----------------------------------------------------------------
@@ -367,24 +295,29 @@ def data_prefixes(config: Config) -> List[Tuple[str, bool, str]]:
 
 
 def shard_sizes(config: Config) -> Dict[str, List[int]]:
-    """The bytes of each shard's .bin and .idx, saved with a checkpoint (``data_shards`` in its
-    args) for ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
+    """The bytes of each shard's .bin and .idx, taken at start-up (what the run trains on, and
+    no file read again at a save, where a rank that failed alone would leave the others
+    waiting), saved with a checkpoint (``data_shards`` in its args) for
+    ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
     if config.data.mock_data:
         return {}
-    return {prefix: [os.path.getsize(bin_path(prefix)), os.path.getsize(idx_path(prefix))]
+    # Absolute: a resume started elsewhere, or naming the shards by another path, finds them.
+    return {os.path.abspath(prefix): [os.path.getsize(bin_path(prefix)),
+                                      os.path.getsize(idx_path(prefix))]
             for prefix, _, _ in data_prefixes(config)}
 
 
-def warn_changed_shards(saved_args, config: Config, where) -> None:
-    """Name every shard that the checkpoint in ``where`` was trained on at other sizes: the
-    resumed run continues at its consumed samples in the new data's sample order, not in the
-    one the checkpoint's run drew from (Megatron-LM resumes so too, without a word)."""
+def warn_changed_shards(saved_args, sizes: Dict[str, List[int]], where) -> None:
+    """Name every shard that the checkpoint in ``where`` was trained on at other sizes than
+    ``sizes`` (this run's ``shard_sizes``): the resumed run continues at its consumed samples
+    in the new data's sample order, not in the one the checkpoint's run drew from (Megatron-LM
+    resumes so too, without a word)."""
     saved = getattr(saved_args, "data_shards", None) or {}
-    for prefix, sizes in shard_sizes(config).items():
-        if prefix in saved and list(saved[prefix]) != sizes:
+    for prefix, now in sizes.items():
+        if prefix in saved and list(saved[prefix]) != now:
             logger.warning(
                 f"{prefix}: the shard changed since {where} was saved (.bin/.idx "
-                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {sizes[0]}/{sizes[1]} now): "
+                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {now[0]}/{now[1]} now): "
                 f"training continues over the new contents, its samples not the saved run's")
 
 

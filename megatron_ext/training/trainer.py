@@ -67,6 +67,7 @@ class Trainer:
         check_padded_vocab_size(config, self.vocab_size)
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
+        self.shard_sizes = shard_checks.shard_sizes(config)  # as trained on: saved, compared
         #    The checkpoint to load and the directory to save to, while they too fail alike;
         #    the vocabulary padded as the checkpoint is.
         checkpoint_checks.check_checkpoints(config)

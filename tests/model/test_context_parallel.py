@@ -164,7 +164,8 @@ def test_scheme_per_layer_and_the_heads_a2a_splits():
     assert [spec(config, n, AttnMaskType.causal, "self").cp_scheme for n in (1, 2, 3, 4)] == [
         "a2a", "allgather", "allgather", "a2a"]
     config.context_parallel_size = 4  # 2 KV groups over 4 ranks
-    with pytest.raises(ValueError, match=r"--cp-comm-type a2a .* --num-query-groups 2 over "
+    with pytest.raises(ValueError, match=r"--cp-comm-type a2a splits .* --num-query-groups 2 / "
+                                         r"--tensor-model-parallel-size 1 = 2 is not divisible by "
                                          r"--context-parallel-size 4.* --cp-comm-type allgather"):
         attention.core_attention_spec("sdpa", ["a2a"])(config, 1, AttnMaskType.causal, "self")
 

@@ -131,6 +131,15 @@ def test_malformed_sources_name_the_flag(shards, tmp_path, flags, expected):
     assert expected.format(**names) in str(info.value)
 
 
+@pytest.mark.parametrize("value", [5, {"A": 1}])
+def test_a_split_of_the_per_split_file_that_is_no_list_is_named(shards, tmp_path, value):
+    path = tmp_path / "lists.json"
+    path.write_text(json.dumps({"train": [shards["A"]], "valid": value, "test": None}))
+    with pytest.raises(ConfigError, match=rf"--per-split-data-args-path {path}: valid is "
+                                          rf".*; give a list of datasets"):
+        _ours(["--per-split-data-args-path", str(path)])
+
+
 def test_shard_checks_cover_every_split(tmp_path, shards):
     """The tokenizer checks reach a validation-only dataset: one written with ids beyond this
     run's vocabulary is refused naming --valid-data-path, before any dataset is built."""

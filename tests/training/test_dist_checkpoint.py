@@ -165,23 +165,38 @@ def test_the_other_format_is_recognised_and_loaded(tmp_path):
             assert torch.equal(loaded[name], tensor), name
 
 
-@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
-def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, ckpt_format):
-    """The resumed run reads other samples than the saved run would have: it says which shard
-    changed (and not when none did)."""
+def _write_shard(prefix, count):
+    """``count`` documents of 21 uint16 tokens, written beside ``prefix`` and renamed onto it
+    (a run that has the old files mapped keeps reading them)."""
     import numpy as np
     from megatron_ext.data.indexed import IndexedDatasetWriter
 
-    def write(count):
-        with IndexedDatasetWriter(prefix, np.uint16) as writer:
-            for doc in np.random.default_rng(count).integers(1, 126, (count, 20)):
-                writer.add_document(list(doc) + [127])  # NullTokenizer(127)'s EOD
+    with IndexedDatasetWriter(prefix + ".new", np.uint16) as writer:
+        for doc in np.random.default_rng(count).integers(1, 126, (count, 20)):
+            writer.add_document(list(doc) + [127])  # NullTokenizer(127)'s EOD
+    for suffix in (".bin", ".idx"):
+        os.replace(prefix + ".new" + suffix, prefix + suffix)
 
+
+@pytest.mark.parametrize("ckpt_format, relative", [("torch_dist", False), ("torch", False),
+                                                    ("torch_dist", True)])
+def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, monkeypatch,
+                                                             ckpt_format, relative):
+    """The resumed run reads other samples than the saved run would have: it says which shard
+    changed (and not when none did), also where the saved run named it by a relative path."""
     prefix = str(tmp_path / "A_text_document")
+
+    def write(count):
+        _write_shard(prefix, count)
+
     write(300)
     argv = [a for a in BASE if a != "--mock-data"] + [
         "--data-path", prefix, "--split", "100,0,0", "--ckpt-format", ckpt_format]
-    launch(_train, 1, argv + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
+    saving = argv
+    if relative:
+        monkeypatch.chdir(tmp_path)
+        saving = [os.path.basename(a) if a == prefix else a for a in argv]
+    launch(_train, 1, saving + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
     resume = argv + ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"]
     capfd.readouterr()
     launch(_learning_rates, 1, resume, 1)  # with the log set up as pretrain's
@@ -190,6 +205,36 @@ def test_a_shard_rewritten_since_the_save_is_named_on_resume(tmp_path, capfd, ck
     launch(_learning_rates, 1, resume, 1)
     log = "".join(capfd.readouterr())
     # 21 uint16 tokens a document: .bin 300 x 42 bytes then, 250 x 42 now.
+    assert f"{prefix}: the shard changed since" in log and "12600/" in log and "10500/" in log
+
+
+def _train_rewriting_the_shard(argv, world_size, prefix):
+    """_train, the shard rewritten once the run has started on it (at its first step)."""
+    def forward_step(*args, **kwargs):
+        if not rewritten:
+            rewritten.append(_write_shard(prefix, 250))
+        return pretrain_gpt.forward_step(*args, **kwargs)
+
+    rewritten = []
+    trainer = Trainer(parse_args(argv, world_size=world_size), forward_step,
+                      world_size=world_size)
+    trainer.train()
+    trainer.close()
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_a_checkpoint_records_the_shards_the_run_started_on(tmp_path, capfd, ckpt_format):
+    """A shard rewritten mid-run: the checkpoint records the sizes the run was started on (it
+    trains on the files it opened), so a resume on the new files says so."""
+    prefix = str(tmp_path / "A_text_document")
+    _write_shard(prefix, 300)
+    argv = [a for a in BASE if a != "--mock-data"] + [
+        "--data-path", prefix, "--split", "100,0,0", "--ckpt-format", ckpt_format]
+    launch(_train_rewriting_the_shard, 1,
+           argv + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1, prefix)
+    capfd.readouterr()
+    launch(_learning_rates, 1, argv + ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"], 1)
+    log = "".join(capfd.readouterr())
     assert f"{prefix}: the shard changed since" in log and "12600/" in log and "10500/" in log
 
 

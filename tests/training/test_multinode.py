@@ -131,3 +131,38 @@ def test_cache_not_shared_between_nodes_stops_every_rank(tmp_path):
     # The same files on both: a shared cache passes on every rank.
     (tmp_path / "node1" / "abc-GPTDataset-train-document_index.npy").write_bytes(b"")
     assert launch(_check_cache, 2, directories) == [None, None]
+
+
+def _build_in_own_copy(root, cache):
+    """Build the datasets as a rank on its own node: its copy of the shard, at the same
+    (relative) path, in root/node{rank}."""
+    import torch
+
+    from megatron_ext.config import parse_args
+    from megatron_ext.training.data import build_datasets
+    from tests.training.test_data import EOD, FLAGS, VOCAB
+
+    torch.distributed.init_process_group("gloo")
+    os.chdir(os.path.join(root, f"node{torch.distributed.get_rank()}"))
+    config = parse_args(FLAGS + ["--data-path", "A_text_document", "--split", "100,0,0",
+                                 "--data-cache-path", cache], world_size=1)
+    train = build_datasets(config, EOD, VOCAB, [40, 0, 0])[0]
+    return [train[i]["tokens"].tolist() for i in range(len(train))]
+
+
+def test_nodes_with_their_own_copies_of_the_shards_share_the_index_cache(tmp_path):
+    """Node-local copies of the data (other mtimes: a copy that kept none) and a shared cache:
+    every rank reads rank 0's indices, and the same samples."""
+    import numpy as np
+
+    from tests.training.test_data import _write
+
+    docs = [np.arange(1, 1 + n % 40 + 5) for n in range(60)]
+    for rank in (0, 1):
+        os.makedirs(tmp_path / f"node{rank}")
+        prefix = _write(str(tmp_path / f"node{rank}" / "A_text_document"), docs)
+        for suffix in (".bin", ".idx"):
+            os.utime(prefix + suffix, ns=(10**18 + rank, 10**18 + rank))
+    samples = launch(_build_in_own_copy, 2, str(tmp_path), str(tmp_path / "cache"))
+    assert samples[0] == samples[1] and samples[0]
+    assert len(os.listdir(tmp_path / "cache")) == 1  # one indices-* directory, rank 0's
