@@ -72,7 +72,7 @@ __all__ = ["ContextParallelParams", "gather_heads", "layer_scheme", "local_colum
 # --cp-comm-type values our CoreAttention implements, with megatron-core's spelling of
 # allgather (None: its TransformerConfig default, which is ours).
 _CP_SCHEMES = {None: "allgather", "all_gather": "allgather", "allgather": "allgather",
-               "a2a": "a2a"}
+               "a2a": "a2a", "p2p": "p2p"}
 # Per-token entries, cut like the tokens; task_ids and loss_weight come with multi-task
 # instruction data (training/multitask.py).
 SHARDED = ("tokens", "labels", "loss_mask", "position_ids", "task_ids", "loss_weight")
@@ -97,6 +97,11 @@ class ContextParallelParams(PackedSeqParams):
     row_order: torch.Tensor = None  # int64 [s]: the gathered row holding each column
     row_cu_seqlens: torch.Tensor = None  # int32: documents of the (b, s)-flattened rows; None:
     row_max_seqlen: int = None  # one per row (plain causal)
+    # --cp-comm-type p2p (model/ring_attention.py): per source CP rank j, None (no local query
+    # sees a key of j's block) or (rows, cols, q_column, q_document, k_column, k_document): the
+    # local queries and j's keys that take part, their global columns [n] and the column of
+    # their document's start per row [b, n] (same document: same start).
+    ring_blocks: tuple = None
 
 
 def local_columns(seq_length: int, cp_size: int, cp_rank: int,
@@ -168,6 +173,34 @@ def _attention_layout(starts: list, gathered_row: torch.Tensor, cp_size: int, cp
             torch.cat(rotary).view(b, 2 * c))
 
 
+def _ring_layout(starts: list, s: int, cp_size: int, cp_rank: int) -> tuple:
+    """``ContextParallelParams.ring_blocks`` for this rank. A query sees the keys of
+    ``[start of its document, its column]``, a key is seen by the queries of ``[its column, end
+    of its document)``: a row or column takes part if that range meets the other side's chunks
+    (two contiguous chunks per rank), in some row of the micro-batch."""
+    c = s // (2 * cp_size)
+    column = torch.arange(s)
+    bounds = [torch.tensor(row + [s]) for row in starts]
+    doc_start = torch.stack([b[torch.searchsorted(b, column, right=True) - 1] for b in bounds])
+    doc_last = torch.stack([b[torch.searchsorted(b, column, right=True)] - 1 for b in bounds])
+
+    def meets(lo, hi, rank):  # [b, n] ranges [lo, hi] against rank's chunks -> [n]
+        chunks = [rank * c, (2 * cp_size - 1 - rank) * c]
+        return torch.stack([torch.maximum(lo, torch.tensor(a)) <= torch.minimum(
+            hi, torch.tensor(a + c - 1)) for a in chunks]).any(0).any(0)
+
+    q_col = local_columns(s, cp_size, cp_rank)
+    blocks = []
+    for source in range(cp_size):
+        k_col = local_columns(s, cp_size, source)
+        rows = meets(doc_start[:, q_col], q_col.expand(len(starts), -1), source).nonzero()[:, 0]
+        cols = meets(k_col.expand(len(starts), -1), doc_last[:, k_col], cp_rank).nonzero()[:, 0]
+        blocks.append(None if len(rows) == 0 else (
+            rows, cols, q_col[rows], doc_start[:, q_col[rows]], k_col[cols],
+            doc_start[:, k_col[cols]]))
+    return tuple(blocks)
+
+
 def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
                 cp_group) -> Tuple[dict, ContextParallelParams]:
     """This CP rank's part of a global micro-batch and the params for ``GPTModel.forward``."""
@@ -183,9 +216,12 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         if batch.get(key) is not None:
             local[key] = batch[key].index_select(1, columns)
     bounds, row_order = _document_bounds(packed_seq_params, b, s), _row_order(s, cp_size)
+    starts = _document_starts(bounds, b, s)
     q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
-        _document_starts(bounds, b, s), row_order, cp_size, cp_rank)
+        starts, row_order, cp_size, cp_rank)
     to = dict(device=tokens.device)
+    ring = tuple(None if block is None else tuple(x.to(**to) for x in block)
+                 for block in _ring_layout(starts, s, cp_size, cp_rank))
     row_cu = row_max = None
     if bounds is not None:
         row_cu = torch.tensor(bounds, dtype=torch.int32, **to)
@@ -194,7 +230,7 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         cp_group=cp_group, rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
         kv_index=kv_index.to(**to), row_order=row_order.to(**to), row_cu_seqlens=row_cu,
-        row_max_seqlen=row_max,
+        row_max_seqlen=row_max, ring_blocks=ring,
     )
     return local, params
 
@@ -239,7 +275,7 @@ def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
 
 def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
                  per_layer: Tuple[str, ...]) -> Optional[str]:
-    """This layer's scheme, allgather or a2a (None without CP): megatron-core's
+    """This layer's scheme, allgather, a2a or p2p (None without CP): megatron-core's
     ``cp_comm_type`` (from ``TransformerConfig``) or ours, one value or one per layer
     (``layer_number`` counts from 1 over the whole model, as megatron-core's)."""
     cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
@@ -248,8 +284,8 @@ def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
     if cp_comm_type is None and per_layer:
         cp_comm_type = per_layer[0] if len(per_layer) == 1 else per_layer[layer_number - 1]
     if cp_comm_type not in _CP_SCHEMES:
-        raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements allgather "
-                         f"and a2a only")
+        raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements allgather, "
+                         f"a2a and p2p (a2a+p2p is not implemented)")
     scheme = _CP_SCHEMES[cp_comm_type]
     if scheme == "a2a":
         for count, flag in ((config.num_attention_heads, "--num-attention-heads"),
