@@ -48,7 +48,13 @@ trades heads for sequence: each rank then holds the whole rows of ``heads / CP``
 rank, each rank's two chunks), put back in column order by ``row_order``. The attention is the
 one of CP=1 (each document over ``row_cu_seqlens`` of the whole (b, s)-flattened rows, or plain
 causal), and ``gather_heads`` sends every rank its columns of all heads back. Needs the heads
-and groups per TP rank divisible by CP (config/validate.py); layers may mix the two schemes.
+and groups per TP rank divisible by CP (config/validate.py); layers may mix the schemes.
+
+Attention (``--cp-comm-type p2p``, ring, exact): model/ring_attention.py passes K/V blocks
+around the CP group and merges the partial outputs by log-sum-exp; ``ring_blocks``
+(``_ring_layout``) names per source rank the local queries and the block's keys that take part
+(from the document ranges: a query sees ``[its document's start, its column]``), with their
+global columns and document starts for the mask.
 
 RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
 CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is

@@ -100,36 +100,47 @@ class _Ring(torch.autograd.Function):
 
 
 def _scores(q, block, layout, scale):
-    """Masked float32 scores [b, ng, np / ng, rows, cols] of the block's taking part."""
+    """Masked float32 scores ``[b, ng, np / ng, rows, cols]`` of the block's taking part, and
+    its scaled queries ``[b, ng, np / ng * rows, hn]`` and keys/values ``[b, ng, cols, hn]``.
+    The (head, row) dims are merged so that every product is one batched matmul over
+    (b, ng) of strided views, without copies."""
     rows, cols, q_col, q_doc, k_col, k_doc = layout
-    qs = q.index_select(3, rows).float()
-    ks = block[0].index_select(2, cols).float()
-    scores = torch.einsum("bgrqd,bgkd->bgrqk", qs, ks) * scale
+    b, groups, per_group, _, hn = q.shape
+    qs = q.index_select(3, rows).float().mul_(scale).view(b, groups, -1, hn)
+    ks, vs = block.index_select(3, cols).float().unbind(0)
+    scores = torch.matmul(qs, ks.transpose(-1, -2)).view(b, groups, per_group, len(rows), -1)
     allowed = (k_col[None, None, :] <= q_col[None, :, None]) & (
         k_doc[:, None, :] == q_doc[:, :, None])  # [b, rows, cols]
-    return scores.masked_fill(~allowed[:, None, None], float("-inf")), qs, ks
+    return scores.masked_fill_(~allowed[:, None, None], float("-inf")), qs, ks, vs
 
 
 def _block_forward(q, block, layout, scale):
-    scores, _, _ = _scores(q, block, layout, scale)
-    lse = torch.logsumexp(scores, -1)
-    probs = (scores - lse.masked_fill(lse == float("-inf"), 0)[..., None]).exp()
-    vs = block[1].index_select(2, layout[1]).float()
-    return torch.einsum("bgrqk,bgkd->bgrqd", probs, vs), lse
+    """(the block's normalized output [b, ng, np / ng, rows, hn], its log-sum-exp): 0 and -inf
+    for a query that sees no key of the block."""
+    scores, _, _, vs = _scores(q, block, layout, scale)
+    top = scores.amax(-1)
+    top = top.masked_fill_(top == float("-inf"), 0)
+    probs = scores.sub_(top[..., None]).exp_()
+    total = probs.sum(-1)
+    out = torch.matmul(probs.view(*vs.shape[:2], -1, probs.size(-1)), vs)
+    out = out.view(*probs.shape[:-1], -1) / total.clamp_min(torch.finfo(total.dtype).tiny)[
+        ..., None]  # a query that sees nothing: 0 / tiny = 0
+    return out, top + total.log()
 
 
 def _block_backward(q, block, layout, scale, dout, delta, lse, dq):
     """Adds the block's dQ into ``dq``; returns its [2, b, ng, cols, hn] dK/dV."""
     rows = layout[0]
-    scores, qs, ks = _scores(q, block, layout, scale)
-    probs = (scores - lse.index_select(3, rows)[..., None]).exp()  # masked: exp(-inf) = 0
-    do = dout.index_select(3, rows)
-    vs = block[1].index_select(2, layout[1]).float()
-    dv = torch.einsum("bgrqk,bgrqd->bgkd", probs, do)
-    dscores = probs * (torch.einsum("bgrqd,bgkd->bgrqk", do, vs)
-                       - delta.index_select(3, rows)[..., None]) * scale
-    dq.index_add_(3, rows, torch.einsum("bgrqk,bgkd->bgrqd", dscores, ks))
-    dk = torch.einsum("bgrqk,bgrqd->bgkd", dscores, qs)
+    scores, qs, ks, vs = _scores(q, block, layout, scale)
+    probs = scores.sub_(lse.index_select(3, rows)[..., None]).exp_()  # masked: exp(-inf) = 0
+    flat = probs.view(*qs.shape[:3], -1)  # [b, ng, np / ng * rows, cols]
+    do = dout.index_select(3, rows).view(qs.shape)
+    dv = torch.matmul(flat.transpose(-1, -2), do)
+    dscores = torch.matmul(do, vs.transpose(-1, -2)).view(probs.shape).sub_(
+        delta.index_select(3, rows)[..., None]).mul_(probs).view(flat.shape)
+    dq.index_add_(3, rows, torch.matmul(dscores, ks).mul_(scale).view(
+        *probs.shape[:-1], -1))
+    dk = torch.matmul(dscores.transpose(-1, -2), qs)  # qs carries the scale
     return torch.stack([dk, dv])
 
 
