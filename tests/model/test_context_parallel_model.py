@@ -225,12 +225,15 @@ def test_cp2_with_pp2_through_the_megatron_schedule(references):
 
 @pytest.mark.parametrize("flags, comm, extra", [
     ("documents", ["p2p"], []), ("plain-causal", ["p2p"], []), ("documents", ["p2p"], RECOMPUTE),
+    ("documents", ["p2p"], ["--recompute-granularity", "selective"]),
     ("documents", ["p2p", "allgather"], [])],
-    ids=["documents", "plain-causal", "documents-recompute", "documents-per-layer"])
+    ids=["documents", "plain-causal", "documents-recompute", "documents-recompute-selective",
+         "documents-per-layer"])
 def test_cp2_ring_gives_the_single_process_loss_logits_and_gradients(references, flags, comm,
                                                                      extra):
-    """--cp-comm-type p2p (ring attention), alone, under full recomputation (the ring replays
-    in the backward pass) and mixed with allgather per layer (2 layers)."""
+    """--cp-comm-type p2p (ring attention), alone, under full and selective (core attention)
+    recomputation (the ring replays in the backward pass) and mixed with allgather per layer
+    (2 layers)."""
     argv, sample, ref = references[flags]
     results = launch(_rank, 2, argv + ["--cp-comm-type", *comm] + extra, sample, 2, ref[5])
     _check(results, ref, sample["tokens"].size(1), results[0][4])
