@@ -1,5 +1,5 @@
 """Context-parallel attention: re-assembled from the CP ranks, each document is what it gives
-when run alone, with either --cp-comm-type (allgather, a2a).
+when run alone, with every --cp-comm-type (allgather, a2a, p2p).
 
 Every CP rank (gloo, forked) takes its chunks of the same global q/k/v (``shard_batch``'s
 layout), runs our ``CoreAttention`` and back-propagates a fixed random cotangent; the parent
@@ -231,3 +231,15 @@ def test_ring_refuses_attention_dropout():
     with pytest.raises(ValueError, match=r"--cp-comm-type p2p .* --attention-dropout 0 \(now "
                                          r"0.1\)"):
         CoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type="p2p", backend="sdpa")
+
+
+def test_ring_attention_in_bf16():
+    """bf16 q/k/v (the GPU training dtype): the K/V blocks travel in bf16, dK/dV in float32,
+    outputs and gradients come back in bf16 within its rounding of the float32 reference."""
+    inputs = _inputs()
+    results = launch(_rank, 2, 2, True, "sdpa", tuple(x.bfloat16() for x in inputs), "p2p")
+    assert all(x.dtype == torch.bfloat16 for _, *tensors in results for x in tensors)
+    actual = _assembled([(columns, *(x.float() for x in tensors))
+                         for columns, *tensors in results])
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(True, inputs)):
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")
