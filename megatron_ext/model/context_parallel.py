@@ -52,9 +52,9 @@ and groups per TP rank divisible by CP (config/validate.py); layers may mix the 
 
 Attention (``--cp-comm-type p2p``, ring, exact): model/ring_attention.py passes K/V blocks
 around the CP group and merges the partial outputs by log-sum-exp; ``ring_blocks``
-(``_ring_layout``) names per source rank the local queries and the block's keys that take part
-(from the document ranges: a query sees ``[its document's start, its column]``), with their
-global columns and document starts for the mask.
+(``_ring_layout``) names per source rank and (local chunk, source chunk) pair the local queries
+and the block's keys that take part (from the document ranges: a query sees ``[its
+document's start, its column]``), with their global columns and document starts for the mask.
 
 RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
 CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is
@@ -103,10 +103,10 @@ class ContextParallelParams(PackedSeqParams):
     row_order: torch.Tensor = None  # int64 [s]: the gathered row holding each column
     row_cu_seqlens: torch.Tensor = None  # int32: documents of the (b, s)-flattened rows; None:
     row_max_seqlen: int = None  # one per row (plain causal)
-    # --cp-comm-type p2p (model/ring_attention.py): per source CP rank j, None (no local query
-    # sees a key of j's block) or (rows, cols, q_column, q_document, k_column, k_document): the
-    # local queries and j's keys that take part, their global columns [n] and the column of
-    # their document's start per row [b, n] (same document: same start).
+    # --cp-comm-type p2p (model/ring_attention.py): per source CP rank j, the parts of j's block
+    # to compute (none: skipped), one per (local chunk, j's chunk) pair that a query sees:
+    # (rows, cols, q_column, q_document, k_column, k_document), the local queries and j's keys
+    # that take part, their global columns [n] and their document's start per row [b, n].
     ring_blocks: tuple = None
 
 
@@ -180,30 +180,36 @@ def _attention_layout(starts: list, gathered_row: torch.Tensor, cp_size: int, cp
 
 
 def _ring_layout(starts: list, s: int, cp_size: int, cp_rank: int) -> tuple:
-    """``ContextParallelParams.ring_blocks`` for this rank. A query sees the keys of
-    ``[start of its document, its column]``, a key is seen by the queries of ``[its column, end
-    of its document)``: a row or column takes part if that range meets the other side's chunks
-    (two contiguous chunks per rank), in some row of the micro-batch."""
+    """``ContextParallelParams.ring_blocks`` for this rank, one part per (local chunk, source
+    chunk) pair. A query sees the keys of ``[start of its document, its column]``, a key is seen
+    by the queries of ``[its column, end of its document)``: a query (key) takes part if that
+    range meets the other chunk, in some row of the micro-batch."""
     c = s // (2 * cp_size)
     column = torch.arange(s)
     bounds = [torch.tensor(row + [s]) for row in starts]
     doc_start = torch.stack([b[torch.searchsorted(b, column, right=True) - 1] for b in bounds])
     doc_last = torch.stack([b[torch.searchsorted(b, column, right=True)] - 1 for b in bounds])
 
-    def meets(lo, hi, rank):  # [b, n] ranges [lo, hi] against rank's chunks -> [n]
-        chunks = [rank * c, (2 * cp_size - 1 - rank) * c]
-        return torch.stack([torch.maximum(lo, torch.tensor(a)) <= torch.minimum(
-            hi, torch.tensor(a + c - 1)) for a in chunks]).any(0).any(0)
+    def meets(lo, hi, chunk):  # which of the [b, c] ranges [lo, hi] meet chunk, in some row
+        return (lo.clamp_min(chunk * c) <= hi.clamp_max(chunk * c + c - 1)).any(0)
+
+    def chunks(rank):
+        return (rank, 2 * cp_size - 1 - rank)
 
     q_col = local_columns(s, cp_size, cp_rank)
     blocks = []
     for source in range(cp_size):
-        k_col = local_columns(s, cp_size, source)
-        rows = meets(doc_start[:, q_col], q_col.expand(len(starts), -1), source).nonzero()[:, 0]
-        cols = meets(k_col.expand(len(starts), -1), doc_last[:, k_col], cp_rank).nonzero()[:, 0]
-        blocks.append(None if len(rows) == 0 else (
-            rows, cols, q_col[rows], doc_start[:, q_col[rows]], k_col[cols],
-            doc_start[:, k_col[cols]]))
+        k_col, parts = local_columns(s, cp_size, source), []
+        for qi, q_chunk in enumerate(chunks(cp_rank)):
+            for ki, k_chunk in enumerate(chunks(source)):
+                qc, kc = q_col[qi * c:(qi + 1) * c], k_col[ki * c:(ki + 1) * c]
+                rows = meets(doc_start[:, qc], qc.expand(len(starts), -1), k_chunk).nonzero()
+                cols = meets(kc.expand(len(starts), -1), doc_last[:, kc], q_chunk).nonzero()
+                if len(rows) and len(cols):
+                    rows, cols = rows[:, 0] + qi * c, cols[:, 0] + ki * c
+                    parts.append((rows, cols, q_col[rows], doc_start[:, q_col[rows]],
+                                  k_col[cols], doc_start[:, k_col[cols]]))
+        blocks.append(tuple(parts))
     return tuple(blocks)
 
 
@@ -226,7 +232,7 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
     q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
         starts, row_order, cp_size, cp_rank)
     to = dict(device=tokens.device)
-    ring = tuple(None if block is None else tuple(x.to(**to) for x in block)
+    ring = tuple(tuple(tuple(x.to(**to) for x in part) for part in block)
                  for block in _ring_layout(starts, s, cp_size, cp_rank))
     row_cu = row_max = None
     if bounds is not None:

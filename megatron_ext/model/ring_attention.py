@@ -15,12 +15,13 @@ once around the CP group (step i: rank r holds the block of rank ``(r - i) mod C
 queries attend to the block's keys, masked by global column (causal) and document (same
 document start), in float32; the partial outputs are merged online by their log-sum-exp (the
 flash/ring merge), so the result is softmax over all keys at once. ``ring_blocks`` (built once
-per micro-batch, on the host) names per block the queries and keys that take part: with the
-load-balanced layout a block from an earlier rank is seen by all local queries through its
-first chunk only, one from a later rank by the second local chunk only, and a block no query
-sees (other documents only) is skipped; a query row that sees nothing in a block in some row
-of the micro-batch gets log-sum-exp -inf there and weight 0 (every query sees itself in its
-own block, step 0, so the merged log-sum-exp is finite).
+per micro-batch, on the host) names per block its parts, one per (local chunk, block chunk)
+pair that some query sees, with the queries and keys that take part: with the load-balanced
+layout a block from an earlier rank is seen through its first chunk only, one from a later
+rank by the second local chunk only, and pairs of other documents only are skipped; a query
+that sees nothing of a part in some row of the micro-batch gets log-sum-exp -inf there and
+weight 0 (every query sees itself in its own block, step 0, so the merged log-sum-exp is
+finite).
 
 Backward (``_Ring.backward``): the blocks travel the ring again; each step recomputes the
 block's probabilities from the saved log-sum-exp, adds dQ locally and adds the block's dK/dV
@@ -56,8 +57,7 @@ class _Ring(torch.autograd.Function):
         block = kv
         for step in range(ring.size):
             pending = ring.pass_on(block) if step < ring.size - 1 else None
-            layout = params.ring_blocks[ring.source(step)]
-            if layout is not None:
+            for layout in params.ring_blocks[ring.source(step)]:
                 rows = layout[0]
                 part, part_lse = _block_forward(q, block, layout, scale)
                 merged = torch.logaddexp(lse[..., rows], part_lse)
@@ -84,13 +84,13 @@ class _Ring(torch.autograd.Function):
                                                device=kv.device), None
         for step in range(ring.size):
             pending = ring.pass_on(block) if step < ring.size - 1 else None
-            layout = params.ring_blocks[ring.source(step)]
-            grads = None if layout is None else _block_backward(
-                q, block, layout, scale, dout, delta, lse, dq)
+            parts = params.ring_blocks[ring.source(step)]
+            grads = [_block_backward(q, block, layout, scale, dout, delta, lse, dq)
+                     for layout in parts]
             if incoming is not None:  # the block's dK/dV so far, from the ranks before
                 dkv = incoming.wait()
-            if grads is not None:
-                dkv.index_add_(3, layout[1], grads)
+            for layout, grad in zip(parts, grads):
+                dkv.index_add_(3, layout[1], grad)
             # One step behind the K/V: after the last step it reaches the block's owner.
             incoming = ring.pass_on(dkv)
             if pending is not None:

@@ -212,17 +212,26 @@ def _ring_blocks(rows, cp, rank):
 
 
 def test_ring_computes_only_the_visible_part_of_each_block():
-    """Load balancing halves the off-diagonal blocks: an earlier rank's block is seen through
-    its first chunk, a later one's by the second local chunk; other documents only: skipped."""
+    """One part per (local chunk, source chunk) pair that a query sees: load balancing leaves
+    an earlier rank's block two of four parts (its first chunk), a later rank's two (the second
+    local chunk), the own block three (the first local chunk sees no future chunk); with
+    1-token documents only the diagonal chunks remain, and other ranks' blocks are skipped."""
     c = S // 8
+    local = [list(range(c)), list(range(c, 2 * c))]  # the two local chunks' rows/keys
+
+    def pairs(block):
+        return [(part[0].tolist(), part[1].tolist()) for part in block]
+
     blocks = _ring_blocks([[S]], 4, 1)  # rank 1 holds chunks 1 and 6
-    rows, cols = blocks[0][:2]  # rank 0: chunks 0 and 7
-    assert rows.tolist() == list(range(2 * c)) and cols.tolist() == list(range(c))
-    rows, cols = blocks[2][:2]  # rank 2: chunks 2 and 5
-    assert rows.tolist() == list(range(c, 2 * c)) and cols.tolist() == list(range(2 * c))
-    assert blocks[1][0].numel() == blocks[1][1].numel() == 2 * c  # its own: all
+    assert pairs(blocks[0]) == [(local[0], local[0]), (local[1], local[0])]  # chunks 0, 7
+    assert pairs(blocks[2]) == [(local[1], local[0]), (local[1], local[1])]  # chunks 2, 5
+    assert pairs(blocks[1]) == [(local[0], local[0]), (local[1], local[0]), (local[1], local[1])]
     tiny = _ring_blocks([[1] * S], 4, 1)
-    assert [b is None for b in tiny] == [True, False, True, True]
+    assert [len(block) for block in tiny] == [0, 2, 0, 0]
+    # Documents of 3 and 29 tokens: chunk 1 (columns 4-7) lies inside the second, which began
+    # in chunk 0: all of chunk 0's keys but the first document's are seen from chunk 1.
+    (rows, cols, *_), _ = _ring_blocks([[3, 29]], 4, 1)[0]
+    assert rows.tolist() == local[0] and cols.tolist() == [3]
 
 
 def test_ring_refuses_attention_dropout():
