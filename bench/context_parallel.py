@@ -1,7 +1,7 @@
 """Benchmark: activation memory per rank and tokens/s of context parallelism (prints a table).
 
 Each (sequence length, CP, --cp-comm-type) builds a ``Trainer`` from Megatron-LM flags on CP
-ranks (``--context-parallel-size CP --cp-comm-type allgather`` or ``a2a``, mock data,
+ranks (``--context-parallel-size CP --cp-comm-type allgather``, ``a2a`` or ``p2p``, mock data,
 micro-batch 1, global batch 1: every rank holds 1/CP of one sequence), then:
 
 - activation memory per rank: the storages autograd saves for backward during one micro-batch's
@@ -11,7 +11,7 @@ micro-batch 1, global batch 1: every rank holds 1/CP of one sequence), then:
   the peak allocated memory of a step is reported too. With CP it should fall about as 1/CP
   (each rank keeps its own tokens; allgather adds the whole sequence's K and V per layer, small
   next to the rest with GQA; a2a holds the whole rows of heads / CP instead of its columns of
-  all heads, the same size);
+  all heads, the same size; p2p keeps only its own K/V, the ring's blocks are freed each step);
 - tokens/s: sequence length / the median step time (each step timed between barriers, a step's
   time is its slowest rank's), after the warm-up steps.
 
@@ -148,8 +148,8 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="--gpu path at tiny sizes, here")
     p.add_argument("--seq-lengths", type=int, nargs="+")
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--cp-comm-type", nargs="+", default=["allgather", "a2a"],
-                   choices=["allgather", "a2a"], help="schemes compared at each CP > 1")
+    p.add_argument("--cp-comm-type", nargs="+", default=["allgather", "a2a", "p2p"],
+                   choices=["allgather", "a2a", "p2p"], help="schemes compared at each CP > 1")
     p.add_argument("--causal", action="store_true", help="no --reset-position-ids")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)

@@ -15,10 +15,12 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 HF_MODEL_TYPES = {"llama2": "llama2", "llama3": "llama3", "qwen25": "qwen2", "qwen2": "qwen2",
                   "mistral": "mistral"}
 # MindSpeed's context-parallel algorithms: each computes exact attention. ulysses_cp_algo is
-# our --cp-comm-type a2a; the rings and hybrids run as allgather (the same numbers).
+# our --cp-comm-type a2a, megatron_cp_algo (Megatron's ring) our p2p (allgather with attention
+# dropout, which our ring lacks); the hybrids run as allgather (the same numbers).
 CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo", "adaptive_cp_algo",
             "hybrid_adaptive_cp_algo", "kvallgather_cp_algo")
 CP_ALGO_NOTES = {"a2a": "Ulysses: heads all-to-all over the CP group, exact attention",
+                 "p2p": "ring attention: K/V blocks passed around the CP group, exact attention",
                  "allgather": "K/V all-gathered over the CP group: exact attention, as every "
                  "MindSpeed algorithm"}
 
@@ -74,10 +76,12 @@ class MindSpeedConfig:
         note=f"an Ascend fusion of the same matmuls and collectives: {_SAME}")
     context_parallel_algo: Optional[str] = flag(
         None, "MindSpeed-LLM's context-parallel algorithm; every one computes exact attention: "
-        "ulysses_cp_algo runs as our --cp-comm-type a2a, the others as allgather; an explicit "
+        "ulysses_cp_algo runs as our --cp-comm-type a2a, megatron_cp_algo as p2p (ring; "
+        "allgather with --attention-dropout > 0), the others as allgather; an explicit "
         "--cp-comm-type wins.", group="distributed", choices=list(CP_ALGOS),
-        status=HONOURED, note="ulysses_cp_algo as --cp-comm-type a2a (heads all-to-all), the "
-        "others as allgather (every algorithm is exact attention), logged")
+        status=HONOURED, note="ulysses_cp_algo as --cp-comm-type a2a (heads all-to-all), "
+        "megatron_cp_algo as p2p (ring; allgather with attention dropout), the others as "
+        "allgather (every algorithm is exact attention), logged")
     num_layer_list: Optional[str] = flag(
         None, "MindSpeed-LLM's layers per pipeline stage, e.g. 4,4,4,4.", group="distributed",
         status=REFUSED, note="even stages (the default) accepted; uneven stages refused: drop it")

@@ -5,11 +5,11 @@ from typing import List, Optional
 
 from megatron_ext.config.flags import REFUSED, WARNED, flag
 
-CP_ALLGATHER, CP_A2A = "allgather", "a2a"
+CP_ALLGATHER, CP_A2A, CP_P2P = "allgather", "a2a", "p2p"
 # Megatron-LM's --cp-comm-type choices; our core attention implements CP_SCHEMES
-# (model/attention.py), the others are Transformer Engine's rings.
+# (model/attention.py, model/ring_attention.py); a2a+p2p (hierarchical) is not implemented.
 CP_COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
-CP_SCHEMES = (CP_ALLGATHER, CP_A2A)
+CP_SCHEMES = (CP_ALLGATHER, CP_A2A, CP_P2P)
 
 
 def a2a_heads_error(num_heads: int, num_query_groups: int, tp: int, cp: int,
@@ -37,18 +37,20 @@ class ParallelConfig:
     context_parallel_size: int = flag(
         1, "Context parallel size: each sequence is split over this many ranks (world size = "
         "TP x PP x CP x DP); docs/context-parallel.md.")
-    # Megatron-LM's default is p2p (a ring through Transformer Engine), which our core
-    # attention does not implement; allgather is the default: a Megatron script that sets only
-    # --context-parallel-size runs, with the same results.
+    # Megatron-LM's default is p2p (Transformer Engine's ring); ours stays allgather, which
+    # attention dropout does not rule out (our ring has none) and which gives the same numbers:
+    # a Megatron script that sets only --context-parallel-size runs as it does there.
     cp_comm_type: List[str] = flag(
         [CP_ALLGATHER], "Communication of context parallelism in attention, one value or one "
-        "per layer as in Megatron-LM: allgather (K/V all-gathered over the CP group) or a2a "
+        "per layer as in Megatron-LM: allgather (K/V all-gathered over the CP group), a2a "
         "(Ulysses: an all-to-all trades heads for the whole sequence; needs the heads and KV "
-        "groups per TP rank divisible by CP), both exact for causal and packed documents. "
-        "Megatron-LM's default p2p, and a2a+p2p, are Transformer Engine's rings: refused.",
+        "groups per TP rank divisible by CP) or p2p (ring attention: K/V blocks pass around "
+        "the CP group, no rank holds the whole sequence's K/V; needs --attention-dropout 0), "
+        "all exact for causal and packed documents. a2a+p2p (hierarchical) is refused.",
         nargs="+", choices=list(CP_COMM_TYPES),
-        note="allgather (our default; Megatron-LM's is p2p) and a2a, mixed per layer too, "
-        "without Transformer Engine; p2p and a2a+p2p (Transformer Engine's rings) refused")
+        note="allgather (our default; Megatron-LM's is p2p), a2a and p2p (ring, with "
+        "--attention-dropout 0), mixed per layer too, without Transformer Engine; a2a+p2p "
+        "refused")
     hierarchical_context_parallel_sizes: Optional[List[int]] = flag(
         None, "Sizes of the CP sub-groups of --cp-comm-type a2a+p2p.", nargs="+",
         status=REFUSED, note="only with --cp-comm-type a2a+p2p, which is refused")

@@ -15,7 +15,7 @@ from megatron_ext.config.components import Config, ConfigError, default_ffn_hidd
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
-from megatron_ext.config.parallel import CP_A2A, CP_SCHEMES, a2a_heads_error
+from megatron_ext.config.parallel import CP_A2A, CP_P2P, CP_SCHEMES, a2a_heads_error
 from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
 from megatron_ext.config.validate_schedule import validate_schedule
@@ -75,9 +75,9 @@ def _validate_context_parallel(config: Config) -> None:
     p, m = config.parallel, config.model
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
     other = sorted(set(p.cp_comm_type) - set(CP_SCHEMES))
-    require(not other, f"--cp-comm-type {' '.join(other)}: only allgather and a2a are supported "
-             "(our core attention's; p2p and a2a+p2p are Transformer Engine's rings); pass "
-             "--cp-comm-type allgather or a2a, or drop the flag")
+    require(not other, f"--cp-comm-type {' '.join(other)}: only allgather, a2a and p2p are "
+             "supported (the hierarchical a2a+p2p is not implemented); pass --cp-comm-type "
+             "allgather, a2a or p2p, or drop the flag")
     require(len(p.cp_comm_type) in (1, m.num_layers),
              f"--cp-comm-type has {len(p.cp_comm_type)} values: give one, or one per layer "
              f"(--num-layers {m.num_layers})")
@@ -86,6 +86,10 @@ def _validate_context_parallel(config: Config) -> None:
              "supported; drop it")
     if cp == 1:
         return
+    require(CP_P2P not in p.cp_comm_type or m.attention_dropout == 0,
+             f"--cp-comm-type p2p (ring attention) has no attention dropout: pass "
+             f"--attention-dropout 0 (now {m.attention_dropout}; Megatron-LM's default is 0.1), "
+             "or use --cp-comm-type allgather or a2a")
     if CP_A2A in p.cp_comm_type:
         origin = ("" if "cp_comm_type" in config.given else
                   f" (--context-parallel-algo {config.mindspeed.context_parallel_algo})")

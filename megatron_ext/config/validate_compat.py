@@ -11,7 +11,7 @@ from megatron_ext.config.components import Config, ConfigError, require
 from megatron_ext.config.flags import NO_OP, WARNED, flag_name
 from megatron_ext.config.mindspeed import CP_ALGO_NOTES, LLAMA3_ROPE, MindSpeedConfig
 from megatron_ext.config.model import ModelConfig
-from megatron_ext.config.parallel import CP_A2A, CP_ALLGATHER
+from megatron_ext.config.parallel import CP_A2A, CP_ALLGATHER, CP_P2P
 
 
 def validate_compat(config: Config) -> None:
@@ -54,7 +54,13 @@ def _attention(config: Config) -> None:
                               "(megatron-core's own layers; Transformer Engine is not wired yet)")
     algo = ms.context_parallel_algo
     if algo is not None:
-        scheme = CP_A2A if algo == "ulysses_cp_algo" else CP_ALLGATHER
+        scheme = {"ulysses_cp_algo": CP_A2A, "megatron_cp_algo": CP_P2P}.get(algo, CP_ALLGATHER)
+        why = CP_ALGO_NOTES[scheme]
+        if scheme == CP_P2P and m.attention_dropout > 0:
+            # Our ring has no attention dropout; allgather gives the ring's numbers with it.
+            scheme = CP_ALLGATHER
+            why = (f"{CP_ALGO_NOTES[scheme]}; not p2p, whose ring has no attention dropout "
+                   f"(--attention-dropout {m.attention_dropout})")
         if "cp_comm_type" in given:
             config.notices.append(f"--context-parallel-algo {algo} with --cp-comm-type "
                                   f"{' '.join(config.parallel.cp_comm_type)}: the "
@@ -62,7 +68,7 @@ def _attention(config: Config) -> None:
         else:
             config.parallel.cp_comm_type = [scheme]
             config.notices.append(f"--context-parallel-algo {algo}: runs as --cp-comm-type "
-                                  f"{scheme} ({CP_ALGO_NOTES[scheme]})")
+                                  f"{scheme} ({why})")
 
 
 def _positions(config: Config) -> None:

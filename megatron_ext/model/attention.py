@@ -11,7 +11,9 @@ With megatron-core's KV cache (``megatron_ext.generation``), a decoding step com
 chunks ``[s / CP, b, heads, head_dim]``. With ``--cp-comm-type allgather`` K/V are all-gathered
 over the CP group and every (row, chunk, document) piece attends to its document's keys, causal
 aligned bottom-right; with ``a2a`` an all-to-all gives each rank the whole rows of heads / CP
-heads, which attend as without CP (one value per layer: layers may mix them).
+heads, which attend as without CP; with ``p2p`` K/V blocks travel around the CP ring
+(``megatron_ext.model.ring_attention``, float32 math on any device) and the partial outputs
+merge by log-sum-exp (one value per layer: layers may mix them).
 
 Backends (``--attention-backend``; ``auto`` takes the first that can run here):
 - ``flash``: flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16, dropout, GQA);
@@ -45,6 +47,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.model.context_parallel import (ContextParallelParams, gather_heads,
                                                   layer_scheme, scatter_heads)
+from megatron_ext.model.ring_attention import ring_attention
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +279,10 @@ class CoreAttention(MegatronModule):
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
         self.cp_scheme = layer_scheme(config, layer_number, cp_comm_type, cp_comm_types)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if self.cp_scheme == "p2p" and self.dropout > 0:
+            raise ValueError(f"--cp-comm-type p2p (ring attention) has no attention dropout: "
+                             f"pass --attention-dropout 0 (now {self.dropout}) or use "
+                             f"--cp-comm-type allgather or a2a")
         self.softmax_scale = softmax_scale
         self.backend, self.backend_reason = choose_backend(backend, config)
         _warn_slow(self.backend)
@@ -308,6 +315,8 @@ class CoreAttention(MegatronModule):
                                  f"{self.config.context_parallel_size}")
             if self.cp_scheme == "a2a":
                 return self._all_to_all(query, key, value, packed_seq_params, dropout)
+            if self.cp_scheme == "p2p":
+                return ring_attention(query, key, value, packed_seq_params, self.softmax_scale)
             return self._context_parallel(query, key, value, packed_seq_params, dropout)
         if self.config.context_parallel_size > 1:
             raise ValueError("context parallelism needs the ContextParallelParams of "

@@ -49,7 +49,13 @@ rank, each rank's two chunks), put back in column order by ``row_order``. The at
 one of CP=1 (each document over ``row_cu_seqlens`` of the whole (b, s)-flattened rows, or plain
 causal), and ``gather_heads`` sends every rank its columns of all heads back. Needs the heads
 and groups per TP rank divisible by CP (config/parallel.py's ``a2a_heads_error``); layers may
-mix the two schemes.
+mix the schemes.
+
+Attention (``--cp-comm-type p2p``, ring, exact): model/ring_attention.py passes K/V blocks
+around the CP group and merges the partial outputs by log-sum-exp; ``ring_blocks``
+(``_ring_layout``) names per source rank and (local chunk, source chunk) pair the local queries
+and the block's keys that take part (from the document ranges: a query sees ``[its
+document's start, its column]``), with their global columns and document starts for the mask.
 
 RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
 CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is
@@ -75,7 +81,7 @@ __all__ = ["ContextParallelParams", "gather_heads", "layer_scheme", "local_colum
 # --cp-comm-type values our CoreAttention implements, with megatron-core's spelling of
 # allgather (None: its TransformerConfig default, which is ours).
 _CP_SCHEMES = {None: "allgather", "all_gather": "allgather", "allgather": "allgather",
-               "a2a": "a2a"}
+               "a2a": "a2a", "p2p": "p2p"}
 # Per-token entries, cut like the tokens; task_ids and loss_weight come with multi-task
 # instruction data (training/multitask.py).
 SHARDED = ("tokens", "labels", "loss_mask", "position_ids", "task_ids", "loss_weight")
@@ -100,6 +106,11 @@ class ContextParallelParams(PackedSeqParams):
     row_order: torch.Tensor = None  # int64 [s]: the gathered row holding each column
     row_cu_seqlens: torch.Tensor = None  # int32: documents of the (b, s)-flattened rows; None:
     row_max_seqlen: int = None  # one per row (plain causal)
+    # --cp-comm-type p2p (model/ring_attention.py): per source CP rank j, the parts of j's block
+    # to compute (none: skipped), one per (local chunk, j's chunk) pair that a query sees:
+    # (rows, cols, q_column, q_document, k_column, k_document), the local queries and j's keys
+    # that take part, their global columns [n] and their document's start per row [b, n].
+    ring_blocks: tuple = None
 
 
 def local_columns(seq_length: int, cp_size: int, cp_rank: int,
@@ -171,6 +182,40 @@ def _attention_layout(starts: list, gathered_row: torch.Tensor, cp_size: int, cp
             torch.cat(rotary).view(b, 2 * c))
 
 
+def _ring_layout(starts: list, s: int, cp_size: int, cp_rank: int) -> tuple:
+    """``ContextParallelParams.ring_blocks`` for this rank, one part per (local chunk, source
+    chunk) pair. A query sees the keys of ``[start of its document, its column]``, a key is seen
+    by the queries of ``[its column, end of its document)``: a query (key) takes part if that
+    range meets the other chunk, in some row of the micro-batch."""
+    c = s // (2 * cp_size)
+    column = torch.arange(s)
+    bounds = [torch.tensor(row + [s]) for row in starts]
+    doc_start = torch.stack([b[torch.searchsorted(b, column, right=True) - 1] for b in bounds])
+    doc_last = torch.stack([b[torch.searchsorted(b, column, right=True)] - 1 for b in bounds])
+
+    def meets(lo, hi, chunk):  # which of the [b, c] ranges [lo, hi] meet chunk, in some row
+        return (lo.clamp_min(chunk * c) <= hi.clamp_max(chunk * c + c - 1)).any(0)
+
+    def chunks(rank):
+        return (rank, 2 * cp_size - 1 - rank)
+
+    q_col = local_columns(s, cp_size, cp_rank)
+    blocks = []
+    for source in range(cp_size):
+        k_col, parts = local_columns(s, cp_size, source), []
+        for qi, q_chunk in enumerate(chunks(cp_rank)):
+            for ki, k_chunk in enumerate(chunks(source)):
+                qc, kc = q_col[qi * c:(qi + 1) * c], k_col[ki * c:(ki + 1) * c]
+                rows = meets(doc_start[:, qc], qc.expand(len(starts), -1), k_chunk).nonzero()
+                cols = meets(kc.expand(len(starts), -1), doc_last[:, kc], q_chunk).nonzero()
+                if len(rows) and len(cols):
+                    rows, cols = rows[:, 0] + qi * c, cols[:, 0] + ki * c
+                    parts.append((rows, cols, q_col[rows], doc_start[:, q_col[rows]],
+                                  k_col[cols], doc_start[:, k_col[cols]]))
+        blocks.append(tuple(parts))
+    return tuple(blocks)
+
+
 def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
                 cp_group) -> Tuple[dict, ContextParallelParams]:
     """This CP rank's part of a global micro-batch and the params for ``GPTModel.forward``."""
@@ -186,9 +231,12 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         if batch.get(key) is not None:
             local[key] = batch[key].index_select(1, columns)
     bounds, row_order = _document_bounds(packed_seq_params, b, s), _row_order(s, cp_size)
+    starts = _document_starts(bounds, b, s)
     q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
-        _document_starts(bounds, b, s), row_order, cp_size, cp_rank)
+        starts, row_order, cp_size, cp_rank)
     to = dict(device=tokens.device)
+    ring = tuple(tuple(tuple(x.to(**to) for x in part) for part in block)
+                 for block in _ring_layout(starts, s, cp_size, cp_rank))
     row_cu = row_max = None
     if bounds is not None:
         row_cu = torch.tensor(bounds, dtype=torch.int32, **to)
@@ -197,7 +245,7 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         cp_group=cp_group, rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
         kv_index=kv_index.to(**to), row_order=row_order.to(**to), row_cu_seqlens=row_cu,
-        row_max_seqlen=row_max,
+        row_max_seqlen=row_max, ring_blocks=ring,
     )
     return local, params
 
@@ -242,7 +290,7 @@ def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
 
 def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
                  per_layer: Tuple[str, ...]) -> Optional[str]:
-    """This layer's scheme, allgather or a2a (None without CP): megatron-core's
+    """This layer's scheme, allgather, a2a or p2p (None without CP): megatron-core's
     ``cp_comm_type`` (from ``TransformerConfig``) or ours, one value or one per layer
     (``layer_number`` counts from 1 over the whole model, as megatron-core's)."""
     cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
@@ -251,8 +299,8 @@ def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
     if cp_comm_type is None and per_layer:
         cp_comm_type = per_layer[0] if len(per_layer) == 1 else per_layer[layer_number - 1]
     if cp_comm_type not in _CP_SCHEMES:
-        raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements allgather "
-                         f"and a2a only")
+        raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements allgather, "
+                         f"a2a and p2p (a2a+p2p is not implemented)")
     scheme = _CP_SCHEMES[cp_comm_type]
     if scheme == "a2a":
         error = a2a_heads_error(config.num_attention_heads,

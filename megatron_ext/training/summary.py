@@ -104,7 +104,8 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     per element; per layer, RoPE's cos/sin tables. The last stage adds the final norm and the
     vocabulary-parallel cross entropy's fp32 softmax. With context parallelism a rank holds
     1/CP of the tokens, plus the K and V of the whole sequence that allgather gathers per layer
-    (a2a's whole rows of heads / CP take the place of the local q/k/v: the same size).
+    (a2a's whole rows of heads / CP take the place of the local q/k/v: the same size; p2p's ring
+    keeps only its own K/V, the blocks in flight are freed after each step).
     """
     m, p, t = config.model, config.parallel, config.training
     tp = p.tensor_model_parallel_size

@@ -1,5 +1,5 @@
 """Context-parallel attention: re-assembled from the CP ranks, each document is what it gives
-when run alone, with either --cp-comm-type (allgather, a2a).
+when run alone, with every --cp-comm-type (allgather, a2a, p2p).
 
 Every CP rank (gloo, forked) takes its chunks of the same global q/k/v (``shard_batch``'s
 layout), runs our ``CoreAttention`` and back-propagates a fixed random cotangent; the parent
@@ -32,15 +32,15 @@ S, HEADS, GROUPS, DIM = 32, 4, 2, 8
 ROWS = [[3, 9, 1, 1, 14, 4], [20, 5, 7]]
 
 
-def _inputs(seed=0, groups=GROUPS):
+def _inputs(seed=0, groups=GROUPS, rows=ROWS):
     g = torch.Generator().manual_seed(seed)
-    b = len(ROWS)
+    b = len(rows)
     q, k, v = (torch.randn(S, b, n, DIM, generator=g) for n in (HEADS, groups, groups))
     cotangent = torch.randn(S, b, HEADS * DIM, generator=g)
     return q, k, v, cotangent
 
 
-def _rank(cp, packed, backend, inputs, scheme="allgather"):
+def _rank(cp, packed, backend, inputs, scheme="allgather", rows=ROWS):
     from megatron.core import parallel_state
 
     platform.apply()
@@ -54,10 +54,10 @@ def _rank(cp, packed, backend, inputs, scheme="allgather"):
     core = CoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type=scheme,
                          backend="sdpa")
     core.backend = backend  # "flash": the fake kernel installed by the test before the fork
-    b = len(ROWS)
+    b = len(rows)
     params = None
     if packed:
-        ends = torch.tensor([r * S + x for r, row in enumerate(ROWS) for x in
+        ends = torch.tensor([r * S + x for r, row in enumerate(rows) for x in
                              torch.tensor(row).cumsum(0).tolist()])
         params = packed_seq_params_from_actual_seq_len(ends)
     _, cp_params = shard_batch({"tokens": torch.zeros(b, S, dtype=torch.long)}, params, group)
@@ -77,11 +77,11 @@ def _assembled(results):
     return full
 
 
-def _expected(packed, inputs):
+def _expected(packed, inputs, rows=ROWS):
     """Each document alone (each row alone without packing), by masked-softmax math."""
     q, k, v, cotangent = (x.clone().requires_grad_(i < 3) for i, x in enumerate(inputs))
     outs = []
-    for row, lengths in enumerate(ROWS):
+    for row, lengths in enumerate(rows):
         out = _reference(q[:, row], k[:, row], v[:, row], lengths if packed else [S])
         outs.append(out.reshape(S, -1))
     out = torch.stack(outs, dim=1)
@@ -89,10 +89,10 @@ def _expected(packed, inputs):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check(cp, packed, backend="sdpa", scheme="allgather", groups=GROUPS):
-    inputs = _inputs(groups=groups)
-    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs, scheme))
-    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(packed, inputs)):
+def _check(cp, packed, backend="sdpa", scheme="allgather", groups=GROUPS, rows=ROWS):
+    inputs = _inputs(groups=groups, rows=rows)
+    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs, scheme, rows))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(packed, inputs, rows)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
@@ -183,3 +183,73 @@ def test_layout_errors_name_the_flags_and_the_rows():
     across_rows = packed_seq_params_from_actual_seq_len(torch.tensor([20, 48, 64]))
     with pytest.raises(ValueError, match=r"documents across rows \(no boundary at \[32\]\)"):
         shard_batch({"tokens": torch.zeros(2, S, dtype=torch.long)}, across_rows, _Rank(2, 0))
+
+
+# A row of 1-token documents (every other rank's block masked out for it: the block still runs
+# for the next row, where it has log-sum-exp -inf and weight 0) beside one document over the
+# whole row; a single row of 4 documents that start exactly on CP=4 rank boundaries.
+TINY_AND_WHOLE, ON_RANKS = [[1] * S, [S]], [[4, 8, 8, 12]]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("packed, rows", [(True, ROWS), (False, ROWS), (True, TINY_AND_WHOLE),
+                                          (True, ON_RANKS)],
+                         ids=["documents", "plain-causal", "tiny-and-whole", "on-ranks"])
+def test_ring_attention_equals_each_document_alone(cp, packed, rows):
+    """--cp-comm-type p2p: GQA 4 heads / 2 groups, micro-batch 2 (ON_RANKS: 1)."""
+    _check(cp, packed, scheme="p2p", rows=rows)
+
+
+def test_ring_attention_mha_cp4():
+    """p2p with as many KV groups as heads (each query head its own group)."""
+    _check(4, True, scheme="p2p", groups=HEADS)
+
+
+def _ring_blocks(rows, cp, rank):
+    params = packed_seq_params_from_actual_seq_len(torch.tensor(
+        [r * S + x for r, row in enumerate(rows) for x in torch.tensor(row).cumsum(0).tolist()]))
+    tokens = torch.zeros(len(rows), S, dtype=torch.long)
+    return shard_batch({"tokens": tokens}, params, _Rank(cp, rank))[1].ring_blocks
+
+
+def test_ring_computes_only_the_visible_part_of_each_block():
+    """One part per (local chunk, source chunk) pair that a query sees: load balancing leaves
+    an earlier rank's block two of four parts (its first chunk), a later rank's two (the second
+    local chunk), the own block three (the first local chunk sees no future chunk); with
+    1-token documents only the diagonal chunks remain, and other ranks' blocks are skipped."""
+    c = S // 8
+    local = [list(range(c)), list(range(c, 2 * c))]  # the two local chunks' rows/keys
+
+    def pairs(block):
+        return [(part[0].tolist(), part[1].tolist()) for part in block]
+
+    blocks = _ring_blocks([[S]], 4, 1)  # rank 1 holds chunks 1 and 6
+    assert pairs(blocks[0]) == [(local[0], local[0]), (local[1], local[0])]  # chunks 0, 7
+    assert pairs(blocks[2]) == [(local[1], local[0]), (local[1], local[1])]  # chunks 2, 5
+    assert pairs(blocks[1]) == [(local[0], local[0]), (local[1], local[0]), (local[1], local[1])]
+    tiny = _ring_blocks([[1] * S], 4, 1)
+    assert [len(block) for block in tiny] == [0, 2, 0, 0]
+    # Documents of 3 and 29 tokens: chunk 1 (columns 4-7) lies inside the second, which began
+    # in chunk 0: all of chunk 0's keys but the first document's are seen from chunk 1.
+    (rows, cols, *_), _ = _ring_blocks([[3, 29]], 4, 1)[0]
+    assert rows.tolist() == local[0] and cols.tolist() == [3]
+
+
+def test_ring_refuses_attention_dropout():
+    config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
+                               context_parallel_size=2, attention_dropout=0.1)
+    with pytest.raises(ValueError, match=r"--cp-comm-type p2p .* --attention-dropout 0 \(now "
+                                         r"0.1\)"):
+        CoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type="p2p", backend="sdpa")
+
+
+def test_ring_attention_in_bf16():
+    """bf16 q/k/v (the GPU training dtype): the K/V blocks travel in bf16, dK/dV in float32,
+    outputs and gradients come back in bf16 within its rounding of the float32 reference."""
+    inputs = _inputs()
+    results = launch(_rank, 2, 2, True, "sdpa", tuple(x.bfloat16() for x in inputs), "p2p")
+    assert all(x.dtype == torch.bfloat16 for _, *tensors in results for x in tensors)
+    actual = _assembled([(columns, *(x.float() for x in tensors))
+                         for columns, *tensors in results])
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(True, inputs)):
+        torch.testing.assert_close(a, e, rtol=2e-2, atol=3e-2, msg=lambda m: f"{name}: {m}")

@@ -221,3 +221,37 @@ def test_cp2_with_pp2_through_the_megatron_schedule(references):
                      ref[5])
     np.testing.assert_allclose(results[-1][1], float(ref[2].sum()), rtol=1e-5)
     _check_grads(_merged(results), ref[4])
+
+
+@pytest.mark.parametrize("flags, comm, extra", [
+    ("documents", ["p2p"], []), ("plain-causal", ["p2p"], []), ("documents", ["p2p"], RECOMPUTE),
+    ("documents", ["p2p"], ["--recompute-granularity", "selective"]),
+    ("documents", ["p2p", "allgather"], [])],
+    ids=["documents", "plain-causal", "documents-recompute", "documents-recompute-selective",
+         "documents-per-layer"])
+def test_cp2_ring_gives_the_single_process_loss_logits_and_gradients(references, flags, comm,
+                                                                     extra):
+    """--cp-comm-type p2p (ring attention), alone, under full and selective (core attention)
+    recomputation (the ring replays in the backward pass) and mixed with allgather per layer
+    (2 layers)."""
+    argv, sample, ref = references[flags]
+    results = launch(_rank, 2, argv + ["--cp-comm-type", *comm] + extra, sample, 2, ref[5])
+    _check(results, ref, sample["tokens"].size(1), results[0][4])
+
+
+def test_cp2_ring_with_tp2_and_sequence_parallel(references):
+    """p2p with each TP rank's 2 heads / 1 KV group passed around its own CP ring."""
+    argv, sample, ref = references["documents"]
+    argv = argv + "--tensor-model-parallel-size 2 --sequence-parallel --cp-comm-type p2p".split()
+    results = launch(_rank, 4, argv, sample, 2, ref[5])
+    merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results])
+    _check(results, ref, sample["tokens"].size(1), merged)
+
+
+def test_cp2_ring_and_allgather_with_pp2_through_the_megatron_schedule(references):
+    """PP=2 x CP=2, stage 0's layer p2p and stage 1's allgather (--cp-comm-type per layer)."""
+    argv, sample, ref = references["documents"]
+    argv = argv + "--pipeline-model-parallel-size 2 --cp-comm-type p2p allgather".split()
+    results = launch(_pipeline_rank, 4, argv, sample, ref[5])
+    np.testing.assert_allclose(results[-1][1], float(ref[2].sum()), rtol=1e-5)
+    _check_grads(_merged(results), ref[4])

@@ -1,7 +1,7 @@
 """Context parallelism trains what one process trains, in every layout it composes with.
 
 Each sequence is split over the CP ranks (``--context-parallel-size``, ``--cp-comm-type
-allgather`` or ``a2a``, docs/context-parallel.md); the CP ranks of a DP replica read the same
+allgather``, ``a2a`` or ``p2p``, docs/context-parallel.md); the CP ranks of a DP replica read the same
 micro-batch and the loss of each micro-batch is the mean over all its trained tokens. So the
 loss curve, the trained token count, the gradient norm and the final weights must equal the
 single-process run's up to float32 summation order, with and without document isolation.
@@ -66,6 +66,8 @@ LAYOUTS = {
                                               "--pipeline-model-parallel-size", "2",
                                               "--recompute-granularity", "full",
                                               "--recompute-method", "uniform"],
+    # Ring attention over 4 CP ranks: the blocks pass three hops, validation (no grad) too.
+    "p2p-cp4": ["--context-parallel-size", "4", "--cp-comm-type", "p2p"],
 }
 LOSS_RTOL = 1e-5  # float32 summation order gives ~1e-7
 GRAD_NORM_RTOL = 1e-4

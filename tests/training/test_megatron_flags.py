@@ -74,9 +74,10 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "FP8 needs Transformer Engine"),
     ("--num-experts 8 --moe-router-topk 2", "--moe-router-topk --num-experts: MoE is not "
      "supported yet"),
-    ("--cp-comm-type p2p", "--cp-comm-type p2p: only allgather and a2a are supported"),
+    ("--context-parallel-size 2 --cp-comm-type p2p", "--cp-comm-type p2p (ring attention) has "
+     "no attention dropout: pass --attention-dropout 0 (now 0.1; Megatron-LM's default is 0.1)"),
     ("--cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 2",
-     "--cp-comm-type a2a+p2p: only allgather and a2a"),
+     "--cp-comm-type a2a+p2p: only allgather, a2a and p2p are supported"),
     ("--cp-comm-type a2a allgather a2a", "--cp-comm-type has 3 values: give one, or one per "
      "layer (--num-layers 2)"),
     ("--context-parallel-size 2 --cp-comm-type a2a --group-query-attention --num-query-groups 1",

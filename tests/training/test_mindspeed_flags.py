@@ -173,12 +173,14 @@ def test_refusals_name_the_way_out(extra, expected):
 
 @pytest.mark.parametrize("extra, scheme", [
     ("--context-parallel-algo ulysses_cp_algo", ["a2a"]),
-    ("--context-parallel-algo megatron_cp_algo", ["allgather"]),
+    ("--context-parallel-algo megatron_cp_algo --attention-dropout 0", ["p2p"]),
+    ("--context-parallel-algo megatron_cp_algo", ["allgather"]),  # dropout 0.1: no ring
     ("--context-parallel-algo hybrid_cp_algo", ["allgather"]),
     ("--context-parallel-algo ulysses_cp_algo --cp-comm-type allgather", ["allgather"]),
 ])
 def test_context_parallel_algo_runs_as_our_cp_comm_type(extra, scheme):
-    """Ulysses is our a2a, the rings and hybrids allgather; an explicit --cp-comm-type wins."""
+    """Ulysses is our a2a, Megatron's ring our p2p (allgather with attention dropout, which the
+    ring lacks), the hybrids allgather; an explicit --cp-comm-type wins."""
     config = parse_args(BASE + MOCK + ["--context-parallel-size", "2"] + extra.split(),
                         world_size=2)
     assert config.parallel.cp_comm_type == scheme
