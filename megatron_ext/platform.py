@@ -309,7 +309,6 @@ def manual_seed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-
 def torch_adam_state_allocated(optimizers) -> None:
     """Give every parameter of the megatron-core ``DistributedOptimizer``s that drive torch's
     Adam (no Apex/TE) the Adam state torch allocates at its first step, where it has none yet:
