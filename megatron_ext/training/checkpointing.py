@@ -58,8 +58,11 @@ def save_checkpoint(trainer) -> None:
     if topology.dp_cp_rank == 0:
         saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
         payload = {
+            # The consumed samples in args too, where Megatron-LM and convert_ckpt.py read them.
             "args": model_args_namespace(trainer.config, trainer.vocab_size,
-                                         data_shards=shard_checks.shard_sizes(trainer.config)),
+                                         data_shards=shard_checks.shard_sizes(trainer.config),
+                                         consumed_train_samples=trainer.consumed_samples,
+                                         consumed_valid_samples=trainer.consumed_valid_samples),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
@@ -233,11 +236,15 @@ def _load(trainer, root, part, weights_only: bool) -> None:
             set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
     coba.note_resumed(trainer, payload.get(coba.KEY), path)
-    trainer.consumed_samples = payload.get("consumed_samples", 0)
+    # Ours beside args; Megatron-LM's and converted checkpoints' in args alone.
+    saved_args = payload.get("args")
+    trainer.consumed_samples = payload.get(
+        "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
     # Where the validation batches resume; for an older checkpoint, Megatron-LM's estimate.
     l, batch = trainer.config.logging, trainer.config.training.global_batch_size
     trainer.consumed_valid_samples = payload.get(
-        "consumed_valid_samples",
-        trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0)
+        "consumed_valid_samples", getattr(
+            saved_args, "consumed_valid_samples",
+            trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0))
     logger.info(f"resumed from {path} at iteration {trainer.iteration}"
                 f"{fresh_on_resume(c)}")
