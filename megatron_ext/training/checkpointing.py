@@ -22,7 +22,7 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to,
                                           model_args_namespace, padded_vocab_size, saved_value)
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
-from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint, shard_checks
+from megatron_ext.training import coba, data_resume, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
                                                    check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
@@ -60,7 +60,7 @@ def save_checkpoint(trainer) -> None:
         payload = {
             # The consumed samples in args too, where Megatron-LM and convert_ckpt.py read them.
             "args": model_args_namespace(trainer.config, trainer.vocab_size,
-                                         data_shards=shard_checks.shard_sizes(trainer.config),
+                                         **data_resume.saved_data_args(trainer.config),
                                          consumed_train_samples=trainer.consumed_samples,
                                          consumed_valid_samples=trainer.consumed_valid_samples),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
@@ -192,7 +192,7 @@ def _load(trainer, root, part, weights_only: bool) -> None:
                                lora_checkpoint.keys(part))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     if not weights_only:
-        shard_checks.warn_changed_shards(payload.get("args"), trainer.config, path)
+        data_resume.warn_data_changes(payload.get("args"), trainer.config, path)
     if (weights_only or c.no_load_optim) and (trainer.config.model.bf16
                                               or trainer.config.model.fp16):
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights

@@ -366,28 +366,6 @@ def data_prefixes(config: Config) -> List[Tuple[str, bool, str]]:
     return pairs
 
 
-def shard_sizes(config: Config) -> Dict[str, List[int]]:
-    """The bytes of each shard's .bin and .idx, saved with a checkpoint (``data_shards`` in its
-    args) for ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
-    if config.data.mock_data:
-        return {}
-    return {prefix: [os.path.getsize(bin_path(prefix)), os.path.getsize(idx_path(prefix))]
-            for prefix, _, _ in data_prefixes(config)}
-
-
-def warn_changed_shards(saved_args, config: Config, where) -> None:
-    """Name every shard that the checkpoint in ``where`` was trained on at other sizes: the
-    resumed run continues at its consumed samples in the new data's sample order, not in the
-    one the checkpoint's run drew from (Megatron-LM resumes so too, without a word)."""
-    saved = getattr(saved_args, "data_shards", None) or {}
-    for prefix, sizes in shard_sizes(config).items():
-        if prefix in saved and list(saved[prefix]) != sizes:
-            logger.warning(
-                f"{prefix}: the shard changed since {where} was saved (.bin/.idx "
-                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {sizes[0]}/{sizes[1]} now): "
-                f"training continues over the new contents, its samples not the saved run's")
-
-
 def check_data(config: Config, tokenizer) -> Optional[List[Optional[Tuple[float, float]]]]:
     """Every check above for every dataset (of ``--data-path`` or of each split); returns the
     split matrix to build (None with ``--mock-data``)."""
