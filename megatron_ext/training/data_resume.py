@@ -53,6 +53,20 @@ _ORDER = (
 )
 
 
+def _shown(name: str, value) -> str:
+    """A value as typed: a blend in --data-path's form (``0.7 A 0.3 B``, ``A B``)."""
+    if name != "data_blends":
+        return repr(value)
+    def typed(blend):
+        if blend is None:
+            return "none"
+        prefixes, weights = blend
+        return " ".join(prefixes if weights is None else
+                        (f"{w:g} {p}" for w, p in zip(weights, prefixes)))
+    return "'" + (typed(value["blend"]) if value["per_split"] is None else
+                  " | ".join(map(typed, value["per_split"]))) + "'"
+
+
 def saved_data_args(config: Config) -> dict:
     """The entries of a checkpoint's ``args`` that fix its run's sample order."""
     # seq_length is among the model's args already (checkpoint/args.py).
@@ -68,7 +82,8 @@ def warn_data_changes(saved_args, config: Config, where) -> None:
     for name, flag, value in _ORDER:
         if name in saved and saved[name] != value(config):
             logger.warning(
-                f"{flag}: {saved[name]!r} when {where} was saved, {value(config)!r} now: "
+                f"{flag}: {_shown(name, saved[name])} when {where} was saved, "
+                f"{_shown(name, value(config))} now: "
                 f"training continues over other samples than the saved run's (in another "
                 f"order, some seen twice, some never); resume with the saved value to go on "
                 f"as the uninterrupted run")
