@@ -174,7 +174,7 @@ def tokenizer_args(data) -> dict:
 
 def model_args_namespace(config, vocab_size: Optional[int], **extra) -> argparse.Namespace:
     """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab,
-    and ``extra`` (the shards' sizes: ``shard_checks.shard_sizes``)."""
+    and ``extra`` (the shards' sizes: ``training/data_resume.py``)."""
     return build_args(**_run_values(config, vocab_size), **tokenizer_args(config.data), **extra)
 
 

@@ -125,6 +125,12 @@ class MegatronSource:
         if self.args is None:
             raise ConversionError(f"{self._find_first(it_dir)} has no 'args': the model shape is unknown")
         a = self.args
+        # Our torch checkpoints of before 2026-12-02 kept the consumed samples beside args
+        # only; the converted checkpoint's resume reads them from args, as Megatron-LM's.
+        for key, name in (("consumed_samples", "consumed_train_samples"),
+                          ("consumed_valid_samples", "consumed_valid_samples")):
+            if key in first and saved_value(a, name) is None:
+                setattr(a, name, first[key])
         lacking = [k for k in ("num_layers", "hidden_size", "num_attention_heads")
                    if saved_value(a, k) is None]
         if lacking:

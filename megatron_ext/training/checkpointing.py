@@ -22,7 +22,7 @@ from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to,
                                           model_args_namespace, padded_vocab_size, saved_value)
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
-from megatron_ext.training import coba, dist_checkpoint, lora_checkpoint, shard_checks
+from megatron_ext.training import coba, data_resume, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
                                                    check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
@@ -58,8 +58,11 @@ def save_checkpoint(trainer) -> None:
     if topology.dp_cp_rank == 0:
         saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
         payload = {
+            # The consumed samples in args too, where Megatron-LM and convert_ckpt.py read them.
             "args": model_args_namespace(trainer.config, trainer.vocab_size,
-                                         data_shards=trainer.shard_sizes),
+                                         **data_resume.saved_data_args(trainer.config, trainer.shard_sizes),
+                                         consumed_train_samples=trainer.consumed_samples,
+                                         consumed_valid_samples=trainer.consumed_valid_samples),
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
@@ -189,7 +192,8 @@ def _load(trainer, root, part, weights_only: bool) -> None:
                                lora_checkpoint.keys(part))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     if not weights_only:
-        shard_checks.warn_changed_shards(payload.get("args"), trainer.shard_sizes, path)
+        data_resume.warn_data_changes(payload.get("args"), trainer.config,
+                                       trainer.shard_sizes, path)
     if (weights_only or c.no_load_optim) and (trainer.config.model.bf16
                                               or trainer.config.model.fp16):
         trainer.optimizer.reload_model_params()  # fp32 main params from the loaded weights
@@ -233,11 +237,15 @@ def _load(trainer, root, part, weights_only: bool) -> None:
             set_rng_state(rng_states[topology.dp_rank])
     trainer.iteration = payload["iteration"]
     coba.note_resumed(trainer, payload.get(coba.KEY), path)
-    trainer.consumed_samples = payload.get("consumed_samples", 0)
+    # Ours beside args; Megatron-LM's and converted checkpoints' in args alone.
+    saved_args = payload.get("args")
+    trainer.consumed_samples = payload.get(
+        "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
     # Where the validation batches resume; for an older checkpoint, Megatron-LM's estimate.
     l, batch = trainer.config.logging, trainer.config.training.global_batch_size
     trainer.consumed_valid_samples = payload.get(
-        "consumed_valid_samples",
-        trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0)
+        "consumed_valid_samples", getattr(
+            saved_args, "consumed_valid_samples",
+            trainer.iteration // l.eval_interval * l.eval_iters * batch if l.eval_interval else 0))
     logger.info(f"resumed from {path} at iteration {trainer.iteration}"
                 f"{fresh_on_resume(c)}")

@@ -42,7 +42,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
-from megatron_ext.training import coba, lora_checkpoint, optimizer_switch, shard_checks
+from megatron_ext.training import coba, data_resume, lora_checkpoint, optimizer_switch
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
                                                    rng_state, set_rng_state)
@@ -73,7 +73,7 @@ def _saved_args(trainer):
     args.data_parallel_size = trainer.topology.data_parallel
     args.consumed_train_samples = trainer.consumed_samples
     args.consumed_valid_samples = trainer.consumed_valid_samples
-    args.data_shards = trainer.shard_sizes
+    vars(args).update(data_resume.saved_data_args(trainer.config, trainer.shard_sizes))
     return args
 
 
@@ -237,7 +237,8 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
     if not weights_only:
-        shard_checks.warn_changed_shards(saved_args, trainer.shard_sizes, directory)
+        data_resume.warn_data_changes(saved_args, trainer.config, trainer.shard_sizes,
+                                       directory)
     load_rng = not weights_only and not c.no_load_rng
     if load_optim and "opt_param_scheduler" not in common:
         raise ckpt.CheckpointError(

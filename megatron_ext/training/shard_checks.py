@@ -16,7 +16,7 @@ is read with numpy alone, as the format is documented in ``megatron_ext/data/ind
 import logging
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 from megatron.core.datasets.blended_megatron_dataset_config import (
@@ -292,33 +292,6 @@ def data_prefixes(config: Config) -> List[Tuple[str, bool, str]]:
         if os.path.exists(tasks_path(prefix)):  # multi-task data (check_prefix: it exists)
             pairs.append((task_ids_prefix(prefix), False, flag))
     return pairs
-
-
-def shard_sizes(config: Config) -> Dict[str, List[int]]:
-    """The bytes of each shard's .bin and .idx, taken at start-up (what the run trains on, and
-    no file read again at a save, where a rank that failed alone would leave the others
-    waiting), saved with a checkpoint (``data_shards`` in its args) for
-    ``warn_changed_shards``; sizes, not mtimes, which a copy of the data changes."""
-    if config.data.mock_data:
-        return {}
-    # Absolute: a resume started elsewhere, or naming the shards by another path, finds them.
-    return {os.path.abspath(prefix): [os.path.getsize(bin_path(prefix)),
-                                      os.path.getsize(idx_path(prefix))]
-            for prefix, _, _ in data_prefixes(config)}
-
-
-def warn_changed_shards(saved_args, sizes: Dict[str, List[int]], where) -> None:
-    """Name every shard that the checkpoint in ``where`` was trained on at other sizes than
-    ``sizes`` (this run's ``shard_sizes``): the resumed run continues at its consumed samples
-    in the new data's sample order, not in the one the checkpoint's run drew from (Megatron-LM
-    resumes so too, without a word)."""
-    saved = getattr(saved_args, "data_shards", None) or {}
-    for prefix, now in sizes.items():
-        if prefix in saved and list(saved[prefix]) != now:
-            logger.warning(
-                f"{prefix}: the shard changed since {where} was saved (.bin/.idx "
-                f"{saved[prefix][0]}/{saved[prefix][1]} bytes then, {now[0]}/{now[1]} now): "
-                f"training continues over the new contents, its samples not the saved run's")
 
 
 def check_data(config: Config, tokenizer) -> Optional[List[Optional[Tuple[float, float]]]]:

@@ -29,8 +29,8 @@ from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import (checkpoint_checks, checkpointing, data, hf2mg, multitask,
-                                   shard_checks, summary)
+from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume, hf2mg,
+                                   multitask, shard_checks, summary)
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -67,7 +67,7 @@ class Trainer:
         check_padded_vocab_size(config, self.vocab_size)
         #    The shards against it and --split, while a bad one still fails every rank alike.
         split_matrix = shard_checks.check_data(config, self.tokenizer)
-        self.shard_sizes = shard_checks.shard_sizes(config)  # as trained on: saved, compared
+        self.shard_sizes = data_resume.shard_sizes(config)  # as trained on: saved, compared
         #    The checkpoint to load and the directory to save to, while they too fail alike;
         #    the vocabulary padded as the checkpoint is.
         checkpoint_checks.check_checkpoints(config)

@@ -253,3 +253,22 @@ def test_resume_with_another_decoupled_lr_needs_a_choice(tmp_path):
                                                 "--override-opt_param-scheduler"], 1)[0]
     assert resumed == launch(_group_rates, 1, other + ["--train-iters", "5"], 1)[0]
     assert resumed != launch(_group_rates, 1, argv + ["--train-iters", "5"], 1)[0]
+
+
+def test_a_resharded_checkpoint_resumes_the_data_where_it_stopped(tmp_path):
+    """convert_ckpt.py to another TP keeps the iteration and the consumed samples (as
+    Megatron-LM's converter, which reads and writes them in ``args``): the weights-only resume
+    goes on with the samples the uninterrupted run takes next, so its first loss is that run's
+    (dropout off; TP1 vs TP2 in float32 rounding)."""
+    from megatron_ext.checkpoint.convert import convert
+
+    argv = MODEL + ["--attention-dropout", "0", "--hidden-dropout", "0"]
+    full = launch(_train, 1, argv, 1)[0]
+    launch(_train, 1, argv + ["--save", str(tmp_path / "tp1"), "--exit-interval", "3"], 1)
+    convert(["--model-type", "GPT", "--load-model-type", "mg", "--save-model-type", "mg",
+             "--target-tensor-parallel-size", "2", "--load-dir", str(tmp_path / "tp1"),
+             "--save-dir", str(tmp_path / "tp2")])
+    resumed = launch(_train, 2, argv + ["--load", str(tmp_path / "tp2"), "--no-load-optim",
+                                        "--no-load-rng", "--tensor-model-parallel-size", "2"], 2)[0]
+    assert len(resumed) == 3
+    assert resumed[0] == pytest.approx(full[3], rel=1e-5)

@@ -238,6 +238,38 @@ def test_a_checkpoint_records_the_shards_the_run_started_on(tmp_path, capfd, ckp
     assert f"{prefix}: the shard changed since" in log and "12600/" in log and "10500/" in log
 
 
+@pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
+def test_other_data_flags_on_resume_are_named(tmp_path, capfd, ckpt_format):
+    """Another blend, --split, --seq-length or --seed gives the resumed run other samples than
+    the saved run's (Megatron-LM resumes so without a word): the log names the flag with both
+    values, and says nothing when the flags are the saved ones."""
+    import numpy as np
+    from megatron_ext.data.indexed import IndexedDatasetWriter
+
+    prefixes = [str(tmp_path / f"{name}_text_document") for name in "AB"]
+    for seed, prefix in enumerate(prefixes):
+        with IndexedDatasetWriter(prefix, np.uint16) as writer:
+            for doc in np.random.default_rng(seed).integers(1, 126, (200, 20)):
+                writer.add_document(list(doc) + [127])  # NullTokenizer(127)'s EOD
+    argv = [a for a in BASE if a != "--mock-data"] + [
+        "--data-path", *prefixes, "--split", "100,0,0", "--ckpt-format", ckpt_format]
+    launch(_train, 1, argv + ["--save", str(tmp_path / "ckpt"), "--exit-interval", "2"], 1)
+    resume = argv + ["--load", str(tmp_path / "ckpt"), "--train-iters", "3"]
+    changes = {
+        "--seed (the datasets' shuffle): 11 when": ["--seed", "12"],
+        "--split: '100,0,0' when": ["--split", "99,1,0"],
+        "--seq-length: 16 when": ["--seq-length", "8"],
+        "the datasets and weights": ["--data-path", "0.7", prefixes[0], "0.3", prefixes[1]],
+    }
+    for named, flags in [(None, [])] + list(changes.items()):
+        capfd.readouterr()
+        launch(_learning_rates, 1, resume + flags, 1)
+        log = "".join(capfd.readouterr())
+        warned = [name for name in changes if name in log]
+        assert warned == ([named] if named else []), (flags, log[-2000:])
+        assert (named is None) == ("training continues over other samples" not in log)
+
+
 def test_no_load_optim_restarts_the_schedule_and_says_so(tmp_path, capfd):
     """As Megatron-LM's: the optimizer and its LR schedule start afresh (the LRs of a run from
     scratch) while iterations and data continue; the resume's log line says so. megatron-core's
