@@ -58,9 +58,10 @@ def save_checkpoint(trainer) -> None:
                       for opt in distributed_optimizers(trainer.optimizer)]
     if topology.dp_cp_rank == 0:
         saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
+        args = model_args_namespace(trainer.config, trainer.vocab_size)
+        args.data_shards = shard_checks.shard_sizes(trainer.config)
         payload = {
-            "args": model_args_namespace(trainer.config, trainer.vocab_size,
-                                         data_shards=shard_checks.shard_sizes(trainer.config)),
+            "args": args,
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
