@@ -146,6 +146,18 @@ def scan_tokens(shard: Shard, eod: int) -> Dict[str, object]:
             "last_tokens": [[int(values[i]), int(counts[i])] for i in order]}
 
 
+def index_cache_path(base: str, prefixes) -> str:
+    """The directory under ``base`` for the index caches of the shards of these ``prefixes``
+    (a text dataset's, or each file of an instruction dataset). megatron-core names
+    its cached indices by the dataset's description (shard path, split, seed, sequence length,
+    tokenizer), not by what the shard holds: a shard rewritten in place (a resume after the
+    data was regenerated, say) would reuse indices of the old one, an IndexError mid-training
+    or other samples silently. Keyed by every shard's size and mtime, it is rebuilt instead."""
+    keys = [shard_key(prefix) for prefix in prefixes]
+    digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
+    return os.path.join(base, f"indices-{digest}")
+
+
 def scanned_facts(shard: Shard, eod: int, cache_dir: Optional[str]) -> Dict[str, object]:
     """``scan_tokens``' result, from the cache when this file (path, size, mtime) was scanned
     before for the same EOD id; a new scan is written atomically (ranks may race: same bytes)."""
