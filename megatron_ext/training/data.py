@@ -53,7 +53,7 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
     the splits that the run does not read."""
     d = config.data
     if d.is_instruction_dataset:
-        return build_sft_datasets(config, eod, split_sizes, split_matrix)
+        return build_sft_datasets(config, eod, split_sizes, split_matrix, index_cache_path)
     blends = resolve(d)  # empty with --mock-data
     check_prefixes(blends.prefixes())
     per_split = blends.per_split

@@ -236,18 +236,18 @@ def task_names(config: Config) -> List[str]:
     return names
 
 
-def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_matrix=None):
+def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_matrix,
+                       index_cache_path):
     """(train, valid, test) instruction datasets for ``--is-instruction-dataset`` (None where
-    the split is empty); ``split_matrix`` as in ``data.build_datasets``."""
+    the split is empty); ``split_matrix`` as in ``data.build_datasets``, which passes
+    ``shard_checks.index_cache_path`` (shard_checks imports this module): the index caches'
+    directory for these shard files, as pretraining data's."""
     d = config.data
     prefixes, weights = resolve(d).blend  # validate: no per-split instruction datasets
     # Here, not in InstructionShards: every prefix is checked on every rank before the builder
     # starts building (and synchronising ranks).
     for prefix in prefixes:
         check_prefix(prefix)
-    # Imported here: shard_checks imports this module (check_prefix).
-    from megatron_ext.training.shard_checks import index_cache_path
-
     cache = d.data_cache_path and index_cache_path(
         d.data_cache_path, [shard for prefix in prefixes for shard in shard_prefixes(prefix)])
     dataset_config = SFTDatasetConfig(
