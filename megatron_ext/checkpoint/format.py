@@ -24,6 +24,7 @@ import torch
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 RANK_FILENAME = "model_optim_rng.pt"
+DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"  # beside it, with --use-distributed-optimizer
 RELEASE = "release"
 CHECKPOINT_VERSION = 3.0
 

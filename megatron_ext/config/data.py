@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ext.config.flags import NO_OP, OURS, flag
+from megatron_ext.config.flags import NO_OP, OURS, REFUSED, flag
 from megatron_ext.tokenizer import TokenizerOptions
 
 
@@ -24,6 +24,10 @@ class DataConfig:
     valid_data_path: Optional[List[str]] = flag(
         None, "Datasets of the validation split, used whole (the forms of --data-path).",
         nargs="*")
+    multiple_validation_sets: bool = flag(
+        False, "Evaluate each --valid-data-path dataset separately, a loss per set.",
+        group="validation", status=REFUSED,
+        note="not yet: validation runs on the sets' blend, one loss")
     test_data_path: Optional[List[str]] = flag(
         None, "Datasets of the test split, used whole (the forms of --data-path).", nargs="*")
     per_split_data_args_path: Optional[str] = flag(

@@ -188,6 +188,9 @@ def _refuse_unsupported(config: Config) -> None:
     require(not moe and p.expert_model_parallel_size == 1,
              f"{' '.join(moe) or '--expert-model-parallel-size'}: MoE is not supported yet; "
              "drop the MoE flags to train the dense model")
+    require(not config.data.multiple_validation_sets, "--multiple-validation-sets: a validation "
+             "loss per --valid-data-path dataset is not supported yet; drop it to validate on "
+             "their blend (one loss), or validate each set in a run of its own")
 
 
 def _validate_profile(config: Config, world_size: int) -> None:

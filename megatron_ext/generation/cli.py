@@ -110,7 +110,10 @@ class Session:
             turns, ids = self.chat_prompt(self.history + [("user", text)])
         else:
             ids = self.tokenizer.tokenize(text)
-        result = self.generator.generate(ids, self.args.max_new_tokens, self.params, self.rng)
+        # A chat answer ends at the template's stop text, as soon as it is generated.
+        stop = (lambda new: self.encoder.reply(new)[2]) if self.encoder is not None else None
+        result = self.generator.generate(ids, self.args.max_new_tokens, self.params, self.rng,
+                                         stop_when=stop)
         if self.encoder is None:
             return self.tokenizer.detokenize(result.tokens)
         reply = self.encoder.reply(result.tokens)[0]

@@ -5,17 +5,19 @@ Megatron-LM's formats (core_v0.16-0.19 ``text_generation_server``): ``PUT /api``
 "logprobs"}``), the OpenAI-style ``POST /completions``, and with ``--prompt-type`` OpenAI's
 ``POST /chat/completions`` (megatron-core 0.19's fields). Each ``parse_*`` checks a body and
 raises ``BadRequest`` (answered with 400 before any rank is involved); each ``*_answer`` formats
-the generations of its ``Job``.
+the generations of its ``Job``. A request's stop strings (and the chat template's stop text) end
+its generation as soon as they appear (``stop_when``), and the answer is cut before them.
 """
 
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from megatron_ext.generation.sampling import SamplingParams
 
 MAX_PROMPTS = 128  # Megatron-LM's limit per request
 MAX_TOP_LOGPROBS = 10
+SEEDS = 2 ** 64  # torch.Generator.manual_seed's range: [0, 2**64)
 
 
 class BadRequest(ValueError):
@@ -30,6 +32,8 @@ class Job:
     params: SamplingParams
     seed: Optional[int]  # reseeds the sampling generator (else it goes on)
     logprobs: Optional[int]  # None: none; N: with the N most likely alternatives
+    stops: Tuple[str, ...] = ()  # stop strings: generation ends once the answer holds one
+    chat: bool = False  # a chat answer: the template's stop text ends it too
 
 
 def _is_int(v):
@@ -115,8 +119,8 @@ def parse_api(body, tokenizer, max_length):
         raise BadRequest("cannot set both top-k and top-p samplings.")
     add_bos = _field(body, "add_BOS", False, lambda v: isinstance(v, bool),
                      "add_BOS must be a boolean value")
-    seed = _field(body, "random_seed", None, lambda v: _is_int(v) and v >= 0,
-                  "random_seed must be a non-negative integer")
+    seed = _field(body, "random_seed", None, lambda v: _is_int(v) and 0 <= v < SEEDS,
+                  "random_seed must be an integer in [0, 2**64)")
     _field(body, "no_log", False, lambda v: isinstance(v, bool), "no_log must be a boolean value")
     _unsupported(body, {**_API_UNSUPPORTED, "stop_token": tokenizer.eod})
     if any(not p for p in prompts) and not add_bos:
@@ -163,16 +167,34 @@ def _openai_sampling(body):
                    "top_k must be an integer >= 0")
     top_p = _field(body, "top_p", 1.0, lambda v: _is_number(v) and 0 <= v <= 1,
                    "top_p must be a number in [0, 1]")
-    seed = _field(body, "seed", None, lambda v: v is None or (_is_int(v) and v >= 0),
-                  "seed must be a non-negative integer")
+    seed = _field(body, "seed", None, lambda v: v is None or (_is_int(v) and 0 <= v < SEEDS),
+                  "seed must be an integer in [0, 2**64)")
     # OpenAI's temperature 0 is greedy; its top_p 1 is no nucleus (Megatron-LM's top_p 0).
     params = (SamplingParams(top_k=1) if temperature == 0 else
               SamplingParams(float(temperature), top_k, 0.0 if top_p == 1 else float(top_p)))
     return params, seed
 
 
+def _stops(body):
+    """OpenAI's ``stop``: a string or a list of them (empty ones left out)."""
+    stop = _field(body, "stop", None, lambda v: v is None or isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(s, str) for s in v)),
+        "stop must be a string or a list of strings")
+    return tuple(s for s in ([stop] if isinstance(stop, str) else stop or []) if s)
+
+
+def stop_when(job, prompt_ids, tokenizer, encoder):
+    """The per-step test that ends ``job``'s generation after ``prompt_ids`` once its answer
+    holds a stop string, decoded as its ``*_answer`` decodes it (None: nothing to test)."""
+    if job.chat:
+        return lambda new: encoder.reply(new, job.stops)[2]
+    if not job.stops:
+        return None
+    return lambda new: any(s in continuation(tokenizer, prompt_ids, new) for s in job.stops)
+
+
 def parse_completions(body, tokenizer, max_length):
-    """(Job, prompt texts, echo, stop strings) of a ``POST /completions`` body."""
+    """(Job, prompt texts, echo) of a ``POST /completions`` body."""
     _known(body, _COMPLETION_FIELDS)
     _unsupported(body, _COMPLETION_UNSUPPORTED)
     prompt = body.get("prompt")
@@ -204,14 +226,11 @@ def parse_completions(body, tokenizer, max_length):
                       lambda v: v is None or (_is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS),
                       f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
     echo = _field(body, "echo", False, lambda v: isinstance(v, bool), "echo must be a boolean")
-    stop = _field(body, "stop", None, lambda v: v is None or isinstance(v, str) or (
-        isinstance(v, list) and all(isinstance(s, str) for s in v)),
-        "stop must be a string or a list of strings")
+    stops = _stops(body)
     if not echo and new == 0:
         raise BadRequest("echo=False not supported when max_tokens == 0 (nothing to answer)")
     _check_length(ids, new, max_length, "max_tokens")
-    stops = [stop] if isinstance(stop, str) else [s for s in stop or [] if s]
-    return Job(ids, new, params, seed, logprobs), texts, echo, stops
+    return Job(ids, new, params, seed, logprobs, stops), texts, echo
 
 
 def _offsets(tokenizer, ids, start):
@@ -220,12 +239,12 @@ def _offsets(tokenizer, ids, start):
     return [len(tokenizer.detokenize(ids[:i])) - head for i in range(start, len(ids))]
 
 
-def completions_answer(job, texts, echo, stops, results, tokenizer):
+def completions_answer(job, texts, echo, results, tokenizer):
     choices, generated = [], 0
     for index, (text, ids, result) in enumerate(zip(texts, job.prompts, results)):
         new, reason = result.tokens, "stop" if result.stopped else "length"
         answer = continuation(tokenizer, ids, new)
-        cut = min((answer.find(s) for s in stops if s in answer), default=-1)
+        cut = min((answer.find(s) for s in job.stops if s in answer), default=-1)
         kept = len(new)
         if cut >= 0:  # OpenAI's stop: the text up to the first stop string, without it
             answer, reason = answer[:cut], "stop"
@@ -256,7 +275,7 @@ def completions_answer(job, texts, echo, stops, results, tokenizer):
 # -- POST /chat/completions (OpenAI's, as megatron-core 0.19's chat_completions) -----------
 _CHAT_UNSUPPORTED = {"n": 1, "stream": False, "presence_penalty": 0, "frequency_penalty": 0}
 _CHAT_FIELDS = {"messages", "max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
-                "top_logprobs", "model", "user", *_CHAT_UNSUPPORTED}
+                "top_logprobs", "stop", "model", "user", *_CHAT_UNSUPPORTED}
 _ROLES = ("system", "user", "assistant")
 
 
@@ -302,17 +321,19 @@ def parse_chat(body, tokenizer, max_length, session):
                       "logprobs must be a boolean")
     top = _field(body, "top_logprobs", 0, lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
                  f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
+    stops = _stops(body)
     try:
         ids = session.chat_prompt(turns)[1]
     except ValueError as error:  # the template's: a system message it has no place for, ...
         raise BadRequest(f"messages: {error}") from None
     _check_length([ids], new, max_length, "max_tokens")
-    return Job([ids], new, params, seed, top if logprobs else None), session.encoder
+    return (Job([ids], new, params, seed, top if logprobs else None, stops, chat=True),
+            session.encoder)
 
 
 def chat_answer(job, encoder, results, tokenizer):
     (ids,), (result,) = job.prompts, results
-    content, kept, cut = encoder.reply(result.tokens)
+    content, kept, cut = encoder.reply(result.tokens, job.stops)
     logprobs = None
     if job.logprobs is not None:
         def entry(token, value):

@@ -15,7 +15,7 @@ causal attention keeps the padding out of the real positions) each step.
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,7 @@ from megatron_ext.generation.sampling import SamplingParams, sample
 @dataclass
 class Generation:
     tokens: List[int]  # the new tokens, without the stop token
-    stopped: bool  # ended at a stop token (else at max_new_tokens)
+    stopped: bool  # ended at a stop token or by ``stop_when`` (else at max_new_tokens)
     logits: List[torch.Tensor] = field(default_factory=list)  # per step [vocab], last stage only
     # With ``logprobs=N``, on every rank: log-probabilities (log_softmax of the real vocabulary's
     # logits, before temperature and filters) of each new token, of each prompt token after the
@@ -108,10 +108,14 @@ class Generator:
     @torch.no_grad()
     def generate(self, prompt: Sequence[int], max_new_tokens: int, params: SamplingParams,
                  rng: Optional[torch.Generator] = None, keep_logits: bool = False,
-                 logprobs: Optional[int] = None) -> Generation:
+                 logprobs: Optional[int] = None,
+                 stop_when: Optional[Callable[[List[int]], bool]] = None) -> Generation:
         """Up to ``max_new_tokens`` (0: none, for ``logprobs`` of the prompt alone) tokens after
         ``prompt`` (the same on every rank); ``logprobs=N`` adds their log-probabilities and the
-        prompt's, with the N most likely alternatives at each position."""
+        prompt's, with the N most likely alternatives at each position. ``stop_when(new
+        tokens)``, asked after each token on every rank (the same tokens everywhere, so every
+        rank stops at the same step), ends generation with True: a stop string, as soon as it
+        is there."""
         if not prompt:
             raise ValueError("the prompt is empty: nothing to condition on")
         tokens, new = list(prompt), []
@@ -140,6 +144,9 @@ class Generator:
                 chosen.append(logits)
             tokens.append(token)
             new.append(token)
+            if stop_when is not None and stop_when(new):
+                result.stopped = True
+                break
         if logprobs is not None:
             self._add_logprobs(result, list(prompt), chosen, logprobs)
         return result

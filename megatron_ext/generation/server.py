@@ -2,7 +2,10 @@
 
 Endpoints (formats and checks in ``endpoints.py``): ``PUT /api``, ``POST /completions`` (also
 ``/v1/completions``) and, with ``--prompt-type``, ``POST /chat/completions`` (also
-``/v1/chat/completions``). A bad request gets 400 with a message before any rank is involved.
+``/v1/chat/completions``). A bad request gets 400 with a message before any rank is involved;
+a request that fails after (in generation, or formatting its answer) gets 500 with the error, and
+the server goes on with the next one. (A failure on some ranks only, which no check here
+foresees, leaves the others waiting in a collective, as in Megatron-LM.)
 
 Rank 0 listens; its handler threads only parse and queue. Rank 0's main thread takes one job at a
 time (Megatron's lock), shares it with every rank (``Session.shared``), and all ranks generate it
@@ -22,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_ext.generation.endpoints import (BadRequest, api_answer, chat_answer,
                                                completions_answer, parse_api, parse_chat,
-                                               parse_completions)
+                                               parse_completions, stop_when)
 
 logger = logging.getLogger("megatron_ext")
 
@@ -57,12 +60,24 @@ def _handler(session, jobs):
                     job, *rest = parse(body, tokenizer, max_length)
             except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as e:
                 return self._reply(400, error(str(e)))
+            except Exception as e:  # a check missing above: said, not a dropped connection
+                return self._failed(error, "reading the request", e)
             request = _Request(job)
             jobs.put(request)
             request.done.wait()
-            with tokenizing:
-                payload = answer(job, *rest, request.results, tokenizer)
+            if isinstance(request.results, Exception):
+                return self._failed(error, "generating", request.results)
+            try:
+                with tokenizing:
+                    payload = answer(job, *rest, request.results, tokenizer)
+            except Exception as e:
+                return self._failed(error, "formatting the answer", e)
             self._reply(200, payload)
+
+        def _failed(self, error, stage, exception):
+            logger.error(f"{self.command} {self.path} failed {stage}: "
+                         f"{type(exception).__name__}: {exception}")
+            self._reply(500, error(f"{stage} failed: {type(exception).__name__}: {exception}"))
 
         def do_PUT(self):
             if self.path != "/api":
@@ -118,11 +133,15 @@ def serve(session, server: Optional[ThreadingHTTPServer]) -> None:
             job = session.shared(None if request is None else request.job)
             if job is None:
                 break
-            if job.seed is not None:
-                session.rng.manual_seed(job.seed)
-            results = [session.generator.generate(ids, job.max_new_tokens, job.params,
-                                                  session.rng, logprobs=job.logprobs)
-                       for ids in job.prompts]
+            try:
+                if job.seed is not None:
+                    session.rng.manual_seed(job.seed)
+                results = [session.generator.generate(
+                    ids, job.max_new_tokens, job.params, session.rng, logprobs=job.logprobs,
+                    stop_when=stop_when(job, ids, session.tokenizer, session.encoder))
+                    for ids in job.prompts]
+            except Exception as error:  # answered with 500; the next request is served
+                results = error
             if request is not None:
                 request.results = results
                 request.done.set()

@@ -27,7 +27,7 @@ def die_with_launcher() -> None:
     no rank: they would go on training and writing into ``--save`` with nobody watching. Linux
     sends a chosen signal to a process when its parent dies (``PR_SET_PDEATHSIG``); SIGKILL,
     because a rank blocked in a collective never returns to the interpreter to run a handler
-    (saves stay consistent: every file is written atomically and the tracker last). fork clears
+    (saves stay consistent: staged, renamed into place, the tracker last). fork clears
     that setting, so it is set again in each child the rank forks: megatron-core's
     ``--async-save`` writer, orphaned mid-write, blocks forever holding its copy of the
     checkpoint in memory (its half-written directory is never published, so nothing is lost).

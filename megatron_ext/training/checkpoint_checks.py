@@ -9,7 +9,8 @@ resume:
 - iteration directories without a tracker are named, then training starts from scratch as in
   Megatron-LM (the first save of a killed run leaves them so);
 - the tracker's iteration directory exists and is a checkpoint of either format;
-- torch: each rank file's zip directory is readable (a truncated file has none);
+- torch: each rank file's zip directory is readable (a truncated file has none), and each has
+  its distrib_optim.pt where the args say the distributed optimizer saved it;
 - torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says.
 
 ``--pretrained-checkpoint`` gets the same checks where it is the checkpoint loaded (``--load``
@@ -128,6 +129,17 @@ def _check_torch_files(directory: Path) -> None:
     expected = (directory / ckpt.rank_dir_name(t, p, pp) / ckpt.RANK_FILENAME
                 for t in range(tp) for p in range(pp))
     missing = [path for path in expected if not path.is_file()]
+    if not missing and getattr(args, "use_distributed_optimizer", False):
+        # Megatron-LM's and ours write one beside each rank file (a save killed before this
+        # rename-published layout, or a partial copy, left some out).
+        missing = [path.parent / ckpt.DISTRIB_OPTIM_FILENAME for path in rank_files
+                   if not (path.parent / ckpt.DISTRIB_OPTIM_FILENAME).is_file()]
+        if missing:
+            raise ckpt.CheckpointError(
+                f"checkpoint {directory} was saved with --use-distributed-optimizer but "
+                f"{missing[0]} is missing: it is incomplete (a save killed mid-write, or copied "
+                f"in part); point {ckpt.tracker_file(directory.parent)} at a complete "
+                f"iteration, or pass --no-load-optim to load its weights alone")
     if missing:
         raise ckpt.CheckpointError(
             f"checkpoint {directory} was saved at TP={tp} PP={pp} but {len(missing)} of its "

@@ -1,8 +1,10 @@
 """What both checkpoint formats handle the same way: RNG states, the distributed optimizers of a
 (chained) optimizer, the checks that the saved optimizer state is of this run's kind (torch
 format) and precision, the learning-rate schedule against the run's flags, and the pruning of old
-iterations."""
+iterations, and the staging of a save under a temporary name until every rank's files are
+written."""
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -11,6 +13,8 @@ import numpy as np
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+import torch.distributed as dist
 
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
@@ -184,3 +188,39 @@ def prune(root, keep) -> None:
     for iteration in iterations[:-keep]:
         if iteration != latest:
             shutil.rmtree(ckpt.iteration_dir(root, iteration), ignore_errors=True)
+
+
+# -- staging ---------------------------------------------------------------------------------
+
+
+def staging_dir(root, iteration) -> Path:
+    """Where a save of ``iteration`` is written until every rank has finished: a hidden name
+    that no loader, converter or --save-total-limit takes for a checkpoint (iter_* only)."""
+    return Path(root) / f".{ckpt.iteration_dir(root, iteration).name}.incomplete"
+
+
+def begin_staging(root, iteration) -> Path:
+    """Collective: rank 0 deletes the staging directories killed saves left (of any iteration:
+    none is in flight when a save starts) and makes a fresh one for ``iteration``."""
+    staging = staging_dir(root, iteration)
+    if dist.get_rank() == 0:
+        for stale in Path(root).glob(".iter_*.incomplete"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    return staging
+
+
+def publish(root, iteration, keep) -> None:
+    """Rank 0, once every rank's files are written: rename the staging directory into place,
+    then point the tracker at it (atomically), then prune to ``keep`` iterations."""
+    final = ckpt.iteration_dir(root, iteration)
+    replaced = Path(root) / f".{final.name}.replaced"
+    if final.exists():  # an untracked earlier save of the same iteration
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staging_dir(root, iteration), final)
+    ckpt._fsync_dir(Path(root))
+    ckpt.write_tracker(root, iteration)
+    shutil.rmtree(replaced, ignore_errors=True)
+    prune(root, keep)

@@ -7,9 +7,13 @@ any TP/PP/DP: see ``dist_checkpoint.py``. ``--load`` recognises either format wh
 Each (tp, pp) rank of DP x CP rank 0 writes ``model_optim_rng.pt``: model, optimizer
 (its non-sharded part), scheduler, every DP rank's RNG states, iteration, consumed training and
 validation samples. With the distributed optimizer, the optimizer state sharded over DP ranks
-(over DP x CP ranks) is gathered to their rank 0 and written beside it as ``distrib_optim.pt``. Every file is written
-atomically and the tracker last, so a run killed mid-save leaves the previous checkpoint as the
-latest.
+(over DP x CP ranks) is gathered to their rank 0 and written beside it as ``distrib_optim.pt``.
+
+Atomic, as torch_dist saves: every rank writes into ``DIR/.iter_0000100.incomplete``; once all
+have (a barrier) rank 0 renames it to ``iter_0000100`` and then points the tracker at it. A save
+killed at any moment leaves no ``iter_*`` directory that lacks a file (a model_optim_rng.pt
+without its distrib_optim.pt, which convert_ckpt.py or a hand-edited tracker would take), and
+the previous checkpoint the latest; the next save deletes the staging directory.
 """
 
 import logging
@@ -24,14 +28,12 @@ from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding
 from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
 from megatron_ext.training import coba, data_resume, dist_checkpoint, lora_checkpoint
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_optimizer_kind,
-                                                   check_precision, check_schedule,
-                                                   distributed_optimizers, fresh_on_resume, prune,
-                                                   rng_state, set_rng_state)
+                                                   begin_staging, check_precision, check_schedule,
+                                                   distributed_optimizers, fresh_on_resume,
+                                                   publish, rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
-
-DISTRIB_OPTIM_FILENAME = "distrib_optim.pt"
 
 
 def _rank_file(root, iteration, topology):
@@ -45,7 +47,9 @@ def save_checkpoint(trainer) -> None:
         return
     root, topology = trainer.config.checkpoint.save, trainer.topology
     iteration = trainer.iteration
-    path = _rank_file(root, iteration, topology)
+    staging = begin_staging(root, iteration)
+    path = staging / ckpt.rank_dir_name(topology.tp_rank, topology.pp_rank,
+                                        topology.pipeline_parallel) / ckpt.RANK_FILENAME
     dp_group = parallel_state.get_data_parallel_group()
     rng_states = [None] * dist.get_world_size(dp_group)
     dist.all_gather_object(rng_states, rng_state(), group=dp_group)
@@ -57,12 +61,17 @@ def save_checkpoint(trainer) -> None:
                       for opt in distributed_optimizers(trainer.optimizer)]
     if topology.dp_cp_rank == 0:
         saved = lora_checkpoint.keys(lora_checkpoint.saved_part(trainer.config))
+        # The consumed samples in args too, where Megatron-LM and convert_ckpt.py read them.
+        args = model_args_namespace(
+            trainer.config, trainer.vocab_size,
+            **data_resume.saved_data_args(trainer.config, trainer.shard_sizes),
+            consumed_train_samples=trainer.consumed_samples,
+            consumed_valid_samples=trainer.consumed_valid_samples)
+        # As Megatron-LM's args: a rank directory without its distrib_optim.pt is then known
+        # to be incomplete, not a save by the plain optimizer (checkpoint_checks.py).
+        args.use_distributed_optimizer = trainer.config.parallel.use_distributed_optimizer
         payload = {
-            # The consumed samples in args too, where Megatron-LM and convert_ckpt.py read them.
-            "args": model_args_namespace(trainer.config, trainer.vocab_size,
-                                         **data_resume.saved_data_args(trainer.config, trainer.shard_sizes),
-                                         consumed_train_samples=trainer.consumed_samples,
-                                         consumed_valid_samples=trainer.consumed_valid_samples),
+            "args": args,
             "checkpoint_version": ckpt.CHECKPOINT_VERSION,
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
@@ -78,11 +87,10 @@ def save_checkpoint(trainer) -> None:
         payload.update(coba.checkpoint_entry(trainer))
         ckpt.save_rank_file(path, payload)
         if distrib_states:
-            ckpt.save_rank_file(path.parent / DISTRIB_OPTIM_FILENAME, {"states": distrib_states})
-    dist.barrier()
+            ckpt.save_rank_file(path.parent / ckpt.DISTRIB_OPTIM_FILENAME, {"states": distrib_states})
+    dist.barrier()  # every rank's files are written
     if dist.get_rank() == 0:
-        ckpt.write_tracker(root, iteration)
-        prune(root, trainer.config.checkpoint.save_total_limit)
+        publish(root, iteration, trainer.config.checkpoint.save_total_limit)
     dist.barrier()
     logger.info(f"saved checkpoint at iteration {iteration} to {root}")
 
@@ -208,7 +216,7 @@ def _load(trainer, root, part, weights_only: bool) -> None:
                 f"checkpoint file {path} has no optimizer state; pass --no-load-optim or "
                 f"--finetune to load the weights alone")
         # Megatron-LM writes distrib_optim.pt exactly when the distributed optimizer ran.
-        distrib_path = path.parent / DISTRIB_OPTIM_FILENAME
+        distrib_path = path.parent / ckpt.DISTRIB_OPTIM_FILENAME
         check_optimizer_kind(distrib_path.is_file(),
                              trainer.config.parallel.use_distributed_optimizer, path.parent)
         check_precision(trainer, payload.get("args"), path)

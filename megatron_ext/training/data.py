@@ -14,8 +14,6 @@ every rank checks that it sees rank 0's files, and all ranks stop alike, naming 
 one does not; only then do the other ranks load. On one node nothing changes.
 """
 
-import hashlib
-import json
 import os
 
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron_ext import platform
 from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.blend import check_prefixes, resolve
-from megatron_ext.training.shard_scan import shard_key
+from megatron_ext.training.shard_scan import index_cache_path
 from megatron_ext.training.sft_dataset import build_sft_datasets
 
 
@@ -62,13 +60,8 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
     if per_split is not None and split_matrix is not None:
         # Whole datasets per split; those of a split the run does not read are not built.
         per_split = [b if bounds is not None else None for b, bounds in zip(per_split, split_matrix)]
-    cache = d.data_cache_path and index_cache_path(d.data_cache_path, blends.prefixes())
-    if cache and torch.distributed.is_initialized():
-        # Rank 0's, which writes the indices: a node with its own copy of the shards (other
-        # mtimes) reads them there too, as with the cache named by the datasets alone.
-        shared = [cache]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        cache = shared[0]
+    cache = d.data_cache_path and index_cache_path(d.data_cache_path,
+                                                    [p for p, _ in blends.prefixes()])
     dataset_config = GPTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,
@@ -102,17 +95,6 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
                    for prefix, _ in blends.prefixes()])
     check_cache_visible(cache_dirs)
     return check_one_epoch(blends, build(lambda: True), split_sizes)  # loads rank 0's files
-
-
-def index_cache_path(base: str, prefixes) -> str:
-    """The directory under ``base`` for the index caches of these shards. megatron-core names
-    its cached indices by the dataset's description (shard path, split, seed, sequence length,
-    tokenizer), not by what the shard holds: a shard rewritten in place (a resume after the
-    data was regenerated, say) would reuse indices of the old one, an IndexError mid-training
-    or other samples silently. Keyed by every shard's size and mtime, it is rebuilt instead."""
-    keys = [shard_key(prefix) for prefix, _ in prefixes]
-    digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
-    return os.path.join(base, f"indices-{digest}")
 
 
 def check_one_epoch(blends, datasets, split_sizes: List[int]):

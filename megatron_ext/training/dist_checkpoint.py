@@ -29,8 +29,6 @@ points the tracker at it. A save killed at any moment leaves the previous checkp
 """
 
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -43,9 +41,10 @@ from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
 from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
 from megatron_ext.training import coba, data_resume, lora_checkpoint, optimizer_switch
-from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
-                                                   distributed_optimizers, fresh_on_resume, prune,
-                                                   rng_state, set_rng_state)
+from megatron_ext.training.checkpoint_state import (adopt_schedule, begin_staging,
+                                                   check_precision, check_schedule,
+                                                   distributed_optimizers, fresh_on_resume,
+                                                   publish, rng_state, set_rng_state)
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -119,28 +118,9 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
 # -- save ------------------------------------------------------------------------------------
 
 
-def _staging_dir(root, iteration) -> Path:
-    return Path(root) / f".{ckpt.iteration_dir(root, iteration).name}.incomplete"
-
-
-def _publish(root, iteration, keep) -> None:
-    """Rank 0, once every rank's shards and metadata.json are written: rename the staging
-    directory into place, then point the tracker at it."""
-    final = ckpt.iteration_dir(root, iteration)
-    replaced = Path(root) / f".{final.name}.replaced"
-    if final.exists():  # an untracked earlier save of the same iteration
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
-    os.replace(_staging_dir(root, iteration), final)
-    ckpt._fsync_dir(Path(root))
-    ckpt.write_tracker(root, iteration)
-    shutil.rmtree(replaced, ignore_errors=True)
-    prune(root, keep)
-
-
 def _finalize(root, iteration, keep) -> None:
     if dist.get_rank() == 0:
-        _publish(root, iteration, keep)
+        publish(root, iteration, keep)
     dist.barrier()
     logger.info(f"saved checkpoint at iteration {iteration} to {root} (torch_dist)")
 
@@ -160,11 +140,7 @@ def save(trainer) -> None:
     root, iteration = Path(c.save), trainer.iteration
     global _async_queue
     finalize_saves(blocking=True)  # the previous checkpoint is published before the next starts
-    staging = _staging_dir(root, iteration)
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # left by a killed save
-        staging.mkdir(parents=True)
-    dist.barrier()
+    staging = begin_staging(root, iteration)
     metadata = _metadata(trainer)
     platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     state = _sharded_state_dict(trainer, metadata, optimizer=True, rng=True, is_loading=False,

@@ -44,15 +44,23 @@ from megatron_ext.data.instruct.pipeline import output_prefixes
 from megatron_ext.data.instruct.tasks import (dataset_task_names, read_tasks, task_ids_prefix,
                                               tasks_path)
 from megatron_ext.config.blend import resolve
+from megatron_ext.training.shard_scan import index_cache_path
 
 logger = logging.getLogger("megatron_ext")
 
 
-def check_prefix(prefix: str) -> None:
-    """ConfigError naming --data-path unless both shards of ``prefix`` exist."""
+def shard_prefixes(prefix: str) -> List[str]:
+    """The .bin/.idx pairs of the instruction dataset ``prefix``: token ids, loss mask, and the
+    task ids where its tasks file says they were written."""
     shards = list(output_prefixes(prefix))
     if os.path.exists(tasks_path(prefix)):  # written last: its task-id shard must be there
         shards.append(task_ids_prefix(prefix))
+    return shards
+
+
+def check_prefix(prefix: str) -> None:
+    """ConfigError naming --data-path unless both shards of ``prefix`` exist."""
+    shards = shard_prefixes(prefix)
     missing = [p + suffix for p in shards for suffix in (".bin", ".idx")
                if not os.path.isfile(p + suffix)]
     if not missing:
@@ -229,21 +237,24 @@ def task_names(config: Config) -> List[str]:
     return names
 
 
-def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_matrix=None):
+def build_sft_datasets(config: Config, pad: int, split_sizes: List[int], split_matrix):
     """(train, valid, test) instruction datasets for ``--is-instruction-dataset`` (None where
-    the split is empty); ``split_matrix`` as in ``data.build_datasets``."""
+    the split is empty); ``split_matrix`` as in ``data.build_datasets``; the index caches lie
+    in the directory of these shard files, as pretraining data's."""
     d = config.data
     prefixes, weights = resolve(d).blend  # validate: no per-split instruction datasets
     # Here, not in InstructionShards: every prefix is checked on every rank before the builder
     # starts building (and synchronising ranks).
     for prefix in prefixes:
         check_prefix(prefix)
+    cache = d.data_cache_path and index_cache_path(
+        d.data_cache_path, [shard for prefix in prefixes for shard in shard_prefixes(prefix)])
     dataset_config = SFTDatasetConfig(
         random_seed=config.training.seed,
         sequence_length=config.model.seq_length,
         blend=(prefixes, weights),
         split=d.split,
-        path_to_cache=d.data_cache_path,
+        path_to_cache=cache,
         mid_level_dataset_surplus=0.005,
         mmap_bin_files=d.mmap_bin_files,
         pad=pad,

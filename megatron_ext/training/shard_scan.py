@@ -1,7 +1,7 @@
 """What a shard without ``PREFIX.meta.json`` (one of Megatron-LM's tool) holds, for
 ``shard_checks``: its largest id and EOD counts from one chunked pass over its tokens, cached as
 JSON under ``--data-cache-path`` keyed by the file's path, size and mtime (``shard_key``, which
-also keys the dataset index caches: training/data.py).
+also keys the dataset index caches: ``index_cache_path``).
 """
 
 import hashlib
@@ -12,6 +12,7 @@ import time
 from typing import Dict, Optional
 
 import numpy as np
+import torch
 
 from megatron_ext.data.indexed import bin_path, idx_path
 from megatron_ext.data.shard_meta import META_SUFFIX, write_json_atomically
@@ -30,6 +31,23 @@ def shard_key(prefix: str) -> Dict[str, object]:
         stat = os.stat(path)
         key[f"{name}_bytes"], key[f"{name}_mtime_ns"] = stat.st_size, stat.st_mtime_ns
     return key
+
+
+def index_cache_path(base: str, prefixes) -> str:
+    """The directory under ``base`` for the index caches of the shards of these ``prefixes``
+    (a text dataset's, or each file of an instruction dataset). megatron-core names its cached
+    indices by the dataset's description (shard path, split, seed, sequence length, tokenizer),
+    not by what the shard holds: a shard rewritten in place (a resume after the data was
+    regenerated, say) would reuse indices of the old one, an IndexError mid-training or other
+    samples silently. Keyed by every shard's size and mtime, it is rebuilt instead. Collective
+    when torch.distributed is initialised: every rank takes rank 0's, which writes the indices,
+    so a node with its own copy of the shards (other mtimes) reads them there too."""
+    keys = [shard_key(prefix) for prefix in prefixes]
+    digest = hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:20]
+    path = [os.path.join(base, f"indices-{digest}")]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(path, src=0)
+    return path[0]
 
 
 def _cache_file(cache_dir: str, key: Dict[str, object]) -> str:

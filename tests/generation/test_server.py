@@ -72,6 +72,17 @@ def _env():
     return env
 
 
+def _request(url, method, path, body):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
 class Server:
     """``generate_gpt.py --port 0`` under torchrun; ``url`` once it announces its port."""
 
@@ -104,14 +115,7 @@ class Server:
         lines.put(None)
 
     def request(self, method, path, body):
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        return _request(self.url, method, path, body)
 
     def stop(self) -> int:
         """SIGTERM to rank 0 (as a scheduler stops a job's main process): every rank exits."""
@@ -310,3 +314,101 @@ def test_chat_completions_answer_as_interactive_chat(checkpoint, hf_model, tmp_p
         assert server.stop() == 0, "".join(server.log[-40:])
     finally:
         server.kill()
+
+
+FAILING = [7, 7, 7]  # a prompt whose generation fails (as out of memory would), in process
+
+
+def _serve_in_process(argv, requests):
+    """generate_gpt.py ``argv`` --port 0 as rank 0 of 1 in this process, ``requests`` sent
+    from a thread once it serves, then SIGTERM: (exit code, [(status, answer)], the number of
+    tokens each generation made)."""
+    from megatron_ext.generation import cli, generator
+
+    urls, answers, made = queue.Queue(), [], []
+    real_bind, real = cli.bind, generator.Generator.generate
+
+    def bind(*args):  # its port (0: any free one), once it serves
+        server = real_bind(*args)
+        urls.put("http://127.0.0.1:%d" % server.server_address[1])
+        return server
+
+    cli.bind = bind
+
+    def generate(self, prompt, *args, **kwargs):
+        if list(prompt) == FAILING:
+            raise RuntimeError("injected failure")
+        result = real(self, prompt, *args, **kwargs)
+        made.append(len(result.tokens))
+        return result
+
+    generator.Generator.generate = generate
+
+    def client():
+        try:
+            url = urls.get(timeout=TIMEOUT_S)
+            answers.extend(_request(url, *request) for request in requests)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=client, daemon=True).start()
+    code = cli.main(argv + ["--port", "0", "--host", "127.0.0.1"])
+    return code, answers, made
+
+
+def _stopped_at(pieces, stop):
+    """How many of the decoded ``pieces`` make a text holding ``stop`` (all: never)."""
+    return next((i + 1 for i in range(len(pieces)) if stop in "".join(pieces[:i + 1])),
+                len(pieces))
+
+
+def test_stop_strings_end_generation_and_errors_leave_the_server_serving(checkpoint, hf_model,
+                                                                         tmp_path):
+    """Generation ends as soon as a stop string (or the chat template's stop text) is there,
+    not at max_tokens; bad parameters get 400 naming the field, a failing generation 500, and
+    the next request is served. The stop points come from transformers' greedy tokens."""
+    from tests.launcher import launch
+
+    template = tmp_path / "numbers.json"
+    template.write_text(json.dumps(CHAT_TEMPLATE))
+    with torch.no_grad():
+        def greedy(prompt):
+            out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=NEW,
+                                    eos_token_id=EOD, pad_token_id=0)[0, len(prompt):].tolist()
+            return out[:out.index(EOD)] if EOD in out else out
+
+        prompt, chat_prompt = [1, 2, 3, 4, 5], [9, 9, 10, 1, 2, 3, 11, 12]  # CHAT_TEMPLATE's
+        new, chat_new = greedy(prompt), greedy(chat_prompt)
+    stop = f" {new[3]}"
+    pieces = [f" {t}" for t in new]  # /completions' text: the continuation of the prompt
+    stopped = _stopped_at(pieces, stop)
+    chat_stopped = _stopped_at([f"{' ' if i else ''}{t}" for i, t in enumerate(chat_new)], " 13")
+    assert stopped < len(new) == NEW and chat_stopped < len(chat_new), (new, chat_new)
+    completion = {"prompt": "1 2 3 4 5", "max_tokens": NEW, "temperature": 0, "stop": [stop]}
+    bad = [({"temperature": -1}, "temperature must be a number in [0, 100]"),
+           ({"top_p": 1.5}, "top_p must be a number in [0, 1]"),
+           ({"max_tokens": 2.5}, "max_tokens must be an integer >= 0"),
+           ({"max_tokens": 2047}, "2 tokens + max_tokens 2047 exceeds the model's 2048"),
+           ({"seed": 2 ** 64}, "seed must be an integer in [0, 2**64)")]
+    requests = [("POST", "/completions", completion),
+                ("POST", "/chat/completions", {"temperature": 0, "max_tokens": NEW, "messages": [
+                    {"role": "system", "content": "9 9"}, USER]}),
+                *[("POST", "/completions", {"prompt": "1 2", **body}) for body, _ in bad],
+                ("POST", "/chat/completions", {"messages": [USER], "top_p": 2}),
+                ("POST", "/completions", {"prompt": FAILING}),
+                ("POST", "/completions", completion)]
+    argv = ["--load", str(checkpoint[1]), *FLAGS, "--prompt-type", str(template)]
+    code, answers, made = launch(_serve_in_process, 1, argv, requests)[0]
+    assert code == 0 and len(answers) == len(requests), answers
+    (status, first), (chat_status, chat), *errors, (failed, failure), again = answers
+    assert status == chat_status == 200, (first, chat)
+    assert made == [stopped, chat_stopped, stopped]  # not NEW: stopped at the stop strings
+    cut = "".join(pieces[:stopped])
+    assert first["choices"][0]["text"] == cut[:cut.index(stop)]
+    assert first["choices"][0]["finish_reason"] == "stop"
+    assert chat["choices"][0]["message"]["content"] == " ".join(map(str, chat_new[:chat_stopped - 1]))
+    for (code, error), message in zip(errors, [m for _, m in bad] + ["top_p must be"]):
+        assert code == 400 and message in error["error"]["message"], (message, error)
+    assert failed == 500 and failure["error"]["message"] == (
+        "generating failed: RuntimeError: injected failure"), failure
+    assert again[0] == 200 and again[1]["choices"] == first["choices"]

@@ -223,3 +223,23 @@ def test_empty_split_that_is_needed_is_refused(shards):
 def test_flags_that_cannot_work(flags, message):
     with pytest.raises(ConfigError, match=message):
         parse_args(FLAGS + flags, world_size=2)
+
+
+def test_a_shard_rewritten_in_place_gets_fresh_indices(tmp_path):
+    """As pretraining data's (training/test_data.py): an unweighted blend (one epoch of each
+    dataset, megatron-core's cached blend indices sized by their documents), one rewritten in
+    place with fewer conversations: the old indices would point past its end. The reference:
+    the same shards built into an empty cache."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _write(a, [[_conversation(1 + d, 4, 1)] for d in range(30)])
+    _write(b, [[_conversation(200 + d, 4, 1)] for d in range(10)])
+    cache = ["--split", "100,0,0", "--data-cache-path", str(tmp_path / "cache")]
+    old = _datasets([a, b], [20, 0, 0], *cache)[1][0]
+    _write(a, [[_conversation(100 + d, 4, 1)] for d in range(12)])
+    new = _datasets([a, b], [20, 0, 0], *cache)[1][0]
+    fresh = _datasets([a, b], [20, 0, 0], "--split", "100,0,0", "--data-cache-path",
+                      str(tmp_path / "empty"))[1][0]
+    assert len(old) == len(new) == len(fresh) == 20
+    for i in range(len(fresh)):
+        assert new[i]["tokens"].tolist() == fresh[i]["tokens"].tolist(), i
+    assert len(list((tmp_path / "cache").glob("indices-*"))) == 2  # one per set of shard files

@@ -103,6 +103,55 @@ def test_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     assert len(resumed) == 4  # iterations 3..6 from the complete checkpoint at 2
 
 
+def _train_and_die_before_second_distrib_optim(argv):
+    """As above, killed in the second save once model_optim_rng.pt is written in full and
+    distrib_optim.pt is not yet."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from tests.launcher import free_port
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    torch.set_num_threads(1)
+    real_save, calls = torch.save, []
+
+    def save_or_die(obj, handle, *args, **kwargs):
+        if isinstance(obj, dict) and "states" in obj:  # a distrib_optim.pt payload
+            calls.append(1)
+            if len(calls) == 2:
+                os._exit(9)
+        return real_save(obj, handle, *args, **kwargs)
+
+    torch.save = save_or_die
+    _train(argv, 1)
+
+
+def test_killed_save_leaves_no_iteration_directory_without_its_optimizer(tmp_path):
+    """The rank file alone looks like a checkpoint (to convert_ckpt.py, or a tracker pointed
+    at it): a save is published by renaming its staging directory once every file is there,
+    and the next save deletes what a killed one left."""
+    argv = MODEL + ["--use-distributed-optimizer", "--save", str(tmp_path), "--save-interval", "2"]
+    assert exit_code_in_fork(_train_and_die_before_second_distrib_optim, argv) == 9
+    assert ckpt.read_tracker(tmp_path) == 2
+    assert sorted(p.name for p in tmp_path.glob("iter_*")) == ["iter_0000002"]
+    staged = tmp_path / ".iter_0000004.incomplete" / "mp_rank_00"
+    assert (staged / "model_optim_rng.pt").is_file() and not (staged / "distrib_optim.pt").exists()
+    resumed = launch(_train, 1, argv + ["--load", str(tmp_path)], 1)[0]
+    assert len(resumed) == 4  # iterations 3..6 from the complete checkpoint at 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "iter_0000002", "iter_0000004", "iter_0000006", ckpt.TRACKER_FILENAME]
+    assert (tmp_path / "iter_0000004" / "mp_rank_00" / "distrib_optim.pt").is_file()
+
+
+def test_an_iteration_without_its_distrib_optim_is_named_incomplete(tmp_path):
+    """One left by an older save, or copied in part: not taken for the plain optimizer's."""
+    argv = MODEL + ["--use-distributed-optimizer", "--save", str(tmp_path), "--exit-interval", "2"]
+    launch(_train, 1, argv, 1)
+    missing = tmp_path / "iter_0000002" / "mp_rank_00" / "distrib_optim.pt"
+    missing.unlink()
+    message = launch(_load_error, 1, MODEL + ["--use-distributed-optimizer", "--load",
+                                          str(tmp_path)], 1)[0]
+    assert f"{missing} is missing: it is incomplete" in message, message
+
+
 def _load_error(argv, world_size) -> str:
     """This rank's CheckpointError on loading (every rank's, unlike launch's first failure)."""
     try:

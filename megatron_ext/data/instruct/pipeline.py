@@ -114,12 +114,13 @@ class ConversationEncoder:
             return list(self.hf(text, add_special_tokens=False)["input_ids"])
         return [int(i) for i in self._encode_template(turns)[0]]
 
-    def reply(self, new_ids: Sequence[int]) -> Tuple[str, int, bool]:
+    def reply(self, new_ids: Sequence[int], stops: Sequence[str] = ()) -> Tuple[str, int, bool]:
         """(text, tokens kept, stopped) of generated ids as an assistant's answer: cut before
-        the template's stop text (generation itself stops at EOD/EOS only)."""
+        the first of the template's stop text and ``stops`` (a request's)."""
         text = self.tokenizer.detokenize(list(new_ids))
-        stop = self.template.stop if self.template is not None else None
-        cut = text.find(stop) if stop else -1
+        stops = [s for s in (self.template.stop if self.template is not None else None,
+                             *stops) if s]
+        cut = min((text.find(s) for s in stops if s in text), default=-1)
         if cut < 0:
             return text, len(new_ids), False
         kept = next(i for i in range(len(new_ids) + 1)
