@@ -172,9 +172,10 @@ def tokenizer_args(data) -> dict:
     return values
 
 
-def model_args_namespace(config, vocab_size: Optional[int]) -> argparse.Namespace:
-    """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab."""
-    return build_args(**_run_values(config, vocab_size), **tokenizer_args(config.data))
+def model_args_namespace(config, vocab_size: Optional[int], **extra) -> argparse.Namespace:
+    """The ``args`` entry of a rank file for a run with ``config`` and the tokenizer's vocab;
+    ``extra`` keys stored as given (the training data's ``data_shards``)."""
+    return build_args(**_run_values(config, vocab_size), **tokenizer_args(config.data), **extra)
 
 
 def fill_tokenizer_flags(args: argparse.Namespace, saved: argparse.Namespace, forced=(),
