@@ -129,6 +129,9 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        # Under Megatron-LM's names: the converters and a resume read the uneven split here.
+        decoder_first_pipeline_num_layers=p.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=p.decoder_last_pipeline_num_layers,
         seq_length=m.seq_length,
         max_position_embeddings=m.max_position_embeddings,
         position_embedding_type=m.position_embedding_type,
@@ -272,6 +275,8 @@ def fill_flags(args: argparse.Namespace, saved: argparse.Namespace, names=(), fo
 _CHECKS = (
     ("--tensor-model-parallel-size", "other TP/PP", "tensor_model_parallel_size"),
     ("--pipeline-model-parallel-size", "other TP/PP", "pipeline_model_parallel_size"),
+    ("--decoder-first-pipeline-num-layers", "other TP/PP", "decoder_first_pipeline_num_layers"),
+    ("--decoder-last-pipeline-num-layers", "other TP/PP", "decoder_last_pipeline_num_layers"),
     ("--num-layers", "other number of layers", "num_layers"),
     ("--hidden-size", "other hidden size", "hidden_size"),
     ("--ffn-hidden-size", "other FFN hidden size", "ffn_hidden_size"),
@@ -292,7 +297,13 @@ _CHECKS = (
 )
 
 
+# None is a value here: the even split (and what a checkpoint without the key was saved with).
+_NONE_IS_A_VALUE = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+
+
 def _show(flag: str, attr: str, value) -> str:
+    if value is None:
+        return f"no {flag}"
     if isinstance(value, bool):
         if attr == "add_bias_linear":
             value = not value
@@ -316,7 +327,7 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
         saved, mine = saved_value(saved_args, attr), run[attr]
         if attr == "norm_epsilon" and saved is not None and abs(saved - mine) <= 1e-12:
             continue
-        if saved is not None and saved != mine:
+        if (saved is not None or attr in _NONE_IS_A_VALUE) and saved != mine:
             problems.append(f"{what}: {_show(flag, attr, saved)} in the checkpoint, "
                             f"{_show(flag, attr, mine)} in this run")
     if run["position_embedding_type"] == "rope":

@@ -232,9 +232,15 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     saved_args = common.get("args")
     check_compatible(saved_args, trainer.config, trainer.vocab_size, directory, reshardable=True)
     lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
+    p = trainer.config.parallel
+    # The uneven split is part of the layout: it moves layers between PP ranks.
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
-                    saved_value(saved_args, "pipeline_model_parallel_size"))
-    same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)
+                    saved_value(saved_args, "pipeline_model_parallel_size"),
+                    saved_value(saved_args, "decoder_first_pipeline_num_layers"),
+                    saved_value(saved_args, "decoder_last_pipeline_num_layers"))
+    same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel,
+                                   p.decoder_first_pipeline_num_layers,
+                                   p.decoder_last_pipeline_num_layers)
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
     if not weights_only:
