@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.checkpoint.format import CheckpointError
+from megatron_ext.checkpoint.sharding import stage_layers
 from megatron_ext.config import default_ffn_hidden_size
 
 
@@ -205,6 +206,23 @@ def _same_file(name: str, given, taken) -> bool:
             and os.path.samefile(given, taken))
 
 
+def pipeline_split(args) -> Optional[list]:
+    """The layers of each pipeline stage of saved ``args`` (or a dict of them): the even split
+    without --decoder-first/last-pipeline-num-layers (Megatron-LM's names); None if they do
+    not say the number of layers."""
+    get = args.get if isinstance(args, dict) else lambda name: saved_value(args, name)
+    pp, layers = get("pipeline_model_parallel_size") or 1, get("num_layers")
+    if layers is None:
+        return None
+    return [len(stage_layers(layers, rank, pp, get("decoder_first_pipeline_num_layers"),
+                             get("decoder_last_pipeline_num_layers"))) for rank in range(pp)]
+
+
+def run_pipeline_split(config) -> list:
+    """``pipeline_split`` of a run with the validated ``config``."""
+    return pipeline_split(_run_values(config, None))
+
+
 def saved_value(args: argparse.Namespace, name: str):
     """A model-defining value from saved args (ours or Megatron-LM's), defaults as Megatron."""
     get = lambda key, default=None: getattr(args, key, default)  # noqa: E731
@@ -275,8 +293,6 @@ def fill_flags(args: argparse.Namespace, saved: argparse.Namespace, names=(), fo
 _CHECKS = (
     ("--tensor-model-parallel-size", "other TP/PP", "tensor_model_parallel_size"),
     ("--pipeline-model-parallel-size", "other TP/PP", "pipeline_model_parallel_size"),
-    ("--decoder-first-pipeline-num-layers", "other TP/PP", "decoder_first_pipeline_num_layers"),
-    ("--decoder-last-pipeline-num-layers", "other TP/PP", "decoder_last_pipeline_num_layers"),
     ("--num-layers", "other number of layers", "num_layers"),
     ("--hidden-size", "other hidden size", "hidden_size"),
     ("--ffn-hidden-size", "other FFN hidden size", "ffn_hidden_size"),
@@ -297,13 +313,7 @@ _CHECKS = (
 )
 
 
-# None is a value here: the even split (and what a checkpoint without the key was saved with).
-_NONE_IS_A_VALUE = ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
-
-
 def _show(flag: str, attr: str, value) -> str:
-    if value is None:
-        return f"no {flag}"
     if isinstance(value, bool):
         if attr == "add_bias_linear":
             value = not value
@@ -327,9 +337,15 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
         saved, mine = saved_value(saved_args, attr), run[attr]
         if attr == "norm_epsilon" and saved is not None and abs(saved - mine) <= 1e-12:
             continue
-        if (saved is not None or attr in _NONE_IS_A_VALUE) and saved != mine:
+        if saved is not None and saved != mine:
             problems.append(f"{what}: {_show(flag, attr, saved)} in the checkpoint, "
                             f"{_show(flag, attr, mine)} in this run")
+    split = pipeline_split(saved_args)
+    if not reshardable and split is not None and split != pipeline_split(run) \
+            and saved_value(saved_args, "pipeline_model_parallel_size") \
+            == run["pipeline_model_parallel_size"]:
+        problems.append(f"other TP/PP: the checkpoint's stages hold {split} layers, this run's "
+                        f"{pipeline_split(run)} (--decoder-first/last-pipeline-num-layers)")
     if run["position_embedding_type"] == "rope":
         saved = saved_value(saved_args, "rotary_base")
         if saved is not None and float(saved) != float(run["rotary_base"]):

@@ -41,7 +41,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
+from megatron_ext.checkpoint.args import (check_compatible, model_args_namespace,
+                                          pipeline_split, run_pipeline_split, saved_value)
 from megatron_ext.training import coba, lora_checkpoint, optimizer_switch
 from megatron_ext.training.checkpoint_state import (adopt_schedule, check_precision, check_schedule,
                                                    distributed_optimizers, fresh_on_resume, prune,
@@ -232,15 +233,11 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     saved_args = common.get("args")
     check_compatible(saved_args, trainer.config, trainer.vocab_size, directory, reshardable=True)
     lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
-    p = trainer.config.parallel
-    # The uneven split is part of the layout: it moves layers between PP ranks.
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
-                    saved_value(saved_args, "pipeline_model_parallel_size"),
-                    saved_value(saved_args, "decoder_first_pipeline_num_layers"),
-                    saved_value(saved_args, "decoder_last_pipeline_num_layers"))
-    same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel,
-                                   p.decoder_first_pipeline_num_layers,
-                                   p.decoder_last_pipeline_num_layers)
+                    saved_value(saved_args, "pipeline_model_parallel_size"))
+    # The layers of each PP stage, not the PP size alone: an uneven split moves layers.
+    same_layout = (saved_layout[0], pipeline_split(saved_args)) \
+        == (topology.tensor_parallel, run_pipeline_split(trainer.config))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
     if not weights_only:

@@ -62,8 +62,8 @@ def test_torch_save_at_uneven_pp2_resumes_and_converts_to_the_1_process_save(ref
     # At the even split of the same PP: refused, naming the flag (not a state-dict error).
     errors = launch(_load_error, 2, ARGV + ["--pipeline-model-parallel-size", "2", "--load",
                                             str(uneven), "--ckpt-format", "torch"], 2)
-    assert all("--decoder-first-pipeline-num-layers 1 in the checkpoint" in e for e in errors), \
-        errors
+    assert all("the checkpoint's stages hold [1, 3] layers, this run's [2, 2] "
+               "(--decoder-first/last-pipeline-num-layers)" in e for e in errors), errors
     # -> PP 1 with convert_ckpt.py: the weights the 1-process run saves at that iteration.
     launch(_train, 1, ARGV + save + ["--save", str(single), "--exit-interval", "2"], 1)
     pp1 = run_convert("mg", "mg", uneven, tmp_path / "pp1")
@@ -74,3 +74,19 @@ def test_torch_save_at_uneven_pp2_resumes_and_converts_to_the_1_process_save(ref
         == sorted(want)
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=WEIGHT_ATOL, msg=name)
+
+
+def test_enable_hf2mg_convert_converts_to_the_runs_split(tmp_path):
+    """--enable-hf2mg-convert's conversion (hf2mg's options to convert_ckpt.py) at the run's
+    uneven split: the cache loads at that layout."""
+    from megatron_ext.checkpoint.convert import convert
+    from megatron_ext.config import parse_args
+    from megatron_ext.training.hf2mg import _options
+    from tests.checkpoint.conftest import make_hf_model
+
+    hf = make_hf_model(tmp_path / "hf")
+    config = parse_args(("--num-layers 4 --hidden-size 64 --num-attention-heads 4 "
+                         "--tokenizer-type NullTokenizer --vocab-size 250 --mock-data "
+                         f"--enable-hf2mg-convert --load {hf}").split() + UNEVEN, world_size=2)
+    out = convert(_options(config) + ["--load-dir", str(hf), "--save-dir", str(tmp_path / "mg")])
+    assert [_stage_layers(out, 1, pp) for pp in range(2)] == [1, 3]
