@@ -79,5 +79,8 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = flag(
         None, "Interleaved (virtual) pipeline stages.", status=REFUSED,
         note="the interleaved schedule is not supported: drop it")
+    num_virtual_stages_per_pipeline_rank: Optional[int] = flag(
+        None, "Interleaved (virtual) pipeline stages: model chunks per pipeline rank.",
+        status=REFUSED, note="the interleaved schedule is not supported: drop it")
     distributed_timeout_minutes: int = flag(
         10, "Timeout of torch.distributed collectives, in minutes.")

@@ -90,3 +90,22 @@ def test_enable_hf2mg_convert_converts_to_the_runs_split(tmp_path):
                          f"--enable-hf2mg-convert --load {hf}").split() + UNEVEN, world_size=2)
     out = convert(_options(config) + ["--load-dir", str(hf), "--save-dir", str(tmp_path / "mg")])
     assert [_stage_layers(out, 1, pp) for pp in range(2)] == [1, 3]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("--account-for-embedding-in-pipeline-split", "--account-for-embedding-in-pipeline-split: "
+     "not supported; give the first stage one layer less with --decoder-first-pipeline-num-"
+     "layers"),
+    ("--account-for-loss-in-pipeline-split", "--decoder-last-pipeline-num-layers instead"),
+    ("--num-virtual-stages-per-pipeline-rank 2", "--num-virtual-stages-per-pipeline-rank: the "
+     "interleaved pipeline schedule is not supported"),
+    ("--num-layers-per-virtual-pipeline-stage 1", "--num-layers-per-virtual-pipeline-stage: "),
+    ("--decoder-first-pipeline-num-layers 3 --decoder-last-pipeline-num-layers 3",
+     "the 2 stages must add up to the 4 layers"),
+])
+def test_layouts_not_supported_are_refused_by_flag(flags, expected):
+    from megatron_ext.config import ConfigError, parse_args
+
+    argv = ARGV + ["--pipeline-model-parallel-size", "2"] + flags.split()
+    with pytest.raises(ConfigError, match=expected):
+        parse_args(argv, world_size=2)
