@@ -136,11 +136,12 @@ class MegatronSource:
         self.untied = saved_value(a, "untie_embeddings_and_output_weights")
         if saved_value(a, "num_layers_per_virtual_pipeline_stage") or getattr(a, "virtual_pipeline_model_parallel_size", None):
             raise ConversionError(f"{it_dir}: virtual pipeline stages (interleaved schedule) are not supported")
-        for name in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+        for name in ("account_for_embedding_in_pipeline_split",
+                     "account_for_loss_in_pipeline_split"):
             if saved_value(a, name) and self.pp > 1:
                 raise ConversionError(f"{it_dir}: saved with --{name.replace('_', '-')}, a "
                                       f"pipeline split not supported here")
-        # The uneven split (Megatron-LM's --decoder-first/last-pipeline-num-layers) it was saved with.
+        # The uneven split it was saved with (--decoder-first/last-pipeline-num-layers).
         self.stage_split = (saved_value(a, "decoder_first_pipeline_num_layers"),
                             saved_value(a, "decoder_last_pipeline_num_layers"))
         expected = {fmt.rank_dir_name(t, p, self.pp) for t in range(self.tp) for p in range(self.pp)}
