@@ -75,7 +75,7 @@ def run_case(init: str, tp: int, layers: int, bf16: bool) -> dict:
         core_config.perform_initialization = True
         core_config.use_cpu_initialization = True
         model = gpt.CoreGPTModel(
-            config=core_config, transformer_layer_spec=gpt.layer_spec(config),
+            config=core_config, transformer_layer_spec=gpt.layer_spec(config, core_config),
             vocab_size=padded_vocab_size(VOCAB, 128, tp), max_sequence_length=2048,
             share_embeddings_and_output_weights=False, position_embedding_type="rope")
     seconds = time.perf_counter() - start

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.checkpoint.format import CheckpointError
+from megatron_ext.checkpoint.sharding import stage_layers
 from megatron_ext.config import default_ffn_hidden_size
 
 
@@ -129,6 +130,9 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        # Under Megatron-LM's names: the converters and a resume read the uneven split here.
+        decoder_first_pipeline_num_layers=p.decoder_first_pipeline_num_layers,
+        decoder_last_pipeline_num_layers=p.decoder_last_pipeline_num_layers,
         seq_length=m.seq_length,
         max_position_embeddings=m.max_position_embeddings,
         position_embedding_type=m.position_embedding_type,
@@ -200,6 +204,23 @@ def fill_tokenizer_flags(args: argparse.Namespace, saved: argparse.Namespace, fo
 def _same_file(name: str, given, taken) -> bool:
     return (name in TOKENIZER_FILES and os.path.exists(given) and os.path.exists(taken)
             and os.path.samefile(given, taken))
+
+
+def pipeline_split(args) -> Optional[list]:
+    """The layers of each pipeline stage of saved ``args`` (or a dict of them): the even split
+    without --decoder-first/last-pipeline-num-layers (Megatron-LM's names); None if they do
+    not say the number of layers."""
+    get = args.get if isinstance(args, dict) else lambda name: saved_value(args, name)
+    pp, layers = get("pipeline_model_parallel_size") or 1, get("num_layers")
+    if layers is None:
+        return None
+    return [len(stage_layers(layers, rank, pp, get("decoder_first_pipeline_num_layers"),
+                             get("decoder_last_pipeline_num_layers"))) for rank in range(pp)]
+
+
+def run_pipeline_split(config) -> list:
+    """``pipeline_split`` of a run with the validated ``config``."""
+    return pipeline_split(_run_values(config, None))
 
 
 def saved_value(args: argparse.Namespace, name: str):
@@ -319,6 +340,12 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
         if saved is not None and saved != mine:
             problems.append(f"{what}: {_show(flag, attr, saved)} in the checkpoint, "
                             f"{_show(flag, attr, mine)} in this run")
+    split = pipeline_split(saved_args)
+    if not reshardable and split is not None and split != pipeline_split(run) \
+            and saved_value(saved_args, "pipeline_model_parallel_size") \
+            == run["pipeline_model_parallel_size"]:
+        problems.append(f"other TP/PP: the checkpoint's stages hold {split} layers, this run's "
+                        f"{pipeline_split(run)} (--decoder-first/last-pipeline-num-layers)")
     if run["position_embedding_type"] == "rope":
         saved = saved_value(saved_args, "rotary_base")
         if saved is not None and float(saved) != float(run["rotary_base"]):

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TP size of the Megatron output (default 1)")
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=None,
                         help="PP size of the Megatron output (default 1)")
+    parser.add_argument("--target-decoder-first-pipeline-num-layers", type=int, default=None,
+                        help="layers on the first stage of the Megatron output (default: an "
+                             "even split), as training's --decoder-first-pipeline-num-layers")
+    parser.add_argument("--target-decoder-last-pipeline-num-layers", type=int, default=None,
+                        help="layers on the last stage of the Megatron output (default: an "
+                             "even split), as training's --decoder-last-pipeline-num-layers")
     parser.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
                         help="format of a Megatron output: torch (per-rank model_optim_rng.pt, "
                              "the default) or torch_dist (megatron-core's distributed format, no "
@@ -127,13 +133,19 @@ def megatron_source(load_dir: Path, adapters: bool = False):
     return MegatronSource(load_dir)
 
 
+# The layout of a Megatron output in the torch format (neither HF nor torch_dist has one).
+_TARGET_LAYOUT = ("target_tensor_parallel_size", "target_pipeline_parallel_size",
+                  "target_decoder_first_pipeline_num_layers",
+                  "target_decoder_last_pipeline_num_layers")
+
+
 def convert(argv=None) -> Path:
     """Run a conversion (raises ``ConversionError``/``CheckpointError`` on bad input)."""
     opts = build_parser().parse_args(argv)
     if opts.load_model_type == "hf" and opts.save_model_type == "hf":
         raise ConversionError("--load-model-type hf --save-model-type hf: nothing to convert")
     if opts.save_model_type == "hf":
-        for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
+        for flag in _TARGET_LAYOUT:
             if getattr(opts, flag) not in (None, 1):
                 raise ConversionError(f"--{flag.replace('_', '-')} applies to --save-model-type mg only")
     if opts.make_vocab_size_divisible_by is not None and opts.make_vocab_size_divisible_by < 1:
@@ -149,7 +161,7 @@ def convert(argv=None) -> Path:
         raise ConversionError("--save-lora-to-hf needs --lora-load and --save-model-type hf")
 
     if opts.ckpt_format == "torch_dist" and opts.save_model_type == "mg":
-        for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
+        for flag in _TARGET_LAYOUT:
             if getattr(opts, flag) not in (None, 1):
                 raise ConversionError(f"--{flag.replace('_', '-')}: a torch_dist checkpoint has no "
                                       f"TP/PP layout (it loads at any); leave it out")
@@ -172,7 +184,9 @@ def convert(argv=None) -> Path:
             sink = (DistSink(source, dtype, divisible_by, opts.tokenizer_model)
                     if opts.ckpt_format == "torch_dist"
                     else MegatronSink(source, 1 if tp is None else tp, 1 if pp is None else pp,
-                                      dtype, divisible_by, opts.tokenizer_model))
+                                      dtype, divisible_by, opts.tokenizer_model,
+                                      (opts.target_decoder_first_pipeline_num_layers,
+                                       opts.target_decoder_last_pipeline_num_layers)))
         else:
             # HF Llama/Qwen2 have neither: their norms scale by the weight, RoPE rotates all.
             if saved_value(source.args, "apply_layernorm_1p") or \

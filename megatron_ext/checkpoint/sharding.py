@@ -10,7 +10,9 @@ ranks mirrors megatron-core's tensor-parallel layers:
 - LoRA adapters (model/lora.py): B of a column-parallel linear as its rows, A of a row-parallel
   one as its columns, the other matrix replicated.
 Pipeline stage ``s`` of ``pp`` holds layers ``[s*L/pp, (s+1)*L/pp)`` renumbered from 0, the
-embedding on the first stage and the final norm and output layer on the last one.
+embedding on the first stage and the final norm and output layer on the last one; with
+``first``/``last`` (--decoder-first/last-pipeline-num-layers) the first/last stage holds that
+many layers and the stages between share the rest evenly (``stage_layers``).
 """
 
 import re
@@ -52,10 +54,53 @@ def _merge(tensors: list, dim: int, stride: int) -> torch.Tensor:
     return torch.cat([pieces[rank][s] for s in range(stride) for rank in range(size)], dim=dim)
 
 
-def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
-    """Global indices of the layers held by pipeline stage ``pp_rank`` (uniform split)."""
-    per_stage = num_layers // pp_size
-    return range(pp_rank * per_stage, (pp_rank + 1) * per_stage)
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int, first: Optional[int] = None,
+                 last: Optional[int] = None) -> range:
+    """Global indices of the layers held by pipeline stage ``pp_rank``: ``first`` on stage 0
+    and ``last`` on the last stage where given, the others ``num_layers`` less those, evenly.
+    megatron-core's split of TransformerConfig.num_layers_in_first/last_pipeline_stage
+    (get_transformer_layer_offset, get_num_layers_to_build), for checkpoints read without a
+    process group; tests/checkpoint/test_uneven_pipeline.py holds the two equal."""
+    if pp_size == 1:
+        return range(num_layers)
+    sizes = [None] * pp_size
+    sizes[0] = first
+    sizes[-1] = last
+    given = [size for size in sizes if size is not None]
+    per_middle = (num_layers - sum(given)) // max(1, pp_size - len(given))
+    sizes = [per_middle if size is None else size for size in sizes]
+    start = sum(sizes[:pp_rank])
+    return range(start, start + sizes[pp_rank])
+
+
+def split_problem(num_layers: int, pp_size: int, first: Optional[int], last: Optional[int],
+                  flags=("--decoder-first-pipeline-num-layers",
+                         "--decoder-last-pipeline-num-layers",
+                         "--pipeline-model-parallel-size")) -> Optional[str]:
+    """Why ``stage_layers`` cannot split ``num_layers`` so (megatron-core's TransformerConfig
+    checks), in terms of ``flags`` (first, last, PP size); None if it can."""
+    first_flag, last_flag, pp_flag = flags
+    if first is None and last is None:
+        if num_layers % pp_size:
+            return (f"{pp_flag} {pp_size} does not divide the {num_layers} layers (or give the "
+                    f"first/last stage its own number with {first_flag}/{last_flag})")
+        return None
+    uneven = " ".join(f"{flag} {value}" for flag, value in ((first_flag, first), (last_flag, last))
+                      if value is not None)
+    if pp_size < 2:
+        return f"{uneven}: needs {pp_flag} > 1 (one stage holds all {num_layers} layers)"
+    if any(value is not None and value < 1 for value in (first, last)):
+        return f"{uneven}: each stage needs at least one layer"
+    middle_stages = pp_size - (first is not None) - (last is not None)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    if not middle_stages:
+        return None if middle_layers == 0 else (
+            f"{uneven}: the {pp_size} stages must add up to the {num_layers} layers")
+    if middle_layers < 1 or middle_layers % middle_stages:
+        return (f"{uneven} with {num_layers} layers: the other {middle_stages} of the "
+                f"{pp_flag} {pp_size} stages would hold {middle_layers}, which must be a "
+                f"positive multiple of {middle_stages}")
+    return None
 
 
 def _owning(tensor: torch.Tensor) -> torch.Tensor:
@@ -106,12 +151,13 @@ def merge_tensor(name: str, parts: list, *, swiglu: bool) -> torch.Tensor:
     return parts[0]
 
 
-def global_name(local: str, num_layers: int, pp_rank: int, pp_size: int) -> str:
+def global_name(local: str, num_layers: int, pp_rank: int, pp_size: int,
+                first: Optional[int] = None, last: Optional[int] = None) -> str:
     """The full-model (TP1/PP1) name of stage ``pp_rank``'s tensor ``local``."""
     match = _LAYER.match(local)
     if not match:
         return local
-    first_layer = stage_layers(num_layers, pp_rank, pp_size).start
+    first_layer = stage_layers(num_layers, pp_rank, pp_size, first, last).start
     return f"decoder.layers.{first_layer + int(match.group(1))}.{match.group(2)}"
 
 
@@ -129,20 +175,20 @@ def full_shape(name: str, local_shape, *, swiglu: bool, tp_size: int,
     return tuple(shape)
 
 
-def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int) -> Optional[str]:
+def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int,
+                first: Optional[int], last: Optional[int]) -> Optional[str]:
     """The name of ``name`` on stage ``pp_rank``, or None if that stage does not hold it."""
     match = _LAYER.match(name)
     if match:
-        layers = stage_layers(num_layers, pp_rank, pp_size)
+        layers = stage_layers(num_layers, pp_rank, pp_size, first, last)
         layer = int(match.group(1))
         if layer not in layers:
             return None
         return f"decoder.layers.{layer - layers.start}.{match.group(2)}"
-    first, last = pp_rank == 0, pp_rank == pp_size - 1
     if name.startswith("embedding."):
-        return name if first else None
+        return name if pp_rank == 0 else None
     if name.startswith(("decoder.final_layernorm.", "output_layer.")):
-        return name if last else None
+        return name if pp_rank == pp_size - 1 else None
     return name
 
 
@@ -157,8 +203,11 @@ def shard_state_dict(
     pp_rank: int,
     pp_size: int,
     vocab_rows: Optional[int] = None,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
 ) -> StateDict:
-    """The state dict of rank (tp_rank, pp_rank). ``vocab_rows``: padded vocabulary to use."""
+    """The state dict of rank (tp_rank, pp_rank). ``vocab_rows``: padded vocabulary to use;
+    ``first/last_stage_layers``: an uneven split (``stage_layers``)."""
     full = dict(full)
     if tied_embeddings and pp_size > 1 and "output_layer.weight" not in full:
         # megatron-core keeps a copy of the tied embedding on the last stage.
@@ -167,7 +216,8 @@ def shard_state_dict(
     for name, tensor in full.items():
         if tensor is None or name.endswith("._extra_state"):
             continue
-        local = _stage_name(name, num_layers, pp_rank, pp_size)
+        local = _stage_name(name, num_layers, pp_rank, pp_size, first_stage_layers,
+                            last_stage_layers)
         if local is not None:
             shard[local] = shard_tensor(name, tensor, swiglu=swiglu, tp_rank=tp_rank,
                                         tp_size=tp_size, vocab_rows=vocab_rows).clone()
@@ -180,6 +230,8 @@ def merge_state_dicts(
     num_layers: int,
     swiglu: bool,
     tied_embeddings: bool,
+    first_stage_layers: Optional[int] = None,
+    last_stage_layers: Optional[int] = None,
 ) -> StateDict:
     """Inverse of ``shard_state_dict``: ``shards[(tp_rank, pp_rank)]`` -> one full state dict."""
     tp_size = 1 + max(tp for tp, _ in shards)
@@ -189,7 +241,8 @@ def merge_state_dicts(
         names = [n for n, t in shards[(0, pp_rank)].items()
                  if t is not None and not n.endswith("._extra_state")]
         for local in names:
-            name = global_name(local, num_layers, pp_rank, pp_size)
+            name = global_name(local, num_layers, pp_rank, pp_size, first_stage_layers,
+                               last_stage_layers)
             if name in full:  # the tied output layer copy on the last stage
                 continue
             full[name] = merge_tensor(name, [shards[(tp, pp_rank)][local] for tp in range(tp_size)],

@@ -17,7 +17,7 @@ from megatron_ext.checkpoint import hf
 from megatron_ext.checkpoint.args import dtype_flags, padded_vocab_size, saved_value
 from megatron_ext.checkpoint.hf import ConversionError
 from megatron_ext.checkpoint.hf_io import HfWriter, tokenizer_files
-from megatron_ext.checkpoint.sharding import shard_tensor, stage_layers
+from megatron_ext.checkpoint.sharding import shard_tensor, split_problem, stage_layers
 
 
 class Progress:
@@ -49,7 +49,7 @@ class Progress:
         self.stream.flush()
 
 
-def check_target(args, tp: int, pp: int) -> None:
+def check_target(args, tp: int, pp: int, split=(None, None)) -> None:
     """The target tp/pp must divide the model (named flags), before anything is written."""
     n = saved_value(args, "num_attention_heads")
     g = saved_value(args, "num_query_groups")
@@ -69,17 +69,21 @@ def check_target(args, tp: int, pp: int) -> None:
                         f"(key/value heads)")
     if ffn % tp:
         problems.append(f"--target-tensor-parallel-size {tp} does not divide the FFN hidden size {ffn}")
-    if layers % pp:
-        problems.append(f"--target-pipeline-parallel-size {pp} does not divide the {layers} layers")
+    split_error = split_problem(layers, pp, *split, flags=(
+        "--target-decoder-first-pipeline-num-layers", "--target-decoder-last-pipeline-num-layers",
+        "--target-pipeline-parallel-size"))
+    if split_error:
+        problems.append(split_error)
     if problems:
         raise ConversionError("; ".join(problems))
 
 
 class MegatronSink:
     def __init__(self, source, tp: int, pp: int, dtype: torch.dtype, divisible_by: int,
-                 tokenizer_model: Optional[Path]):
-        check_target(source.args, tp, pp)
-        self.tp, self.pp, self.dtype = tp, pp, dtype
+                 tokenizer_model: Optional[Path], split=(None, None)):
+        """``split``: layers of the first and last stage (None: an even split)."""
+        check_target(source.args, tp, pp, split)
+        self.tp, self.pp, self.dtype, self.split = tp, pp, dtype, split
         a = source.args
         vocab = saved_value(a, "vocab_size")
         if vocab is None:  # a Megatron-LM checkpoint without the true vocabulary size
@@ -88,6 +92,7 @@ class MegatronSink:
         self.args = argparse.Namespace(**vars(a))
         self.args.__dict__.update(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            decoder_first_pipeline_num_layers=split[0], decoder_last_pipeline_num_layers=split[1],
             padded_vocab_size=self.padded, make_vocab_size_divisible_by=divisible_by,
             vocab_size=saved_value(a, "vocab_size"), **dtype_flags(dtype))
         if tokenizer_model is not None:
@@ -103,7 +108,7 @@ class MegatronSink:
         num_layers = source.num_layers
         progress = Progress(num_layers * self.tp, "convert (layers x TP ranks)")
         for pp_rank in range(self.pp):
-            layers = stage_layers(num_layers, pp_rank, self.pp)
+            layers = stage_layers(num_layers, pp_rank, self.pp, *self.split)
             for tp_rank in range(self.tp):
                 model = {}
                 if pp_rank == 0:

@@ -16,7 +16,7 @@ from megatron_ext.checkpoint import hf
 from megatron_ext.checkpoint.args import build_args, saved_value
 from megatron_ext.checkpoint.hf import ConversionError
 from megatron_ext.checkpoint.hf_io import HfReader, check_finite
-from megatron_ext.checkpoint.sharding import merge_tensor
+from megatron_ext.checkpoint.sharding import merge_tensor, stage_layers
 
 HF_OUTPUT_ITERATION = 1
 
@@ -142,6 +142,14 @@ class MegatronSource:
         self.untied = saved_value(a, "untie_embeddings_and_output_weights")
         if saved_value(a, "num_layers_per_virtual_pipeline_stage") or getattr(a, "virtual_pipeline_model_parallel_size", None):
             raise ConversionError(f"{it_dir}: virtual pipeline stages (interleaved schedule) are not supported")
+        for name in ("account_for_embedding_in_pipeline_split",
+                     "account_for_loss_in_pipeline_split"):
+            if saved_value(a, name) and self.pp > 1:
+                raise ConversionError(f"{it_dir}: saved with --{name.replace('_', '-')}, a "
+                                      f"pipeline split not supported here")
+        # The uneven split it was saved with (--decoder-first/last-pipeline-num-layers).
+        self.stage_split = (saved_value(a, "decoder_first_pipeline_num_layers"),
+                            saved_value(a, "decoder_last_pipeline_num_layers"))
         expected = {fmt.rank_dir_name(t, p, self.pp) for t in range(self.tp) for p in range(self.pp)}
         present = {d.name for d in it_dir.iterdir() if d.is_dir() and d.name.startswith("mp_rank_")}
         if present != expected:
@@ -175,6 +183,9 @@ class MegatronSource:
                 return path
         return it_dir / "mp_rank_00" / fmt.RANK_FILENAME
 
+    def _stage_layers(self, pp_rank: int) -> range:
+        return stage_layers(self.num_layers, pp_rank, self.pp, *self.stage_split)
+
     def _stage_models(self, pp_rank: int) -> List[dict]:
         """The memory-mapped models of stage ``pp_rank``'s TP ranks. Loaded per request and
         dropped after it: a mapping keeps every page read from it resident while it lives."""
@@ -192,8 +203,8 @@ class MegatronSource:
         return full.clone() if full is parts[0] else full  # never a view of the mapped file
 
     def layer(self, index: int) -> Dict[str, torch.Tensor]:
-        per_stage = self.num_layers // self.pp
-        pp_rank, local = divmod(index, per_stage)
+        pp_rank = next(stage for stage in range(self.pp) if index in self._stage_layers(stage))
+        local = index - self._stage_layers(pp_rank).start
         prefix = f"decoder.layers.{local}."
         models = self._stage_models(pp_rank)
         out = {}

@@ -6,7 +6,7 @@ otherwise (config/validate_mindspeed.py decides; docs/megatron-compat.md lists t
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.config.flags import HONOURED, NO_OP, REFUSED, WARNED, flag
+from megatron_ext.config.flags import HONOURED, NO_OP, WARNED, flag
 
 # megatron-core's Llama 3.1 RoPE scaling (``rope_scaling=True``) fixes these three values.
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -83,8 +83,11 @@ class MindSpeedConfig:
         "megatron_cp_algo as p2p (ring; allgather with attention dropout), the others as "
         "allgather (every algorithm is exact attention), logged")
     num_layer_list: Optional[str] = flag(
-        None, "MindSpeed-LLM's layers per pipeline stage, e.g. 4,4,4,4.", group="distributed",
-        status=REFUSED, note="even stages (the default) accepted; uneven stages refused: drop it")
+        None, "MindSpeed-LLM's layers per pipeline stage, e.g. 3,4,4,5: the first and last "
+        "may differ, the stages between must be equal (megatron-core's uneven split).",
+        group="distributed", status=HONOURED,
+        note="as --decoder-first/last-pipeline-num-layers; a list whose middle stages differ "
+        "is refused")
     no_shared_storage: bool = flag(
         False, "Nodes without shared storage: with --enable-hf2mg-convert each node's first "
         "rank converts --load.", group="distributed", status=HONOURED,

@@ -34,6 +34,23 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = flag(1, "Tensor model parallel size.")
     pipeline_model_parallel_size: int = flag(1, "Pipeline model parallel size.")
+    decoder_first_pipeline_num_layers: Optional[int] = flag(
+        None, "Transformer layers on the first pipeline stage; the stages after it (but a "
+        "--decoder-last-pipeline-num-layers one) share the rest evenly. Default: even split.",
+        note="megatron-core's num_layers_in_first_pipeline_stage; checkpoints and "
+        "convert_ckpt.py follow it (a torch_dist checkpoint resumes at any split)")
+    decoder_last_pipeline_num_layers: Optional[int] = flag(
+        None, "Transformer layers on the last pipeline stage; the stages before it (but a "
+        "--decoder-first-pipeline-num-layers one) share the rest evenly. Default: even split.",
+        note="megatron-core's num_layers_in_last_pipeline_stage; as the first-stage flag")
+    account_for_embedding_in_pipeline_split: bool = flag(
+        False, "Count the embedding as a layer of the first stage when splitting.",
+        status=REFUSED, note="refused: give the first stage one layer less with "
+        "--decoder-first-pipeline-num-layers instead (the same split)")
+    account_for_loss_in_pipeline_split: bool = flag(
+        False, "Count the loss as a layer of the last stage when splitting.",
+        status=REFUSED, note="refused: give the last stage one layer less with "
+        "--decoder-last-pipeline-num-layers instead (the same split)")
     context_parallel_size: int = flag(
         1, "Context parallel size: each sequence is split over this many ranks (world size = "
         "TP x PP x CP x DP); docs/context-parallel.md.")
@@ -80,5 +97,8 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: Optional[int] = flag(
         None, "Interleaved (virtual) pipeline stages.", status=REFUSED,
         note="the interleaved schedule is not supported: drop it")
+    num_virtual_stages_per_pipeline_rank: Optional[int] = flag(
+        None, "Interleaved (virtual) pipeline stages: model chunks per pipeline rank.",
+        status=REFUSED, note="the interleaved schedule is not supported: drop it")
     distributed_timeout_minutes: int = flag(
         10, "Timeout of torch.distributed collectives, in minutes.")

@@ -8,6 +8,7 @@ import os
 from dataclasses import fields
 
 from megatron_ext import platform
+from megatron_ext.checkpoint.sharding import split_problem
 from megatron_ext.config import blend
 from megatron_ext.config.blend import SPLITS
 from megatron_ext.config.checkpoint import CheckpointConfig
@@ -128,9 +129,7 @@ def _validate_model(config: Config) -> None:
     require(m.num_query_groups % tp == 0,
              f"--num-query-groups {m.num_query_groups} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
-    require(m.num_layers % config.parallel.pipeline_model_parallel_size == 0,
-             f"--num-layers {m.num_layers} is not divisible by "
-             f"--pipeline-model-parallel-size {config.parallel.pipeline_model_parallel_size}")
+    _validate_pipeline_split(config)
     if m.kv_channels is None:
         require(m.hidden_size % m.num_attention_heads == 0,
                  f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
@@ -175,6 +174,16 @@ def _validate_model(config: Config) -> None:
             config.notices.append(f"{flag}: no effect ({why})")
 
 
+def _validate_pipeline_split(config: Config) -> None:
+    """--num-layers over the pipeline stages: evenly, or with --decoder-first/last-pipeline-
+    num-layers as megatron-core's TransformerConfig splits them (its checks, named by flag)."""
+    p, layers = config.parallel, config.model.num_layers
+    problem = split_problem(layers, p.pipeline_model_parallel_size,
+                            p.decoder_first_pipeline_num_layers,
+                            p.decoder_last_pipeline_num_layers)
+    require(problem is None, f"--num-layers {layers}: {problem}")
+
+
 def _refuse_unsupported(config: Config) -> None:
     """Flags of Megatron-LM's scripts that the parser accepts and this project cannot honour
     yet; each refusal is one check, removed when its feature lands."""
@@ -183,6 +192,11 @@ def _refuse_unsupported(config: Config) -> None:
     require(not fp8, f"{' '.join(fp8)}: FP8 needs Transformer Engine and a GPU with FP8 "
              "(Hopper or newer), and is not wired here yet; drop the --fp8-* flags and train "
              "with --bf16")
+    for name in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+        which = "first" if "embedding" in name else "last"
+        require(not getattr(p, name), f"--{name.replace('_', '-')}: not supported; give the "
+                 f"{which} stage one layer less with --decoder-{which}-pipeline-num-layers "
+                 f"instead (the same split)")
     moe = sorted("--" + n.replace("_", "-") for n in given
                  if n.startswith("moe_") or n == "num_experts")
     require(not moe and p.expert_model_parallel_size == 1,

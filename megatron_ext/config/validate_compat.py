@@ -133,9 +133,9 @@ def _fine_tuning(config: Config) -> None:
 
 def _layout(config: Config) -> None:
     ms, p, m = config.mindspeed, config.parallel, config.model
-    require(p.num_layers_per_virtual_pipeline_stage is None,
-             "--num-layers-per-virtual-pipeline-stage: the interleaved pipeline schedule is "
-             "not supported; drop it (one model chunk per stage)")
+    for name in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
+        require(getattr(p, name) is None, f"--{name.replace('_', '-')}: the interleaved "
+                 "pipeline schedule is not supported; drop it (one model chunk per stage)")
     if ms.num_layer_list is None:
         return
     pp = p.pipeline_model_parallel_size
@@ -147,9 +147,27 @@ def _layout(config: Config) -> None:
     require(len(layers) == pp and sum(layers) == m.num_layers,
              f"--num-layer-list {ms.num_layer_list}: needs {pp} stages (one per "
              f"--pipeline-model-parallel-size) adding up to --num-layers {m.num_layers}")
-    require(len(set(layers)) == 1, f"--num-layer-list {ms.num_layer_list}: uneven pipeline "
-             "stages are not supported; drop it (--num-layers is split evenly)")
-    config.notices.append(f"--num-layer-list {ms.num_layer_list}: even stages, as without it")
+    given = [f for f in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
+             if getattr(p, f) is not None]
+    require(not given, f"--num-layer-list {ms.num_layer_list} and "
+             f"--{given[0].replace('_', '-') if given else ''}: both split the pipeline; "
+             f"give one of them")
+    if len(set(layers)) == 1:
+        config.notices.append(f"--num-layer-list {ms.num_layer_list}: even stages, as without it")
+        return
+    # megatron-core splits unevenly by the first and last stage only (the stages between share
+    # the rest evenly): a list whose middle stages differ is not expressible.
+    require(len(set(layers[1:-1])) <= 1 and min(layers) > 0,
+             f"--num-layer-list {ms.num_layer_list}: megatron-core gives only the first and the "
+             f"last stage their own number of layers, the stages between equal ones (e.g. "
+             f"3,4,4,5), and every stage one at least; change the list or drop it (even split)")
+    middle = layers[1] if pp > 2 else None
+    p.decoder_first_pipeline_num_layers = layers[0] if layers[0] != middle else None
+    p.decoder_last_pipeline_num_layers = layers[-1] if layers[-1] != middle else None
+    config.notices.append(f"--num-layer-list {ms.num_layer_list}: as " + " ".join(
+        f"--decoder-{which}-pipeline-num-layers {value}" for which, value in
+        (("first", p.decoder_first_pipeline_num_layers),
+         ("last", p.decoder_last_pipeline_num_layers)) if value is not None))
 
 
 def _checkpoint(config: Config) -> None:

@@ -70,6 +70,11 @@ def generation_config(args: argparse.Namespace, world_size: int):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(args, name) is None:
                 setattr(args, name, saved_value(saved, name) or 1)
+        if args.pipeline_model_parallel_size == saved_value(saved, "pipeline_model_parallel_size"):
+            # At its PP, its pipeline split too (a torch-format checkpoint loads at no other).
+            for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+                if getattr(args, name) is None:
+                    setattr(args, name, saved_value(saved, name))
         # The padded rows are part of the saved embedding, and Megatron pads to a multiple of
         # divisible-by x TP: at another TP, keep the checkpoint's row count.
         tp, saved_padded = args.tensor_model_parallel_size, saved_value(saved, "padded_vocab_size")

@@ -13,7 +13,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel as CoreGPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                         get_num_layers_to_build)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import platform
@@ -48,6 +49,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         context_parallel_size=p.context_parallel_size,
         sequence_parallel=p.sequence_parallel,
         params_dtype=m.params_dtype,
@@ -72,7 +75,9 @@ def transformer_config(config: Config) -> TransformerConfig:
     )
 
 
-def layer_spec(config: Config) -> TransformerBlockSubmodules:
+def layer_spec(config: Config, core_config: TransformerConfig) -> TransformerBlockSubmodules:
+    """This pipeline stage's layers (as many as megatron-core's split of ``core_config``
+    gives it, --decoder-first/last-pipeline-num-layers included)."""
     spec = get_gpt_layer_local_spec(normalization=config.model.normalization)
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
@@ -85,7 +90,7 @@ def layer_spec(config: Config) -> TransformerBlockSubmodules:
     if config.lora.enabled:
         lora.apply_to_spec(spec, config.lora, config.model.swiglu)
     return TransformerBlockSubmodules(
-        layer_specs=[spec] * (config.model.num_layers // config.parallel.pipeline_model_parallel_size),
+        layer_specs=[spec] * get_num_layers_to_build(core_config),
         layer_norm=Norm,
     )
 
@@ -138,9 +143,10 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
     padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                p.tensor_model_parallel_size)
     tied = not m.untie_embeddings_and_output_weights
+    core_config = transformer_config(config)
     model = GPTModel(
-        config=transformer_config(config),
-        transformer_layer_spec=layer_spec(config),
+        config=core_config,
+        transformer_layer_spec=layer_spec(config, core_config),
         vocab_size=padded,
         unpadded_vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings,

@@ -69,7 +69,9 @@ def initialize_parameters(model: torch.nn.Module, config: TransformerConfig, *, 
     """Fill every parameter of ``model`` (the chunk of rank (tp_rank, pp_rank)) in place."""
     swiglu = config.gated_linear_unit
     for local, param in model.named_parameters():
-        name = global_name(local, config.num_layers, pp_rank, pp_size)
+        name = global_name(local, config.num_layers, pp_rank, pp_size,
+                           config.num_layers_in_first_pipeline_stage,
+                           config.num_layers_in_last_pipeline_stage)
         split = tp_split(name, swiglu)
         if split is not None and not hasattr(param, "tensor_model_parallel"):
             # megatron-core (0.16) marks TP-split weights inside its initialization functions,

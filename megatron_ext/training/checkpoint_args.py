@@ -31,7 +31,10 @@ FORCED = ("num_query_groups", "group_query_attention", "position_embedding_type"
 TOKENIZER = ("tokenizer_model", "tokenizer_type")
 LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
           "expert_model_parallel_size")
-LAYOUT_IF_NOT_GIVEN = ("num_layers_per_virtual_pipeline_stage",)
+# Megatron-LM takes neither uneven-split flag; here the split is part of the layout taken (at
+# the saved PP, a torch-format checkpoint loads at its own split only).
+LAYOUT_IF_NOT_GIVEN = ("num_layers_per_virtual_pipeline_stage",
+                       "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
 
 
 def read_checkpoint(load_dir):

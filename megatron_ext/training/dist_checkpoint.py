@@ -39,7 +39,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
-from megatron_ext.checkpoint.args import check_compatible, model_args_namespace, saved_value
+from megatron_ext.checkpoint.args import (check_compatible, model_args_namespace,
+                                          pipeline_split, run_pipeline_split, saved_value)
 from megatron_ext.training import coba, data_resume, lora_checkpoint, optimizer_switch
 from megatron_ext.training.checkpoint_state import (adopt_schedule, begin_staging,
                                                    check_precision, check_schedule,
@@ -209,7 +210,9 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
                     saved_value(saved_args, "pipeline_model_parallel_size"))
-    same_layout = saved_layout == (topology.tensor_parallel, topology.pipeline_parallel)
+    # The layers of each PP stage, not the PP size alone: an uneven split moves layers.
+    same_layout = (saved_layout[0], pipeline_split(saved_args)) \
+        == (topology.tensor_parallel, run_pipeline_split(trainer.config))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     load_optim = not weights_only and not c.no_load_optim
     if not weights_only:

@@ -50,6 +50,12 @@ def _options(config: Config) -> list:
             "--target-tensor-parallel-size", str(p.tensor_model_parallel_size),
             "--target-pipeline-parallel-size", str(p.pipeline_model_parallel_size),
             "--make-vocab-size-divisible-by", str(config.model.make_vocab_size_divisible_by)]
+    for flag, value in (("--target-decoder-first-pipeline-num-layers",
+                         p.decoder_first_pipeline_num_layers),
+                        ("--target-decoder-last-pipeline-num-layers",
+                         p.decoder_last_pipeline_num_layers)):
+        if value is not None:  # the run's uneven split (the cache's record holds it)
+            argv += [flag, str(value)]
     if ms.model_type_hf is not None:
         argv += ["--model-type-hf", HF_MODEL_TYPES[ms.model_type_hf]]
     return argv

@@ -32,6 +32,7 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
 from megatron_ext.checkpoint.args import padded_vocab_size
+from megatron_ext.checkpoint.sharding import stage_layers
 from megatron_ext.config import Config
 from megatron_ext.config.blend import resolve
 from megatron_ext.config.parallel import CP_ALLGATHER
@@ -121,9 +122,10 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     tokens = t.micro_batch_size * m.seq_length // cp
     gathered_kv = 2 * e * kv / tp * t.micro_batch_size * m.seq_length if cp > 1 else 0
     per_layer = per_token * tokens + (4 * m.seq_length * m.kv_channels * e if rope else 0)
-    layers = m.num_layers // p.pipeline_model_parallel_size
+    held = _stage_layers(config, stage)
+    layers = len(held)
     schemes = p.cp_comm_type * (m.num_layers // len(p.cp_comm_type))  # one per layer
-    allgather_layers = schemes[stage * layers:(stage + 1) * layers].count(CP_ALLGATHER)
+    allgather_layers = schemes[held.start:held.stop].count(CP_ALLGATHER)
     if m.recompute_granularity == "full":
         # Each recomputed chunk keeps its input; backward rebuilds one chunk at a time.
         chunk = m.recompute_num_layers
@@ -135,6 +137,12 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
         vocab = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, tp)
         per_stage += (norm + vocab / tp * 4) * tokens
     return int(per_stage)
+
+
+def _stage_layers(config: Config, stage: int) -> range:
+    p = config.parallel
+    return stage_layers(config.model.num_layers, stage, p.pipeline_model_parallel_size,
+                        p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
 
 
 def in_flight_microbatches(config: Config, stage: int, num_microbatches: int) -> int:
@@ -211,7 +219,6 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
     p = config.parallel
     pp, cp = p.pipeline_model_parallel_size, p.context_parallel_size
     dp = len(ranks) // (p.tensor_model_parallel_size * pp * cp)
-    per_stage_layers = config.model.num_layers // pp
     context = (f"; context parallel: each sequence over {cp} ranks ({cp * 2} chunks, "
                f"{'/'.join(p.cp_comm_type)})" if cp > 1 else "")
     lines = [f"layout     {len(ranks)} ranks = TP {p.tensor_model_parallel_size} x PP {pp} x CP "
@@ -219,7 +226,8 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
              f"{context}; distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}"]
     for stage in range(pp):
         on_stage = [r for r in ranks if r.pp == stage]
-        first, last = stage * per_stage_layers + 1, (stage + 1) * per_stage_layers
+        held = _stage_layers(config, stage)
+        first, last = held.start + 1, held.stop
         parts = [f"layers {first}-{last}" if last > first else f"layer {first}"]
         if stage == 0:
             parts.insert(0, "embedding")

@@ -160,9 +160,11 @@ class Trainer:
 
     # -- weights -----------------------------------------------------------------------------
     def _shard_args(self) -> dict:
-        m = self.config.model
+        m, p = self.config.model, self.config.parallel
         return dict(num_layers=m.num_layers, swiglu=m.swiglu,
-                    tied_embeddings=not m.untie_embeddings_and_output_weights)
+                    tied_embeddings=not m.untie_embeddings_and_output_weights,
+                    first_stage_layers=p.decoder_first_pipeline_num_layers,
+                    last_stage_layers=p.decoder_last_pipeline_num_layers)
 
     def _load_full_state_dict(self, module, full: Dict[str, torch.Tensor]) -> None:
         topo = self.topology

@@ -56,8 +56,9 @@ def _rank_logits(cases):
     from megatron_ext.parallel import ParallelTopology
 
     results = []
-    for ckpt, tp, pp, tied, qkv_bias in cases:
-        argv = model_argv(tp, pp, tied=tied) + (["--add-qkv-bias"] if qkv_bias else [])
+    for ckpt, tp, pp, tied, qkv_bias, *flags in cases:  # flags: more of the model's, a list
+        argv = (model_argv(tp, pp, tied=tied) + (["--add-qkv-bias"] if qkv_bias else [])
+                + (flags[0] if flags else []))
         config = parse_args(argv, world_size=WORLD)
         topology = ParallelTopology.from_config(config.parallel, WORLD)
         topology.initialize()

@@ -122,6 +122,17 @@ def test_pp2_dp2_distributed_optimizer(reference, base):
     _assert_adapters_close(_adapters(final), _adapters(reference["final"]))
 
 
+def test_uneven_pp2(reference, base):
+    """PP=2 with 1 layer on the first stage and 3 on the last: the adapters (named by their
+    global layer) train as in one process, the base bit-unchanged."""
+    argv = MODEL + TRAIN + LORA + ["--pipeline-model-parallel-size", "2",
+                                   "--decoder-first-pipeline-num-layers", "1", "--load", str(base)]
+    losses, _, final, _ = launch(lora_run, 2, argv, 2)[0]
+    assert losses == pytest.approx(reference["losses"], rel=LOSS_RTOL)
+    _assert_base_unchanged(final, reference)
+    _assert_adapters_close(_adapters(final), _adapters(reference["final"]))
+
+
 def test_torch_dist_checkpoint_holds_the_adapters_alone(reference):
     keys = dcp.FileSystemReader(str(fmt.iteration_dir(reference["save"], ITERS))) \
         .read_metadata().state_dict_metadata

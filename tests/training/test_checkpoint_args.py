@@ -46,6 +46,10 @@ def _train(argv, world_size):
     # The layout too, from a torch_dist checkpoint, with --use-mp-args-from-checkpoint-args.
     (2, "--ckpt-format torch_dist --tensor-model-parallel-size 2",
      ["--ckpt-format", "torch_dist", "--use-mp-args-from-checkpoint-args"]),
+    # An uneven pipeline split is part of the layout taken.
+    (2, "--ckpt-format torch --num-layers 4 --pipeline-model-parallel-size 2 "
+        "--decoder-first-pipeline-num-layers 1",
+     ["--ckpt-format", "torch", "--use-mp-args-from-checkpoint-args"]),
 ])
 def test_resume_without_model_flags_equals_the_continuous_run(tmp_path, world_size, layout,
                                                                 resume_flags):

@@ -33,7 +33,7 @@ VALUES = {
     "--make-vocab-size-divisible-by": "1", "--max-position-embeddings": "4096",
     "--micro-batch-size": "1", "--min-lr": "1e-8", "--model-type-hf": "llama2",
     "--norm-epsilon": "1e-5", "--normalization": "RMSNorm", "--num-attention-heads": "8",
-    "--num-layer-list": "17,20,22,21", "--num-layers": "4",
+    "--num-layer-list": "1,3", "--num-layers": "4",
     "--num-layers-per-virtual-pipeline-stage": "4", "--num-query-groups": "2",
     "--original-max-position-embeddings": "8192", "--padded-vocab-size": "152064",
     "--pipeline-model-parallel-size": "2", "--position-embedding-type": "rope",
@@ -48,6 +48,7 @@ VALUES = {
 }
 # What a flag needs beside it (as in their scripts).
 CONTEXT = {
+    "--num-layer-list": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"],
     "--num-query-groups": ["--group-query-attention"],
     "--group-query-attention": ["--num-query-groups", "2"],
     "--overlap-param-gather": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
@@ -62,7 +63,7 @@ CONTEXT = {
     "--enable-hf2mg-convert": ["--load", "{hf}"],
 }
 WORLD = {"--context-parallel-size": 2, "--tensor-model-parallel-size": 2,
-         "--pipeline-model-parallel-size": 2}
+         "--pipeline-model-parallel-size": 2, "--num-layer-list": 2}
 
 
 def _hf_dir(path):
@@ -162,8 +163,10 @@ def test_flash_attention_and_rope_scaling_map_onto_ours():
     ("--stage sft", "add --is-instruction-dataset"),
     ("--no-shuffle", "always shuffles"),
     ("--tensor-model-parallel-size 2 --padded-vocab-size 255", "not divisible by"),
-    ("--num-layers 4 --pipeline-model-parallel-size 2 --num-layer-list 1,3",
-     "uneven pipeline stages"),
+    ("--num-layers 4 --pipeline-model-parallel-size 2 --num-layer-list 0,4",
+     "--num-layer-list 0,4: megatron-core gives only the first and the last stage"),
+    ("--num-layers 4 --pipeline-model-parallel-size 2 --num-layer-list 1,3 "
+     "--decoder-last-pipeline-num-layers 3", "both split the pipeline"),
 ])
 def test_refusals_name_the_way_out(extra, expected):
     with pytest.raises(ConfigError) as info:
@@ -214,6 +217,18 @@ def test_padded_vocab_size_gives_exactly_those_rows():
     check_padded_vocab_size(config, 300)
     with pytest.raises(ConfigError, match="--padded-vocab-size 300 is smaller"):
         check_padded_vocab_size(config, 301)
+
+
+def test_uneven_layer_list_is_megatron_lms_first_and_last_stage_flags():
+    """MindSpeed-LLM's list as megatron-core's split: first/last differ, the middle even."""
+    argv = BASE + MOCK + "--num-layers 8 --pipeline-model-parallel-size 4".split()
+    for listed, first, last in (("1,3,3,1", 1, 1), ("1,2,2,3", 1, 3), ("5,1,1,1", 5, None),
+                                ("2,2,2,2", None, None)):
+        p = parse_args(argv + ["--num-layer-list", listed], world_size=4).parallel
+        assert (p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers) \
+            == (first, last), listed
+    with pytest.raises(ConfigError, match="--num-layer-list 1,3,2,2: megatron-core gives only"):
+        parse_args(argv + ["--num-layer-list", "1,3,2,2"], world_size=4)
 
 
 def test_even_layer_list_and_torch_distributed_launch_local_rank_are_accepted():
