@@ -168,9 +168,12 @@ def test_cp2_all_to_all_gives_the_single_process_loss_logits_and_gradients(refer
     _check(results, ref, sample["tokens"].size(1), results[0][4])
 
 
-def test_cp2_with_tp2_and_sequence_parallel(references):
+@pytest.mark.parametrize("comm", ["allgather", "p2p"])
+def test_cp2_with_tp2_and_sequence_parallel(references, comm):
+    """p2p: each TP rank's 2 heads / 1 KV group go around its own CP ring."""
     argv, sample, ref = references["documents"]
-    argv = argv + "--tensor-model-parallel-size 2 --sequence-parallel".split()
+    argv = argv + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                   "--cp-comm-type", comm]
     results = launch(_rank, 4, argv, sample, 2, ref[5])
     merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results])
     _check(results, ref, sample["tokens"].size(1), merged)
@@ -237,15 +240,6 @@ def test_cp2_ring_gives_the_single_process_loss_logits_and_gradients(references,
     argv, sample, ref = references[flags]
     results = launch(_rank, 2, argv + ["--cp-comm-type", *comm] + extra, sample, 2, ref[5])
     _check(results, ref, sample["tokens"].size(1), results[0][4])
-
-
-def test_cp2_ring_with_tp2_and_sequence_parallel(references):
-    """p2p with each TP rank's 2 heads / 1 KV group passed around its own CP ring."""
-    argv, sample, ref = references["documents"]
-    argv = argv + "--tensor-model-parallel-size 2 --sequence-parallel --cp-comm-type p2p".split()
-    results = launch(_rank, 4, argv, sample, 2, ref[5])
-    merged = _merged([(coords, None, grads) for coords, _, _, _, grads, _ in results])
-    _check(results, ref, sample["tokens"].size(1), merged)
 
 
 def test_cp2_ring_and_allgather_with_pp2_through_the_megatron_schedule(references):
