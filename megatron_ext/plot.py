@@ -46,7 +46,8 @@ def read_log(path: str) -> Dict[str, Series]:
             if key and name != "validation lm loss" and _NUMBER.match(record[key]):
                 found[name][int(record["iteration"])] = float(record[key].rstrip("%"))
     for record in valid:
-        if record["split"] == "validation" and "lm loss value" in record:
+        # The blend's loss; the losses of --multiple-validation-sets are not one curve.
+        if record["split"] == "validation" and "set" not in record and "lm loss value" in record:
             found["validation lm loss"][int(record["iteration"])] = float(record["lm loss value"])
     return found
 

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron_ext.config.flags import NO_OP, OURS, REFUSED, flag
+from megatron_ext.config.flags import NO_OP, OURS, flag
 from megatron_ext.tokenizer import TokenizerOptions
 
 
@@ -25,9 +25,15 @@ class DataConfig:
         None, "Datasets of the validation split, used whole (the forms of --data-path).",
         nargs="*")
     multiple_validation_sets: bool = flag(
-        False, "Evaluate each --valid-data-path dataset separately, a loss per set.",
-        group="validation", status=REFUSED,
-        note="not yet: validation runs on the sets' blend, one loss")
+        False, "Evaluate each --valid-data-path dataset separately, a loss per set "
+        "(validation-0, validation-1, ...); the list takes no weights. Each set reads "
+        "--eval-iters global batches per evaluation, continuing where it stopped (Megatron-LM "
+        "accepts the flag only with --full-validation, not available here).",
+        group="validation")
+    validation_set_names: Optional[List[str]] = flag(
+        None, "Names of the --multiple-validation-sets, one per --valid-data-path dataset, "
+        "instead of their indices (validation-wiki, not validation-0).", group="validation",
+        nargs="+")
     test_data_path: Optional[List[str]] = flag(
         None, "Datasets of the test split, used whole (the forms of --data-path).", nargs="*")
     per_split_data_args_path: Optional[str] = flag(

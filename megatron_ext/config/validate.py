@@ -202,9 +202,6 @@ def _refuse_unsupported(config: Config) -> None:
     require(not moe and p.expert_model_parallel_size == 1,
              f"{' '.join(moe) or '--expert-model-parallel-size'}: MoE is not supported yet; "
              "drop the MoE flags to train the dense model")
-    require(not config.data.multiple_validation_sets, "--multiple-validation-sets: a validation "
-             "loss per --valid-data-path dataset is not supported yet; drop it to validate on "
-             "their blend (one loss), or validate each set in a run of its own")
 
 
 def _validate_profile(config: Config, world_size: int) -> None:
@@ -235,9 +232,10 @@ def _validate_data_sources(config: Config) -> None:
     require(bool(one) + bool(per_split or per_split_file) + bool(mock) == 1,
              f"{', '.join(sources)}: give one source of data (Megatron-LM's \"a single data "
              f"source\"): one blend cut by --split, the datasets of each split, or --mock-data")
+    blends = blend.resolve(d)  # the lists checked now (files read), before any process group
+    _validate_validation_sets(config, blends)
     if d.mock_data:
         return
-    blends = blend.resolve(d)  # the lists checked now (files read), before any process group
     if blends.blend is not None and "split" not in given:  # Megatron-LM warns alike
         config.notices.append(f"{one[0]} without --split: cut by the legacy default "
                               f"{d.split} (train, valid, test)")
@@ -251,6 +249,30 @@ def _validate_data_sources(config: Config) -> None:
         require(not d.is_instruction_dataset, f"{flags} with --is-instruction-dataset: "
                 "per-split instruction datasets are not supported; give them to --data-path "
                 "and cut the splits with --split")
+
+
+def _validate_validation_sets(config: Config, blends: blend.Blends) -> None:
+    """--multiple-validation-sets: a loss per dataset of the validation split's own list."""
+    d = config.data
+    names = d.validation_set_names
+    require(names is None or d.multiple_validation_sets, "--validation-set-names names the "
+            "datasets of --multiple-validation-sets; add that flag, or drop the names")
+    if not d.multiple_validation_sets:
+        return
+    require(not d.is_instruction_dataset, "--multiple-validation-sets with "
+            "--is-instruction-dataset: instruction data is one --data-path blend cut by "
+            "--split, with no validation datasets of its own; drop --multiple-validation-sets")
+    valid = blends.per_split[1] if blends.per_split else None
+    require(valid is not None, "--multiple-validation-sets evaluates each --valid-data-path "
+            "dataset on its own; give the validation datasets with --valid-data-path (or a "
+            "valid list in --per-split-data-args-path), not a --data-path blend or --mock-data")
+    prefixes, weights = valid
+    require(weights is None, f"{blends.flags[1]} with --multiple-validation-sets: each dataset "
+            f"is evaluated on its own, so the list takes no weights (as Megatron-LM); give the "
+            f"prefixes alone: {' '.join(prefixes)}")
+    require(names is None or len(names) == len(prefixes), f"--validation-set-names: "
+            f"{len(names or [])} names for the {len(prefixes)} datasets of {blends.flags[1]}; "
+            "give one name per dataset")
 
 
 def _validate_data(config: Config) -> None:

@@ -47,7 +47,8 @@ class DatasetTokenizer:
 
 def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[int],
                    split_matrix=None):
-    """(train, valid, test) GPTDatasets (None where the split is empty); instruction datasets
+    """(train, valid, test) GPTDatasets (None where the split is empty; valid a list of one per
+    dataset with ``--multiple-validation-sets``); instruction datasets
     (``--is-instruction-dataset``) instead, padded with ``eod`` (masked, never attended to).
     ``split_matrix`` (from ``shard_checks.check_data``) replaces the one of ``--split``, less
     the splits that the run does not read."""
@@ -78,14 +79,21 @@ def build_datasets(config: Config, eod: int, vocab_size: int, split_sizes: List[
         create_attention_mask=False,
         mid_level_dataset_surplus=0.005,
         mmap_bin_files=d.mmap_bin_files,
+        # One validation dataset per --valid-data-path prefix, each built as if it were the
+        # only one (megatron-core's builder; the sizes stay those of --eval-iters).
+        multiple_validation_sets=d.multiple_validation_sets,
+        full_validation=False,
     )
     if split_matrix is not None and per_split is None:
         dataset_config.split_matrix = split_matrix
     dataset_cls = MockGPTDataset if d.mock_data else GPTDataset
 
     def build(on_rank):
-        return BlendedMegatronDatasetBuilder(
+        train, valid, test = BlendedMegatronDatasetBuilder(
             dataset_cls, split_sizes, on_rank, dataset_config).build()
+        if d.multiple_validation_sets and valid is not None and not isinstance(valid, list):
+            valid = [valid]  # the builder gives one prefix its dataset alone
+        return [train, valid, test]
 
     if d.mock_data or not torch.distributed.is_initialized():
         return check_one_epoch(blends, build(lambda: True), split_sizes)

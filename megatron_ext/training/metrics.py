@@ -137,9 +137,10 @@ class MetricsLogger:
                 self.writer.add_scalar(tag, value, iteration)
 
     def log_eval(self, iteration: int, loss: float, split: str = "valid",
-                 final: bool = False, task_totals=None) -> None:
+                 final: bool = False, task_totals=None, suffix: str = "") -> None:
         """Megatron-LM's validation line; at the end of training its words for the split;
-        multi-task data adds each task's loss (``task_totals`` [2, tasks])."""
+        multi-task data adds each task's loss (``task_totals`` [2, tasks]). ``suffix`` names
+        one of --multiple-validation-sets (``-0``: "validation-0 loss", "lm loss validation-0")."""
         if not self.enabled:
             return
         ppl = math.exp(min(loss, 20.0))
@@ -149,13 +150,13 @@ class MetricsLogger:
         elif final:
             where += " on validation set"
         tasks = self._task_fields([task_totals])
-        line = (f" validation loss at {where} | lm loss value: {loss:.6E} | "
+        line = (f" validation{suffix} loss at {where} | lm loss value: {loss:.6E} | "
                 f"lm loss PPL: {ppl:.6E} | "
                 + "".join(f"{name}: {value:.6E} | " for name, value in tasks.items()))
         logger.info("-" * (len(line) + 1))
         logger.info(line)
         logger.info("-" * (len(line) + 1))
-        name = "validation" if split == "valid" else split
+        name = f"validation{suffix}" if split == "valid" else split
         self._write_scalars(iteration, {
             f"lm loss {name}": loss, f"lm loss {name} ppl": ppl,
             **{tag.replace("lm loss", f"lm loss {name}", 1): value
@@ -167,7 +168,8 @@ class MetricsLogger:
 
 
 _ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+) \|(.*)$")
-_VALIDATION = re.compile(r"validation loss at iteration (\d+)( on (validation|test) set)? \|(.*)$")
+_VALIDATION = re.compile(
+    r"validation(-\S+)? loss at iteration (\d+)( on (validation|test) set)? \|(.*)$")
 
 
 def _fields(text: str) -> Dict[str, str]:
@@ -183,8 +185,11 @@ def parse_log(text: str) -> Tuple[List[Dict[str, str]], List[Dict[str, str]]]:
     for line in text.splitlines():
         found = _VALIDATION.search(line)
         if found:
-            valid.append({"iteration": found.group(1), "final": bool(found.group(2)),
-                          "split": found.group(3) or "validation", **_fields(found.group(4))})
+            # "set": which of --multiple-validation-sets ("0", or its --validation-set-names).
+            named = {"set": found.group(1)[1:]} if found.group(1) else {}
+            valid.append({"iteration": found.group(2), "final": bool(found.group(3)),
+                          "split": found.group(4) or "validation", **named,
+                          **_fields(found.group(5))})
             continue
         found = _ITERATION.search(line)
         if found:

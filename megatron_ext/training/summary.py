@@ -305,8 +305,11 @@ def _data_lines(config: Config, train_ds, valid_ds) -> List[str]:
                      f"tokens; training split {split_docs} documents, {_n(split_tokens)} tokens; "
                      f"the run draws {_n(drawn)} samples ({share:.0%}) = {epochs:.2f} epochs")
     if valid_ds is not None:
-        lines.append(f"  validation: {len(valid_ds)} samples, {config.logging.eval_iters} "
-                     f"batches every {config.logging.eval_interval} steps")
+        sizes = ", ".join(str(len(ds)) for ds in valid_ds) if isinstance(valid_ds, list) else (
+            str(len(valid_ds)))
+        each = " each" if isinstance(valid_ds, list) else ""
+        lines.append(f"  validation: {sizes} samples, {config.logging.eval_iters} "
+                     f"batches{each} every {config.logging.eval_interval} steps")
     return lines
 
 

@@ -130,7 +130,7 @@ class Trainer:
             split_matrix,
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
-        self.valid_iterator = None
+        self.valid_iterators = None  # one per validation dataset, from the first evaluation
         self.metrics = MetricsLogger(
             config, padded_vocab_size(self.vocab_size, config.model.make_vocab_size_divisible_by,
                                       config.parallel.tensor_model_parallel_size),
@@ -278,26 +278,38 @@ class Trainer:
                 chunk.enable_forward_pre_hook()
 
     @torch.no_grad()
-    def evaluate(self, split: str = "valid", final: bool = False) -> Optional[float]:
+    def evaluate(self, split: str = "valid", final: bool = False):
         """Mean per-token loss over ``--eval-iters`` global batches of the validation split
         (each evaluation continuing where the last one stopped, across a resume too) or of the
-        test split (from its start). A validation also answers ``--eval-prompts``."""
+        test split (from its start); with ``--multiple-validation-sets`` a loss per validation
+        dataset, in a list. A validation also answers ``--eval-prompts``."""
         if split == "valid" and self.eval_prompts is not None:
             self.eval_prompts.run(self.model[0].module, self.iteration, self.metrics)
         dataset = self.valid_ds if split == "valid" else self.test_ds
         if dataset is None or not self.config.logging.eval_iters:
             return None
-        t, topo = self.config.training, self.topology
-        if split == "valid":
-            if self.valid_iterator is None:
-                self.valid_iterator = data.cyclic_iterator(
-                    dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-                    self.consumed_valid_samples, self.config.data.num_workers)
-            iterator = self.valid_iterator
-        else:
-            iterator = data.cyclic_iterator(dataset, t.micro_batch_size, topo.dp_rank,
-                                            topo.data_parallel,
-                                            num_workers=self.config.data.num_workers)
+        t, topo, d = self.config.training, self.topology, self.config.data
+        if split == "test":
+            return self._evaluate_batches(data.cyclic_iterator(
+                dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
+                num_workers=d.num_workers), split, final)
+        datasets = dataset if d.multiple_validation_sets else [dataset]
+        if self.valid_iterators is None:
+            self.valid_iterators = [data.cyclic_iterator(
+                ds, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
+                self.consumed_valid_samples, d.num_workers) for ds in datasets]
+        # Megatron-LM's labels: validation-0, validation-1 ... or --validation-set-names.
+        suffixes = ([f"-{name}" for name in d.validation_set_names or range(len(datasets))]
+                    if d.multiple_validation_sets else [""])
+        losses = [self._evaluate_batches(iterator, split, final, suffix)
+                  for iterator, suffix in zip(self.valid_iterators, suffixes)]
+        # Every dataset reads as many batches: one count is the position in each.
+        self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
+        return losses if d.multiple_validation_sets else losses[0]
+
+    def _evaluate_batches(self, iterator, split: str, final: bool, suffix: str = "") -> float:
+        """The loss of ``--eval-iters`` global batches of ``iterator``, logged."""
+        t = self.config.training
         if t.manual_gc:
             gc.collect()
         self._sync_params()
@@ -314,10 +326,8 @@ class Trainer:
         self._resume_param_overlap()
         if t.manual_gc:
             gc.collect()
-        if split == "valid":
-            self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
         loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss, split, final, task_totals)
+        self.metrics.log_eval(self.iteration, loss, split, final, task_totals, suffix)
         return loss
 
     def train(self) -> List[Dict[str, float]]:

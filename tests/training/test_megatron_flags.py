@@ -88,8 +88,8 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "--group-query-attention --num-query-groups 2", "--num-query-groups 2 / "
      "--tensor-model-parallel-size 2 = 1 is not divisible by --context-parallel-size 2"),
     ("--no-position-embedding", "use --position-embedding-type rope"),
-    ("--multiple-validation-sets", "--multiple-validation-sets: a validation loss per "
-     "--valid-data-path dataset is not supported yet; drop it"),
+    ("--multiple-validation-sets", "--multiple-validation-sets evaluates each "
+     "--valid-data-path dataset on its own; give the validation datasets with"),
 ])
 def test_refusals_are_one_line_with_the_way_out(extra, expected):
     with pytest.raises(ConfigError) as info:
