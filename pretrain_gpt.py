@@ -35,9 +35,12 @@ def get_batch(config: Config, eod: int, data_iterator) -> dict:
 
         from megatron_ext.model.context_parallel import shard_batch
 
-        # Rows stay rows ([b, s / CP]); the params carry the documents and the CP layout.
+        # Rows stay rows ([b, s / CP]); the params carry the documents and the CP layout
+        # (a2a+p2p: the layout over the hierarchical sub-groups too).
+        hierarchical = (tuple(parallel_state.get_hierarchical_context_parallel_groups())
+                        if config.parallel.hierarchical_context_parallel_sizes else None)
         local, params = shard_batch(batch, batch["packed_seq_params"],
-                                    parallel_state.get_context_parallel_group())
+                                    parallel_state.get_context_parallel_group(), hierarchical)
         batch = dict(local, packed_seq_params=params)
     elif config.varlen:
         # megatron-core's THD path takes one row: flatten (b, s) in that order; the document

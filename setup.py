@@ -22,6 +22,9 @@ setup(
         # megatron-core's dist_checkpointing (--ckpt-format torch_dist, the default) imports it
         # to watch its writer processes.
         "psutil",
+        # megatron-core's hierarchical CP groups (--hierarchical-context-parallel-sizes, for
+        # --cp-comm-type a2a+p2p) are built with it.
+        "einops",
         # --tensorboard-dir works out of the box (about 60 MB with grpcio and protobuf).
         "tensorboard",
     ],

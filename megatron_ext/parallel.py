@@ -25,6 +25,8 @@ class ParallelTopology:
     pipeline_parallel: int
     sequence_parallel: bool
     context_parallel: int = 1
+    # --hierarchical-context-parallel-sizes (a2a+p2p): megatron-core's CP sub-groups.
+    hierarchical_context_parallel: tuple = ()
 
     @property
     def data_parallel(self) -> int:
@@ -40,6 +42,7 @@ class ParallelTopology:
             pipeline_parallel=config.pipeline_model_parallel_size,
             sequence_parallel=config.sequence_parallel,
             context_parallel=config.context_parallel_size,
+            hierarchical_context_parallel=tuple(config.hierarchical_context_parallel_sizes or ()),
         )
 
     def initialize(self, backend: str | None = None, timeout_minutes: int = 10) -> None:
@@ -68,6 +71,7 @@ class ParallelTopology:
             tensor_model_parallel_size=self.tensor_parallel,
             pipeline_model_parallel_size=self.pipeline_parallel,
             context_parallel_size=self.context_parallel,
+            hierarchical_context_parallel_sizes=list(self.hierarchical_context_parallel) or None,
         )
 
     @staticmethod

@@ -5,26 +5,33 @@ from typing import List, Optional
 
 from megatron_ext.config.flags import REFUSED, WARNED, flag
 
-CP_ALLGATHER, CP_A2A, CP_P2P = "allgather", "a2a", "p2p"
-# Megatron-LM's --cp-comm-type choices; our core attention implements CP_SCHEMES
-# (model/attention.py, model/ring_attention.py); a2a+p2p (hierarchical) is not implemented.
-CP_COMM_TYPES = ("p2p", "a2a", "allgather", "a2a+p2p")
-CP_SCHEMES = (CP_ALLGATHER, CP_A2A, CP_P2P)
+CP_ALLGATHER, CP_A2A, CP_P2P, CP_A2A_P2P = "allgather", "a2a", "p2p", "a2a+p2p"
+# Megatron-LM's --cp-comm-type choices, all implemented by our core attention
+# (model/attention.py, model/ring_attention.py).
+CP_COMM_TYPES = (CP_P2P, CP_A2A, CP_ALLGATHER, CP_A2A_P2P)
+CP_RINGS = (CP_P2P, CP_A2A_P2P)  # the schemes with our ring attention (no dropout)
 
 
-def a2a_heads_error(num_heads: int, num_query_groups: int, tp: int, cp: int,
-                    origin: str = "") -> Optional[str]:
-    """--cp-comm-type a2a gives each CP rank 1 / CP of its TP rank's query heads and KV groups:
-    the error where a count does not split so (``origin``: where a2a came from), else None.
-    Said by validate before any process group, and by CoreAttention for megatron-core's
+def a2a_heads_error(num_heads: int, num_query_groups: int, tp: int, cp: int, origin: str = "",
+                    hierarchical: Optional[List[int]] = None) -> Optional[str]:
+    """--cp-comm-type a2a gives each CP rank 1 / CP of its TP rank's query heads and KV groups
+    (a2a+p2p, ``hierarchical`` = [A, B]: 1 / A, the all-to-all is within groups of A CP
+    ranks): the error where a count does not split so (``origin``: where a2a came from), else
+    None. Said by validate before any process group, and by CoreAttention for megatron-core's
     ``cp_comm_type`` (model/context_parallel.py)."""
+    if hierarchical:
+        scheme, ways = CP_A2A_P2P, hierarchical[0]
+        over = (f"the all-to-all size {ways} (the first of --hierarchical-context-parallel-sizes "
+                f"{' '.join(map(str, hierarchical))})")
+    else:
+        scheme, ways, over = CP_A2A, cp, f"--context-parallel-size {cp}"
     for count, name in ((num_heads, "--num-attention-heads"),
                         (num_query_groups, "--num-query-groups")):
-        if (count // tp) % cp:
-            return (f"--cp-comm-type a2a{origin} splits the heads of each tensor-parallel rank "
-                    f"over the CP ranks: {name} {count} / --tensor-model-parallel-size {tp} = "
-                    f"{count // tp} is not divisible by --context-parallel-size {cp}; change "
-                    "them or use --cp-comm-type allgather")
+        if (count // tp) % ways:
+            return (f"--cp-comm-type {scheme}{origin} splits the heads of each tensor-parallel "
+                    f"rank over the CP ranks: {name} {count} / --tensor-model-parallel-size "
+                    f"{tp} = {count // tp} is not divisible by {over}; change them or use "
+                    "--cp-comm-type allgather")
     return None
 
 
@@ -61,16 +68,18 @@ class ParallelConfig:
         [CP_ALLGATHER], "Communication of context parallelism in attention, one value or one "
         "per layer as in Megatron-LM: allgather (K/V all-gathered over the CP group), a2a "
         "(Ulysses: an all-to-all trades heads for the whole sequence; needs the heads and KV "
-        "groups per TP rank divisible by CP) or p2p (ring attention: K/V blocks pass around "
-        "the CP group, no rank holds the whole sequence's K/V; needs --attention-dropout 0), "
-        "all exact for causal and packed documents. a2a+p2p (hierarchical) is refused.",
+        "groups per TP rank divisible by CP), p2p (ring attention: K/V blocks pass around "
+        "the CP group, no rank holds the whole sequence's K/V; needs --attention-dropout 0) or "
+        "a2a+p2p (hierarchical, with --hierarchical-context-parallel-sizes: a2a within groups "
+        "of CP ranks, the ring across them), all exact for causal and packed documents.",
         nargs="+", choices=list(CP_COMM_TYPES),
-        note="allgather (our default; Megatron-LM's is p2p), a2a and p2p (ring, with "
-        "--attention-dropout 0), mixed per layer too, without Transformer Engine; a2a+p2p "
-        "refused")
+        note="allgather (our default; Megatron-LM's is p2p), a2a, p2p and a2a+p2p (the ring "
+        "ones with --attention-dropout 0), mixed per layer too, without Transformer Engine")
     hierarchical_context_parallel_sizes: Optional[List[int]] = flag(
-        None, "Sizes of the CP sub-groups of --cp-comm-type a2a+p2p.", nargs="+",
-        status=REFUSED, note="only with --cp-comm-type a2a+p2p, which is refused")
+        None, "--cp-comm-type a2a+p2p: A B, the all-to-all within groups of A adjacent CP "
+        "ranks, the ring across B of them (A x B = --context-parallel-size).", nargs="+",
+        note="two sizes, only with --cp-comm-type a2a+p2p (megatron-core's "
+        "hierarchical CP groups); Megatron-LM's deeper hierarchies are refused")
     expert_model_parallel_size: int = flag(
         1, "Expert model parallel size (MoE).", group="moe", status=REFUSED,
         note="1 only: MoE is not supported yet")

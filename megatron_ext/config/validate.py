@@ -16,7 +16,7 @@ from megatron_ext.config.components import Config, ConfigError, default_ffn_hidd
 from megatron_ext.config.flags import NO_OP, flag_name
 from megatron_ext.config.lora import TARGET_MODULES
 from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
-from megatron_ext.config.parallel import CP_A2A, CP_P2P, CP_SCHEMES, a2a_heads_error
+from megatron_ext.config.parallel import CP_A2A, CP_A2A_P2P, CP_RINGS, a2a_heads_error
 from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
 from megatron_ext.config.validate_schedule import validate_schedule
@@ -72,30 +72,42 @@ def _validate_parallel(config: Config, world_size: int) -> int:
 def _validate_context_parallel(config: Config) -> None:
     """What the zigzag layout (docs/context-parallel.md) needs: each sequence cut into 2 x CP
     equal chunks, each CP rank's share cut again over TP ranks with sequence parallelism; with
-    a2a, the heads and KV groups of each TP rank split over the CP ranks."""
+    a2a, the heads and KV groups of each TP rank split over the CP ranks (a2a+p2p: over the
+    first of --hierarchical-context-parallel-sizes, whose product is CP)."""
     p, m = config.parallel, config.model
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
-    other = sorted(set(p.cp_comm_type) - set(CP_SCHEMES))
-    require(not other, f"--cp-comm-type {' '.join(other)}: only allgather, a2a and p2p are "
-             "supported (the hierarchical a2a+p2p is not implemented); pass --cp-comm-type "
-             "allgather, a2a or p2p, or drop the flag")
     require(len(p.cp_comm_type) in (1, m.num_layers),
              f"--cp-comm-type has {len(p.cp_comm_type)} values: give one, or one per layer "
              f"(--num-layers {m.num_layers})")
-    require(p.hierarchical_context_parallel_sizes is None,
-             "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p, which is not "
-             "supported; drop it")
+    sizes = p.hierarchical_context_parallel_sizes
+    hierarchical = CP_A2A_P2P in p.cp_comm_type
+    require(sizes is None or hierarchical,
+             "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p (no other "
+             "scheme uses the sub-groups); drop it or pass --cp-comm-type a2a+p2p")
+    require(not hierarchical or sizes is not None,
+             f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B: the "
+             f"all-to-all within groups of A adjacent CP ranks, the ring across B of them, "
+             f"A x B = --context-parallel-size {cp}")
+    if sizes is not None:
+        shown = " ".join(map(str, sizes))
+        require(len(sizes) == 2 and min(sizes) >= 1 and sizes[0] * sizes[1] == cp,
+                 f"--hierarchical-context-parallel-sizes {shown}: a2a+p2p takes two sizes A B "
+                 f">= 1 (the all-to-all within groups of A, the ring across B) with A x B = "
+                 f"--context-parallel-size {cp}")
     if cp == 1:
         return
-    require(CP_P2P not in p.cp_comm_type or m.attention_dropout == 0,
-             f"--cp-comm-type p2p (ring attention) has no attention dropout: pass "
+    ring = sorted(set(p.cp_comm_type) & set(CP_RINGS))
+    require(not ring or m.attention_dropout == 0,
+             f"--cp-comm-type {' '.join(ring)} (ring attention) has no attention dropout: pass "
              f"--attention-dropout 0 (now {m.attention_dropout}; Megatron-LM's default is 0.1), "
              "or use --cp-comm-type allgather or a2a")
-    if CP_A2A in p.cp_comm_type:
-        origin = ("" if "cp_comm_type" in config.given else
-                  f" (--context-parallel-algo {config.mindspeed.context_parallel_algo})")
-        error = a2a_heads_error(m.num_attention_heads, m.num_query_groups, tp, cp, origin)
-        require(error is None, error)
+    origin = ("" if "cp_comm_type" in config.given else
+              f" (--context-parallel-algo {config.mindspeed.context_parallel_algo})")
+    for scheme, split in ((CP_A2A, None), (CP_A2A_P2P, sizes)):
+        if scheme in p.cp_comm_type:
+            error = a2a_heads_error(m.num_attention_heads, m.num_query_groups, tp, cp, origin,
+                                    hierarchical=split)
+            require(error is None, error)
     require(m.seq_length % (2 * cp) == 0,
              f"--seq-length {m.seq_length} is not divisible by 2 x --context-parallel-size {cp}: "
              f"each sequence is cut into {2 * cp} equal chunks (two per CP rank)")

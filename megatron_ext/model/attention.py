@@ -13,7 +13,8 @@ over the CP group and every (row, chunk, document) piece attends to its document
 aligned bottom-right; with ``a2a`` an all-to-all gives each rank the whole rows of heads / CP
 heads, which attend as without CP; with ``p2p`` K/V blocks travel around the CP ring
 (``megatron_ext.model.ring_attention``, float32 math on any device) and the partial outputs
-merge by log-sum-exp (one value per layer: layers may mix them).
+merge by log-sum-exp; with ``a2a+p2p`` the all-to-all runs within the inner hierarchical CP
+group and the ring over the outer one (one value per layer: layers may mix them).
 
 Backends (``--attention-backend``; ``auto`` takes the first that can run here):
 - ``flash``: flash-attn 2 ``flash_attn_varlen_func`` (CUDA, fp16/bf16, dropout, GQA);
@@ -279,8 +280,9 @@ class CoreAttention(MegatronModule):
             raise ValueError(f"only causal attention is supported, got {attn_mask_type}")
         self.cp_scheme = layer_scheme(config, layer_number, cp_comm_type, cp_comm_types)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        if self.cp_scheme == "p2p" and self.dropout > 0:
-            raise ValueError(f"--cp-comm-type p2p (ring attention) has no attention dropout: "
+        if self.cp_scheme in ("p2p", "a2a+p2p") and self.dropout > 0:
+            raise ValueError(f"--cp-comm-type {self.cp_scheme} (ring attention) has no "
+                             f"attention dropout: "
                              f"pass --attention-dropout 0 (now {self.dropout}) or use "
                              f"--cp-comm-type allgather or a2a")
         self.softmax_scale = softmax_scale
@@ -316,7 +318,10 @@ class CoreAttention(MegatronModule):
             if self.cp_scheme == "a2a":
                 return self._all_to_all(query, key, value, packed_seq_params, dropout)
             if self.cp_scheme == "p2p":
-                return ring_attention(query, key, value, packed_seq_params, self.softmax_scale)
+                return ring_attention(query, key, value, packed_seq_params.cp_group,
+                                      packed_seq_params.ring_blocks, self.softmax_scale)
+            if self.cp_scheme == "a2a+p2p":
+                return self._hierarchical(query, key, value, packed_seq_params)
             return self._context_parallel(query, key, value, packed_seq_params, dropout)
         if self.config.context_parallel_size > 1:
             raise ValueError("context parallelism needs the ContextParallelParams of "
@@ -363,7 +368,8 @@ class CoreAttention(MegatronModule):
     def _all_to_all(self, query, key, value, params, dropout):
         """``--cp-comm-type a2a``: [s / CP, b, n, hn] local chunks -> the whole rows of n / CP
         heads (context_parallel.scatter_heads), attention as at CP=1, and back."""
-        query, key, value = (scatter_heads(x, params) for x in (query, key, value))
+        query, key, value = (scatter_heads(x, params.cp_group, params.row_order)
+                             for x in (query, key, value))
         if params.row_cu_seqlens is None:
             out = self._causal(query, key, value, dropout)
         else:
@@ -374,7 +380,21 @@ class CoreAttention(MegatronModule):
                 out = varlen_attention(self.backend, q, k, v, params.row_cu_seqlens,
                                        params.row_max_seqlen, self.softmax_scale, dropout)
             out = out.reshape(b, s, -1).transpose(0, 1)
-        return gather_heads(out, params)
+        return gather_heads(out, params.cp_group, params.row_order)
+
+    def _hierarchical(self, query, key, value, params):
+        """``--cp-comm-type a2a+p2p``: the all-to-all within the inner CP group gives each rank
+        the columns of its inner group's ranks for heads / A heads; the ring over the outer
+        group (the ranks with the same heads) passes K/V of those column sets around, masked by
+        global column and document (``hierarchical_blocks``); then the inverse all-to-all."""
+        if params.hierarchical_groups is None:
+            raise ValueError("--cp-comm-type a2a+p2p needs shard_batch's hierarchical_groups "
+                             "(parallel_state.get_hierarchical_context_parallel_groups())")
+        inner, outer = params.hierarchical_groups
+        query, key, value = (scatter_heads(x, inner) for x in (query, key, value))
+        out = ring_attention(query, key, value, outer, params.hierarchical_blocks,
+                             self.softmax_scale)
+        return gather_heads(out, inner)
 
     def _causal(self, query, key, value, dropout):
         """[s, b, n, hn] -> [s, b, np * hn], causal over each sample."""

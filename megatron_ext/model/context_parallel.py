@@ -57,6 +57,15 @@ around the CP group and merges the partial outputs by log-sum-exp; ``ring_blocks
 and the block's keys that take part (from the document ranges: a query sees ``[its
 document's start, its column]``), with their global columns and document starts for the mask.
 
+Attention (``--cp-comm-type a2a+p2p``, hierarchical, exact): ``shard_batch``'s
+``hierarchical_groups`` are megatron-core's (inner, outer) sub-groups of
+``--hierarchical-context-parallel-sizes A B``: CP rank r is rank ``r % A`` of the inner group
+of ranks ``A * (r // A)`` onwards and rank ``r // A`` of the outer group of the ranks ``r % A``
+(mod A). The all-to-all within the inner group (``scatter_heads`` without ``row_order``) gives
+each rank its inner group's columns, rank after rank, for heads / A heads (the same heads on
+every rank of an outer group); the ring over the outer group passes those column sets:
+``hierarchical_blocks`` is ``_ring_layout`` over the outer members' chunks.
+
 RoPE: megatron-core's own CP RoPE (``get_pos_emb_on_this_cp_rank``, and the THD path with a
 CP group) assumes Transformer Engine's split of every *document* into 2 * CP chunks, which is
 not this layout. So q/k/v stay ``[s / CP, b, heads, dim]`` (``qkv_format="sbhd"``: megatron-core
@@ -81,7 +90,7 @@ __all__ = ["ContextParallelParams", "gather_heads", "layer_scheme", "local_colum
 # --cp-comm-type values our CoreAttention implements, with megatron-core's spelling of
 # allgather (None: its TransformerConfig default, which is ours).
 _CP_SCHEMES = {None: "allgather", "all_gather": "allgather", "allgather": "allgather",
-               "a2a": "a2a", "p2p": "p2p"}
+               "a2a": "a2a", "p2p": "p2p", "a2a+p2p": "a2a+p2p"}
 # Per-token entries, cut like the tokens; task_ids and loss_weight come with multi-task
 # instruction data (training/multitask.py).
 SHARDED = ("tokens", "labels", "loss_mask", "position_ids", "task_ids", "loss_weight")
@@ -111,6 +120,10 @@ class ContextParallelParams(PackedSeqParams):
     # (rows, cols, q_column, q_document, k_column, k_document), the local queries and j's keys
     # that take part, their global columns [n] and their document's start per row [b, n].
     ring_blocks: tuple = None
+    # --cp-comm-type a2a+p2p: megatron-core's hierarchical CP groups (inner: the all-to-all,
+    # outer: the ring), and ring_blocks for the inner groups' column sets around the outer ring.
+    hierarchical_groups: tuple = None
+    hierarchical_blocks: tuple = None
 
 
 def local_columns(seq_length: int, cp_size: int, cp_rank: int,
@@ -182,10 +195,12 @@ def _attention_layout(starts: list, gathered_row: torch.Tensor, cp_size: int, cp
             torch.cat(rotary).view(b, 2 * c))
 
 
-def _ring_layout(starts: list, s: int, cp_size: int, cp_rank: int) -> tuple:
-    """``ContextParallelParams.ring_blocks`` for this rank, one part per (local chunk, source
-    chunk) pair. A query sees the keys of ``[start of its document, its column]``, a key is seen
-    by the queries of ``[its column, end of its document)``: a query (key) takes part if that
+def _ring_layout(starts: list, s: int, cp_size: int, members: list, me: int) -> tuple:
+    """``ContextParallelParams.ring_blocks`` for ring member ``me``: ``members`` are the chunks
+    each member of the ring holds, in its order (p2p: each CP rank's two; a2a+p2p: those of
+    the ranks of an inner group, rank after rank), one part per (local chunk, source chunk)
+    pair. A query sees the keys of ``[start of its document, its column]``, a key is seen by
+    the queries of ``[its column, end of its document)``: a query (key) takes part if that
     range meets the other chunk, in some row of the micro-batch."""
     c = s // (2 * cp_size)
     column = torch.arange(s)
@@ -196,15 +211,15 @@ def _ring_layout(starts: list, s: int, cp_size: int, cp_rank: int) -> tuple:
     def meets(lo, hi, chunk):  # which of the [b, c] ranges [lo, hi] meet chunk, in some row
         return (lo.clamp_min(chunk * c) <= hi.clamp_max(chunk * c + c - 1)).any(0)
 
-    def chunks(rank):
-        return (rank, 2 * cp_size - 1 - rank)
+    def columns(chunks):
+        return torch.cat([torch.arange(k * c, k * c + c) for k in chunks])
 
-    q_col = local_columns(s, cp_size, cp_rank)
+    q_col = columns(members[me])
     blocks = []
-    for source in range(cp_size):
-        k_col, parts = local_columns(s, cp_size, source), []
-        for qi, q_chunk in enumerate(chunks(cp_rank)):
-            for ki, k_chunk in enumerate(chunks(source)):
+    for source in members:
+        k_col, parts = columns(source), []
+        for qi, q_chunk in enumerate(members[me]):
+            for ki, k_chunk in enumerate(source):
                 qc, kc = q_col[qi * c:(qi + 1) * c], k_col[ki * c:(ki + 1) * c]
                 rows = meets(doc_start[:, qc], qc.expand(len(starts), -1), k_chunk).nonzero()
                 cols = meets(kc.expand(len(starts), -1), doc_last[:, kc], q_chunk).nonzero()
@@ -216,9 +231,33 @@ def _ring_layout(starts: list, s: int, cp_size: int, cp_rank: int) -> tuple:
     return tuple(blocks)
 
 
-def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
-                cp_group) -> Tuple[dict, ContextParallelParams]:
-    """This CP rank's part of a global micro-batch and the params for ``GPTModel.forward``."""
+def _rank_chunks(cp_size: int, rank: int) -> tuple:
+    return (rank, 2 * cp_size - 1 - rank)
+
+
+def _hierarchical_members(groups: tuple, cp_size: int, cp_rank: int) -> Tuple[list, int]:
+    """(the chunks of each outer ring member, this rank's member) for megatron-core's
+    hierarchical CP groups (``create_hierarchical_groups``): the inner group of CP rank r is
+    ranks ``A * (r // A)`` onwards, its rank ``r % A``; the outer one ranks ``r % A`` + multiples
+    of A, its rank ``r // A``."""
+    inner, outer = groups
+    a, b = inner.size(), outer.size()
+    if a * b != cp_size or inner.rank() != cp_rank % a or outer.rank() != cp_rank // a:
+        raise ValueError(f"hierarchical CP groups of sizes {a} x {b} (rank {inner.rank()}, "
+                         f"{outer.rank()}) do not match CP rank {cp_rank} of {cp_size}: pass "
+                         "parallel_state.get_hierarchical_context_parallel_groups()")
+    return ([tuple(k for r in range(g * a, g * a + a) for k in _rank_chunks(cp_size, r))
+             for g in range(b)], outer.rank())
+
+
+def _to(blocks: tuple, device) -> tuple:
+    return tuple(tuple(tuple(x.to(device) for x in part) for part in block) for block in blocks)
+
+
+def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams], cp_group,
+                hierarchical_groups: Optional[tuple] = None) -> Tuple[dict, ContextParallelParams]:
+    """This CP rank's part of a global micro-batch and the params for ``GPTModel.forward``
+    (``hierarchical_groups``: megatron-core's (inner, outer) CP groups, for a2a+p2p layers)."""
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
     tokens = batch["tokens"]
     if tokens.dim() != 2:
@@ -235,8 +274,13 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
     q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
         starts, row_order, cp_size, cp_rank)
     to = dict(device=tokens.device)
-    ring = tuple(tuple(tuple(x.to(**to) for x in part) for part in block)
-                 for block in _ring_layout(starts, s, cp_size, cp_rank))
+    ring = _to(_ring_layout(starts, s, cp_size, [_rank_chunks(cp_size, r)
+                                                  for r in range(cp_size)], cp_rank), **to)
+    hierarchical = None
+    if hierarchical_groups is not None:
+        hierarchical_groups = tuple(hierarchical_groups)
+        hierarchical = _to(_ring_layout(starts, s, cp_size, *_hierarchical_members(
+            hierarchical_groups, cp_size, cp_rank)), **to)
     row_cu = row_max = None
     if bounds is not None:
         row_cu = torch.tensor(bounds, dtype=torch.int32, **to)
@@ -246,31 +290,36 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams],
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
         kv_index=kv_index.to(**to), row_order=row_order.to(**to), row_cu_seqlens=row_cu,
         row_max_seqlen=row_max, ring_blocks=ring,
+        hierarchical_groups=hierarchical_groups,
+        hierarchical_blocks=hierarchical,
     )
     return local, params
 
 
-def scatter_heads(x: torch.Tensor, params: ContextParallelParams) -> torch.Tensor:
-    """``--cp-comm-type a2a``: this rank's columns of all heads ``[s / CP, b, n, hn]`` -> the
-    whole rows of its ``n / CP`` heads ``[s, b, n / CP, hn]``, in column order."""
-    group, cp = params.cp_group, params.cp_group.size()
+def scatter_heads(x: torch.Tensor, group, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The all-to-all of ``--cp-comm-type a2a`` over ``group`` (the CP group; a2a+p2p: the
+    inner one, of G ranks): this rank's columns of all heads ``[s / CP, b, n, hn]`` -> the
+    columns of every rank of ``group`` for its ``n / G`` heads ``[G * s / CP, b, n / G, hn]``,
+    rank after rank, or by ``order`` (a2a: ``row_order``, the whole rows in column order)."""
+    g = group.size()
     s_local, b, n = x.shape[:3]
-    # [CP (the rank the heads go to), s / CP, b, n / CP, hn]; received: [CP (the rank the
+    # [G (the rank the heads go to), s / CP, b, n / G, hn]; received: [G (the rank the
     # columns come from), ...], the gathered order.
-    parts = x.reshape(s_local, b, cp, n // cp, -1).permute(2, 0, 1, 3, 4)
+    parts = x.reshape(s_local, b, g, n // g, -1).permute(2, 0, 1, 3, 4)
     rows = tensor_parallel.all_to_all(group, parts.contiguous())
-    return rows.reshape(cp * s_local, b, n // cp, -1).index_select(0, params.row_order)
+    rows = rows.reshape(g * s_local, b, n // g, -1)
+    return rows if order is None else rows.index_select(0, order)
 
 
-def gather_heads(x: torch.Tensor, params: ContextParallelParams) -> torch.Tensor:
-    """The inverse of ``scatter_heads`` for the attention output: ``[s, b, n / CP * hn]`` in
-    column order -> this rank's columns of all heads ``[s / CP, b, n * hn]``."""
-    group, cp = params.cp_group, params.cp_group.size()
+def gather_heads(x: torch.Tensor, group, order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The inverse of ``scatter_heads`` for the attention output: ``[G * s / CP, b, n / G *
+    hn]`` -> this rank's columns of all heads ``[s / CP, b, n * hn]``."""
+    g = group.size()
     s, b = x.shape[:2]
-    # Back to the gathered order, [CP (the rank the columns go to), s / CP, b, n / CP * hn].
-    gathered = torch.empty_like(x).index_copy(0, params.row_order, x)
-    parts = tensor_parallel.all_to_all(group, gathered.reshape(cp, s // cp, b, -1).contiguous())
-    return parts.permute(1, 2, 0, 3).reshape(s // cp, b, -1)
+    # Back to the gathered order, [G (the rank the columns go to), s / CP, b, n / G * hn].
+    gathered = x if order is None else torch.empty_like(x).index_copy(0, order, x)
+    parts = tensor_parallel.all_to_all(group, gathered.reshape(g, s // g, b, -1).contiguous())
+    return parts.permute(1, 2, 0, 3).reshape(s // g, b, -1)
 
 
 def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
@@ -290,7 +339,7 @@ def rotary_embedding(rope, positions: torch.Tensor) -> torch.Tensor:
 
 def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
                  per_layer: Tuple[str, ...]) -> Optional[str]:
-    """This layer's scheme, allgather, a2a or p2p (None without CP): megatron-core's
+    """This layer's scheme, allgather, a2a, p2p or a2a+p2p (None without CP): megatron-core's
     ``cp_comm_type`` (from ``TransformerConfig``) or ours, one value or one per layer
     (``layer_number`` counts from 1 over the whole model, as megatron-core's)."""
     cp, tp = config.context_parallel_size, config.tensor_model_parallel_size
@@ -300,11 +349,16 @@ def layer_scheme(config, layer_number: int, cp_comm_type: Optional[str],
         cp_comm_type = per_layer[0] if len(per_layer) == 1 else per_layer[layer_number - 1]
     if cp_comm_type not in _CP_SCHEMES:
         raise ValueError(f"--cp-comm-type {cp_comm_type}: CoreAttention implements allgather, "
-                         f"a2a and p2p (a2a+p2p is not implemented)")
+                         f"a2a, p2p and a2a+p2p")
     scheme = _CP_SCHEMES[cp_comm_type]
-    if scheme == "a2a":
+    sizes = config.hierarchical_context_parallel_sizes
+    if scheme == "a2a+p2p" and (not sizes or len(sizes) != 2 or sizes[0] * sizes[1] != cp):
+        raise ValueError(f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes "
+                         f"A B with A x B = --context-parallel-size {cp}, got {sizes}")
+    if scheme in ("a2a", "a2a+p2p"):
         error = a2a_heads_error(config.num_attention_heads,
-                                config.num_query_groups or config.num_attention_heads, tp, cp)
+                                config.num_query_groups or config.num_attention_heads, tp, cp,
+                                hierarchical=sizes if scheme == "a2a+p2p" else None)
         if error:
             raise ValueError(error)
     return scheme

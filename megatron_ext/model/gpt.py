@@ -52,6 +52,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         context_parallel_size=p.context_parallel_size,
+        hierarchical_context_parallel_sizes=p.hierarchical_context_parallel_sizes,
         sequence_parallel=p.sequence_parallel,
         params_dtype=m.params_dtype,
         pipeline_dtype=m.params_dtype,

@@ -3,11 +3,15 @@ Transformer Engine.
 
 Interface (``CoreAttention`` calls it for the layers whose scheme is p2p)::
 
-    out = ring_attention(query, key, value, params, softmax_scale)  # [s / CP, b, np * hn]
+    out = ring_attention(query, key, value, params.cp_group, params.ring_blocks,
+                         softmax_scale)  # [s / CP, b, np * hn]
 
 q ``[s / CP, b, np, hn]``, k/v ``[s / CP, b, ng, hn]``: this rank's two chunks of every row
-(``context_parallel.shard_batch``'s layout), RoPE applied; ``params`` the micro-batch's
-``ContextParallelParams`` (its ``ring_blocks``).
+(``context_parallel.shard_batch``'s layout), RoPE applied; the blocks of the micro-batch's
+``ContextParallelParams`` for the ring ``group``. ``--cp-comm-type a2a+p2p`` passes the columns
+of its inner CP group (after the all-to-all, for its heads) around the outer group:
+``params.hierarchical_groups[1]`` and ``params.hierarchical_blocks``; below, "CP" is then the
+outer group's size and "rank" its members.
 
 No rank holds more than two ranks' K/V at a time: over CP steps every rank's K/V block travels
 once around the CP group (step i: rank r holds the block of rank ``(r - i) mod CP``, sends it to
@@ -37,27 +41,27 @@ import torch.distributed as dist
 __all__ = ["ring_attention"]
 
 
-def ring_attention(query, key, value, params, softmax_scale=None) -> torch.Tensor:
+def ring_attention(query, key, value, group, blocks, softmax_scale=None) -> torch.Tensor:
     s, b, n, hn = query.shape
     groups = key.size(2)
     scale = hn ** -0.5 if softmax_scale is None else softmax_scale
     # [b, ng, np / ng, s, hn] and [b, ng, s, hn]: head i -> group i // (np / ng).
     q = query.reshape(s, b, groups, n // groups, hn).permute(1, 2, 3, 0, 4)
     kv = torch.stack([x.permute(1, 2, 0, 3) for x in (key, value)])
-    out = _Ring.apply(q, kv, params, scale)
+    out = _Ring.apply(q, kv, group, blocks, scale)
     return out.permute(3, 0, 1, 2, 4).reshape(s, b, n * hn)
 
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, params, scale):
-        ring = _Peers(params.cp_group)
+    def forward(ctx, q, kv, group, blocks, scale):
+        ring = _Peers(group)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
         block = kv
         for step in range(ring.size):
             pending = ring.pass_on(block) if step < ring.size - 1 else None
-            for layout in params.ring_blocks[ring.source(step)]:
+            for layout in blocks[ring.source(step)]:
                 rows = layout[0]
                 part, part_lse = _block_forward(q, block, layout, scale)
                 merged = torch.logaddexp(lse[..., rows], part_lse)
@@ -69,14 +73,14 @@ class _Ring(torch.autograd.Function):
                 block = pending.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, kv, out, lse)
-        ctx.params, ctx.scale = params, scale
+        ctx.group, ctx.blocks, ctx.scale = group, blocks, scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, kv, out, lse = ctx.saved_tensors
-        params, scale = ctx.params, ctx.scale
-        ring = _Peers(params.cp_group)
+        blocks, scale = ctx.blocks, ctx.scale
+        ring = _Peers(ctx.group)
         dout = dout.float()
         delta = (dout * out.float()).sum(-1)  # [b, ng, np / ng, s]: rowsum(dP * P)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -84,7 +88,7 @@ class _Ring(torch.autograd.Function):
                                                device=kv.device), None
         for step in range(ring.size):
             pending = ring.pass_on(block) if step < ring.size - 1 else None
-            parts = params.ring_blocks[ring.source(step)]
+            parts = blocks[ring.source(step)]
             grads = [_block_backward(q, block, layout, scale, dout, delta, lse, dq)
                      for layout in parts]
             if incoming is not None:  # the block's dK/dV so far, from the ranks before
@@ -96,7 +100,7 @@ class _Ring(torch.autograd.Function):
             if pending is not None:
                 block = pending.wait()
         dkv = incoming.wait()
-        return dq.to(q.dtype), dkv.to(kv.dtype), None, None
+        return dq.to(q.dtype), dkv.to(kv.dtype), None, None, None
 
 
 def _scores(q, block, layout, scale):
@@ -159,6 +163,8 @@ class _Peers:
     def pass_on(self, tensor: torch.Tensor) -> "_Pending":
         """Send ``tensor`` to the next rank and receive the previous rank's, asynchronously."""
         tensor = tensor.contiguous()
+        if self.size == 1:  # a one-member ring (a2a+p2p with sizes A 1) receives its own
+            return _Pending([], tensor, tensor)
         received = torch.empty_like(tensor)
         requests = dist.batch_isend_irecv([
             dist.P2POp(dist.isend, tensor, self.next, self.group),

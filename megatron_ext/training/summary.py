@@ -219,8 +219,10 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
     p = config.parallel
     pp, cp = p.pipeline_model_parallel_size, p.context_parallel_size
     dp = len(ranks) // (p.tensor_model_parallel_size * pp * cp)
+    sizes = p.hierarchical_context_parallel_sizes  # a2a+p2p: a2a within A, the ring over B
+    hierarchy = f" over {' x '.join(map(str, sizes))}" if sizes else ""
     context = (f"; context parallel: each sequence over {cp} ranks ({cp * 2} chunks, "
-               f"{'/'.join(p.cp_comm_type)})" if cp > 1 else "")
+               f"{'/'.join(p.cp_comm_type)}{hierarchy})" if cp > 1 else "")
     lines = [f"layout     {len(ranks)} ranks = TP {p.tensor_model_parallel_size} x PP {pp} x CP "
              f"{cp} x DP {dp}; sequence parallel {'on' if p.sequence_parallel else 'off'}"
              f"{context}; distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}"]

@@ -1,5 +1,5 @@
 """Context-parallel attention: re-assembled from the CP ranks, each document is what it gives
-when run alone, with every --cp-comm-type (allgather, a2a, p2p).
+when run alone, with every --cp-comm-type (allgather, a2a, p2p, a2a+p2p).
 
 Every CP rank (gloo, forked) takes its chunks of the same global q/k/v (``shard_batch``'s
 layout), runs our ``CoreAttention`` and back-propagates a fixed random cotangent; the parent
@@ -30,6 +30,10 @@ S, HEADS, GROUPS, DIM = 32, 4, 2, 8
 # row, start exactly on one (12, 28), are shorter than a chunk (1, 1, 3), and one (row 1,
 # 0..19) has tokens on every CP rank. CP=2 (chunks of 8) sees the same rows.
 ROWS = [[3, 9, 1, 1, 14, 4], [20, 5, 7]]
+# A row of 1-token documents (every other rank's block masked out for it: the block still runs
+# for the next row, where it has log-sum-exp -inf and weight 0) beside one document over the
+# whole row; a single row of 4 documents that start exactly on CP=4 rank boundaries.
+TINY_AND_WHOLE, ON_RANKS = [[1] * S, [S]], [[4, 8, 8, 12]]
 
 
 def _inputs(seed=0, groups=GROUPS, rows=ROWS):
@@ -40,16 +44,20 @@ def _inputs(seed=0, groups=GROUPS, rows=ROWS):
     return q, k, v, cotangent
 
 
-def _rank(cp, packed, backend, inputs, scheme="allgather", rows=ROWS):
+def _rank(cp, packed, backend, inputs, scheme="allgather", rows=ROWS, hierarchical=None):
     from megatron.core import parallel_state
 
     platform.apply()
     torch.distributed.init_process_group("gloo", world_size=cp, rank=int(os.environ["RANK"]))
-    parallel_state.initialize_model_parallel(context_parallel_size=cp)
+    parallel_state.initialize_model_parallel(context_parallel_size=cp,
+                                             hierarchical_context_parallel_sizes=hierarchical)
     platform.manual_seed(1)
     group = parallel_state.get_context_parallel_group()
+    groups = (tuple(parallel_state.get_hierarchical_context_parallel_groups())
+              if hierarchical else None)
     config = TransformerConfig(num_layers=1, hidden_size=HEADS * DIM, num_attention_heads=HEADS,
                                num_query_groups=inputs[1].size(2), context_parallel_size=cp,
+                               hierarchical_context_parallel_sizes=hierarchical,
                                attention_dropout=0.0)
     core = CoreAttention(config, 1, AttnMaskType.causal, "self", cp_comm_type=scheme,
                          backend="sdpa")
@@ -60,7 +68,8 @@ def _rank(cp, packed, backend, inputs, scheme="allgather", rows=ROWS):
         ends = torch.tensor([r * S + x for r, row in enumerate(rows) for x in
                              torch.tensor(row).cumsum(0).tolist()])
         params = packed_seq_params_from_actual_seq_len(ends)
-    _, cp_params = shard_batch({"tokens": torch.zeros(b, S, dtype=torch.long)}, params, group)
+    _, cp_params = shard_batch({"tokens": torch.zeros(b, S, dtype=torch.long)}, params, group,
+                               groups)
     columns = local_columns(S, cp, group.rank())
     q, k, v, cotangent = inputs
     q, k, v = (x.index_select(0, columns).requires_grad_() for x in (q, k, v))
@@ -89,9 +98,11 @@ def _expected(packed, inputs, rows=ROWS):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check(cp, packed, backend="sdpa", scheme="allgather", groups=GROUPS, rows=ROWS):
+def _check(cp, packed, backend="sdpa", scheme="allgather", groups=GROUPS, rows=ROWS,
+           hierarchical=None):
     inputs = _inputs(groups=groups, rows=rows)
-    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs, scheme, rows))
+    actual = _assembled(launch(_rank, cp, cp, packed, backend, inputs, scheme, rows,
+                               hierarchical))
     for name, a, e in zip(("out", "dq", "dk", "dv"), actual, _expected(packed, inputs, rows)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
@@ -108,6 +119,18 @@ def test_all_to_all_attention_equals_each_document_alone(packed, cp, groups):
     """--cp-comm-type a2a: at CP=2 2 query heads and 1 KV group per rank (GQA 4/2 halved); at
     CP=4 one head per rank (4 heads, 4 groups)."""
     _check(cp, packed, scheme="a2a", groups=groups)
+
+
+@pytest.mark.parametrize("sizes, groups", [([2, 2], GROUPS), ([4, 1], HEADS), ([1, 4], GROUPS)],
+                         ids=["2x2-gqa", "4x1-mha", "1x4-gqa"])
+@pytest.mark.parametrize("packed, rows", [(True, ROWS), (False, ROWS), (True, ON_RANKS)],
+                         ids=["documents", "plain-causal", "on-ranks"])
+def test_hierarchical_attention_equals_each_document_alone(packed, rows, sizes, groups):
+    """--cp-comm-type a2a+p2p at CP=4: 2 x 2, the all-to-all within CP ranks {0, 1} and
+    {2, 3} (2 query heads and 1 KV group each), the ring over {0, 2} and {1, 3} passing the
+    column sets of chunks 0, 7, 1, 6 and 2, 5, 3, 4; 4 x 1 (all-to-all only, one head per
+    rank) and 1 x 4 (the ring only) the degenerate ends."""
+    _check(4, packed, scheme="a2a+p2p", groups=groups, rows=rows, hierarchical=sizes)
 
 
 def _fake_flash(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None,
@@ -168,6 +191,20 @@ def test_scheme_per_layer_and_the_heads_a2a_splits():
                                          r"--tensor-model-parallel-size 1 = 2 is not divisible by "
                                          r"--context-parallel-size 4.* --cp-comm-type allgather"):
         attention.core_attention_spec("sdpa", ["a2a"])(config, 1, AttnMaskType.causal, "self")
+    # a2a+p2p splits the heads over the first of the hierarchical sizes only.
+    config.hierarchical_context_parallel_sizes, config.attention_dropout = [2, 2], 0.0
+    spec = attention.core_attention_spec("sdpa", ["a2a+p2p"])
+    assert spec(config, 1, AttnMaskType.causal, "self").cp_scheme == "a2a+p2p"
+    config.hierarchical_context_parallel_sizes = [4, 1]
+    with pytest.raises(ValueError, match=r"--cp-comm-type a2a\+p2p splits .* --num-query-groups "
+                                         r"2 / --tensor-model-parallel-size 1 = 2 is not "
+                                         r"divisible by the all-to-all size 4 \(the first of "
+                                         r"--hierarchical-context-parallel-sizes 4 1\)"):
+        spec(config, 1, AttnMaskType.causal, "self")
+    config.hierarchical_context_parallel_sizes = None
+    with pytest.raises(ValueError, match=r"a2a\+p2p needs --hierarchical-context-parallel-sizes "
+                                         r"A B with A x B = --context-parallel-size 4, got None"):
+        spec(config, 1, AttnMaskType.causal, "self")
 
 
 class _Rank:
@@ -183,12 +220,6 @@ def test_layout_errors_name_the_flags_and_the_rows():
     across_rows = packed_seq_params_from_actual_seq_len(torch.tensor([20, 48, 64]))
     with pytest.raises(ValueError, match=r"documents across rows \(no boundary at \[32\]\)"):
         shard_batch({"tokens": torch.zeros(2, S, dtype=torch.long)}, across_rows, _Rank(2, 0))
-
-
-# A row of 1-token documents (every other rank's block masked out for it: the block still runs
-# for the next row, where it has log-sum-exp -inf and weight 0) beside one document over the
-# whole row; a single row of 4 documents that start exactly on CP=4 rank boundaries.
-TINY_AND_WHOLE, ON_RANKS = [[1] * S, [S]], [[4, 8, 8, 12]]
 
 
 @pytest.mark.parametrize("cp", [2, 4])

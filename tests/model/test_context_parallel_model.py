@@ -44,7 +44,8 @@ def _setup_cp(argv, cp, state):
     dist.init_process_group("gloo", world_size=world, rank=int(os.environ["RANK"]))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size, context_parallel_size=cp)
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size, context_parallel_size=cp,
+        hierarchical_context_parallel_sizes=p.hierarchical_context_parallel_sizes)
     platform.manual_seed(SEED)
     model = build_model(config, VOCAB)
     model.load_state_dict(shard_state_dict(
@@ -239,6 +240,23 @@ def test_cp2_ring_gives_the_single_process_loss_logits_and_gradients(references,
     (2 layers)."""
     argv, sample, ref = references[flags]
     results = launch(_rank, 2, argv + ["--cp-comm-type", *comm] + extra, sample, 2, ref[5])
+    _check(results, ref, sample["tokens"].size(1), results[0][4])
+
+
+@pytest.mark.parametrize("flags, comm", [("documents", ["a2a+p2p"]),
+                                         ("plain-causal", ["a2a+p2p"]),
+                                         ("documents", ["a2a+p2p", "p2p"])],
+                         ids=["documents", "plain-causal", "documents-per-layer"])
+def test_cp4_hierarchical_gives_the_single_process_loss_logits_and_gradients(references, flags,
+                                                                             comm):
+    """--cp-comm-type a2a+p2p at CP=4 = 2 x 2 (GQA 4 heads / 2 groups: 2 / 1 per all-to-all
+    rank), 24 tokens per row in chunks of 3: documents cross the inner and the outer groups'
+    columns; get_batch takes the hierarchical groups from parallel_state. Per layer with p2p:
+    the two rings (over the outer groups, over the whole CP group) in one model."""
+    argv, sample, ref = references[flags]
+    argv = argv + ["--context-parallel-size", "4", "--cp-comm-type", *comm,
+                   "--hierarchical-context-parallel-sizes", "2", "2"]
+    results = launch(_rank, 4, argv, sample, 4, ref[5])
     _check(results, ref, sample["tokens"].size(1), results[0][4])
 
 

@@ -76,8 +76,26 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "supported yet"),
     ("--context-parallel-size 2 --cp-comm-type p2p", "--cp-comm-type p2p (ring attention) has "
      "no attention dropout: pass --attention-dropout 0 (now 0.1; Megatron-LM's default is 0.1)"),
-    ("--cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 2",
-     "--cp-comm-type a2a+p2p: only allgather, a2a and p2p are supported"),
+    ("--context-parallel-size 4 --cp-comm-type a2a+p2p", "--cp-comm-type a2a+p2p needs "
+     "--hierarchical-context-parallel-sizes A B: the all-to-all within groups of A adjacent CP "
+     "ranks, the ring across B of them, A x B = --context-parallel-size 4"),
+    ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 "
+     "1", "--hierarchical-context-parallel-sizes 2 1: a2a+p2p takes two sizes A B >= 1 (the "
+     "all-to-all within groups of A, the ring across B) with A x B = --context-parallel-size 4"),
+    ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 "
+     "1 2", "--hierarchical-context-parallel-sizes 2 1 2: a2a+p2p takes two sizes"),
+    ("--context-parallel-size 4 --hierarchical-context-parallel-sizes 2 2",
+     "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p (no other scheme "
+     "uses the sub-groups); drop it or pass --cp-comm-type a2a+p2p"),
+    ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 "
+     "2 --attention-dropout 0.1", "--cp-comm-type a2a+p2p (ring attention) has no attention "
+     "dropout: pass --attention-dropout 0 (now 0.1"),
+    ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 "
+     "2 --attention-dropout 0 --group-query-attention --num-query-groups 1", "--cp-comm-type "
+     "a2a+p2p splits the heads of each tensor-parallel rank over the CP ranks: "
+     "--num-query-groups 1 / --tensor-model-parallel-size 1 = 1 is not divisible by the "
+     "all-to-all size 2 (the first of --hierarchical-context-parallel-sizes 2 2); change them "
+     "or use --cp-comm-type allgather"),
     ("--cp-comm-type a2a allgather a2a", "--cp-comm-type has 3 values: give one, or one per "
      "layer (--num-layers 2)"),
     ("--context-parallel-size 2 --cp-comm-type a2a --group-query-attention --num-query-groups 1",
