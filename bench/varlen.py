@@ -120,7 +120,7 @@ def core_attention(backend, heads, kv_heads, head_dim, dtype):
 
 def bench_attention(args, device, dtype, kv_heads, skipped):
     """Rows of timings; ``skipped`` collects {backend: why} for backends that cannot run."""
-    from megatron_ext.model.attention import AttentionBackendError
+    from megatron_ext.model.attention_backends import AttentionBackendError
 
     s, h, d = args.seq_length, args.heads, args.head_dim
     rows = []
@@ -169,7 +169,7 @@ def bench_e2e(args, device, dtype, kv_heads):
     """Forward+backward of a small GPTModel over the packed sample, varlen vs causal."""
     from megatron_ext.config import parse_args
     from megatron_ext.training.packing import packed_seq_params as make_params
-    from megatron_ext.model.attention import AttentionBackendError, select_backend
+    from megatron_ext.model.attention_backends import AttentionBackendError, select_backend
     from megatron_ext.model.gpt import build_model, transformer_config
     from megatron_ext.parallel import ParallelTopology
 

@@ -3,8 +3,8 @@
 Each case packs documents into ``micro_batch x seq`` tokens with an EOD ending each document,
 takes the boundaries the way training does (``megatron_ext.training.packing.packed_seq_params``
 over the ``[b, s]`` tokens, flattened in (b, s) order), and runs the kernel through
-``megatron_ext.model.attention.varlen_attention``, forward and backward, in bf16 and fp16. The
-reference is the plain masked-softmax math of ``tests/model/test_attention.py::_reference``
+``megatron_ext.model.attention_backends.varlen_attention``, forward and backward, in bf16 and
+fp16. The reference is the plain masked-softmax math of ``tests/model/test_attention.py::_reference``
 over the per-row document lengths as drawn (so a wrong flattening shows), on the same inputs
 upcast to fp32 (TF32 off).
 
@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from megatron_ext import platform  # noqa: E402
-from megatron_ext.model import attention  # noqa: E402
+from megatron_ext.model import attention_backends  # noqa: E402
 from megatron_ext.training import packing  # noqa: E402
 from tests.model.test_attention import _reference  # noqa: E402
 
@@ -107,7 +107,8 @@ def check_case(kernel, dtype_name, case, shape, device, seed) -> dict:
                          for n in (heads, groups, groups, heads))
 
     def kernel_fn(q, k, v):
-        return attention.varlen_attention(kernel, q, k, v, params.cu_seqlens_q, params.max_seqlen_q)
+        return attention_backends.varlen_attention(kernel, q, k, v, params.cu_seqlens_q,
+                                                   params.max_seqlen_q)
 
     results = _forward_backward(kernel_fn, q, k, v, grad_out)
     ref = _forward_backward(lambda q, k, v: _reference(q, k, v, lengths),
@@ -124,7 +125,7 @@ def availability(kernel, dtype) -> str:
     """None when ``kernel`` runs here in ``dtype``, else why not (the library's own reasons)."""
     config = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4,
                                num_query_groups=2, attention_dropout=0.0, params_dtype=dtype)
-    return attention.unavailable_reason(kernel, config)
+    return attention_backends.unavailable_reason(kernel, config)
 
 
 def run(cases, device, seed=0) -> list:

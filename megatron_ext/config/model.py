@@ -8,7 +8,7 @@ import torch
 
 from megatron_ext.config.flags import NO_OP, REFUSED, flag
 
-# Megatron-LM's --attention-backend names, onto ours (megatron_ext/model/attention.py). fused
+# Megatron-LM's --attention-backend names, onto ours (megatron_ext/model/attention_backends.py). fused
 # and flash are fused kernels (the fastest here that runs, or flash-attn itself); unfused and
 # local are the plain math path.
 MEGATRON_ATTENTION_BACKENDS = {"fused": "auto", "unfused": "sdpa", "local": "sdpa"}

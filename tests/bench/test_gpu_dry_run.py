@@ -21,7 +21,7 @@ import prepare_wheels  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 
-from megatron_ext.model import attention  # noqa: E402
+from megatron_ext.model import attention_backends  # noqa: E402
 
 # One of each script and of the varlen training path; bench/gpu/README.md runs all steps.
 DRY_RUN_STEPS = ["kernels", "train-varlen", "varlen"]
@@ -85,20 +85,21 @@ def test_dry_run_training_step_is_a_real_step(dry_run):
 
 def _attends_across_documents(q, k, v, cu_seqlens, max_seqlen, scale, dropout):
     whole = torch.tensor([0, q.size(0)], dtype=torch.int32)
-    return attention._sdpa_varlen(q, k, v, whole, q.size(0), scale, dropout)
+    return attention_backends._sdpa_varlen(q, k, v, whole, q.size(0), scale, dropout)
 
 
 def _mixes_rows(q, k, v, cu_seqlens, max_seqlen, scale, dropout):
     """Right per row, wrong flattening: the rows' documents taken in (s, b) order."""
     half = q.size(0) // 2
     order = torch.stack([torch.arange(half), torch.arange(half) + half], 1).flatten()
-    return attention._sdpa_varlen(q[order], k[order], v[order], cu_seqlens, max_seqlen, scale,
-                                  dropout)[order.argsort()]
+    out = attention_backends._sdpa_varlen(q[order], k[order], v[order], cu_seqlens, max_seqlen,
+                                          scale, dropout)
+    return out[order.argsort()]
 
 
 @pytest.mark.parametrize("broken", [_attends_across_documents, _mixes_rows])
 def test_kernel_check_fails_a_kernel_that_breaks_document_isolation(monkeypatch, broken):
-    monkeypatch.setitem(attention._VARLEN, "sdpa", broken)
+    monkeypatch.setitem(attention_backends._VARLEN, "sdpa", broken)
     shape = kernels.DRY_RUN_CASES["many-short-gqa"]
     row = kernels.check_case("sdpa", "bf16", "many-short-gqa", shape, torch.device("cpu"), 0)
     assert row["status"] == "FAIL", row

@@ -11,7 +11,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.model import attention
-from megatron_ext.model.attention import AttentionBackendError, CoreAttention, select_backend
+from megatron_ext.model import attention_backends
+from megatron_ext.model.attention import CoreAttention
+from megatron_ext.model.attention_backends import AttentionBackendError, select_backend
 
 
 def _config(**kwargs):
@@ -49,7 +51,7 @@ LENGTHS = [5, 1, 1, 0, 9, 2, 0, 6]  # length-1 documents, zero-length entries, G
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_sdpa_varlen_equals_each_document_alone_forward_and_backward(scale):
     q, k, v = _qkv(sum(LENGTHS))
-    out = attention._sdpa_varlen(q, k, v, _cu(LENGTHS), max(LENGTHS), scale, 0.0)
+    out = attention_backends._sdpa_varlen(q, k, v, _cu(LENGTHS), max(LENGTHS), scale, 0.0)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
     ref = _reference(q, k, v, LENGTHS, scale)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
@@ -61,7 +63,7 @@ def test_sdpa_varlen_equals_each_document_alone_forward_and_backward(scale):
 def test_sdpa_varlen_rejects_cu_seqlens_that_do_not_cover_the_input():
     q, k, v = _qkv(10)
     with pytest.raises(ValueError, match="cu_seqlens ends at 8"):
-        attention._sdpa_varlen(q, k, v, _cu([4, 4]), 4, None, 0.0)
+        attention_backends._sdpa_varlen(q, k, v, _cu([4, 4]), 4, None, 0.0)
 
 
 def test_flash_wrapper_passes_causal_varlen_arguments(monkeypatch):
@@ -72,10 +74,10 @@ def test_flash_wrapper_passes_causal_varlen_arguments(monkeypatch):
         lengths = torch.diff(cu_q).tolist()
         return _reference(q, k, v, lengths, softmax_scale)  # flash-attn takes GQA natively
 
-    monkeypatch.setattr(attention, "_flash_kernel", lambda: fake)
-    monkeypatch.setattr(attention, "_require_gpu_half", lambda q, backend: None)
+    monkeypatch.setattr(attention_backends, "_flash_kernel", lambda: fake)
+    monkeypatch.setattr(attention_backends, "_require_gpu_half", lambda q, backend: None)
     q, k, v = _qkv(sum(LENGTHS))
-    out = attention._flash_varlen(q, k, v, _cu(LENGTHS), 9, 0.5, 0.0)
+    out = attention_backends._flash_varlen(q, k, v, _cu(LENGTHS), 9, 0.5, 0.0)
     assert calls == [(True, 9, 9, 0.0, 0.5, True)]
     torch.testing.assert_close(out, _reference(q, k, v, LENGTHS, 0.5))
 
@@ -108,19 +110,19 @@ def test_torch_varlen_wrapper_adapts_to_the_installed_signature(monkeypatch, fak
     module = types.ModuleType("torch.nn.attention.varlen")
     module.varlen_attn = fake
     monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", module)
-    monkeypatch.setattr(attention, "_require_gpu_half", lambda q, backend: None)
-    attention._torch_varlen_kernel.cache_clear()
+    monkeypatch.setattr(attention_backends, "_require_gpu_half", lambda q, backend: None)
+    attention_backends._torch_varlen_kernel.cache_clear()
     try:
         q, k, v = _qkv(sum(LENGTHS))
-        out = attention._torch_varlen(q, k, v, _cu(LENGTHS), 9, None, 0.0)
+        out = attention_backends._torch_varlen(q, k, v, _cu(LENGTHS), 9, None, 0.0)
         torch.testing.assert_close(out, _reference(q, k, v, LENGTHS))
     finally:
-        attention._torch_varlen_kernel.cache_clear()
+        attention_backends._torch_varlen_kernel.cache_clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU machine's choice")
 def test_sdpa_is_selected_on_cpu_with_the_reason(caplog):
-    with caplog.at_level(logging.INFO, logger="megatron_ext.model.attention"):
+    with caplog.at_level(logging.INFO, logger="megatron_ext.model.attention_backends"):
         assert select_backend("sdpa", _config()) == "sdpa"
         assert select_backend("auto", _config()) == "sdpa"
     # On the CPU nothing is logged: the start-up summary names the backend (training/summary.py).
@@ -146,7 +148,7 @@ def test_forcing_an_unavailable_backend_raises_a_clear_error(backend, reason):
 
 def test_gpu_kernels_refuse_cpu_or_fp32_tensors():
     q, k, v = (x.detach() for x in _qkv(8))
-    for kernel in (attention._flash_varlen, attention._torch_varlen):
+    for kernel in (attention_backends._flash_varlen, attention_backends._torch_varlen):
         with pytest.raises(AttentionBackendError, match="needs CUDA fp16/bf16 tensors"):
             kernel(q, k, v, _cu([8]), 8, None, 0.0)
 
@@ -170,7 +172,7 @@ def test_without_packed_seq_params_each_sample_is_plain_causal(monkeypatch, kern
     monkeypatch.setattr(attention.tensor_parallel, "get_cuda_rng_tracker", _NoFork)
     core = CoreAttention(_config(), 1, AttnMaskType.causal, "self", backend="sdpa")
     if kernel == "varlen":  # the GPU backends' route: the b samples as b documents of length s
-        monkeypatch.setitem(attention._VARLEN, "flash", attention._sdpa_varlen)
+        monkeypatch.setitem(attention_backends._VARLEN, "flash", attention_backends._sdpa_varlen)
         core.backend = "flash"
     s, b = 7, 3
     q, k, v = (x.detach().reshape(s, b, *x.shape[1:]) for x in _qkv(s * b))

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import platform
 from megatron_ext.model import attention
+from megatron_ext.model import attention_backends
 from megatron_ext.model.attention import CoreAttention
 from megatron_ext.model.context_parallel import local_columns, shard_batch
 from megatron_ext.training.packing import packed_seq_params_from_actual_seq_len
@@ -164,18 +165,18 @@ def _fake_torch_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, r
 @pytest.mark.parametrize("backend", ["flash", "torch"])
 def test_gpu_backends_get_the_bottom_right_varlen_contract(monkeypatch, backend, scheme):
     """The GPU kernels' arguments on the CPU: fakes that check them, installed before the fork."""
-    monkeypatch.setattr(attention, "_require_gpu_half", lambda q, backend: None)
+    monkeypatch.setattr(attention_backends, "_require_gpu_half", lambda q, backend: None)
     if backend == "flash":
-        monkeypatch.setattr(attention, "_flash_kernel", lambda: _fake_flash)
+        monkeypatch.setattr(attention_backends, "_flash_kernel", lambda: _fake_flash)
     else:
         module = types.ModuleType("torch.nn.attention.varlen")
         module.varlen_attn = _fake_torch_varlen
         monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", module)
-        attention._torch_varlen_kernel.cache_clear()
+        attention_backends._torch_varlen_kernel.cache_clear()
     try:
         _check(2, True, backend=backend, scheme=scheme)
     finally:
-        attention._torch_varlen_kernel.cache_clear()
+        attention_backends._torch_varlen_kernel.cache_clear()
 
 
 def test_scheme_per_layer_and_the_heads_a2a_splits():

@@ -19,7 +19,8 @@ from megatron_ext import platform
 from megatron_ext.checkpoint.sharding import merge_state_dicts, shard_state_dict
 from megatron_ext.config import parse_args
 from megatron_ext.training.packing import actual_seq_len, packed_seq_params, reset_position_ids
-from megatron_ext.model.attention import AttentionBackendError, CoreAttention
+from megatron_ext.model.attention import CoreAttention
+from megatron_ext.model.attention_backends import AttentionBackendError
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from tests.launcher import launch
