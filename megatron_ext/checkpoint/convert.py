@@ -118,7 +118,7 @@ def staged_output(save_dir: Path):
         if save_dir.exists():
             save_dir.rmdir()  # empty (checked before converting)
         os.replace(tmp, save_dir)
-        fmt._fsync_dir(save_dir.parent)
+        fmt.fsync_dir(save_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -85,7 +85,7 @@ def read_tracker(root) -> Optional[Iteration]:
     return iteration
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -122,7 +122,7 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_tracker(root, iteration: Iteration) -> None:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-import torch.distributed as dist
 
 from megatron_ext import platform
 from megatron_ext.checkpoint import format as ckpt
@@ -220,7 +219,7 @@ def publish(root, iteration, keep) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staging_dir(root, iteration), final)
-    ckpt._fsync_dir(Path(root))
+    ckpt.fsync_dir(Path(root))
     ckpt.write_tracker(root, iteration)
     shutil.rmtree(replaced, ignore_errors=True)
     prune(root, keep)

@@ -108,7 +108,7 @@ def _convert(config: Config, target: str) -> None:
         if os.path.exists(target):
             os.replace(target, staging / "stale")
         os.replace(fresh, target)
-        ckpt._fsync_dir(Path(load))
+        ckpt.fsync_dir(Path(load))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.warning(f"--enable-hf2mg-convert: converted {load} into {target}")
