@@ -75,6 +75,7 @@ at every document), its column in the row otherwise.
 """
 
 import bisect
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -115,15 +116,34 @@ class ContextParallelParams(PackedSeqParams):
     row_order: torch.Tensor = None  # int64 [s]: the gathered row holding each column
     row_cu_seqlens: torch.Tensor = None  # int32: documents of the (b, s)-flattened rows; None:
     row_max_seqlen: int = None  # one per row (plain causal)
-    # --cp-comm-type p2p (model/ring_attention.py): per source CP rank j, the parts of j's block
-    # to compute (none: skipped), one per (local chunk, j's chunk) pair that a query sees:
-    # (rows, cols, q_column, q_document, k_column, k_document), the local queries and j's keys
-    # that take part, their global columns [n] and their document's start per row [b, n].
-    ring_blocks: tuple = None
+    # The columns where a document starts, per row: the ring layouts below are built from them
+    # on first use, so a model without p2p layers never builds them.
+    document_starts: list = None
     # --cp-comm-type a2a+p2p: megatron-core's hierarchical CP groups (inner: the all-to-all,
-    # outer: the ring), and ring_blocks for the inner groups' column sets around the outer ring.
+    # outer: the ring).
     hierarchical_groups: tuple = None
-    hierarchical_blocks: tuple = None
+
+    @functools.cached_property
+    def ring_blocks(self) -> tuple:
+        """--cp-comm-type p2p (model/ring_attention.py): per source CP rank j, the parts of j's
+        block to compute (none: skipped), one per (local chunk, j's chunk) pair that a query
+        sees: (rows, cols, q_column, q_document, k_column, k_document), the local queries and
+        j's keys that take part, their global columns [n] and their document's start per row
+        [b, n]."""
+        cp = self.cp_group.size()
+        members = [_rank_chunks(cp, r) for r in range(cp)]
+        return _to(_ring_layout(self.document_starts, len(self.row_order), cp, members,
+                                self.cp_group.rank()), self.row_order.device)
+
+    @functools.cached_property
+    def hierarchical_blocks(self) -> tuple:
+        """--cp-comm-type a2a+p2p: ``ring_blocks`` for the inner groups' column sets around the
+        outer ring."""
+        cp = self.cp_group.size()
+        return _to(_ring_layout(self.document_starts, len(self.row_order), cp,
+                                *_hierarchical_members(self.hierarchical_groups, cp,
+                                                       self.cp_group.rank())),
+                   self.row_order.device)
 
 
 def local_columns(seq_length: int, cp_size: int, cp_rank: int,
@@ -274,13 +294,6 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams], cp_gr
     q_cu, kv_cu, q_max, kv_max, kv_index, rotary = _attention_layout(
         starts, row_order, cp_size, cp_rank)
     to = dict(device=tokens.device)
-    ring = _to(_ring_layout(starts, s, cp_size, [_rank_chunks(cp_size, r)
-                                                  for r in range(cp_size)], cp_rank), **to)
-    hierarchical = None
-    if hierarchical_groups is not None:
-        hierarchical_groups = tuple(hierarchical_groups)
-        hierarchical = _to(_ring_layout(starts, s, cp_size, *_hierarchical_members(
-            hierarchical_groups, cp_size, cp_rank)), **to)
     row_cu = row_max = None
     if bounds is not None:
         row_cu = torch.tensor(bounds, dtype=torch.int32, **to)
@@ -289,9 +302,8 @@ def shard_batch(batch: dict, packed_seq_params: Optional[PackedSeqParams], cp_gr
         cp_group=cp_group, rotary_positions=rotary.to(**to), q_cu_seqlens=q_cu.to(**to),
         kv_cu_seqlens=kv_cu.to(**to), q_max_seqlen=q_max, kv_max_seqlen=kv_max,
         kv_index=kv_index.to(**to), row_order=row_order.to(**to), row_cu_seqlens=row_cu,
-        row_max_seqlen=row_max, ring_blocks=ring,
-        hierarchical_groups=hierarchical_groups,
-        hierarchical_blocks=hierarchical,
+        row_max_seqlen=row_max, document_starts=starts,
+        hierarchical_groups=None if hierarchical_groups is None else tuple(hierarchical_groups),
     )
     return local, params
 
