@@ -247,6 +247,42 @@ def test_no_validation_split_is_said(shard, caplog):
     assert "validation" not in caplog.text
 
 
+def test_warnings_are_said_once_by_the_last_rank(shard, caplog, monkeypatch):
+    """Every rank checks the same files: of 2 ranks, the last one says what it found."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", False), ("1", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+            _check(shard, "--split", "100,0,0", "--eval-interval", "5")
+        assert ("--split 100,0,0 has no validation part" in caplog.text) == said, (rank,
+                                                                                    caplog.text)
+
+
+def test_gpt2_tokenizer_is_named_by_its_files(shard, tmp_path):
+    """GPT2BPETokenizer reads --vocab-file/--merge-file: the error names those, not a
+    --tokenizer-model it ignores."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a small corpus of words"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.save(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    argv = TINY + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                   "--merge-file", merges, "--tokenizer-model", "unused.model",
+                   "--data-path", shard]
+    tokenizer = build_tokenizer("GPT2BPETokenizer", None, None, parse_args(
+        argv, world_size=1).data.tokenizer_options())
+    with pytest.raises(ShardError) as error:
+        check_data(parse_args(argv, world_size=1), tokenizer)
+    message = str(error.value)
+    assert (f"does not fit the vocabulary of {tokenizer.vocab_size} ids of --tokenizer-type "
+            f"GPT2BPETokenizer --vocab-file {vocab} --merge-file {merges};") in message, message
+
+
 def test_empty_splits(shard):
     # megatron-core cuts documents round(810 x 0.9999) = 810 onwards: valid and test are empty.
     with pytest.raises(ShardError) as error:
