@@ -326,7 +326,7 @@ class Trainer:
         self._resume_param_overlap()
         if t.manual_gc:
             gc.collect()
-        loss = loss_sum / max(tokens, 1)
+        loss = loss_sum / tokens if tokens else math.nan  # no label had a loss: not a loss of 0
         self.metrics.log_eval(self.iteration, loss, split, final, task_totals, suffix)
         return loss
 
