@@ -180,9 +180,9 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
     common = ", ".join(f"{count} with id {value}" for value, count in facts["last_tokens"])
     found = (f"the run's EOD id {eod} ({tokenizer_flags(config)}) occurs {occurrences} times "
              f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
-    if occurrences == 0:
+    if ending == 0:  # where the id occurs, it is text of another tokenizer, not an EOD
         raise ShardError(
-            f"{shard.where}: {found}: {flags} would find no document boundaries; "
+            f"{shard.where}: {found}: {flags} would find no document's end; "
             f"train with the tokenizer the shard was made with (an EOD appended by "
             f"preprocess_data.py --append-eod)")
     if 2 * ending < nonempty:

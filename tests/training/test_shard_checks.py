@@ -129,6 +129,25 @@ def test_eod_of_another_tokenizer(shard, flag):
         _check(shard, flag)
 
 
+def test_eod_id_inside_the_text_of_another_tokenizer(tmp_path):
+    """A shard of another tokenizer (no metadata) where the run's EOD id is an ordinary token:
+    it occurs, but no document ends with it (megatron-core reads them back); the EOD flags
+    would cut documents at random places, so the run stops as when the id never occurs."""
+    rng = np.random.default_rng(1)
+    other_eod = 7  # the shard's tokenizer's EOD; the run's (NullTokenizer 8000) is 8000
+    docs = [list(rng.integers(8, 8000, 40)) + [8000] + list(rng.integers(8, 8000, 9))
+            + [other_eod] for _ in range(50)]
+    prefix = _write(str(tmp_path / "other_text_document"), docs)
+    stored = IndexedDataset(prefix)
+    assert all(stored[i][-1] == other_eod and 8000 in stored[i] for i in range(len(stored)))
+    with pytest.raises(ShardError) as error:
+        _check(prefix, "--eod-mask-loss", vocab="8000")
+    for part in ("EOD id 8000", "occurs 50 times and ends 0 of its 50", "50 with id 7",
+                 "--eod-mask-loss would find no document's end"):
+        assert part in str(error.value), str(error.value)
+    _check(prefix, vocab="8000")  # without the EOD flags EOD delimits nothing: no error
+
+
 def test_shard_of_another_tokenizer_with_the_same_vocabulary(tmp_path):
     """Two SentencePiece models of 400 pieces and EOD 2 (BPE and unigram on one corpus): a shard
     preprocess_data.py wrote with one is refused for a run with the other, which reads the same
