@@ -327,10 +327,9 @@ def _validate_data(config: Config) -> None:
     if "create_attention_mask_in_dataloader" in config.given:
         config.notices.append("--no-create-attention-mask-in-dataloader: no effect (no dense "
                               "attention mask is ever built here)")
-    # Megatron-LM has no default either; its GPT-3 example passes GPT-2's files alone.
-    gpt2_files = ("; with --vocab-file (GPT-2's files) pass --tokenizer-type GPT2BPETokenizer"
-                  if d.vocab_file else "")
-    require(d.tokenizer_type is not None, f"--tokenizer-type is required{gpt2_files}")
+    require(d.tokenizer_type is not None, "--tokenizer-type is required" + (
+        "; with --vocab-file (GPT-2's files) pass --tokenizer-type GPT2BPETokenizer"
+        if d.vocab_file else ""))
     if d.tokenizer_type == "NullTokenizer":
         require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
     elif d.tokenizer_type == "GPT2BPETokenizer":
