@@ -246,7 +246,21 @@ def plan_splits(config: Config, shards: List[Shard],
                 f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
                 f"and {tokens or 'no'} tokens{_why(least)} ({table}); give the {name} split a "
                 f"larger part{hint}")
+        _warn_short(config, name, [(shard.prefix, row[i]) for shard, row in zip(shards, counts)])
     return matrix
+
+
+def _warn_short(config: Config, split: str, counts) -> None:
+    """megatron-core fills a sample of a dataset shorter than one by repeating its documents
+    (more epochs): say so, the loss of such a split is over the same text again and again."""
+    sample = config.model.seq_length + 1
+    short = next(((p, c) for p, c in counts if c[1] < sample), None)
+    if short is not None and not config.data.is_instruction_dataset:
+        prefix, (docs, tokens) = short
+        _warn(f"--split {config.data.split}: the {split} split of {prefix} holds {tokens} tokens "
+              f"({docs} documents), less than one sample of --seq-length "
+              f"{config.model.seq_length} + 1: each sample repeats them; give the split a "
+              f"larger part")
 
 
 def _least_tokens(config: Config, blend) -> int:

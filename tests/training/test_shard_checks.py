@@ -302,6 +302,24 @@ def test_gpt2_tokenizer_is_named_by_its_files(shard, tmp_path):
             f"GPT2BPETokenizer --vocab-file {vocab} --merge-file {merges};") in message, message
 
 
+def test_a_split_shorter_than_one_sample_is_said(tmp_path, caplog):
+    """--split 99.9,0.1,0 of 810 documents: the validation split is the last one alone (as
+    megatron-core cuts it), 6 tokens here, less than one sample of --seq-length 16 + 1, which
+    megatron-core fills by repeating it: trained on, with a warning naming the split."""
+    docs = _sp_docs()
+    docs[-1] = docs[-1][:5] + [SP_EOD]
+    prefix = _write(str(tmp_path / "short_text_document"), docs)
+    last = IndexedDataset(prefix)[len(docs) - 1]
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        assert _check(prefix, "--split", "99.9,0.1,0")[1] is not None
+    assert (f"the valid split of {prefix} holds {last.size} tokens (1 documents), less than one "
+            f"sample of --seq-length 16 + 1") in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        _check(prefix, "--split", "98,2,0")  # 16 documents: several samples
+    assert "less than one sample" not in caplog.text, caplog.text
+
+
 def test_empty_splits(shard):
     # megatron-core cuts documents round(810 x 0.9999) = 810 onwards: valid and test are empty.
     with pytest.raises(ShardError) as error:
