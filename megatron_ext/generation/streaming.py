@@ -43,8 +43,8 @@ class StableText:
         else:
             # U+FFFD: bytes of a character whose other bytes are still to come (SentencePiece's
             # byte pieces, byte-level BPE). A last space: a tokenizer's clean-up may join it with
-            # the punctuation that comes next.
-            text = text.rstrip("\ufffd").rstrip()
+            # the punctuation that comes next (" ." -> "."); other whitespace goes out.
+            text = text.rstrip("\ufffd").removesuffix(" ")
             text = text[:len(text) - _held(text, self.stops)]
         if len(text) <= len(self.sent) or not text.startswith(self.sent):
             return ""
