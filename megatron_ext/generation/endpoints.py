@@ -38,20 +38,39 @@ class Job:
     logprobs: Optional[int]  # None: none; N: with the N most likely alternatives
     stops: Tuple[str, ...] = ()  # stop strings: generation ends once the answer holds one
     chat: bool = False  # a chat answer: the template's stop text ends it too
-    n: int = 1  # choices per prompt
+    n: int = 1  # choices per prompt answered
     stream: bool = False  # answered as server-sent events, token by token
     usage: bool = False  # stream_options.include_usage: a last event with the usage
     model: str = "EMPTY"  # the request's, echoed (megatron-core's answer when it has none)
+    best_of: int = 1  # choices per prompt generated (>= n): the n most likely are answered
 
     def runs(self):
-        """(prompt index, seed or None) of each choice, in the answer's order. With n > 1,
-        choice i is drawn after reseeding with seed + i: the answer of the same request with
-        n=1 and that seed (so each is reproducible alone); with n=1 the seed reseeds once and
-        the generator goes on over the prompts (as ``generate_gpt.py --seed``)."""
+        """(prompt index, seed or None) of each choice generated, prompt by prompt. With
+        several per prompt, choice i is drawn after reseeding with seed + i: the answer of the
+        same request with n=1 and that seed (so each is reproducible alone); with one, the seed
+        reseeds once and the generator goes on over the prompts (as ``generate_gpt.py``)."""
         for p in range(len(self.prompts)):
-            for i in range(self.n):
-                reseed = self.seed is not None and (self.n > 1 or p == 0)
+            for i in range(self.best_of):
+                reseed = self.seed is not None and (self.best_of > 1 or p == 0)
                 yield p, (self.seed + i) % SEEDS if reseed else None
+
+    @property
+    def scored(self) -> Optional[int]:
+        """``Generator.generate``'s ``logprobs``: best_of ranks choices by theirs."""
+        return 0 if self.logprobs is None and self.best_of > self.n else self.logprobs
+
+    def answered(self, results):
+        """(prompt index, Generation) of each choice answered, in the answer's order: with
+        best_of > n, each prompt's n of highest mean log-probability per token (OpenAI's),
+        best first; an empty answer (its stop token's log-probability is not kept) last."""
+        def mean(result):
+            return sum(result.logprobs) / len(result.logprobs) if result.tokens else -float("inf")
+
+        for p in range(len(self.prompts)):
+            mine = results[p * self.best_of:(p + 1) * self.best_of]
+            if self.best_of > self.n:
+                mine = sorted(mine, key=mean, reverse=True)
+            yield from ((p, r) for r in mine[:self.n])
 
 
 def _is_int(v):
@@ -194,15 +213,21 @@ def _openai_sampling(body):
     return params, seed
 
 
-def _choices(body, prompts, logprobs):
-    """The fields of ``Job`` from OpenAI's ``n``, ``stream``, ``stream_options`` and ``model``
-    (completions and chat)."""
+def _choices(body, prompts, logprobs, best_of=False):
+    """The fields of ``Job`` from OpenAI's ``n``, ``stream``, ``stream_options``, ``model``
+    (completions and chat) and, where ``best_of``, ``best_of`` (completions)."""
     n = _field(body, "n", 1, lambda v: _is_int(v) and v >= 1, "n must be an integer >= 1")
-    if n * prompts > MAX_PROMPTS:
-        raise BadRequest(f"n={n} x {prompts} prompt(s) makes {n * prompts} choices; at most "
-                         f"{MAX_PROMPTS} per request")
+    best = _field(body, "best_of", None, lambda v: v is None or (_is_int(v) and v >= n),
+                  f"best_of must be an integer >= n ({n})") if best_of else None
+    best = n if best is None else best
+    if best * prompts > MAX_PROMPTS:
+        raise BadRequest(f"{'best_of' if best > n else 'n'}={best} x {prompts} prompt(s) makes "
+                         f"{best * prompts} choices; at most {MAX_PROMPTS} per request")
     stream = _field(body, "stream", False, lambda v: isinstance(v, bool),
                     "stream must be a boolean")
+    if stream and best > n:
+        raise BadRequest("best_of > n with stream=true is not supported (the best are known "
+                         "once all are generated); leave one of them out")
     options = _field(body, "stream_options", None, lambda v: v is None or isinstance(v, dict),
                      "stream_options must be an object")
     if options is not None and not stream:
@@ -218,7 +243,7 @@ def _choices(body, prompts, logprobs):
         raise BadRequest("logprobs with stream=true is not supported by this server (they are "
                          "computed once an answer is complete); leave one of them out")
     model = _field(body, "model", "EMPTY", lambda v: isinstance(v, str), "model must be a string")
-    return {"n": n, "stream": stream, "usage": usage, "model": model}
+    return {"n": n, "best_of": best, "stream": stream, "usage": usage, "model": model}
 
 
 def _stops(body):
@@ -276,11 +301,7 @@ def parse_completions(body, tokenizer, max_length):
     if not echo and new == 0:
         raise BadRequest("echo=False not supported when max_tokens == 0 (nothing to answer)")
     _check_length(ids, new, max_length, "max_tokens")
-    choices = _choices(body, len(ids), logprobs)
-    # best_of = n returns every choice generated: ranking more than n is not implemented.
-    _field(body, "best_of", None, lambda v: v is None or (_is_int(v) and v == choices["n"]),
-           f"best_of={body.get('best_of')!r} is not supported by this server (only best_of = n "
-           f"= {choices['n']}: every choice generated is returned); leave it out")
+    choices = _choices(body, len(ids), logprobs, best_of=True)
     return Job(ids, new, params, seed, logprobs, stops, **choices), texts, echo
 
 
@@ -318,7 +339,7 @@ def usage(job, generated):
 
 def completions_answer(job, texts, echo, results, tokenizer):
     choices, generated = [], 0
-    for index, ((p, _), result) in enumerate(zip(job.runs(), results)):
+    for index, (p, result) in enumerate(job.answered(results)):
         text, ids, new = texts[p], job.prompts[p], result.tokens
         answer, kept, reason = completion_text(job, ids, result, tokenizer)
         generated += kept

@@ -157,7 +157,7 @@ def _generate(session, job, request):
         tell(("choice", index))
         ids = job.prompts[p]
         results.append(session.generator.generate(
-            ids, job.max_new_tokens, job.params, session.rng, logprobs=job.logprobs,
+            ids, job.max_new_tokens, job.params, session.rng, logprobs=job.scored,
             stop_when=_step(session, job, ids, request, tell)))
         tell(("result", (index, results[-1])))
         if request is not None and request.cancelled.is_set():

@@ -22,6 +22,8 @@ NEW = 8
 PROMPT = [1, 2, 3, 4, 5]
 SAMPLED = {"temperature": 0.8, "top_k": 5}
 CHAT = {"messages": [{"role": "system", "content": "9 9"}, USER], "max_tokens": NEW}
+BEST = {"prompt": "1 2 3 4 5", "max_tokens": NEW, "temperature": 1.0, "seed": 5, "n": 2,
+        "best_of": 3}
 LONG = 900  # PROMPT's greedy answer has no EOD this early: only a cancellation ends it sooner
 
 
@@ -146,11 +148,14 @@ def answers(checkpoint, template, greedy_stop):
                     for path, body in cases]
         bad = [server.request("POST", "/v1/completions", {"prompt": "1", **body})
                for body, _ in BAD]
+        best = [server.request("POST", "/v1/completions", body) for body in [BEST] + [
+            {**BEST, "n": 1, "best_of": 1, "seed": 5 + i, "logprobs": 0} for i in range(3)]]
         assert server.stop() == 0, "".join(server.log[-40:])
     finally:
         server.kill()
     assert all(status == 200 for status, _ in answered), answered
-    return [a for _, a in answered], single, streamed, bad
+    assert all(status == 200 for status, _ in best), best
+    return [a for _, a in answered], single, streamed, bad, [a for _, a in best]
 
 
 BAD = [({"stream": True, "logprobs": 1}, "logprobs with stream=true is not supported"),
@@ -159,6 +164,8 @@ BAD = [({"stream": True, "logprobs": 1}, "logprobs with stream=true is not suppo
         "unknown stream_options field(s) usage"),
        ({"stream": 1}, "stream must be a boolean"),
        ({"n": 0}, "n must be an integer >= 1"),
+       ({"stream": True, "best_of": 2}, "best_of > n with stream=true is not supported"),
+       ({"n": 64, "best_of": 129}, "best_of=129 x 1 prompt(s) makes 129 choices"),
        ({"n": 129}, "n=129 x 1 prompt(s) makes 129 choices; at most 128")]
 
 
@@ -166,8 +173,9 @@ def test_stream_joins_to_the_answer_and_n_choices_to_their_seeds(answers, greedy
     """Streamed (greedy with a two-token stop string, sampled with n=2 over two prompts and
     echo, chat sampled with n=2, chat greedy with the template's stop), the deltas of each
     choice join to its answer without stream; choice i of n=2 with seed S is the answer with
-    n=1 and seed S + i; the greedy stop cuts where transformers' tokens first hold it."""
-    answered, single, streamed, bad = answers
+    n=1 and seed S + i; the greedy stop cuts where transformers' tokens first hold it; best_of
+    answers the n of its candidates (those seeds' answers) of highest mean log-probability."""
+    answered, single, streamed, bad, best = answers
     cases, _ = _cases(greedy_stop[0])
     for (path, _), answer, events in zip(cases, answered, streamed):
         _check_stream(events, answer, chat="chat" in path)
@@ -182,6 +190,13 @@ def test_stream_joins_to_the_answer_and_n_choices_to_their_seeds(answers, greedy
     assert len(answered[1]["choices"]) == 4 and answered[1]["usage"]["prompt_tokens"] == 8
     for (status, error), (_, message) in zip(bad, BAD):
         assert status == 400 and message in error["error"]["message"], (message, error)
+    # best_of 3, n 2: the two of the three seeds' answers of highest mean log-probability.
+    candidates = [a["choices"][0] for a in best[1:]]
+    ranked = sorted(candidates, key=lambda c: -sum(c["logprobs"]["token_logprobs"]) /
+                    len(c["logprobs"]["token_logprobs"]))
+    assert [c["text"] for c in best[0]["choices"]] == [c["text"] for c in ranked[:2]]
+    assert ranked[:2] != candidates[:2], "the first two seeds' answers would prove no ranking"
+    assert all(c["logprobs"] is None for c in best[0]["choices"])  # ranked, not asked for
 
 
 def _leave_mid_stream(url, body):
