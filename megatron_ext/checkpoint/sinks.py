@@ -4,7 +4,6 @@ or as Hugging Face safetensors, one output file at a time.
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,7 +15,8 @@ from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint import hf
 from megatron_ext.checkpoint.args import dtype_flags, padded_vocab_size, saved_value
 from megatron_ext.checkpoint.hf import ConversionError
-from megatron_ext.checkpoint.hf_io import HfWriter, tokenizer_files
+from megatron_ext.checkpoint.hf_io import HfWriter
+from megatron_ext.checkpoint.hf_tokenizer import tokenizer_export
 from megatron_ext.checkpoint.sharding import shard_tensor, split_problem, stage_layers
 
 
@@ -144,7 +144,7 @@ class HfSink:
         self.config = hf.hf_config_from_args(source.args, model_type_hf, dtype)
         self.vocab = self.config["vocab_size"]
         self.untied = saved_value(source.args, "untie_embeddings_and_output_weights")
-        self.tokenizer = tokenizer_files(tokenizer_model) if tokenizer_model is not None else []
+        self.tokenizer = tokenizer_export(tokenizer_model, source.args)
         self.max_shard_bytes = max_shard_bytes
 
     def write(self, source, out: Path) -> None:
@@ -164,5 +164,5 @@ class HfSink:
             writer.add(hf.OUTPUT[0], cast(source.output_layer()[: self.vocab]))
         writer.finish()
         (out / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
-        for file in self.tokenizer:
-            shutil.copy2(file, out / file.name)
+        self.tokenizer.write(out)
+        print(self.tokenizer.note, file=sys.stderr)

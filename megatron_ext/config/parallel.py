@@ -78,8 +78,9 @@ class ParallelConfig:
     hierarchical_context_parallel_sizes: Optional[List[int]] = flag(
         None, "--cp-comm-type a2a+p2p: A B, the all-to-all within groups of A adjacent CP "
         "ranks, the ring across B of them (A x B = --context-parallel-size).", nargs="+",
-        note="two sizes, only with --cp-comm-type a2a+p2p (megatron-core's "
-        "hierarchical CP groups); Megatron-LM's deeper hierarchies are refused")
+        note="their product must be --context-parallel-size, as in Megatron-LM; a2a+p2p "
+        "takes two sizes (megatron-core's hierarchical CP groups); with other schemes the "
+        "groups are built, unused, and a notice says so")
     expert_model_parallel_size: int = flag(
         1, "Expert model parallel size (MoE).", group="moe", status=REFUSED,
         note="1 only: MoE is not supported yet")

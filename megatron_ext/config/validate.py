@@ -4,6 +4,7 @@ Megatron-LM's rules, raises ``ConfigError`` naming the flag to change, and recor
 ``config.notices`` what it decided about flags that are accepted but not honoured as such
 (no-ops, warned-and-disabled)."""
 
+import math
 import os
 from dataclasses import fields
 
@@ -76,24 +77,31 @@ def _validate_context_parallel(config: Config) -> None:
     first of --hierarchical-context-parallel-sizes, whose product is CP)."""
     p, m = config.parallel, config.model
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
-    require(len(p.cp_comm_type) in (1, m.num_layers),
+    # As Megatron-LM: a per-layer list's length is checked only with CP (its TransformerConfig
+    # does so; without CP no layer reads it), the hierarchical sizes' product always.
+    require(cp == 1 or len(p.cp_comm_type) in (1, m.num_layers),
              f"--cp-comm-type has {len(p.cp_comm_type)} values: give one, or one per layer "
              f"(--num-layers {m.num_layers})")
     sizes = p.hierarchical_context_parallel_sizes
     hierarchical = CP_A2A_P2P in p.cp_comm_type
-    require(sizes is None or hierarchical,
-             "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p (no other "
-             "scheme uses the sub-groups); drop it or pass --cp-comm-type a2a+p2p")
     require(not hierarchical or sizes is not None,
              f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B: the "
              f"all-to-all within groups of A adjacent CP ranks, the ring across B of them, "
              f"A x B = --context-parallel-size {cp}")
     if sizes is not None:
         shown = " ".join(map(str, sizes))
-        require(len(sizes) == 2 and min(sizes) >= 1 and sizes[0] * sizes[1] == cp,
+        require(not hierarchical or (len(sizes) == 2 and min(sizes) >= 1
+                                     and sizes[0] * sizes[1] == cp),
                  f"--hierarchical-context-parallel-sizes {shown}: a2a+p2p takes two sizes A B "
                  f">= 1 (the all-to-all within groups of A, the ring across B) with A x B = "
                  f"--context-parallel-size {cp}")
+        require(min(sizes) >= 1 and math.prod(sizes) == cp,
+                 f"--hierarchical-context-parallel-sizes {shown}: sizes >= 1 whose product is "
+                 f"--context-parallel-size {cp}")
+        if not hierarchical:
+            config.notices.append(
+                f"--hierarchical-context-parallel-sizes {shown} without --cp-comm-type "
+                "a2a+p2p: megatron-core builds the CP sub-groups, no layer's scheme uses them")
     if cp == 1:
         return
     ring = sorted(set(p.cp_comm_type) & set(CP_RINGS))

@@ -1,4 +1,5 @@
-"""The training loop: megatron-core model, DDP, optimizer, schedules, evaluation and logging.
+"""The training loop: megatron-core model, DDP, optimizer, schedules and logging (evaluation:
+``evaluation.py``).
 
 ``Trainer.__init__`` is the recipe, in order; ``train`` runs it. The entry script supplies the
 forward step (batch -> model -> loss function), as in Megatron-LM's ``pretrain_gpt.py``.
@@ -29,8 +30,8 @@ from megatron_ext.model import lora
 from megatron_ext.model.gpt import build_model
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume, hf2mg,
-                                   multitask, shard_checks, summary)
+from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume,
+                                   evaluation, hf2mg, multitask, shard_checks, summary)
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -72,14 +73,7 @@ class Trainer:
         #    the vocabulary padded as the checkpoint is.
         checkpoint_checks.check_checkpoints(config)
         checkpointing.adopt_saved_vocab_padding(config, self.vocab_size)
-        self.eval_prompts = None
-        if config.logging.eval_prompts:
-            from megatron_ext.generation.eval_prompts import EvalPrompts
-
-            m = config.model
-            self.eval_prompts = EvalPrompts(
-                config.logging.eval_prompts, self.tokenizer,
-                m.max_position_embeddings if m.position_embedding_type == "learned_absolute" else None)
+        self.eval_prompts = evaluation.eval_prompts(config, self.tokenizer)
         # 2. Topology and process groups (flags were validated before this point). The runtime
         #    RNG (dropout) is seeded per pipeline stage as in Megatron-LM, so that stages do not
         #    repeat each other's masks; the initial weights do not depend on it (model/init.py).
@@ -121,13 +115,9 @@ class Trainer:
             t.global_batch_size, t.rampup_batch_size,
             parse_step_schedule(t.step_batch_size_schedule, m.seq_length)
             if t.step_batch_size_schedule else None)
-        l = config.logging
-        # Validation batches advance from one evaluation to the next, as in Megatron-LM.
-        evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_interval else 0
         self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
             config, self.tokenizer.eod, self.vocab_size,
-            [t.train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
-            split_matrix,
+            [t.train_samples, *evaluation.eval_samples(config)], split_matrix,
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
         self.valid_iterators = None  # one per validation dataset, from the first evaluation
@@ -265,70 +255,21 @@ class Trainer:
         if self.config.training.empty_unused_memory_level >= level and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _sync_params(self) -> None:
+    def sync_params(self) -> None:
         """With --overlap-param-gather the updated parameters arrive at the next forward's
         pre-hooks; evaluation and saving need them now (Megatron-LM disables the hooks)."""
         if self.config.parallel.overlap_param_gather:
             for chunk in self.model:
                 chunk.disable_forward_pre_hook(param_sync=True)
 
-    def _resume_param_overlap(self) -> None:
+    def resume_param_overlap(self) -> None:
         if self.config.parallel.overlap_param_gather:
             for chunk in self.model:
                 chunk.enable_forward_pre_hook()
 
-    @torch.no_grad()
     def evaluate(self, split: str = "valid", final: bool = False):
-        """Mean per-token loss over ``--eval-iters`` global batches of the validation split
-        (each evaluation continuing where the last one stopped, across a resume too) or of the
-        test split (from its start); with ``--multiple-validation-sets`` a loss per validation
-        dataset, in a list. A validation also answers ``--eval-prompts``."""
-        if split == "valid" and self.eval_prompts is not None:
-            self.eval_prompts.run(self.model[0].module, self.iteration, self.metrics)
-        dataset = self.valid_ds if split == "valid" else self.test_ds
-        if dataset is None or not self.config.logging.eval_iters:
-            return None
-        t, topo, d = self.config.training, self.topology, self.config.data
-        if split == "test":
-            return self._evaluate_batches(data.cyclic_iterator(
-                dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-                num_workers=d.num_workers), split, final)
-        datasets = dataset if d.multiple_validation_sets else [dataset]
-        if self.valid_iterators is None:
-            self.valid_iterators = [data.cyclic_iterator(
-                ds, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-                self.consumed_valid_samples, d.num_workers) for ds in datasets]
-        # Megatron-LM's labels: validation-0, validation-1 ... or --validation-set-names.
-        suffixes = ([f"-{name}" for name in d.validation_set_names or range(len(datasets))]
-                    if d.multiple_validation_sets else [""])
-        losses = [self._evaluate_batches(iterator, split, final, suffix)
-                  for iterator, suffix in zip(self.valid_iterators, suffixes)]
-        # Every dataset reads as many batches: one count is the position in each.
-        self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
-        return losses if d.multiple_validation_sets else losses[0]
-
-    def _evaluate_batches(self, iterator, split: str, final: bool, suffix: str = "") -> float:
-        """The loss of ``--eval-iters`` global batches of ``iterator``, logged."""
-        t = self.config.training
-        if t.manual_gc:
-            gc.collect()
-        self._sync_params()
-        for chunk in self.model:
-            chunk.eval()
-        loss_sum, tokens, task_totals = 0.0, 0, None
-        for _ in range(self.config.logging.eval_iters):
-            loss, count = self._forward_backward(iterator, forward_only=True)
-            loss_sum, tokens = loss_sum + loss * count, tokens + count
-            if self.task_totals is not None:
-                task_totals = self.task_totals + (0 if task_totals is None else task_totals)
-        for chunk in self.model:
-            chunk.train()
-        self._resume_param_overlap()
-        if t.manual_gc:
-            gc.collect()
-        loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss, split, final, task_totals, suffix)
-        return loss
+        """``evaluation.evaluate``: the loss of the validation (or test) split, logged."""
+        return evaluation.evaluate(self, split, final)
 
     def train(self) -> List[Dict[str, float]]:
         t, l, c = self.config.training, self.config.logging, self.config.checkpoint
@@ -370,9 +311,9 @@ class Trainer:
                        or self._out_of_time())
             last = exiting or self.iteration == t.train_iters
             if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
-                self._sync_params()
+                self.sync_params()
                 checkpointing.save_checkpoint(self)
-                self._resume_param_overlap()
+                self.resume_param_overlap()
             if c.async_save:
                 checkpointing.finalize_saves()
             if exiting:
@@ -385,8 +326,8 @@ class Trainer:
                 window_start = time.perf_counter()
         checkpointing.finalize_saves(blocking=True)
         profiler.stop()
-        self._sync_params()  # the model holds the final weights when training returns
-        self._resume_param_overlap()
+        self.sync_params()  # the model holds the final weights when training returns
+        self.resume_param_overlap()
         if t.manual_gc:
             gc.enable()
         if self.iteration == start_iteration:
