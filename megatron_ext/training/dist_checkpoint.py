@@ -83,10 +83,13 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
     topology = trainer.topology
     metadata = dict(metadata, dp_cp_group=parallel_state.get_data_parallel_group(
         with_context_parallel=True))
-    model = trainer.model[0].module.sharded_state_dict(metadata=metadata)
+    # One entry per model chunk (Megatron-LM's model0, model1, ... with virtual stages); the
+    # tensors inside are keyed by global layer number, so any layout loads them.
     wanted = lora_checkpoint.keys(part)
-    if wanted is not None:
-        model = {k: v for k, v in model.items() if wanted(k)}
+    models = {}
+    for key, chunk in zip(ckpt.model_keys(len(trainer.model)), trainer.model):
+        model = chunk.module.sharded_state_dict(metadata=metadata)
+        models[key] = model if wanted is None else {k: v for k, v in model.items() if wanted(k)}
     state = {
         "args": _saved_args(trainer),
         "checkpoint_version": ckpt.CHECKPOINT_VERSION,
@@ -95,7 +98,7 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         "consumed_valid_samples": trainer.consumed_valid_samples,
         # Megatron-LM's key, which its loader reads; nothing here counts FLOPs across runs.
         "num_floating_point_operations_so_far": 0,
-        "model": model,
+        **models,
     }
     if trainer.config.lora.enabled and not is_loading:
         state["lora"] = lora_checkpoint.metadata(trainer)
@@ -103,7 +106,7 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         state.update(coba.checkpoint_entry(trainer))  # non-sharded, as the scalars above
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata=metadata)
+            models, is_loading=is_loading, metadata=metadata)
         state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     if rng:
         # Megatron-LM's: one entry per (pp, tp) rank; data- and context-parallel ranks hold
@@ -242,13 +245,15 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
+    model_keys = ckpt.model_keys(len(trainer.model))
     if switched:
         m = trainer.config.model
-        optimizer_switch.rename(sharded["optimizer"], sharded["model"], bool(saved_distributed),
-                                fp32=not (m.bf16 or m.fp16))
+        optimizer_switch.rename(sharded["optimizer"], {k: sharded[k] for k in model_keys},
+                                bool(saved_distributed), fp32=not (m.bf16 or m.fp16))
     state = dist_checkpointing.load(sharded, str(directory), strict=c.dist_ckpt_strictness)
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
-    trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
+    for key, chunk in zip(model_keys, trainer.model):
+        chunk.module.load_state_dict(state[key], strict=part is None)
     if load_optim:
         optimizer_state = state["optimizer"]
         if switched:
