@@ -60,3 +60,44 @@ def test_resume_at_the_same_interleaved_layout_is_bit_identical(tmp_path, fmt):
         assert any(k.startswith("decoder.layers.0.") for k in payload["model1"])
         assert "output_layer.weight" in payload["model1"]
         assert "output_layer.weight" not in payload["model0"]
+
+
+def test_convert_ckpt_reads_and_writes_interleaved_torch_checkpoints(tmp_path):
+    """convert_ckpt.py merges a PP2 x VPP2 torch checkpoint into the weights the training run
+    held (bit for bit), and splits them back into the same rank files; a resume at that layout
+    loads them."""
+    from tests.checkpoint.conftest import run_convert
+
+    saved = tmp_path / "vpp"
+    argv = RESHARD + VPP2.split() + TORCH
+    _, _, held = launch(_train_with_weights, 2, argv + ["--save", str(saved),
+                                                       "--exit-interval", "2"], 2)[0]
+    merged = run_convert("mg", "mg", saved, tmp_path / "tp1pp1")
+    model = ckpt.load_rank_file(ckpt.rank_file(merged, 2, 0, 0, 1))["model"]
+    assert model.keys() == held.keys()
+    for name, tensor in held.items():
+        assert torch.equal(model[name], tensor), name
+    back = run_convert("mg", "mg", merged, tmp_path / "back", "--target-pipeline-parallel-size",
+                       2, "--target-num-virtual-stages-per-pipeline-rank", 2)
+    for stage in range(2):
+        original = ckpt.load_rank_file(ckpt.rank_file(saved, 2, 0, stage, 2))
+        converted = ckpt.load_rank_file(ckpt.rank_file(back, 2, 0, stage, 2))
+        for key in ("model0", "model1"):
+            assert converted[key].keys() == original[key].keys()
+            for name, tensor in original[key].items():
+                if torch.is_tensor(tensor) and not name.endswith("_extra_state"):
+                    assert torch.equal(converted[key][name], tensor), (stage, key, name)
+    _, loaded, _ = launch(_train_with_weights, 2, argv + ["--load", str(back), "--finetune"],
+                          2)[0]
+    for name, tensor in held.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_a_torch_checkpoint_of_other_model_chunks_names_the_flag(tmp_path):
+    """The torch format keeps its rank files' chunks: another chunk count is refused before
+    any weight loads, naming the flag (torch_dist loads at any)."""
+    argv = RESHARD + "--pipeline-model-parallel-size 2".split() + TORCH
+    launch(_train, 2, argv + VPP2.split()[2:] + ["--save", str(tmp_path), "--exit-interval",
+                                                 "1"], 2)
+    with pytest.raises(Exception, match="num-virtual-stages-per-pipeline-rank"):
+        launch(_train, 2, argv + ["--load", str(tmp_path)], 2)
