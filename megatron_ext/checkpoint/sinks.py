@@ -136,7 +136,8 @@ class MegatronSink:
             model[name] = self._shard(name, source.embedding(), tp_rank, vocab=True)
         for index in layers:
             for name, tensor in source.layer(index).items():
-                model[f"decoder.layers.{index - layers.start}.{name}"] = self._shard(name, tensor, tp_rank)
+                local = f"decoder.layers.{index - layers.start}.{name}"
+                model[local] = self._shard(name, tensor, tp_rank)
             progress.update(f"layer {index} tp {tp_rank}")
         if pp_rank == self.pp - 1 and chunk == self.vp - 1:
             for name, tensor in source.final_norm().items():

@@ -165,10 +165,11 @@ class MegatronSource:
                 payload = fmt.load_rank_file(path)
                 missing = [k for k in self.model_keys if not isinstance(payload.get(k), dict)]
                 if missing:
+                    held = sorted(k for k in payload if k.startswith("model"))
                     raise ConversionError(
                         f"{path} has no {' '.join(repr(k) for k in missing)} state dict: its args "
                         f"say {self.vp} model chunk(s) per stage (virtual_pipeline_model_"
-                        f"parallel_size), the file holds {sorted(k for k in payload if k.startswith('model'))}")
+                        f"parallel_size), the file holds {held}")
                 if self._dtype is None:
                     self._dtype = next(v.dtype for v in payload[self.model_keys[0]].values()
                                        if torch.is_tensor(v))

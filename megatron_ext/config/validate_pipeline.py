@@ -20,38 +20,38 @@ def validate_pipeline(config: Config, dp: int) -> None:
     problem = split_problem(layers, pp, first, last)
     require(problem is None, f"--num-layers {layers}: {problem}")
     vp = _virtual_stages(config)
-    problem = split_problem(layers, pp, first, last, vp_size=vp,
-                            vp_flag=_STAGES_FLAG if p.num_layers_per_virtual_pipeline_stage
-                            is None else _LAYERS_FLAG)
+    flag = _STAGES_FLAG if p.num_layers_per_virtual_pipeline_stage is None else _LAYERS_FLAG
+    problem = split_problem(layers, pp, first, last, vp_size=vp, vp_flag=flag)
     require(problem is None, f"--num-layers {layers}: {problem}")
     # One flag holds the chunks from here on (Megatron-LM's virtual_pipeline_model_parallel_size,
     # None for one chunk), the one saved args take back (training/checkpoint_args.py).
     p.num_virtual_stages_per_pipeline_rank = vp if vp > 1 else None
     p.num_layers_per_virtual_pipeline_stage = None
     if vp == 1:
-        if not p.overlap_p2p_comm:
-            config.notices.append("--no-overlap-p2p-communication: no effect without the "
-                                  "interleaved schedule (which alone overlaps)")
+        for name, what in (("overlap_p2p_comm", "--no-overlap-p2p-communication"),
+                           ("microbatch_group_size_per_virtual_pipeline_stage", _GROUP_FLAG)):
+            if name in config.given:
+                config.notices.append(f"{what}: no effect without the interleaved schedule "
+                                      f"({_LAYERS_FLAG} or {_STAGES_FLAG})")
         p.overlap_p2p_comm = False  # Megatron-LM's: the plain 1F1B schedule does not overlap
-        require(p.microbatch_group_size_per_virtual_pipeline_stage is None,
-                f"{_GROUP_FLAG} is for the interleaved schedule: give {_LAYERS_FLAG} or "
-                f"{_STAGES_FLAG}, or drop it")
+        p.microbatch_group_size_per_virtual_pipeline_stage = None
         return
     require(config.logging.eval_prompts is None,
-            f"--eval-prompts with {_STAGES_FLAG} {vp}: decoding runs one model chunk per "
-            "pipeline stage; drop --eval-prompts and run generate_gpt.py on a checkpoint")
+            f"--eval-prompts with {flag}: decoding runs one model chunk per pipeline stage; "
+            "drop --eval-prompts and run generate_gpt.py on a checkpoint")
     # Without overlap, megatron-core batches the sends and receives of a step: with two stages
     # both directions would go between the same two ranks in one batch.
     require(p.overlap_p2p_comm or pp > 2,
-            f"{_STAGES_FLAG} {vp} with --no-overlap-p2p-communication needs "
-            f"--pipeline-model-parallel-size > 2 (now {pp}); drop --no-overlap-p2p-communication")
+            f"{flag} with --no-overlap-p2p-communication needs --pipeline-model-parallel-size "
+            f"> 2 (now {pp}); drop --no-overlap-p2p-communication")
     _validate_microbatch_groups(config, dp, pp)
 
 
 def _virtual_stages(config: Config) -> int:
     p, layers = config.parallel, config.model.num_layers
     pp = p.pipeline_model_parallel_size
-    per_chunk, chunks = p.num_layers_per_virtual_pipeline_stage, p.num_virtual_stages_per_pipeline_rank
+    per_chunk = p.num_layers_per_virtual_pipeline_stage
+    chunks = p.num_virtual_stages_per_pipeline_rank
     if per_chunk is None and chunks is None:
         return 1
     require(per_chunk is None or chunks is None,
@@ -86,8 +86,8 @@ def _validate_microbatch_groups(config: Config, dp: int, pp: int) -> None:
         micro = size // (t.micro_batch_size * dp)
         where = (f"--global-batch-size {size} / (--micro-batch-size {t.micro_batch_size} x "
                  f"data-parallel size {dp}) = {micro} micro-batches")
-        group_text = (f"{_GROUP_FLAG} {group}" if given
-                      else f"{group} (--pipeline-model-parallel-size, the default of {_GROUP_FLAG})")
+        group_text = (f"{_GROUP_FLAG} {group}" if given else
+                      f"{group} (--pipeline-model-parallel-size, the default of {_GROUP_FLAG})")
         require(pp <= group <= micro,
                 f"the interleaved schedule runs micro-batches in groups of {group_text} per "
                 f"model chunk, between --pipeline-model-parallel-size {pp} and the {where}; "

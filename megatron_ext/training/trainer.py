@@ -227,9 +227,7 @@ class Trainer:
         rows, seq = ((1, t.micro_batch_size * m.seq_length) if packed
                      else (t.micro_batch_size, m.seq_length))
         if self.multitask is not None:  # per-task token counts of the global batch first
-            iterator = (self.multitask.prepare(iterator, num_microbatches)
-                        if not isinstance(iterator, list) else
-                        [self.multitask.prepare(it, num_microbatches) for it in iterator])
+            iterator = self.multitask.prepare(iterator, num_microbatches)
         losses = get_forward_backward_func()(
             forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
             num_microbatches=num_microbatches, seq_length=seq, micro_batch_size=rows,
@@ -272,13 +270,6 @@ class Trainer:
             **({"task_totals": self.task_totals} if self.multitask is not None else {}),
         }
 
-    def _per_chunk(self, make_iterator):
-        """The iterator ``make_iterator`` builds, or one per model chunk: the interleaved
-        schedule reads each micro-batch once per chunk (as Megatron-LM's iterators per chunk)."""
-        if len(self.model) == 1:
-            return make_iterator()
-        return [make_iterator() for _ in self.model]
-
     def _empty_cache(self, level: int) -> None:
         # --empty-unused-memory-level (Megatron-LM): 1 after forward-backward, 2 after the step.
         if self.config.training.empty_unused_memory_level >= level and torch.cuda.is_available():
@@ -309,12 +300,12 @@ class Trainer:
             return None
         t, topo, d = self.config.training, self.topology, self.config.data
         if split == "test":
-            return self._evaluate_batches(self._per_chunk(lambda: data.cyclic_iterator(
+            return self._evaluate_batches(data.per_chunk(len(self.model), lambda: data.cyclic_iterator(
                 dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
                 num_workers=d.num_workers)), split, final)
         datasets = dataset if d.multiple_validation_sets else [dataset]
         if self.valid_iterators is None:
-            self.valid_iterators = [self._per_chunk(functools.partial(
+            self.valid_iterators = [data.per_chunk(len(self.model), functools.partial(
                 data.cyclic_iterator, ds, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
                 self.consumed_valid_samples, d.num_workers)) for ds in datasets]
         # Megatron-LM's labels: validation-0, validation-1 ... or --validation-set-names.
@@ -351,7 +342,7 @@ class Trainer:
 
     def train(self) -> List[Dict[str, float]]:
         t, l, c = self.config.training, self.config.logging, self.config.checkpoint
-        iterator = self._per_chunk(functools.partial(
+        iterator = data.per_chunk(len(self.model), functools.partial(
             data.data_iterator, self.train_ds, self.consumed_samples, t.micro_batch_size,
             self.topology.dp_rank, self.topology.data_parallel, self.config.data.num_workers))
         for chunk in self.model:

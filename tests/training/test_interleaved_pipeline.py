@@ -102,8 +102,16 @@ def _with(argv, flag, value):
      "--microbatch-group-size-per-virtual-pipeline-stage 3", 2, "leave a last group of 1"),
     ("--pipeline-model-parallel-size 2 --num-virtual-stages-per-pipeline-rank 2 "
      "--global-batch-size 2", 2, "between --pipeline-model-parallel-size 2 and the "),
-    ("--microbatch-group-size-per-virtual-pipeline-stage 2", 1, "for the interleaved schedule"),
 ])
 def test_a_layout_the_schedule_cannot_run_names_the_flag(flags, world_size, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
         parse_args(MODEL + BATCH + flags.split(), world_size=world_size)
+
+
+def test_interleaved_flags_without_virtual_stages_are_said_to_do_nothing():
+    config = parse_args(MODEL + BATCH + "--pipeline-model-parallel-size 2 "
+                        "--no-overlap-p2p-communication "
+                        "--microbatch-group-size-per-virtual-pipeline-stage 2".split(),
+                        world_size=2)
+    said = [n for n in config.notices if "no effect without the interleaved schedule" in n]
+    assert len(said) == 2 and config.parallel.virtual_stages == 1
