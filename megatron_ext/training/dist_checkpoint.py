@@ -201,6 +201,11 @@ def saved_args(directory):
     return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
 
 
+def _layout_text(tp: int, pp: int, chunks) -> str:
+    """TP=a PP=b, and the model chunks per stage of the interleaved schedule."""
+    return f"TP={tp} PP={pp}" + (f" x {chunks} model chunks" if (chunks or 1) > 1 else "")
+
+
 def load(trainer, iteration, root, part=None, weights_only: bool = False) -> None:
     """Resume from the torch_dist checkpoint of ``iteration`` in ``root`` at this run's
     TP/PP/DP (the RNG states only at the layout they were saved with); ``part`` of the model
@@ -213,6 +218,8 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
                     saved_value(saved_args, "pipeline_model_parallel_size"))
+    saved_at = _layout_text(*saved_layout,
+                            saved_value(saved_args, "virtual_pipeline_model_parallel_size"))
     # The layers of each PP stage, not the PP size alone: an uneven split moves layers.
     same_layout = (saved_layout[0], pipeline_split(saved_args)) \
         == (topology.tensor_parallel, run_pipeline_split(trainer.config))
@@ -230,10 +237,10 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         check_precision(trainer, saved_args, directory)
         check_schedule(trainer, common["opt_param_scheduler"], directory)
     if load_rng and not same_layout:
-        log_once(logger, logging.WARNING,
-                 f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, this run "
-                 f"has TP={topology.tensor_parallel} PP={topology.pipeline_parallel}: RNG states "
-                 f"not restored")
+        here = _layout_text(topology.tensor_parallel, topology.pipeline_parallel,
+                            topology.virtual_pipeline)
+        log_once(logger, logging.WARNING, f"{directory} was saved at {saved_at}, this run has "
+                 f"{here}: RNG states not restored")
         load_rng = False
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
@@ -282,5 +289,5 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
     trainer.consumed_valid_samples = state.get(
         "consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", 0))
-    logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
-                f"PP={saved_layout[1]}) at iteration {trainer.iteration}{fresh_on_resume(c)}")
+    logger.info(f"resumed from {directory} (torch_dist, saved at {saved_at}) at iteration "
+                f"{trainer.iteration}{fresh_on_resume(c)}")
