@@ -43,7 +43,8 @@ def test_dist_checkpoint_resumes_in_another_layout(tmp_path, single_process, sav
     _assert_close(first + rest, single_process[0], final, single_process[1])
 
 
-@pytest.mark.parametrize("fmt", [[], TORCH], ids=["torch_dist", "torch"])
+@pytest.mark.parametrize("fmt", [[], TORCH, TORCH + ["--use-distributed-optimizer"]],
+                         ids=["torch_dist", "torch", "torch-distributed-optimizer"])
 def test_resume_at_the_same_interleaved_layout_is_bit_identical(tmp_path, fmt):
     """Dropout on, so the RNG states matter too."""
     argv = FOUR_LAYERS + DROPOUT + VPP2.split() + fmt
