@@ -2,14 +2,14 @@
 frameworks' flags in validate_compat.py, both called from here). It fills derived defaults by
 Megatron-LM's rules, raises ``ConfigError`` naming the flag to change, and records in
 ``config.notices`` what it decided about flags that are accepted but not honoured as such
-(no-ops, warned-and-disabled)."""
+(no-ops, warned-and-disabled). The pipeline split and the interleaved schedule:
+validate_pipeline.py."""
 
 import math
 import os
 from dataclasses import fields
 
 from megatron_ext import platform
-from megatron_ext.checkpoint.sharding import split_problem
 from megatron_ext.config import blend
 from megatron_ext.config.blend import SPLITS
 from megatron_ext.config.checkpoint import CheckpointConfig
@@ -20,6 +20,7 @@ from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_A2A, CP_A2A_P2P, CP_RINGS, a2a_heads_error
 from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
+from megatron_ext.config.validate_pipeline import validate_pipeline
 from megatron_ext.config.validate_schedule import validate_schedule
 
 
@@ -35,6 +36,7 @@ def validate(config: Config, world_size: int) -> None:
     _validate_context_parallel(config)  # after both: --context-parallel-algo, the head counts
     _refuse_unsupported(config)
     validate_schedule(config, dp)
+    validate_pipeline(config, dp)  # after the batch sizes: the interleaved schedule's groups
     _validate_data(config)
     _validate_multitask(config)
     _validate_logging_and_checkpoint(config)
@@ -149,7 +151,6 @@ def _validate_model(config: Config) -> None:
     require(m.num_query_groups % tp == 0,
              f"--num-query-groups {m.num_query_groups} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
-    _validate_pipeline_split(config)
     if m.kv_channels is None:
         require(m.hidden_size % m.num_attention_heads == 0,
                  f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
@@ -192,16 +193,6 @@ def _validate_model(config: Config) -> None:
             ("add_position_embedding", "--no-position-embedding", "rope has no position table")):
         if name in config.given:
             config.notices.append(f"{flag}: no effect ({why})")
-
-
-def _validate_pipeline_split(config: Config) -> None:
-    """--num-layers over the pipeline stages: evenly, or with --decoder-first/last-pipeline-
-    num-layers as megatron-core's TransformerConfig splits them (its checks, named by flag)."""
-    p, layers = config.parallel, config.model.num_layers
-    problem = split_problem(layers, p.pipeline_model_parallel_size,
-                            p.decoder_first_pipeline_num_layers,
-                            p.decoder_last_pipeline_num_layers)
-    require(problem is None, f"--num-layers {layers}: {problem}")
 
 
 def _refuse_unsupported(config: Config) -> None:

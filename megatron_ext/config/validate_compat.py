@@ -168,9 +168,6 @@ def _fine_tuning(config: Config) -> None:
 
 def _layout(config: Config) -> None:
     ms, p, m = config.mindspeed, config.parallel, config.model
-    for name in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
-        require(getattr(p, name) is None, f"--{name.replace('_', '-')}: the interleaved "
-                 "pipeline schedule is not supported; drop it (one model chunk per stage)")
     if ms.num_layer_list is None:
         return
     pp = p.pipeline_model_parallel_size

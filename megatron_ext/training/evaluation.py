@@ -5,6 +5,7 @@ loss per validation dataset with ``--multiple-validation-sets``; a validation al
 ``--eval-prompts``. The batches run through the trainer's schedule, forward only."""
 
 import contextlib
+import functools
 import gc
 
 import torch
@@ -43,14 +44,14 @@ def evaluate(trainer, split: str = "valid", final: bool = False):
         return None
     t, topo, d = trainer.config.training, trainer.topology, trainer.config.data
     if split == "test":
-        return _evaluate_batches(trainer, data.cyclic_iterator(
-            dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-            num_workers=d.num_workers), split, final)
+        return _evaluate_batches(trainer, data.per_chunk(len(trainer.model), functools.partial(
+            data.cyclic_iterator, dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
+            num_workers=d.num_workers)), split, final)
     datasets = dataset if d.multiple_validation_sets else [dataset]
     if trainer.valid_iterators is None:
-        trainer.valid_iterators = [data.cyclic_iterator(
-            ds, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-            trainer.consumed_valid_samples, d.num_workers) for ds in datasets]
+        trainer.valid_iterators = [data.per_chunk(len(trainer.model), functools.partial(
+            data.cyclic_iterator, ds, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
+            trainer.consumed_valid_samples, d.num_workers)) for ds in datasets]
     # Megatron-LM's labels: validation-0, validation-1 ... or --validation-set-names.
     suffixes = ([f"-{name}" for name in d.validation_set_names or range(len(datasets))]
                 if d.multiple_validation_sets else [""])

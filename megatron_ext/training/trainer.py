@@ -27,7 +27,7 @@ from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.config.validate_compat import check_padded_vocab_size
 from megatron_ext.model import lora
-from megatron_ext.model.gpt import build_model
+from megatron_ext.model.gpt import build_model_chunks
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
 from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume,
@@ -81,19 +81,25 @@ class Trainer:
         self.topology.initialize(config.parallel.distributed_backend,
                                  timeout_minutes=config.parallel.distributed_timeout_minutes)
         platform.manual_seed(config.training.seed + 100 * self.topology.pp_rank)
-        # 3. Model chunk of this stage, on the device, wrapped in megatron-core DDP.
-        module = build_model(config, self.vocab_size).to(platform.device())
-        if init_state_dict is not None:
-            self._load_full_state_dict(module, init_state_dict)
-        if config.lora.enabled:
-            lora.freeze_base(module)  # before DDP: no gradient buffers, no optimizer state
-        self.model_config = module.config
-        self.model = [wrap_ddp(config, module)]
-        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples).
+        # 3. Model chunks of this stage (one per virtual stage of the interleaved schedule), on
+        #    the device, each wrapped in megatron-core DDP.
+        modules = [chunk.to(platform.device())
+                   for chunk in build_model_chunks(config, self.vocab_size)]
+        for stage, module in enumerate(modules):
+            if init_state_dict is not None:
+                self._load_full_state_dict(module, init_state_dict, stage)
+            if config.lora.enabled:
+                lora.freeze_base(module)  # before DDP: no gradient buffers, no optimizer state
+        self.model_config = modules[0].config
+        self.model = [wrap_ddp(config, module, stage) for stage, module in enumerate(modules)]
+        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples), over
+        #    all chunks.
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
-        # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
-        self.model_config.no_sync_func = self.model[0].no_sync
+        # 5. megatron-core's hooks: grad sync at the end of the step (each chunk's), loss
+        #    scaling.
+        self.model_config.no_sync_func = ([chunk.no_sync for chunk in self.model]
+                                          if len(self.model) > 1 else self.model[0].no_sync)
         self.model_config.finalize_model_grads_func = finalize_model_grads
         self.model_config.grad_scale_func = self.optimizer.scale_loss
         # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load (with
@@ -156,11 +162,12 @@ class Trainer:
                     first_stage_layers=p.decoder_first_pipeline_num_layers,
                     last_stage_layers=p.decoder_last_pipeline_num_layers)
 
-    def _load_full_state_dict(self, module, full: Dict[str, torch.Tensor]) -> None:
+    def _load_full_state_dict(self, module, full: Dict[str, torch.Tensor], vp_stage: int) -> None:
         topo = self.topology
         shard = shard_state_dict(
             full, **self._shard_args(), tp_rank=topo.tp_rank, tp_size=topo.tensor_parallel,
-            pp_rank=topo.pp_rank, pp_size=topo.pipeline_parallel,
+            pp_rank=topo.pp_rank, pp_size=topo.pipeline_parallel, vp_stage=vp_stage,
+            vp_size=topo.virtual_pipeline,
             vocab_rows=padded_vocab_size(self.vocab_size, self.config.model.make_vocab_size_divisible_by,
                                          topo.tensor_parallel),
         )
@@ -173,18 +180,21 @@ class Trainer:
                              f"unexpected {unexpected}")
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """All TP/PP shards gathered and merged (TP1/PP1 names) on global rank 0, else None."""
+        """All TP/PP shards (each chunk's) gathered and merged (TP1/PP1 names) on global rank 0,
+        else None."""
         topo = self.topology
-        local = None
+        local = []
         if topo.dp_rank == 0:
-            local = ((topo.tp_rank, topo.pp_rank),
-                     {k: v.detach().cpu() for k, v in self.model[0].module.state_dict().items()
-                      if isinstance(v, torch.Tensor)})
+            local = [((topo.tp_rank, topo.pp_rank, stage),
+                      {k: v.detach().cpu() for k, v in chunk.module.state_dict().items()
+                       if isinstance(v, torch.Tensor)})
+                     for stage, chunk in enumerate(self.model)]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         if dist.get_rank() != 0:
             return None
-        return merge_state_dicts(dict(g for g in gathered if g is not None), **self._shard_args())
+        return merge_state_dicts(dict(entry for g in gathered for entry in g),
+                                 **self._shard_args())
 
     # -- steps -------------------------------------------------------------------------------
     def num_microbatches(self, global_batch_size: Optional[int] = None) -> int:
@@ -273,9 +283,9 @@ class Trainer:
 
     def train(self) -> List[Dict[str, float]]:
         t, l, c = self.config.training, self.config.logging, self.config.checkpoint
-        iterator = data.data_iterator(self.train_ds, self.consumed_samples, t.micro_batch_size,
-                                      self.topology.dp_rank, self.topology.data_parallel,
-                                      self.config.data.num_workers)
+        iterator = data.per_chunk(len(self.model), functools.partial(
+            data.data_iterator, self.train_ds, self.consumed_samples, t.micro_batch_size,
+            self.topology.dp_rank, self.topology.data_parallel, self.config.data.num_workers))
         for chunk in self.model:
             chunk.train()
         profiler = StepProfiler(l.profile_step_start, l.profile_step_end,

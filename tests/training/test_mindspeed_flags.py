@@ -33,8 +33,10 @@ VALUES = {
     "--make-vocab-size-divisible-by": "1", "--max-position-embeddings": "4096",
     "--micro-batch-size": "1", "--min-lr": "1e-8", "--model-type-hf": "llama2",
     "--norm-epsilon": "1e-5", "--normalization": "RMSNorm", "--num-attention-heads": "8",
-    "--num-layer-list": "1,3", "--num-layers": "4",
-    "--num-layers-per-virtual-pipeline-stage": "4", "--num-query-groups": "2",
+    # An even list: their qwen25 script's --num-layers-per-virtual-pipeline-stage takes no
+    # uneven split (Megatron-LM's rule; the uneven mapping: test_refusals_name_the_way_out).
+    "--num-layer-list": "2,2", "--num-layers": "4",
+    "--num-layers-per-virtual-pipeline-stage": "1", "--num-query-groups": "2",
     "--original-max-position-embeddings": "8192", "--padded-vocab-size": "152064",
     "--pipeline-model-parallel-size": "2", "--position-embedding-type": "rope",
     "--prompt-type": "qwen", "--recompute-activation-function-num-layers": "16",
@@ -49,6 +51,9 @@ VALUES = {
 # What a flag needs beside it (as in their scripts).
 CONTEXT = {
     "--num-layer-list": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"],
+    "--num-layers-per-virtual-pipeline-stage": ["--num-layers", "4",
+                                                "--pipeline-model-parallel-size", "2",
+                                                "--global-batch-size", "8"],
     "--num-query-groups": ["--group-query-attention"],
     "--group-query-attention": ["--num-query-groups", "2"],
     "--overlap-param-gather": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
@@ -63,7 +68,8 @@ CONTEXT = {
     "--enable-hf2mg-convert": ["--load", "{hf}"],
 }
 WORLD = {"--context-parallel-size": 2, "--tensor-model-parallel-size": 2,
-         "--pipeline-model-parallel-size": 2, "--num-layer-list": 2}
+         "--pipeline-model-parallel-size": 2, "--num-layer-list": 2,
+         "--num-layers-per-virtual-pipeline-stage": 2}
 
 
 def _hf_dir(path):
