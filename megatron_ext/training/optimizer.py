@@ -20,7 +20,9 @@ def grad_reduce_in_fp32(config: Config) -> bool:
     return not (config.model.bf16 and config.training.grad_reduce_in_bf16)
 
 
-def wrap_ddp(config: Config, module) -> DistributedDataParallel:
+def wrap_ddp(config: Config, module, chunk: int = 0) -> DistributedDataParallel:
+    """megatron-core's DDP around model chunk ``chunk``; chunks after the first reduce their
+    gradients in one bucket, as Megatron-LM's (the interleaved schedule overlaps the first's)."""
     p = config.parallel
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32(config),
@@ -28,7 +30,7 @@ def wrap_ddp(config: Config, module) -> DistributedDataParallel:
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
     )
-    return DistributedDataParallel(module.config, ddp_config, module)
+    return DistributedDataParallel(module.config, ddp_config, module, disable_bucketing=chunk > 0)
 
 
 def build_optimizer(config: Config, model: list):
