@@ -53,7 +53,7 @@ SCRIPT_FLAGS = {
 }
 
 # Every flag of MindSpeed-LLM's dense Llama-family example scripts (examples/mcore/: llama2/
-# pretrain_llama2_13b_ptd.sh and _pack_ptd.sh; llama3/pretrain_llama3_8b_ptd.sh, _pack_ptd.sh,
+# pretrain_llama2_13b_ptd.sh, _pack_ptd.sh and _pack_ptd_o2.sh; llama3/pretrain_llama3_8b_ptd.sh, _pack_ptd.sh,
 # tune_llama3_8b_full_ptd.sh, tune_llama3_8b_lora_ptd.sh, before their removal in 331add6b;
 # qwen25/pretrain_qwen25_72b_32k_ptd.sh, _4k_pack.sh, tune_qwen25_72b_4k_full_ptd.sh and
 # _lora_ptd.sh), launched with `python -m torch.distributed.launch` (which adds --local-rank).
@@ -83,10 +83,11 @@ MINDSPEED_SCRIPT_FLAGS = {
     "--no-save-optim": (QF, QL), "--no-save-rng": (QF, QL), "--no-shared-storage": (Q,),
     "--no-shuffle": (QL,), "--norm-epsilon": (M3, M3F, M3L, Q, QF, QL), "--normalization": ALL,
     "--num-attention-heads": ALL, "--num-layer-list": (Q,), "--num-layers": ALL,
-    "--num-layers-per-virtual-pipeline-stage": (Q,),
+    "--num-layers-per-virtual-pipeline-stage": (M2, Q),
     "--num-query-groups": (M3, M3F, M3L, Q, QF, QL),
-    "--original-max-position-embeddings": (M3F, M3L), "--overlap-grad-reduce": (M3, Q, QF, QL),
-    "--overlap-param-gather": (M3, Q, QF), "--padded-samples": (QF, QL),
+    "--o2-gradient": (M2,), "--o2-optimizer": (M2,),
+    "--original-max-position-embeddings": (M3F, M3L), "--overlap-grad-reduce": (M2, M3, Q, QF, QL),
+    "--overlap-param-gather": (M2, M3, Q, QF), "--padded-samples": (QF, QL),
     "--padded-vocab-size": (M3F, M3L, Q, QF, QL), "--pipeline-model-parallel-size": ALL,
     "--position-embedding-type": ALL, "--prompt-type": (M3F, M3L, QF, QL),
     "--recompute-activation-function": (M2, M3, Q, QF),

@@ -6,7 +6,7 @@ otherwise (config/validate_mindspeed.py decides; docs/megatron-compat.md lists t
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.config.flags import HONOURED, NO_OP, WARNED, flag
+from megatron_ext.config.flags import HONOURED, NO_OP, REFUSED, WARNED, flag
 
 # megatron-core's Llama 3.1 RoPE scaling (``rope_scaling=True``) fixes these three values.
 LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -171,6 +171,15 @@ class MindSpeedConfig:
         False, "Accepted: MindSpeed-LLM's slow Hugging Face tokenizer.", group="tokenizer",
         status=NO_OP, note="tokenizer.json (the fast tokenizer) is read; Llama 3 and Qwen2.5 "
         "ship only that one, so use_fast=False loads it too")
+    # MindSpeed-LLM's O2 (its o2.md: "expected to affect accuracy"): other numbers, not a
+    # memory layout of the same ones.
+    o2_optimizer: bool = flag(
+        False, "MindSpeed-LLM's O2: Adam's moments in bf16.", group="mixed precision",
+        status=REFUSED, note="refused: megatron-core's Adam keeps fp32 moments; drop it")
+    o2_gradient: bool = flag(
+        False, "MindSpeed-LLM's O2: gradients accumulated in bf16.", group="mixed precision",
+        status=REFUSED, note="refused: Megatron-LM's --grad-reduce-in-bf16 keeps the gradient "
+        "buffers in bf16 (megatron-core's), the same memory saving")
     enable_hf2mg_convert: bool = flag(
         False, "--load names a Hugging Face model: convert it at start-up (once; reused) into "
         "{load}/megatron_cache_tp{TP}pp{PP}ep1 with convert_ckpt.py's converter, and load that.",

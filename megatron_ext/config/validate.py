@@ -326,7 +326,9 @@ def _validate_data(config: Config) -> None:
     if "create_attention_mask_in_dataloader" in config.given:
         config.notices.append("--no-create-attention-mask-in-dataloader: no effect (no dense "
                               "attention mask is ever built here)")
-    require(d.tokenizer_type is not None, "--tokenizer-type is required")
+    require(d.tokenizer_type is not None, "--tokenizer-type is required" + (
+        "; with --vocab-file (GPT-2's files) pass --tokenizer-type GPT2BPETokenizer"
+        if d.vocab_file else ""))
     if d.tokenizer_type == "NullTokenizer":
         require(d.vocab_size is not None, "--tokenizer-type NullTokenizer needs --vocab-size")
     elif d.tokenizer_type == "GPT2BPETokenizer":

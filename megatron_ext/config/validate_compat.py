@@ -20,6 +20,7 @@ def validate_compat(config: Config) -> None:
     _positions(config)
     _vocabulary(config)
     _fine_tuning(config)
+    _precision(config)
     _layout(config)
     _checkpoint(config)
 
@@ -164,6 +165,15 @@ def _fine_tuning(config: Config) -> None:
     require(not ms.no_shuffle or instruction, "--no-shuffle: megatron-core's pretraining "
              "dataset always shuffles (by --seed, reproducibly); drop it, or use it with "
              "--is-instruction-dataset")
+
+
+def _precision(config: Config) -> None:
+    ms = config.mindspeed
+    require(not ms.o2_optimizer, "--o2-optimizer: MindSpeed-LLM's bf16 Adam moments are not "
+             "implemented (megatron-core's Adam keeps them in fp32); drop it")
+    require(not ms.o2_gradient, "--o2-gradient: MindSpeed-LLM's bf16 gradient accumulation is "
+             "not implemented; pass Megatron-LM's --grad-reduce-in-bf16 instead (with --bf16: "
+             "megatron-core's gradient buffers in bf16, the same memory saving)")
 
 
 def _layout(config: Config) -> None:

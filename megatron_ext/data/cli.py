@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from megatron_ext.data.preprocess import output_prefix_for, preprocess
+from megatron_ext.data.preprocess import WorkerError, output_prefix_for, preprocess
 from megatron_ext.data.instruct.handlers import HANDLERS, handler_name
 from megatron_ext.data.instruct.pipeline import OVERLONG, output_prefixes, preprocess_instructions
 from megatron_ext.data.instruct.tasks import task_ids_prefix, tasks_path
@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              keep_sequential_samples=args.keep_sequential_samples,
                              split_sentences=args.split_sentences,
                              keep_newlines=args.keep_newlines, lang=args.lang)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, WorkerError) as e:
         sys.exit(f"error: {e}")
     print(summary.report(), file=sys.stderr)
     for key in args.json_keys:

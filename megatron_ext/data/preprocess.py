@@ -34,6 +34,10 @@ SKIP_HINT = "; fix it, or pass --skip-invalid to skip and count such records"
 SHOWN_SKIPS = 10
 
 
+class WorkerError(RuntimeError):
+    """A tokenizing worker process was lost; the run stops with no output written."""
+
+
 @dataclass
 class Summary:
     read: int = 0  # records seen, valid or not
@@ -192,14 +196,32 @@ def _encoded(chunks, workers: int, init_args: tuple, stack: ExitStack, init=None
     methods = multiprocessing.get_all_start_methods()
     # fork starts workers in milliseconds, with the tokenizer modules already imported.
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    before = _children()
     pool = stack.enter_context(context.Pool(workers, init, init_args))
-    pending = deque()
+    pending, started = deque(), _children() - before
     for chunk in chunks:
         pending.append(pool.apply_async(encode, (chunk,)))
         if len(pending) >= 4 * workers:
-            yield pending.popleft().get()
+            yield _result(pending.popleft(), started)
     while pending:
-        yield pending.popleft().get()
+        yield _result(pending.popleft(), started)
+
+
+def _children() -> set:
+    return {process.pid for process in multiprocessing.active_children()}
+
+
+def _result(pending, workers: set):
+    """The chunk's result; a Pool replaces a worker that was killed (out of memory, a signal)
+    and would wait forever for the chunk that worker held, so a lost worker stops the run."""
+    while True:
+        try:
+            return pending.get(timeout=1.0)
+        except multiprocessing.TimeoutError:
+            if not workers <= _children():
+                raise WorkerError("a --workers process died (killed by a signal or out of "
+                                  "memory) while tokenizing; nothing was written; run again "
+                                  "(with fewer --workers if memory ran out)") from None
 
 
 def checked(results, summary: Summary, start: float, log, log_interval: int):

@@ -18,6 +18,7 @@ from typing import Dict, List
 from megatron_ext.config import Config
 from megatron_ext.config.blend import resolve
 from megatron_ext.data.indexed import bin_path, idx_path
+from megatron_ext.training.logs import log_once
 from megatron_ext.training.shard_checks import data_prefixes
 
 logger = logging.getLogger("megatron_ext")
@@ -85,7 +86,7 @@ def warn_data_changes(saved_args, config: Config, sizes: Dict[str, List[int]], w
     saved = vars(saved_args) if saved_args is not None else {}
     for name, flag, value in _ORDER:
         if name in saved and saved[name] != value(config):
-            logger.warning(
+            log_once(logger, logging.WARNING,  # every rank compares alike
                 f"{flag}: {_shown(name, saved[name])} when {where} was saved, "
                 f"{_shown(name, value(config))} now: "
                 f"training continues over other samples than the saved run's (in another "
@@ -94,7 +95,7 @@ def warn_data_changes(saved_args, config: Config, sizes: Dict[str, List[int]], w
     shards = saved.get("data_shards") or {}
     for prefix, now in sizes.items():
         if prefix in shards and list(shards[prefix]) != now:
-            logger.warning(
+            log_once(logger, logging.WARNING,
                 f"{prefix}: the shard changed since {where} was saved (.bin/.idx "
                 f"{shards[prefix][0]}/{shards[prefix][1]} bytes then, {now[0]}/{now[1]} now): "
                 f"training continues over the new contents, its samples not the saved run's")

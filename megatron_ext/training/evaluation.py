@@ -7,6 +7,7 @@ loss per validation dataset with ``--multiple-validation-sets``; a validation al
 import contextlib
 import functools
 import gc
+import math
 
 import torch
 
@@ -89,6 +90,6 @@ def _evaluate_batches(trainer, iterator, split: str, final: bool, suffix: str = 
                 task_totals = trainer.task_totals + (0 if task_totals is None else task_totals)
     if manual_gc:
         gc.collect()
-    loss = loss_sum / max(tokens, 1)
+    loss = loss_sum / tokens if tokens else math.nan  # no label had a loss: not a loss of 0
     trainer.metrics.log_eval(trainer.iteration, loss, split, final, task_totals, suffix)
     return loss

@@ -15,13 +15,17 @@ from megatron_ext import platform
 from megatron_ext.config import Config
 
 
+def grad_reduce_in_fp32(config: Config) -> bool:
+    """Megatron-LM's rule: --grad-reduce-in-bf16 keeps bf16 gradients for the reduction."""
+    return not (config.model.bf16 and config.training.grad_reduce_in_bf16)
+
+
 def wrap_ddp(config: Config, module, chunk: int = 0) -> DistributedDataParallel:
     """megatron-core's DDP around model chunk ``chunk``; chunks after the first reduce their
     gradients in one bucket, as Megatron-LM's (the interleaved schedule overlaps the first's)."""
-    p, t, m = config.parallel, config.training, config.model
+    p = config.parallel
     ddp_config = DistributedDataParallelConfig(
-        # Megatron-LM: --grad-reduce-in-bf16 keeps bf16 gradients for the reduction.
-        grad_reduce_in_fp32=not (m.bf16 and t.grad_reduce_in_bf16),
+        grad_reduce_in_fp32=grad_reduce_in_fp32(config),
         overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,

@@ -31,11 +31,16 @@ from megatron_ext.data.shard_meta import (META_SUFFIX, ShardMeta, ShardMetaError
 from megatron_ext.tokenizer import fingerprint
 from megatron_ext.config.blend import SPLITS, check_prefixes, naming, resolve
 from megatron_ext.training.sft_dataset import check_prefix
+from megatron_ext.training.logs import log_once
 from megatron_ext.training.shard_scan import scanned_facts
 
 logger = logging.getLogger("megatron_ext")
 
 IDX_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence and document counts 8 + 8
+
+
+def _warn(message: str) -> None:
+    log_once(logger, logging.WARNING, message)  # every rank reads the same files
 
 
 class ShardError(ConfigError):
@@ -109,7 +114,9 @@ def check_meta(shard: Shard, meta: ShardMeta) -> None:
 def tokenizer_flags(config: Config) -> str:
     d = config.data
     flags = f"--tokenizer-type {d.tokenizer_type}"
-    if d.tokenizer_model:
+    if d.tokenizer_type == "GPT2BPETokenizer":  # the one that reads no --tokenizer-model
+        flags += f" --vocab-file {d.vocab_file} --merge-file {d.merge_file}"
+    elif d.tokenizer_model:
         flags += f" --tokenizer-model {d.tokenizer_model}"
     elif d.vocab_size is not None:
         flags += f" --vocab-size {d.vocab_size}"
@@ -153,8 +160,8 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
             f"{fingerprint(tokenizer)}); train with the tokenizer the shard was made with, or "
             f"preprocess it again with this one")
     if meta is not None and meta.vocab_size is not None and meta.vocab_size != vocab:
-        logger.warning(f"{shard.prefix} was made with a vocabulary of {meta.vocab_size} ids, "
-                       f"this run's {tokenizer_flags(config)} has {vocab}")
+        _warn(f"{shard.prefix} was made with a vocabulary of {meta.vocab_size} ids, "
+              f"this run's {tokenizer_flags(config)} has {vocab}")
     if not check_eod:
         return
     flags = _eod_flags(config)
@@ -165,22 +172,22 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
                 f"({meta.tokenizer_type}), the run's is {eod} ({tokenizer_flags(config)}): "
                 f"{flags} would find no document boundaries; train with the shard's tokenizer")
         if meta.eod_appended is False:
-            logger.warning(f"{shard.prefix} was written without --append-eod: {flags} find no "
-                           f"EOD between its documents, which attend to each other")
+            _warn(f"{shard.prefix} was written without --append-eod: {flags} find no "
+                  f"EOD between its documents, which attend to each other")
         return
     occurrences, ending = facts["eod_counts"][str(eod)]
     nonempty = int(np.count_nonzero(shard.document_tokens))
     common = ", ".join(f"{count} with id {value}" for value, count in facts["last_tokens"])
     found = (f"the run's EOD id {eod} ({tokenizer_flags(config)}) occurs {occurrences} times "
              f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
-    if occurrences == 0:
+    if ending == 0:  # where the id occurs, it is text of another tokenizer, not an EOD
         raise ShardError(
-            f"{shard.where}: {found}: {flags} would find no document boundaries; "
+            f"{shard.where}: {found}: {flags} would find no document's end; "
             f"train with the tokenizer the shard was made with (an EOD appended by "
             f"preprocess_data.py --append-eod)")
     if 2 * ending < nonempty:
-        logger.warning(f"{shard.prefix}: {found}; was it written with --append-eod and this "
-                       f"tokenizer?")
+        _warn(f"{shard.prefix}: {found}; was it written with --append-eod and this "
+              f"tokenizer?")
 
 
 def split_documents(split: str, shards: List[Shard]) -> List[List[Optional[Tuple[int, int]]]]:
@@ -213,9 +220,9 @@ def plan_splits(config: Config, shards: List[Shard],
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(d.split))
     counts = split_documents(d.split, shards)
     if evaluating and matrix[1] is None:  # Megatron-LM then skips validation without a word
-        logger.warning(f"--split {d.split} has no validation part: --eval-interval "
-                       f"{config.logging.eval_interval} evaluates nothing; give the second "
-                       f"number a share (e.g. 98,2,0), or pass --eval-iters 0")
+        _warn(f"--split {d.split} has no validation part: --eval-interval "
+              f"{config.logging.eval_interval} evaluates nothing; give the second "
+              f"number a share (e.g. 98,2,0), or pass --eval-iters 0")
     wanted = [True, evaluating, evaluating]
     least = _least_tokens(config, resolve(d).blend)
     for i, name in enumerate(SPLITS):
@@ -225,8 +232,8 @@ def plan_splits(config: Config, shards: List[Shard],
                  if row[i][1] < least]
         if not wanted[i] or (empty and name == "test"):
             if empty and wanted[i]:
-                logger.warning(f"--split {d.split} leaves the test split of {empty[0][0]} "
-                               f"without documents: the test split is not evaluated")
+                _warn(f"--split {d.split} leaves the test split of {empty[0][0]} "
+                      f"without documents: the test split is not evaluated")
             matrix[i] = None
             continue
         if empty:
@@ -239,7 +246,21 @@ def plan_splits(config: Config, shards: List[Shard],
                 f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
                 f"and {tokens or 'no'} tokens{_why(least)} ({table}); give the {name} split a "
                 f"larger part{hint}")
+        _warn_short(config, name, [(shard.prefix, row[i]) for shard, row in zip(shards, counts)])
     return matrix
+
+
+def _warn_short(config: Config, split: str, counts) -> None:
+    """megatron-core fills a sample of a dataset shorter than one by repeating its documents
+    (more epochs): say so, the loss of such a split is over the same text again and again."""
+    sample = config.model.seq_length + 1
+    short = next(((p, c) for p, c in counts if c[1] < sample), None)
+    if short is not None and not config.data.is_instruction_dataset:
+        prefix, (docs, tokens) = short
+        _warn(f"--split {config.data.split}: the {split} split of {prefix} holds {tokens} tokens "
+              f"({docs} documents), less than one sample of --seq-length "
+              f"{config.model.seq_length} + 1: each sample repeats them; give the split a "
+              f"larger part")
 
 
 def _least_tokens(config: Config, blend) -> int:
@@ -260,9 +281,9 @@ def _why(least: int) -> str:
 def _plan_per_split(config: Config, per_split) -> List[Optional[Tuple[float, float]]]:
     evaluating = config.logging.eval_iters > 0
     if evaluating and per_split[1] is None:
-        logger.warning(f"no validation datasets (--valid-data-path): --eval-interval "
-                       f"{config.logging.eval_interval} evaluates nothing; give them, or pass "
-                       f"--eval-iters 0")
+        _warn(f"no validation datasets (--valid-data-path): --eval-interval "
+              f"{config.logging.eval_interval} evaluates nothing; give them, or pass "
+              f"--eval-iters 0")
     matrix = []
     for i, shards in enumerate(per_split):
         if shards is None or not (i == 0 or evaluating):

@@ -37,6 +37,7 @@ from megatron_ext.config import Config
 from megatron_ext.config.blend import resolve
 from megatron_ext.config.parallel import CP_ALLGATHER
 from megatron_ext.training.logs import SUMMARY_LOGGER
+from megatron_ext.training.optimizer import grad_reduce_in_fp32
 
 logger = logging.getLogger(SUMMARY_LOGGER)
 
@@ -273,7 +274,7 @@ def _batch_lines(config: Config, dp: int, num_microbatches: int) -> List[str]:
         f"{_n(t.train_iters * t.global_batch_size * m.seq_length)} tokens",
         f"precision  {precision} weights"
         + (", fp32 main weights in the optimizer" if m.bf16 or m.fp16 else "")
-        + ", gradients reduced in fp32",
+        + f", gradients reduced in {'fp32' if grad_reduce_in_fp32(config) else 'bf16'}",
     ]
 
 

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,8 @@ import numpy as np
 import pytest
 
 from megatron_ext.data import readers
-from megatron_ext.data.preprocess import preprocess
+from megatron_ext.data import preprocess as preprocess_module
+from megatron_ext.data.preprocess import WorkerError, preprocess
 
 indexed_dataset = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 pa = pytest.importorskip("pyarrow")
@@ -159,6 +161,30 @@ def test_workers_keep_input_order(tmp_path, monkeypatch, tokenizer_configs):
         with open(prefix + "_text_document" + ext, "rb") as a, \
                 open(single + "_text_document" + ext, "rb") as b:
             assert a.read() == b.read()
+
+
+def test_a_killed_worker_stops_the_run_with_nothing_written(tmp_path, monkeypatch,
+                                                            tokenizer_configs):
+    """A worker lost mid-way (the kernel's OOM killer, a signal): multiprocessing.Pool replaces
+    it and would wait forever for the chunk it held; the run stops naming --workers instead."""
+    monkeypatch.setattr(readers, "CHUNK_RECORDS", 7)
+    tokenize = preprocess_module._tokenize
+
+    def killed_on_marker(tokenizer, texts, bad):  # forked workers inherit the patched module
+        if "999" in texts:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return tokenize(tokenizer, texts, bad)
+
+    monkeypatch.setattr(preprocess_module, "_tokenize", killed_on_marker)
+    texts = [str(i) for i in range(200)] + ["999"] + [str(i) for i in range(50)]
+    path = write_input(str(tmp_path), "jsonl", texts)
+    with pytest.raises(WorkerError, match="a --workers process died"):
+        run(tmp_path, path, tokenizer_configs["NullTokenizer"], workers=2)
+    assert os.listdir(tmp_path / "out") == []
+    # The same input with no worker killed goes through.
+    monkeypatch.setattr(preprocess_module, "_tokenize", tokenize)
+    prefix, _ = run(tmp_path, path, tokenizer_configs["NullTokenizer"], workers=2)
+    assert read_back(prefix + "_text_document")[0] == [[int(t), 70000] for t in texts]
 
 
 LONE_SURROGATE = "not valid UTF-8 (lone surrogate)"

@@ -173,6 +173,8 @@ def test_flash_attention_and_rope_scaling_map_onto_ours():
      "--num-layer-list 0,4: megatron-core gives only the first and the last stage"),
     ("--num-layers 4 --pipeline-model-parallel-size 2 --num-layer-list 1,3 "
      "--decoder-last-pipeline-num-layers 3", "both split the pipeline"),
+    ("--bf16 --o2-gradient", "pass Megatron-LM's --grad-reduce-in-bf16 instead"),
+    ("--bf16 --o2-optimizer", "megatron-core's Adam keeps them in fp32); drop it"),
 ])
 def test_refusals_name_the_way_out(extra, expected):
     with pytest.raises(ConfigError) as info:

@@ -3,6 +3,8 @@ set under Megatron-LM's labels (validation-0, validation-1 or --validation-set-n
 --eval-interval and at the end. The reference is independent of the feature: runs that each
 validate on one of the datasets alone. Runs go through ``pretrain`` on in-process ranks."""
 
+import math
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -112,3 +114,17 @@ def test_where_it_cannot_apply_the_flag_is_named(shards, valid, extra, expected)
                   *[v.format(**shards) for v in valid]]
     with pytest.raises(ConfigError, match=expected):
         parse_args(RUN + source + extra, world_size=1)
+
+
+def test_a_validation_set_without_a_trained_token_has_no_loss(shards, tmp_path):
+    """A set of EOD-only documents with --eod-mask-loss: every label is masked (read back with
+    megatron-core), so its loss is 0/0, nan as Megatron-LM's division gives, not 0 (PPL 1)."""
+    eod_only = test_data._write(str(tmp_path / "eod_text_document"), [[]] * 20)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    stored = IndexedDataset(eod_only)
+    assert {int(t) for i in range(len(stored)) for t in stored[i]} == {test_data.EOD}
+    losses = _by_set(_validations(shards, [shards["B"], eod_only], extra=[
+        "--multiple-validation-sets", "--eod-mask-loss"]))
+    assert len(losses["1"]) == 3 and all(math.isnan(float(v)) for _, _, v in losses["1"]), losses
+    assert all(math.isfinite(float(v)) for _, _, v in losses["0"]), losses

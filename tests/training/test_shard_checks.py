@@ -129,6 +129,25 @@ def test_eod_of_another_tokenizer(shard, flag):
         _check(shard, flag)
 
 
+def test_eod_id_inside_the_text_of_another_tokenizer(tmp_path):
+    """A shard of another tokenizer (no metadata) where the run's EOD id is an ordinary token:
+    it occurs, but no document ends with it (megatron-core reads them back); the EOD flags
+    would cut documents at random places, so the run stops as when the id never occurs."""
+    rng = np.random.default_rng(1)
+    other_eod = 7  # the shard's tokenizer's EOD; the run's (NullTokenizer 8000) is 8000
+    docs = [list(rng.integers(8, 8000, 40)) + [8000] + list(rng.integers(8, 8000, 9))
+            + [other_eod] for _ in range(50)]
+    prefix = _write(str(tmp_path / "other_text_document"), docs)
+    stored = IndexedDataset(prefix)
+    assert all(stored[i][-1] == other_eod and 8000 in stored[i] for i in range(len(stored)))
+    with pytest.raises(ShardError) as error:
+        _check(prefix, "--eod-mask-loss", vocab="8000")
+    for part in ("EOD id 8000", "occurs 50 times and ends 0 of its 50", "50 with id 7",
+                 "--eod-mask-loss would find no document's end"):
+        assert part in str(error.value), str(error.value)
+    _check(prefix, vocab="8000")  # without the EOD flags EOD delimits nothing: no error
+
+
 def test_shard_of_another_tokenizer_with_the_same_vocabulary(tmp_path):
     """Two SentencePiece models of 400 pieces and EOD 2 (BPE and unigram on one corpus): a shard
     preprocess_data.py wrote with one is refused for a run with the other, which reads the same
@@ -245,6 +264,60 @@ def test_no_validation_split_is_said(shard, caplog):
     with caplog.at_level(logging.WARNING, logger="megatron_ext"):
         _check(shard, "--split", "100,0,0", "--eval-iters", "0")
     assert "validation" not in caplog.text
+
+
+def test_warnings_are_said_once_by_the_last_rank(shard, caplog, monkeypatch):
+    """Every rank checks the same files: of 2 ranks, the last one says what it found."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", False), ("1", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+            _check(shard, "--split", "100,0,0", "--eval-interval", "5")
+        assert ("--split 100,0,0 has no validation part" in caplog.text) == said, (rank,
+                                                                                    caplog.text)
+
+
+def test_gpt2_tokenizer_is_named_by_its_files(shard, tmp_path):
+    """GPT2BPETokenizer reads --vocab-file/--merge-file: the error names those, not a
+    --tokenizer-model it ignores."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["a small corpus of words"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.model.save(str(tmp_path))
+    vocab, merges = str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")
+    argv = TINY + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", vocab,
+                   "--merge-file", merges, "--tokenizer-model", "unused.model",
+                   "--data-path", shard]
+    tokenizer = build_tokenizer("GPT2BPETokenizer", None, None, parse_args(
+        argv, world_size=1).data.tokenizer_options())
+    with pytest.raises(ShardError) as error:
+        check_data(parse_args(argv, world_size=1), tokenizer)
+    message = str(error.value)
+    assert (f"does not fit the vocabulary of {tokenizer.vocab_size} ids of --tokenizer-type "
+            f"GPT2BPETokenizer --vocab-file {vocab} --merge-file {merges};") in message, message
+
+
+def test_a_split_shorter_than_one_sample_is_said(tmp_path, caplog):
+    """--split 99.9,0.1,0 of 810 documents: the validation split is the last one alone (as
+    megatron-core cuts it), 6 tokens here, less than one sample of --seq-length 16 + 1, which
+    megatron-core fills by repeating it: trained on, with a warning naming the split."""
+    docs = _sp_docs()
+    docs[-1] = docs[-1][:5] + [SP_EOD]
+    prefix = _write(str(tmp_path / "short_text_document"), docs)
+    last = IndexedDataset(prefix)[len(docs) - 1]
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        assert _check(prefix, "--split", "99.9,0.1,0")[1] is not None
+    assert (f"the valid split of {prefix} holds {last.size} tokens (1 documents), less than one "
+            f"sample of --seq-length 16 + 1") in caplog.text, caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        _check(prefix, "--split", "98,2,0")  # 16 documents: several samples
+    assert "less than one sample" not in caplog.text, caplog.text
 
 
 def test_empty_splits(shard):

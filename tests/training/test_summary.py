@@ -140,3 +140,20 @@ def test_parameter_counts_and_memory_match_the_model(single, world_size, flags, 
         for kind, value in estimate.items():
             measured = result["measured"][kind]
             assert abs(value - measured) <= summary.MARGIN * measured, (kind, value, measured)
+
+
+def _precision(argv):
+    trainer = Trainer(parse_args(argv, world_size=1), pretrain_gpt.forward_step, world_size=1)
+    line = next(line for line in trainer.summary_lines if line.startswith("precision"))
+    grads = {p.main_grad.dtype for p in trainer.model[0].module.parameters()}
+    trainer.close()
+    return line, grads
+
+
+@pytest.mark.parametrize("flags", [[], ["--bf16"], ["--bf16", "--grad-reduce-in-bf16"]])
+def test_precision_line_names_the_gradient_buffers_dtype(flags):
+    """The dtype the summary says gradients are reduced in is megatron-core DDP's buffer's."""
+    line, grads = launch(_precision, 1, MODEL + flags)[0]
+    assert len(grads) == 1, grads
+    said = "bf16" if grads == {torch.bfloat16} else "fp32" if grads == {torch.float32} else None
+    assert line.endswith(f"gradients reduced in {said}"), (line, grads)

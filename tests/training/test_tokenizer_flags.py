@@ -18,6 +18,16 @@ def test_gpt2_bpe_needs_both_files():
     assert (config.data.vocab_file, config.data.merge_file) == ("v.json", "m.txt")
 
 
+def test_gpt2_files_without_a_tokenizer_type_say_which_type_reads_them():
+    """Megatron-LM's GPT-3 example passes --vocab-file/--merge-file and no --tokenizer-type
+    (Megatron-LM has no default either): the error names the type that reads them."""
+    with pytest.raises(ConfigError, match=r"^--tokenizer-type is required; with --vocab-file "
+                                          r".*pass --tokenizer-type GPT2BPETokenizer$"):
+        parse_args(MODEL + ["--vocab-file", "v.json", "--merge-file", "m.txt"], world_size=1)
+    with pytest.raises(ConfigError, match=r"^--tokenizer-type is required$"):
+        parse_args(MODEL, world_size=1)
+
+
 def test_tiktoken_flags_take_megatron_syntax():
     special = ["<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>", "<|im_start|>"]
     base = MODEL + ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "t.json",
