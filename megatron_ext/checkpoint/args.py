@@ -344,9 +344,11 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
             problems.append(f"{what}: {_show(flag, attr, saved)} in the checkpoint, "
                             f"{_show(flag, attr, mine)} in this run")
     split = pipeline_split(saved_args)
+    # Another --num-layers splits otherwise too: said above, not as another TP/PP.
     if not reshardable and split is not None and split != pipeline_split(run) \
             and saved_value(saved_args, "pipeline_model_parallel_size") \
-            == run["pipeline_model_parallel_size"]:
+            == run["pipeline_model_parallel_size"] \
+            and saved_value(saved_args, "num_layers") == run["num_layers"]:
         problems.append(f"other TP/PP: the checkpoint's stages hold {split} layers, this run's "
                         f"{pipeline_split(run)} (--decoder-first/last-pipeline-num-layers)")
     if run["position_embedding_type"] == "rope":

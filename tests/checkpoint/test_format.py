@@ -94,6 +94,10 @@ def test_check_compatible_names_file_and_flags():
     assert "ck/mp_rank_00_000/x.pt" in msg
     assert "other hidden size: --hidden-size 64 in the checkpoint, --hidden-size 128 in this run" in msg
     assert "other number of query groups (GQA): --num-query-groups 2" in msg
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(saved, _config("--num-layers 2"), 250, "x.pt")
+    assert "other number of layers: --num-layers 4 in the checkpoint, --num-layers 2" in str(err.value)
+    assert "TP/PP" not in str(err.value) and "reshard" not in str(err.value)
 
     other = parse_args(("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention "
                         "--num-query-groups 2 --seq-length 16 --position-embedding-type rope "
