@@ -14,7 +14,7 @@ setup(
         # Loose on purpose: a pre-installed torch (e.g. the 2.13.0 CPU build) must be kept,
         # a tighter pin would pull several GB of CUDA wheels.
         "torch>=2.6",
-        # 0.16 through 0.19 (megatron_ext/platform.py checks each). 0.17+ declare Python >= 3.12
+        # 0.16 through 0.19 (megatron_ext/platform/ checks each). 0.17+ declare Python >= 3.12
         # (on 3.11 pip picks 0.16.x) and 0.18+ import triton at `import megatron.core`.
         "megatron-core>=0.16,<0.20",
         "numpy",

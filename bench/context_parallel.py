@@ -1,8 +1,9 @@
 """Benchmark: activation memory per rank and tokens/s of context parallelism (prints a table).
 
 Each (sequence length, CP, --cp-comm-type) builds a ``Trainer`` from Megatron-LM flags on CP
-ranks (``--context-parallel-size CP --cp-comm-type allgather``, ``a2a`` or ``p2p``, mock data,
-micro-batch 1, global batch 1: every rank holds 1/CP of one sequence), then:
+ranks (``--context-parallel-size CP --cp-comm-type allgather``, ``a2a``, ``p2p`` or ``a2a+p2p``
+with ``--hierarchical-context-parallel-sizes A CP/A``, mock data, micro-batch 1, global batch 1:
+every rank holds 1/CP of one sequence), then:
 
 - activation memory per rank: the storages autograd saves for backward during one micro-batch's
   forward (``torch.autograd.graph.saved_tensors_hooks``, parameters excluded; as
@@ -11,7 +12,8 @@ micro-batch 1, global batch 1: every rank holds 1/CP of one sequence), then:
   the peak allocated memory of a step is reported too. With CP it should fall about as 1/CP
   (each rank keeps its own tokens; allgather adds the whole sequence's K and V per layer, small
   next to the rest with GQA; a2a holds the whole rows of heads / CP instead of its columns of
-  all heads, the same size; p2p keeps only its own K/V, the ring's blocks are freed each step);
+  all heads, the same size; p2p keeps only its own K/V, the ring's blocks are freed each step;
+  a2a+p2p keeps the whole rows of its inner group's chunks for heads / A, the same size again);
 - tokens/s: sequence length / the median step time (each step timed between barriers, a step's
   time is its slowest rank's), after the warm-up steps.
 
@@ -24,7 +26,8 @@ CPU (default; forked gloo ranks, one torch thread each; a tiny model):
     python bench/context_parallel.py --seq-lengths 2048 --cp 1 2 --cp-comm-type a2a
 
 A (CP, --cp-comm-type) the model cannot run (a2a needs the KV groups divisible by CP: the CPU
-model's 2 groups stop it at CP=4) is reported as skipped with the configuration error.
+model's 2 groups stop it at CP=4) is reported as skipped with the configuration error; so is
+a2a+p2p where CP / A < 2 (a ring of one rank is a2a alone).
 
 GPU (``--gpu``; one rank per GPU, NCCL, bf16, a 0.6B-parameter Llama shape, full activation
 recomputation; a CP size needs that many GPUs and is reported as skipped otherwise):
@@ -65,6 +68,7 @@ GPU_MODEL = (
 COMMON = ("--mock-data --micro-batch-size 1 --global-batch-size 1 --lr 1e-4 --lr-warmup-iters 1 "
           "--log-interval 1000000 --eval-iters 0")
 CPU_SEQ, GPU_SEQ, DRY_SEQ = [2048, 4096, 8192, 16384], [32768, 65536, 131072], [512, 1024]
+SCHEMES = ("allgather", "a2a", "p2p", "a2a+p2p")
 
 
 def _saved_bytes(trainer) -> int:
@@ -148,8 +152,10 @@ def main():
     p.add_argument("--dry-run", action="store_true", help="--gpu path at tiny sizes, here")
     p.add_argument("--seq-lengths", type=int, nargs="+")
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--cp-comm-type", nargs="+", default=["allgather", "a2a", "p2p"],
-                   choices=["allgather", "a2a", "p2p"], help="schemes compared at each CP > 1")
+    p.add_argument("--cp-comm-type", nargs="+", default=list(SCHEMES), choices=SCHEMES,
+                   help="schemes compared at each CP > 1")
+    p.add_argument("--a2a-size", type=int, default=2,
+                   help="a2a+p2p: the all-to-all group size A (the ring: CP / A)")
     p.add_argument("--causal", action="store_true", help="no --reset-position-ids")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
@@ -178,9 +184,17 @@ def main():
             if gpu and cp > devices:
                 skipped.append(f"{name}: needs {cp} GPUs, {devices} here")
                 continue
+            hierarchical = []
+            if comm == "a2a+p2p":
+                if cp // args.a2a_size < 2:
+                    skipped.append(f"{name}: CP {cp} / --a2a-size {args.a2a_size} leaves no "
+                                   "ring (that is a2a alone)")
+                    continue
+                hierarchical = ["--hierarchical-context-parallel-sizes", str(args.a2a_size),
+                                str(cp // args.a2a_size)]
             argv = (model + " " + COMMON).split() + [
                 "--seq-length", str(seq), "--max-position-embeddings", str(seq),
-                "--context-parallel-size", str(cp), "--cp-comm-type", comm,
+                "--context-parallel-size", str(cp), "--cp-comm-type", comm, *hierarchical,
             ] + ([] if args.causal else ["--reset-position-ids"])
             try:
                 parse_args(argv, world_size=cp)
@@ -188,7 +202,8 @@ def main():
                 skipped.append(f"{name}: {error}")
                 continue
             results = launch(_bench, cp, argv, cp, args.warmup, args.steps, timeout=3600)
-            rows.append(dict(_row(seq, cp, results), comm=comm if cp > 1 else "-"))
+            label = f"{comm} {args.a2a_size}x{cp // args.a2a_size}" if hierarchical else comm
+            rows.append(dict(_row(seq, cp, results), comm=label if cp > 1 else "-"))
             r = rows[-1]
             print(f"{name}: {r['activation_mib']:.1f} MiB activations per rank, "
                   f"{r['tokens_per_s']:,.0f} tokens/s", flush=True)

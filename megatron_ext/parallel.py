@@ -27,6 +27,8 @@ class ParallelTopology:
     context_parallel: int = 1
     # --hierarchical-context-parallel-sizes (a2a+p2p): megatron-core's CP sub-groups.
     hierarchical_context_parallel: tuple = ()
+    # Model chunks per pipeline rank (megatron-core's interleaved schedule when > 1).
+    virtual_pipeline: int = 1
 
     @property
     def data_parallel(self) -> int:
@@ -43,6 +45,7 @@ class ParallelTopology:
             sequence_parallel=config.sequence_parallel,
             context_parallel=config.context_parallel_size,
             hierarchical_context_parallel=tuple(config.hierarchical_context_parallel_sizes or ()),
+            virtual_pipeline=config.virtual_stages,
         )
 
     def initialize(self, backend: str | None = None, timeout_minutes: int = 10) -> None:
@@ -70,6 +73,8 @@ class ParallelTopology:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=self.tensor_parallel,
             pipeline_model_parallel_size=self.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=(self.virtual_pipeline
+                                                  if self.virtual_pipeline > 1 else None),
             context_parallel_size=self.context_parallel,
             hierarchical_context_parallel_sizes=list(self.hierarchical_context_parallel) or None,
         )

@@ -136,6 +136,9 @@ def _run_values(config, vocab_size: Optional[int]) -> dict:
         # Under Megatron-LM's names: the converters and a resume read the uneven split here.
         decoder_first_pipeline_num_layers=p.decoder_first_pipeline_num_layers,
         decoder_last_pipeline_num_layers=p.decoder_last_pipeline_num_layers,
+        # Model chunks per stage: ours (None for one), and Megatron-LM's derived name.
+        num_virtual_stages_per_pipeline_rank=p.num_virtual_stages_per_pipeline_rank,
+        virtual_pipeline_model_parallel_size=p.num_virtual_stages_per_pipeline_rank,
         seq_length=m.seq_length,
         max_position_embeddings=m.max_position_embeddings,
         position_embedding_type=m.position_embedding_type,
@@ -210,15 +213,22 @@ def _same_file(name: str, given, taken) -> bool:
 
 
 def pipeline_split(args) -> Optional[list]:
-    """The layers of each pipeline stage of saved ``args`` (or a dict of them): the even split
-    without --decoder-first/last-pipeline-num-layers (Megatron-LM's names); None if they do
-    not say the number of layers."""
+    """The layers of each model chunk of each pipeline stage of saved ``args`` (or a dict of
+    them): the even split without --decoder-first/last-pipeline-num-layers, one chunk per
+    stage without virtual stages (Megatron-LM's names); None if they do not say the number of
+    layers."""
     get = args.get if isinstance(args, dict) else lambda name: saved_value(args, name)
     pp, layers = get("pipeline_model_parallel_size") or 1, get("num_layers")
+    vp = get("virtual_pipeline_model_parallel_size") or 1
     if layers is None:
         return None
-    return [len(stage_layers(layers, rank, pp, get("decoder_first_pipeline_num_layers"),
-                             get("decoder_last_pipeline_num_layers"))) for rank in range(pp)]
+    return [[stage_layers(layers, rank, pp, get("decoder_first_pipeline_num_layers"),
+                          get("decoder_last_pipeline_num_layers"), chunk, vp)
+             for chunk in range(vp)] for rank in range(pp)]
+
+
+def _chunk_sizes(split: list) -> str:
+    return "[" + ", ".join("+".join(str(len(chunk)) for chunk in stage) for stage in split) + "]"
 
 
 def run_pipeline_split(config) -> list:
@@ -349,8 +359,10 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
             and saved_value(saved_args, "pipeline_model_parallel_size") \
             == run["pipeline_model_parallel_size"] \
             and saved_value(saved_args, "num_layers") == run["num_layers"]:
-        problems.append(f"other TP/PP: the checkpoint's stages hold {split} layers, this run's "
-                        f"{pipeline_split(run)} (--decoder-first/last-pipeline-num-layers)")
+        problems.append(f"other TP/PP: the checkpoint's stages hold {_chunk_sizes(split)} "
+                        f"layers, this run's {_chunk_sizes(pipeline_split(run))} (--decoder-"
+                        f"first/last-pipeline-num-layers, --num-virtual-stages-per-pipeline-"
+                        f"rank: a + b is a stage of two model chunks)")
     if run["position_embedding_type"] == "rope":
         saved = saved_value(saved_args, "rotary_base")
         if saved is not None and float(saved) != float(run["rotary_base"]):

@@ -63,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-decoder-last-pipeline-num-layers", type=int, default=None,
                         help="layers on the last stage of the Megatron output (default: an "
                              "even split), as training's --decoder-last-pipeline-num-layers")
+    parser.add_argument("--target-num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                        help="model chunks per stage of the Megatron output (default 1), as "
+                             "training's --num-virtual-stages-per-pipeline-rank (the "
+                             "interleaved schedule: model0, model1, ... per rank file)")
     parser.add_argument("--ckpt-format", choices=["torch", "torch_dist"], default="torch",
                         help="format of a Megatron output: torch (per-rank model_optim_rng.pt, "
                              "the default) or torch_dist (megatron-core's distributed format, no "
@@ -136,7 +140,8 @@ def megatron_source(load_dir: Path, adapters: bool = False):
 # The layout of a Megatron output in the torch format (neither HF nor torch_dist has one).
 _TARGET_LAYOUT = ("target_tensor_parallel_size", "target_pipeline_parallel_size",
                   "target_decoder_first_pipeline_num_layers",
-                  "target_decoder_last_pipeline_num_layers")
+                  "target_decoder_last_pipeline_num_layers",
+                  "target_num_virtual_stages_per_pipeline_rank")
 
 
 def convert(argv=None) -> Path:
@@ -186,7 +191,8 @@ def convert(argv=None) -> Path:
                     else MegatronSink(source, 1 if tp is None else tp, 1 if pp is None else pp,
                                       dtype, divisible_by, opts.tokenizer_model,
                                       (opts.target_decoder_first_pipeline_num_layers,
-                                       opts.target_decoder_last_pipeline_num_layers)))
+                                       opts.target_decoder_last_pipeline_num_layers),
+                                      opts.target_num_virtual_stages_per_pipeline_rank or 1))
         else:
             # HF Llama/Qwen2 have neither: their norms scale by the weight, RoPE rotates all.
             if saved_value(source.args, "apply_layernorm_1p") or \

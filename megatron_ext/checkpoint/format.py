@@ -18,7 +18,7 @@ checkpoints you trust.
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -169,6 +169,12 @@ def load_rank_file(path, *, mmap: bool = True) -> dict:
     if not isinstance(payload, dict):
         raise CheckpointError(f"checkpoint file {path} holds a {type(payload).__name__}, not a dict")
     return payload
+
+
+def model_keys(chunks: int) -> List[str]:
+    """Megatron-LM's entries of the model in a checkpoint: ``model``, or with virtual pipeline
+    stages (the interleaved schedule) ``model0``, ``model1``, ... one per model chunk."""
+    return ["model"] if chunks == 1 else [f"model{i}" for i in range(chunks)]
 
 
 def model_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -12,7 +12,11 @@ ranks mirrors megatron-core's tensor-parallel layers:
 Pipeline stage ``s`` of ``pp`` holds layers ``[s*L/pp, (s+1)*L/pp)`` renumbered from 0, the
 embedding on the first stage and the final norm and output layer on the last one; with
 ``first``/``last`` (--decoder-first/last-pipeline-num-layers) the first/last stage holds that
-many layers and the stages between share the rest evenly (``stage_layers``).
+many layers and the stages between share the rest evenly (``stage_layers``). With ``vp``
+virtual stages (the interleaved schedule) each stage's layers are cut into ``vp`` model chunks
+taken round-robin: chunk ``v`` of stage ``s`` holds the ``s``-th slice of layers
+``[v*L/vp, (v+1)*L/vp)``; the embedding is on chunk 0 of the first stage, the final norm and
+output layer on the last chunk of the last stage.
 """
 
 import re
@@ -55,12 +59,15 @@ def _merge(tensors: list, dim: int, stride: int) -> torch.Tensor:
 
 
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int, first: Optional[int] = None,
-                 last: Optional[int] = None) -> range:
-    """Global indices of the layers held by pipeline stage ``pp_rank``: ``first`` on stage 0
-    and ``last`` on the last stage where given, the others ``num_layers`` less those, evenly.
-    megatron-core's split of TransformerConfig.num_layers_in_first/last_pipeline_stage
-    (get_transformer_layer_offset, get_num_layers_to_build), for checkpoints read without a
-    process group; tests/checkpoint/test_uneven_pipeline.py holds the two equal."""
+                 last: Optional[int] = None, vp_stage: int = 0, vp_size: int = 1) -> range:
+    """Global indices of the layers held by pipeline stage ``pp_rank`` (its model chunk
+    ``vp_stage`` of ``vp_size``): ``first`` on stage 0 and ``last`` on the last stage where
+    given, the others ``num_layers`` less those, evenly; each stage's count split evenly over
+    its chunks, chunk ``v`` of every stage after chunk ``v - 1`` of the last one.
+    megatron-core's split of TransformerConfig.num_layers_in_first/last_pipeline_stage and
+    virtual_pipeline_model_parallel_size (get_transformer_layer_offset,
+    get_num_layers_to_build), for checkpoints read without a process group;
+    tests/checkpoint/test_uneven_pipeline.py holds the two equal."""
     if pp_size == 1:
         return range(num_layers)
     sizes = [None] * pp_size
@@ -69,16 +76,37 @@ def stage_layers(num_layers: int, pp_rank: int, pp_size: int, first: Optional[in
     given = [size for size in sizes if size is not None]
     per_middle = (num_layers - sum(given)) // max(1, pp_size - len(given))
     sizes = [per_middle if size is None else size for size in sizes]
-    start = sum(sizes[:pp_rank])
+    sizes = [size // vp_size for size in sizes]
+    start = vp_stage * sum(sizes) + sum(sizes[:pp_rank])
     return range(start, start + sizes[pp_rank])
 
 
 def split_problem(num_layers: int, pp_size: int, first: Optional[int], last: Optional[int],
                   flags=("--decoder-first-pipeline-num-layers",
                          "--decoder-last-pipeline-num-layers",
-                         "--pipeline-model-parallel-size")) -> Optional[str]:
+                         "--pipeline-model-parallel-size"), vp_size: int = 1,
+                  vp_flag: str = "--num-virtual-stages-per-pipeline-rank") -> Optional[str]:
     """Why ``stage_layers`` cannot split ``num_layers`` so (megatron-core's TransformerConfig
-    checks), in terms of ``flags`` (first, last, PP size); None if it can."""
+    checks), in terms of ``flags`` (first, last, PP size) and ``vp_flag`` (``vp_size`` model
+    chunks per stage); None if it can."""
+    problem = _stage_split_problem(num_layers, pp_size, first, last, flags)
+    if problem is not None or vp_size == 1:
+        return problem
+    first_flag, last_flag, pp_flag = flags
+    if first is not None and last is not None and pp_size == 2:
+        # megatron-core's chunk offsets divide by the stages between (0.16-0.19).
+        return (f"{vp_flag} {vp_size} with both {first_flag} and {last_flag} needs a stage "
+                f"between them ({pp_flag} > 2) in megatron-core; give one of the two")
+    for rank in range(pp_size):
+        held = len(stage_layers(num_layers, rank, pp_size, first, last))
+        if held % vp_size:
+            return (f"{vp_flag} {vp_size}: pipeline stage {rank} holds {held} layers, which do "
+                    f"not split into {vp_size} equal model chunks")
+    return None
+
+
+def _stage_split_problem(num_layers: int, pp_size: int, first: Optional[int],
+                         last: Optional[int], flags) -> Optional[str]:
     first_flag, last_flag, pp_flag = flags
     if first is None and last is None:
         if num_layers % pp_size:
@@ -152,12 +180,15 @@ def merge_tensor(name: str, parts: list, *, swiglu: bool) -> torch.Tensor:
 
 
 def global_name(local: str, num_layers: int, pp_rank: int, pp_size: int,
-                first: Optional[int] = None, last: Optional[int] = None) -> str:
-    """The full-model (TP1/PP1) name of stage ``pp_rank``'s tensor ``local``."""
+                first: Optional[int] = None, last: Optional[int] = None, vp_stage: int = 0,
+                vp_size: int = 1) -> str:
+    """The full-model (TP1/PP1) name of tensor ``local`` of stage ``pp_rank``'s model chunk
+    ``vp_stage``."""
     match = _LAYER.match(local)
     if not match:
         return local
-    first_layer = stage_layers(num_layers, pp_rank, pp_size, first, last).start
+    first_layer = stage_layers(num_layers, pp_rank, pp_size, first, last, vp_stage,
+                               vp_size).start
     return f"decoder.layers.{first_layer + int(match.group(1))}.{match.group(2)}"
 
 
@@ -176,19 +207,21 @@ def full_shape(name: str, local_shape, *, swiglu: bool, tp_size: int,
 
 
 def _stage_name(name: str, num_layers: int, pp_rank: int, pp_size: int,
-                first: Optional[int], last: Optional[int]) -> Optional[str]:
-    """The name of ``name`` on stage ``pp_rank``, or None if that stage does not hold it."""
+                first: Optional[int], last: Optional[int], vp_stage: int = 0,
+                vp_size: int = 1) -> Optional[str]:
+    """The name of ``name`` on stage ``pp_rank``'s chunk ``vp_stage``, or None if that chunk
+    does not hold it."""
     match = _LAYER.match(name)
     if match:
-        layers = stage_layers(num_layers, pp_rank, pp_size, first, last)
+        layers = stage_layers(num_layers, pp_rank, pp_size, first, last, vp_stage, vp_size)
         layer = int(match.group(1))
         if layer not in layers:
             return None
         return f"decoder.layers.{layer - layers.start}.{match.group(2)}"
     if name.startswith("embedding."):
-        return name if pp_rank == 0 else None
+        return name if pp_rank == 0 and vp_stage == 0 else None
     if name.startswith(("decoder.final_layernorm.", "output_layer.")):
-        return name if pp_rank == pp_size - 1 else None
+        return name if pp_rank == pp_size - 1 and vp_stage == vp_size - 1 else None
     return name
 
 
@@ -205,11 +238,13 @@ def shard_state_dict(
     vocab_rows: Optional[int] = None,
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
+    vp_stage: int = 0,
+    vp_size: int = 1,
 ) -> StateDict:
-    """The state dict of rank (tp_rank, pp_rank). ``vocab_rows``: padded vocabulary to use;
-    ``first/last_stage_layers``: an uneven split (``stage_layers``)."""
+    """The state dict of rank (tp_rank, pp_rank)'s model chunk ``vp_stage``. ``vocab_rows``:
+    padded vocabulary to use; ``first/last_stage_layers``: an uneven split (``stage_layers``)."""
     full = dict(full)
-    if tied_embeddings and pp_size > 1 and "output_layer.weight" not in full:
+    if tied_embeddings and pp_size * vp_size > 1 and "output_layer.weight" not in full:
         # megatron-core keeps a copy of the tied embedding on the last stage.
         full["output_layer.weight"] = full["embedding.word_embeddings.weight"]
     shard = {}
@@ -217,7 +252,7 @@ def shard_state_dict(
         if tensor is None or name.endswith("._extra_state"):
             continue
         local = _stage_name(name, num_layers, pp_rank, pp_size, first_stage_layers,
-                            last_stage_layers)
+                            last_stage_layers, vp_stage, vp_size)
         if local is not None:
             shard[local] = shard_tensor(name, tensor, swiglu=swiglu, tp_rank=tp_rank,
                                         tp_size=tp_size, vocab_rows=vocab_rows).clone()
@@ -233,20 +268,22 @@ def merge_state_dicts(
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
 ) -> StateDict:
-    """Inverse of ``shard_state_dict``: ``shards[(tp_rank, pp_rank)]`` -> one full state dict."""
-    tp_size = 1 + max(tp for tp, _ in shards)
-    pp_size = 1 + max(pp for _, pp in shards)
+    """Inverse of ``shard_state_dict``: ``shards[(tp_rank, pp_rank)]``, or ``shards[(tp_rank,
+    pp_rank, vp_stage)]`` with virtual stages, -> one full state dict."""
+    shards = {(*key, 0)[:3]: shard for key, shard in shards.items()}
+    tp_size, pp_size, vp_size = (1 + max(key[i] for key in shards) for i in range(3))
     full = {}
-    for pp_rank in range(pp_size):
-        names = [n for n, t in shards[(0, pp_rank)].items()
+    for pp_rank, vp_stage in ((pp, vp) for pp in range(pp_size) for vp in range(vp_size)):
+        names = [n for n, t in shards[(0, pp_rank, vp_stage)].items()
                  if t is not None and not n.endswith("._extra_state")]
         for local in names:
             name = global_name(local, num_layers, pp_rank, pp_size, first_stage_layers,
-                               last_stage_layers)
+                               last_stage_layers, vp_stage, vp_size)
             if name in full:  # the tied output layer copy on the last stage
                 continue
-            full[name] = merge_tensor(name, [shards[(tp, pp_rank)][local] for tp in range(tp_size)],
-                                      swiglu=swiglu)
+            full[name] = merge_tensor(
+                name, [shards[(tp, pp_rank, vp_stage)][local] for tp in range(tp_size)],
+                swiglu=swiglu)
     if tied_embeddings:
         full.pop("output_layer.weight", None)
     return full

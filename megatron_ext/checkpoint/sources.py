@@ -140,8 +140,9 @@ class MegatronSource:
         self.num_layers = saved_value(a, "num_layers")
         self.swiglu = saved_value(a, "swiglu")
         self.untied = saved_value(a, "untie_embeddings_and_output_weights")
-        if saved_value(a, "num_layers_per_virtual_pipeline_stage") or getattr(a, "virtual_pipeline_model_parallel_size", None):
-            raise ConversionError(f"{it_dir}: virtual pipeline stages (interleaved schedule) are not supported")
+        # Model chunks per stage (the interleaved schedule): model0, model1, ... per rank file.
+        self.vp = saved_value(a, "virtual_pipeline_model_parallel_size") or 1
+        self.model_keys = fmt.model_keys(self.vp)
         for name in ("account_for_embedding_in_pipeline_split",
                      "account_for_loss_in_pipeline_split"):
             if saved_value(a, name) and self.pp > 1:
@@ -162,14 +163,17 @@ class MegatronSource:
             for p in range(self.pp):
                 path = fmt.rank_file(load_dir, iteration, t, p, self.pp)
                 payload = fmt.load_rank_file(path)
-                model = payload.get("model")
-                if not isinstance(model, dict):
-                    raise ConversionError(f"{path} has no 'model' state dict"
-                                          + (" (interleaved 'model0'... are not supported)"
-                                             if "model0" in payload else ""))
+                missing = [k for k in self.model_keys if not isinstance(payload.get(k), dict)]
+                if missing:
+                    held = sorted(k for k in payload if k.startswith("model"))
+                    raise ConversionError(
+                        f"{path} has no {' '.join(repr(k) for k in missing)} state dict: its args "
+                        f"say {self.vp} model chunk(s) per stage (virtual_pipeline_model_"
+                        f"parallel_size), the file holds {held}")
                 if self._dtype is None:
-                    self._dtype = next(v.dtype for v in model.values() if torch.is_tensor(v))
-                del payload, model
+                    self._dtype = next(v.dtype for v in payload[self.model_keys[0]].values()
+                                       if torch.is_tensor(v))
+                del payload
         if "optimizer" in first:
             print("note: optimizer and RNG states are not converted; train from the output with "
                   "--finetune or --no-load-optim --no-load-rng", file=sys.stderr)
@@ -183,13 +187,15 @@ class MegatronSource:
                 return path
         return it_dir / "mp_rank_00" / fmt.RANK_FILENAME
 
-    def _stage_layers(self, pp_rank: int) -> range:
-        return stage_layers(self.num_layers, pp_rank, self.pp, *self.stage_split)
+    def _stage_layers(self, pp_rank: int, chunk: int) -> range:
+        return stage_layers(self.num_layers, pp_rank, self.pp, *self.stage_split, chunk, self.vp)
 
-    def _stage_models(self, pp_rank: int) -> List[dict]:
-        """The memory-mapped models of stage ``pp_rank``'s TP ranks. Loaded per request and
-        dropped after it: a mapping keeps every page read from it resident while it lives."""
-        return [fmt.load_rank_file(fmt.rank_file(self.path, self.iteration, t, pp_rank, self.pp))["model"]
+    def _stage_models(self, pp_rank: int, chunk: int = 0) -> List[dict]:
+        """The memory-mapped models of stage ``pp_rank``'s TP ranks (their model chunk
+        ``chunk``). Loaded per request and dropped after it: a mapping keeps every page read
+        from it resident while it lives."""
+        return [fmt.load_rank_file(fmt.rank_file(self.path, self.iteration, t, pp_rank,
+                                                 self.pp))[self.model_keys[chunk]]
                 for t in range(self.tp)]
 
     def _merged(self, models: List[dict], pp_rank: int, local_name: str) -> torch.Tensor:
@@ -203,10 +209,12 @@ class MegatronSource:
         return full.clone() if full is parts[0] else full  # never a view of the mapped file
 
     def layer(self, index: int) -> Dict[str, torch.Tensor]:
-        pp_rank = next(stage for stage in range(self.pp) if index in self._stage_layers(stage))
-        local = index - self._stage_layers(pp_rank).start
+        pp_rank, chunk = next((stage, chunk) for stage in range(self.pp)
+                              for chunk in range(self.vp)
+                              if index in self._stage_layers(stage, chunk))
+        local = index - self._stage_layers(pp_rank, chunk).start
         prefix = f"decoder.layers.{local}."
-        models = self._stage_models(pp_rank)
+        models = self._stage_models(pp_rank, chunk)
         out = {}
         for name, value in models[0].items():
             if not name.startswith(prefix) or not torch.is_tensor(value) or name.endswith("._extra_state"):
@@ -227,7 +235,7 @@ class MegatronSource:
 
     def final_norm(self) -> Dict[str, torch.Tensor]:
         last = self.pp - 1
-        models = self._stage_models(last)
+        models = self._stage_models(last, self.vp - 1)
         names = [n for n in models[0] if n.startswith("decoder.final_layernorm.") and torch.is_tensor(models[0][n])]
         if not names:
             raise ConversionError(f"{fmt.rank_file(self.path, self.iteration, 0, last, self.pp)}: "
@@ -237,7 +245,8 @@ class MegatronSource:
     def output_layer(self) -> Optional[torch.Tensor]:
         if not self.untied:
             return None
-        return self._merged(self._stage_models(self.pp - 1), self.pp - 1, "output_layer.weight")
+        return self._merged(self._stage_models(self.pp - 1, self.vp - 1), self.pp - 1,
+                            "output_layer.weight")
 
     def close(self):
         pass

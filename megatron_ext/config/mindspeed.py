@@ -15,12 +15,16 @@ LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
 HF_MODEL_TYPES = {"llama2": "llama2", "llama3": "llama3", "qwen25": "qwen2", "qwen2": "qwen2",
                   "mistral": "mistral"}
 # MindSpeed's context-parallel algorithms: each computes exact attention. ulysses_cp_algo is
-# our --cp-comm-type a2a, megatron_cp_algo (Megatron's ring) our p2p (allgather with attention
-# dropout, which our ring lacks); the hybrids run as allgather (the same numbers).
+# our --cp-comm-type a2a, megatron_cp_algo (Megatron's ring) our p2p, hybrid_cp_algo (Ulysses
+# within groups of --ulysses-degree-in-cp adjacent CP ranks, the ring across them) our a2a+p2p
+# (the rings: allgather with attention dropout, which they lack); the others run as allgather
+# (the same numbers).
 CP_ALGOS = ("megatron_cp_algo", "ulysses_cp_algo", "hybrid_cp_algo", "adaptive_cp_algo",
             "hybrid_adaptive_cp_algo", "kvallgather_cp_algo")
 CP_ALGO_NOTES = {"a2a": "Ulysses: heads all-to-all over the CP group, exact attention",
                  "p2p": "ring attention: K/V blocks passed around the CP group, exact attention",
+                 "a2a+p2p": "Ulysses within groups of --ulysses-degree-in-cp adjacent CP ranks, "
+                 "the ring across the groups, exact attention",
                  "allgather": "K/V all-gathered over the CP group: exact attention, as every "
                  "MindSpeed algorithm"}
 
@@ -76,12 +80,25 @@ class MindSpeedConfig:
         note=f"an Ascend fusion of the same matmuls and collectives: {_SAME}")
     context_parallel_algo: Optional[str] = flag(
         None, "MindSpeed-LLM's context-parallel algorithm; every one computes exact attention: "
-        "ulysses_cp_algo runs as our --cp-comm-type a2a, megatron_cp_algo as p2p (ring; "
-        "allgather with --attention-dropout > 0), the others as allgather; an explicit "
-        "--cp-comm-type wins.", group="distributed", choices=list(CP_ALGOS),
-        status=HONOURED, note="ulysses_cp_algo as --cp-comm-type a2a (heads all-to-all), "
-        "megatron_cp_algo as p2p (ring; allgather with attention dropout), the others as "
-        "allgather (every algorithm is exact attention), logged")
+        "ulysses_cp_algo runs as our --cp-comm-type a2a, megatron_cp_algo as p2p (ring), "
+        "hybrid_cp_algo as a2a+p2p with --hierarchical-context-parallel-sizes U CP/U (U: "
+        "--ulysses-degree-in-cp), the rings as allgather with --attention-dropout > 0, the "
+        "others as allgather; an explicit --cp-comm-type wins.", group="distributed",
+        choices=list(CP_ALGOS), status=HONOURED,
+        note="ulysses_cp_algo as --cp-comm-type a2a (heads all-to-all), megatron_cp_algo as "
+        "p2p (ring), hybrid_cp_algo as a2a+p2p (Ulysses within groups of "
+        "--ulysses-degree-in-cp, the ring across them), the rings as allgather with attention "
+        "dropout, the others as allgather (every algorithm is exact attention), logged")
+    ulysses_degree_in_cp: Optional[int] = flag(
+        None, "--context-parallel-algo hybrid_cp_algo: the Ulysses (all-to-all) size U within "
+        "the CP group, the ring across CP / U groups; must divide --context-parallel-size.",
+        group="distributed", status=HONOURED,
+        note="with hybrid_cp_algo: our --hierarchical-context-parallel-sizes U CP/U (the same "
+        "groups: U adjacent CP ranks); without it, said to have no effect")
+    use_cp_send_recv_overlap: bool = flag(
+        False, "Accepted: MindSpeed-LLM overlaps its ring attention's send/recv with the "
+        "attention of the block in hand.", group="distributed", status=NO_OP,
+        note=f"an overlap of the same blocks' communication: {_SAME}")
     num_layer_list: Optional[str] = flag(
         None, "MindSpeed-LLM's layers per pipeline stage, e.g. 3,4,4,5: the first and last "
         "may differ, the stages between must be equal (megatron-core's uneven split).",

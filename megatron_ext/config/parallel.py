@@ -78,8 +78,9 @@ class ParallelConfig:
     hierarchical_context_parallel_sizes: Optional[List[int]] = flag(
         None, "--cp-comm-type a2a+p2p: A B, the all-to-all within groups of A adjacent CP "
         "ranks, the ring across B of them (A x B = --context-parallel-size).", nargs="+",
-        note="two sizes, only with --cp-comm-type a2a+p2p (megatron-core's "
-        "hierarchical CP groups); Megatron-LM's deeper hierarchies are refused")
+        note="their product must be --context-parallel-size, as in Megatron-LM; a2a+p2p "
+        "takes two sizes (megatron-core's hierarchical CP groups); with other schemes the "
+        "groups are built, unused, and a notice says so")
     expert_model_parallel_size: int = flag(
         1, "Expert model parallel size (MoE).", group="moe", status=REFUSED,
         note="1 only: MoE is not supported yet")
@@ -104,10 +105,29 @@ class ParallelConfig:
         "read.", aliases=("--local_rank",),
         note="accepted as Megatron-LM does; the LOCAL_RANK environment variable is read")
     num_layers_per_virtual_pipeline_stage: Optional[int] = flag(
-        None, "Interleaved (virtual) pipeline stages.", status=REFUSED,
-        note="the interleaved schedule is not supported: drop it")
+        None, "Layers per virtual pipeline stage: each pipeline rank holds its layers as model "
+        "chunks of this many, run by megatron-core's interleaved 1F1B schedule.",
+        note="megatron-core's interleaved schedule; an even split only (with "
+        "--decoder-first/last-pipeline-num-layers use --num-virtual-stages-per-pipeline-rank)")
     num_virtual_stages_per_pipeline_rank: Optional[int] = flag(
-        None, "Interleaved (virtual) pipeline stages: model chunks per pipeline rank.",
-        status=REFUSED, note="the interleaved schedule is not supported: drop it")
+        None, "Virtual pipeline stages (model chunks) per pipeline rank, for megatron-core's "
+        "interleaved 1F1B schedule.",
+        note="megatron-core's interleaved schedule; each stage's layers split evenly into "
+        "the chunks")
+    microbatch_group_size_per_virtual_pipeline_stage: Optional[int] = flag(
+        None, "Interleaved schedule: micro-batches run in a row on one model chunk before the "
+        "next (default: --pipeline-model-parallel-size).",
+        note="megatron-core's microbatch_group_size_per_vp_stage")
+    overlap_p2p_comm: bool = flag(
+        True, "Do not overlap the interleaved schedule's pipeline communication with "
+        "computation (batched send/receive instead; needs --pipeline-model-parallel-size > 2).",
+        name="--no-overlap-p2p-communication", action="store_false",
+        note="as Megatron-LM: only the interleaved schedule overlaps")
     distributed_timeout_minutes: int = flag(
         10, "Timeout of torch.distributed collectives, in minutes.")
+
+    @property
+    def virtual_stages(self) -> int:
+        """Model chunks per pipeline rank (1: the plain 1F1B schedule), once validated
+        (config/validate_pipeline.py)."""
+        return self.num_virtual_stages_per_pipeline_rank or 1

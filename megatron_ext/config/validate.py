@@ -2,13 +2,14 @@
 frameworks' flags in validate_compat.py, both called from here). It fills derived defaults by
 Megatron-LM's rules, raises ``ConfigError`` naming the flag to change, and records in
 ``config.notices`` what it decided about flags that are accepted but not honoured as such
-(no-ops, warned-and-disabled)."""
+(no-ops, warned-and-disabled). The pipeline split and the interleaved schedule:
+validate_pipeline.py."""
 
+import math
 import os
 from dataclasses import fields
 
 from megatron_ext import platform
-from megatron_ext.checkpoint.sharding import split_problem
 from megatron_ext.config import blend
 from megatron_ext.config.blend import SPLITS
 from megatron_ext.config.checkpoint import CheckpointConfig
@@ -19,6 +20,7 @@ from megatron_ext.config.model import MEGATRON_ATTENTION_BACKENDS
 from megatron_ext.config.parallel import CP_A2A, CP_A2A_P2P, CP_RINGS, a2a_heads_error
 from megatron_ext.config.training import parse_task_weights
 from megatron_ext.config.validate_compat import validate_compat
+from megatron_ext.config.validate_pipeline import validate_pipeline
 from megatron_ext.config.validate_schedule import validate_schedule
 
 
@@ -34,6 +36,7 @@ def validate(config: Config, world_size: int) -> None:
     _validate_context_parallel(config)  # after both: --context-parallel-algo, the head counts
     _refuse_unsupported(config)
     validate_schedule(config, dp)
+    validate_pipeline(config, dp)  # after the batch sizes: the interleaved schedule's groups
     _validate_data(config)
     _validate_multitask(config)
     _validate_logging_and_checkpoint(config)
@@ -76,24 +79,31 @@ def _validate_context_parallel(config: Config) -> None:
     first of --hierarchical-context-parallel-sizes, whose product is CP)."""
     p, m = config.parallel, config.model
     cp, tp = p.context_parallel_size, p.tensor_model_parallel_size
-    require(len(p.cp_comm_type) in (1, m.num_layers),
+    # As Megatron-LM: a per-layer list's length is checked only with CP (its TransformerConfig
+    # does so; without CP no layer reads it), the hierarchical sizes' product always.
+    require(cp == 1 or len(p.cp_comm_type) in (1, m.num_layers),
              f"--cp-comm-type has {len(p.cp_comm_type)} values: give one, or one per layer "
              f"(--num-layers {m.num_layers})")
     sizes = p.hierarchical_context_parallel_sizes
     hierarchical = CP_A2A_P2P in p.cp_comm_type
-    require(sizes is None or hierarchical,
-             "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p (no other "
-             "scheme uses the sub-groups); drop it or pass --cp-comm-type a2a+p2p")
     require(not hierarchical or sizes is not None,
              f"--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes A B: the "
              f"all-to-all within groups of A adjacent CP ranks, the ring across B of them, "
              f"A x B = --context-parallel-size {cp}")
     if sizes is not None:
         shown = " ".join(map(str, sizes))
-        require(len(sizes) == 2 and min(sizes) >= 1 and sizes[0] * sizes[1] == cp,
+        require(not hierarchical or (len(sizes) == 2 and min(sizes) >= 1
+                                     and sizes[0] * sizes[1] == cp),
                  f"--hierarchical-context-parallel-sizes {shown}: a2a+p2p takes two sizes A B "
                  f">= 1 (the all-to-all within groups of A, the ring across B) with A x B = "
                  f"--context-parallel-size {cp}")
+        require(min(sizes) >= 1 and math.prod(sizes) == cp,
+                 f"--hierarchical-context-parallel-sizes {shown}: sizes >= 1 whose product is "
+                 f"--context-parallel-size {cp}")
+        if not hierarchical:
+            config.notices.append(
+                f"--hierarchical-context-parallel-sizes {shown} without --cp-comm-type "
+                "a2a+p2p: megatron-core builds the CP sub-groups, no layer's scheme uses them")
     if cp == 1:
         return
     ring = sorted(set(p.cp_comm_type) & set(CP_RINGS))
@@ -141,7 +151,6 @@ def _validate_model(config: Config) -> None:
     require(m.num_query_groups % tp == 0,
              f"--num-query-groups {m.num_query_groups} is not divisible by "
              f"--tensor-model-parallel-size {tp}")
-    _validate_pipeline_split(config)
     if m.kv_channels is None:
         require(m.hidden_size % m.num_attention_heads == 0,
                  f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
@@ -184,16 +193,6 @@ def _validate_model(config: Config) -> None:
             ("add_position_embedding", "--no-position-embedding", "rope has no position table")):
         if name in config.given:
             config.notices.append(f"{flag}: no effect ({why})")
-
-
-def _validate_pipeline_split(config: Config) -> None:
-    """--num-layers over the pipeline stages: evenly, or with --decoder-first/last-pipeline-
-    num-layers as megatron-core's TransformerConfig splits them (its checks, named by flag)."""
-    p, layers = config.parallel, config.model.num_layers
-    problem = split_problem(layers, p.pipeline_model_parallel_size,
-                            p.decoder_first_pipeline_num_layers,
-                            p.decoder_last_pipeline_num_layers)
-    require(problem is None, f"--num-layers {layers}: {problem}")
 
 
 def _refuse_unsupported(config: Config) -> None:

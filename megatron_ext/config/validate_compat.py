@@ -11,7 +11,7 @@ from megatron_ext.config.components import Config, ConfigError, require
 from megatron_ext.config.flags import NO_OP, WARNED, flag_name
 from megatron_ext.config.mindspeed import CP_ALGO_NOTES, LLAMA3_ROPE, MindSpeedConfig
 from megatron_ext.config.model import ModelConfig
-from megatron_ext.config.parallel import CP_A2A, CP_ALLGATHER, CP_P2P
+from megatron_ext.config.parallel import CP_A2A, CP_A2A_P2P, CP_ALLGATHER, CP_P2P, CP_RINGS
 
 
 def validate_compat(config: Config) -> None:
@@ -52,23 +52,58 @@ def _attention(config: Config) -> None:
     if m.transformer_impl == "transformer_engine" and "transformer_impl" in given:
         config.notices.append("--transformer-impl transformer_engine: runs as local "
                               "(megatron-core's own layers; Transformer Engine is not wired yet)")
+    _context_parallel_algo(config)
+
+
+def _context_parallel_algo(config: Config) -> None:
+    m, ms, p, given = config.model, config.mindspeed, config.parallel, config.given
     algo = ms.context_parallel_algo
-    if algo is not None:
-        scheme = {"ulysses_cp_algo": CP_A2A, "megatron_cp_algo": CP_P2P}.get(algo, CP_ALLGATHER)
-        why = CP_ALGO_NOTES[scheme]
-        if scheme == CP_P2P and m.attention_dropout > 0:
-            # Our ring has no attention dropout; allgather gives the ring's numbers with it.
-            scheme = CP_ALLGATHER
-            why = (f"{CP_ALGO_NOTES[scheme]}; not p2p, whose ring has no attention dropout "
-                   f"(--attention-dropout {m.attention_dropout})")
-        if "cp_comm_type" in given:
-            config.notices.append(f"--context-parallel-algo {algo} with --cp-comm-type "
-                                  f"{' '.join(config.parallel.cp_comm_type)}: the "
-                                  "--cp-comm-type runs")
-        else:
-            config.parallel.cp_comm_type = [scheme]
-            config.notices.append(f"--context-parallel-algo {algo}: runs as --cp-comm-type "
-                                  f"{scheme} ({why})")
+    if ms.ulysses_degree_in_cp is not None and algo != "hybrid_cp_algo":
+        config.notices.append(f"--ulysses-degree-in-cp {ms.ulysses_degree_in_cp}: no effect "
+                              "without --context-parallel-algo hybrid_cp_algo")
+    if algo is None:
+        return
+    if "cp_comm_type" in given:
+        config.notices.append(f"--context-parallel-algo {algo} with --cp-comm-type "
+                              f"{' '.join(p.cp_comm_type)}: the --cp-comm-type runs")
+        return
+    scheme = {"ulysses_cp_algo": CP_A2A, "megatron_cp_algo": CP_P2P,
+              "hybrid_cp_algo": CP_A2A_P2P}.get(algo, CP_ALLGATHER)
+    why = CP_ALGO_NOTES[scheme]
+    sizes = _ulysses_and_ring(config) if scheme == CP_A2A_P2P else None
+    if scheme in CP_RINGS and m.attention_dropout > 0:
+        # Our rings have no attention dropout; allgather gives their numbers with it.
+        why = (f"{CP_ALGO_NOTES[CP_ALLGATHER]}; not {scheme}, whose ring has no attention "
+               f"dropout (--attention-dropout {m.attention_dropout})")
+        scheme = CP_ALLGATHER
+    p.cp_comm_type = [scheme]
+    if scheme == CP_A2A_P2P:
+        p.hierarchical_context_parallel_sizes = sizes
+        why = f"{why}: --hierarchical-context-parallel-sizes {sizes[0]} {sizes[1]}"
+    config.notices.append(f"--context-parallel-algo {algo}: runs as --cp-comm-type "
+                          f"{scheme} ({why})")
+
+
+def _ulysses_and_ring(config: Config) -> list:
+    """hybrid_cp_algo's groups as megatron-core's hierarchical CP sizes: MindSpeed puts each
+    Ulysses group on U adjacent CP ranks and each ring on every U-th one, which is the order of
+    --hierarchical-context-parallel-sizes U CP/U. MindSpeed-LLM checks the degree only with CP
+    (and refuses U = CP, a ring of one, which runs here as a2a would)."""
+    p, cp = config.parallel, config.parallel.context_parallel_size
+    ulysses = config.mindspeed.ulysses_degree_in_cp if cp > 1 else 1
+    require(ulysses is not None,
+             f"--context-parallel-algo hybrid_cp_algo needs --ulysses-degree-in-cp U (the "
+             f"all-to-all within groups of U CP ranks, the ring across --context-parallel-size "
+             f"{cp} / U of them)")
+    require(ulysses >= 1 and cp % ulysses == 0,
+             f"--ulysses-degree-in-cp {ulysses} does not divide --context-parallel-size {cp}")
+    sizes = [ulysses, cp // ulysses]
+    require(p.hierarchical_context_parallel_sizes in (None, sizes),
+             f"--hierarchical-context-parallel-sizes "
+             f"{' '.join(map(str, p.hierarchical_context_parallel_sizes or ()))} differs from "
+             f"--context-parallel-algo hybrid_cp_algo's {sizes[0]} {sizes[1]} "
+             f"(--ulysses-degree-in-cp {ulysses}): drop one")
+    return sizes
 
 
 def _positions(config: Config) -> None:
@@ -133,9 +168,6 @@ def _fine_tuning(config: Config) -> None:
 
 def _layout(config: Config) -> None:
     ms, p, m = config.mindspeed, config.parallel, config.model
-    for name in ("num_layers_per_virtual_pipeline_stage", "num_virtual_stages_per_pipeline_rank"):
-        require(getattr(p, name) is None, f"--{name.replace('_', '-')}: the interleaved "
-                 "pipeline schedule is not supported; drop it (one model chunk per stage)")
     if ms.num_layer_list is None:
         return
     pp = p.pipeline_model_parallel_size

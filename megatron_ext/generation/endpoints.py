@@ -7,9 +7,13 @@ Megatron-LM's formats (core_v0.16-0.19 ``text_generation_server``): ``PUT /api``
 raises ``BadRequest`` (answered with 400 before any rank is involved); each ``*_answer`` formats
 the generations of its ``Job``. A request's stop strings (and the chat template's stop text) end
 its generation as soon as they appear (``stop_when``), and the answer is cut before them.
+OpenAI's ``n`` choices per prompt and ``stream`` (``streaming.py``'s events) are fields of the
+``Job``; ``*_text`` is one choice's final text, for both the answer and the stream.
+``chat_endpoint.py`` has ``/chat/completions``, on the same fields.
 """
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -34,6 +38,39 @@ class Job:
     logprobs: Optional[int]  # None: none; N: with the N most likely alternatives
     stops: Tuple[str, ...] = ()  # stop strings: generation ends once the answer holds one
     chat: bool = False  # a chat answer: the template's stop text ends it too
+    n: int = 1  # choices per prompt answered
+    stream: bool = False  # answered as server-sent events, token by token
+    usage: bool = False  # stream_options.include_usage: a last event with the usage
+    model: str = "EMPTY"  # the request's, echoed (megatron-core's answer when it has none)
+    best_of: int = 1  # choices per prompt generated (>= n): the n most likely are answered
+
+    def runs(self):
+        """(prompt index, seed or None) of each choice generated, prompt by prompt. With
+        several per prompt, choice i is drawn after reseeding with seed + i: the answer of the
+        same request with n=1 and that seed (so each is reproducible alone); with one, the seed
+        reseeds once and the generator goes on over the prompts (as ``generate_gpt.py``)."""
+        for p in range(len(self.prompts)):
+            for i in range(self.best_of):
+                reseed = self.seed is not None and (self.best_of > 1 or p == 0)
+                yield p, (self.seed + i) % SEEDS if reseed else None
+
+    @property
+    def scored(self) -> Optional[int]:
+        """``Generator.generate``'s ``logprobs``: best_of ranks choices by theirs."""
+        return 0 if self.logprobs is None and self.best_of > self.n else self.logprobs
+
+    def answered(self, results):
+        """(prompt index, Generation) of each choice answered, in the answer's order: with
+        best_of > n, each prompt's n of highest mean log-probability per token (OpenAI's),
+        best first; an empty answer (its stop token's log-probability is not kept) last."""
+        def mean(result):
+            return sum(result.logprobs) / len(result.logprobs) if result.tokens else -float("inf")
+
+        for p in range(len(self.prompts)):
+            mine = results[p * self.best_of:(p + 1) * self.best_of]
+            if self.best_of > self.n:
+                mine = sorted(mine, key=mean, reverse=True)
+            yield from ((p, r) for r in mine[:self.n])
 
 
 def _is_int(v):
@@ -153,10 +190,11 @@ def api_answer(job, texts, results, tokenizer):
 
 
 # -- POST /completions (OpenAI's, as Megatron-LM's MegatronCompletions) --------------------
-_COMPLETION_UNSUPPORTED = {"n": 1, "best_of": 1, "stream": False, "presence_penalty": 0,
-                           "frequency_penalty": 0}
-_COMPLETION_FIELDS = {"prompt", "max_tokens", "temperature", "top_k", "top_p", "logprobs",
-                      "echo", "seed", "stop", "model", "user", *_COMPLETION_UNSUPPORTED}
+_PENALTIES = {"presence_penalty": 0, "frequency_penalty": 0}  # accepted at 0 only
+# Fields completions and chat share (sampling, choices, stream); ``user`` is ignored.
+_OPENAI_FIELDS = {"max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "n", "stream",
+                  "stream_options", "model", "user", *_PENALTIES}
+_COMPLETION_FIELDS = {"prompt", "logprobs", "echo", "best_of", *_OPENAI_FIELDS}
 
 
 def _openai_sampling(body):
@@ -173,6 +211,39 @@ def _openai_sampling(body):
     params = (SamplingParams(top_k=1) if temperature == 0 else
               SamplingParams(float(temperature), top_k, 0.0 if top_p == 1 else float(top_p)))
     return params, seed
+
+
+def _choices(body, prompts, logprobs, best_of=False):
+    """The fields of ``Job`` from OpenAI's ``n``, ``stream``, ``stream_options``, ``model``
+    (completions and chat) and, where ``best_of``, ``best_of`` (completions)."""
+    n = _field(body, "n", 1, lambda v: _is_int(v) and v >= 1, "n must be an integer >= 1")
+    best = _field(body, "best_of", None, lambda v: v is None or (_is_int(v) and v >= n),
+                  f"best_of must be an integer >= n ({n})") if best_of else None
+    best = n if best is None else best
+    if best * prompts > MAX_PROMPTS:
+        raise BadRequest(f"{'best_of' if best > n else 'n'}={best} x {prompts} prompt(s) makes "
+                         f"{best * prompts} choices; at most {MAX_PROMPTS} per request")
+    stream = _field(body, "stream", False, lambda v: isinstance(v, bool),
+                    "stream must be a boolean")
+    if stream and best > n:
+        raise BadRequest("best_of > n with stream=true is not supported (the best are known "
+                         "once all are generated); leave one of them out")
+    options = _field(body, "stream_options", None, lambda v: v is None or isinstance(v, dict),
+                     "stream_options must be an object")
+    if options is not None and not stream:
+        raise BadRequest("stream_options is only allowed with stream=true")
+    options = options or {}
+    if set(options) - {"include_usage"}:
+        raise BadRequest(f"unknown stream_options field(s) "
+                         f"{', '.join(sorted(set(options) - {'include_usage'}))}; known: "
+                         f"include_usage")
+    usage = _field(options, "include_usage", False, lambda v: isinstance(v, bool),
+                   "stream_options.include_usage must be a boolean")
+    if stream and logprobs is not None:
+        raise BadRequest("logprobs with stream=true is not supported by this server (they are "
+                         "computed once an answer is complete); leave one of them out")
+    model = _field(body, "model", "EMPTY", lambda v: isinstance(v, str), "model must be a string")
+    return {"n": n, "best_of": best, "stream": stream, "usage": usage, "model": model}
 
 
 def _stops(body):
@@ -196,7 +267,7 @@ def stop_when(job, prompt_ids, tokenizer, encoder):
 def parse_completions(body, tokenizer, max_length):
     """(Job, prompt texts, echo) of a ``POST /completions`` body."""
     _known(body, _COMPLETION_FIELDS)
-    _unsupported(body, _COMPLETION_UNSUPPORTED)
+    _unsupported(body, _PENALTIES)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -230,7 +301,8 @@ def parse_completions(body, tokenizer, max_length):
     if not echo and new == 0:
         raise BadRequest("echo=False not supported when max_tokens == 0 (nothing to answer)")
     _check_length(ids, new, max_length, "max_tokens")
-    return Job(ids, new, params, seed, logprobs, stops), texts, echo
+    choices = _choices(body, len(ids), logprobs, best_of=True)
+    return Job(ids, new, params, seed, logprobs, stops, **choices), texts, echo
 
 
 def _offsets(tokenizer, ids, start):
@@ -239,16 +311,37 @@ def _offsets(tokenizer, ids, start):
     return [len(tokenizer.detokenize(ids[:i])) - head for i in range(start, len(ids))]
 
 
+def completion_text(job, ids, result, tokenizer):
+    """(text, tokens kept, finish_reason) of one completion's generation after ``ids``."""
+    new, reason = result.tokens, "stop" if result.stopped else "length"
+    answer = continuation(tokenizer, ids, new)
+    cut = min((answer.find(s) for s in job.stops if s in answer), default=-1)
+    kept = len(new)
+    if cut >= 0:  # OpenAI's stop: the text up to the first stop string, without it
+        answer, reason = answer[:cut], "stop"
+        kept = sum(o < cut for o in _offsets(tokenizer, ids + new, len(ids)))
+    return answer, kept, reason
+
+
+def head(job, kind):
+    """The fields OpenAI's answers and stream events open with (``kind``: their object)."""
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
+            "model": job.model}
+
+
+def usage(job, generated):
+    """OpenAI's usage: each prompt counted once, whatever its number of choices."""
+    prompt = sum(map(len, job.prompts))
+    return {"prompt_tokens": prompt, "completion_tokens": generated,
+            "total_tokens": prompt + generated}
+
+
 def completions_answer(job, texts, echo, results, tokenizer):
     choices, generated = [], 0
-    for index, (text, ids, result) in enumerate(zip(texts, job.prompts, results)):
-        new, reason = result.tokens, "stop" if result.stopped else "length"
-        answer = continuation(tokenizer, ids, new)
-        cut = min((answer.find(s) for s in job.stops if s in answer), default=-1)
-        kept = len(new)
-        if cut >= 0:  # OpenAI's stop: the text up to the first stop string, without it
-            answer, reason = answer[:cut], "stop"
-            kept = sum(o < cut for o in _offsets(tokenizer, ids + new, len(ids)))
+    for index, (p, result) in enumerate(job.answered(results)):
+        text, ids, new = texts[p], job.prompts[p], result.tokens
+        answer, kept, reason = completion_text(job, ids, result, tokenizer)
         generated += kept
         logprobs = None
         if job.logprobs is not None:
@@ -266,86 +359,4 @@ def completions_answer(job, texts, echo, results, tokenizer):
                                          for t in top] if job.logprobs else None}
         choices.append({"index": index, "text": (text if echo else "") + answer,
                         "logprobs": logprobs, "finish_reason": reason})
-    return {"object": "text_completion", "created": int(time.time()), "choices": choices,
-            "usage": {"prompt_tokens": sum(map(len, job.prompts)),
-                      "completion_tokens": generated,
-                      "total_tokens": sum(map(len, job.prompts)) + generated}}
-
-
-# -- POST /chat/completions (OpenAI's, as megatron-core 0.19's chat_completions) -----------
-_CHAT_UNSUPPORTED = {"n": 1, "stream": False, "presence_penalty": 0, "frequency_penalty": 0}
-_CHAT_FIELDS = {"messages", "max_tokens", "temperature", "top_k", "top_p", "seed", "logprobs",
-                "top_logprobs", "stop", "model", "user", *_CHAT_UNSUPPORTED}
-_ROLES = ("system", "user", "assistant")
-
-
-def _turns(messages):
-    """OpenAI's messages as the chat template's turns, checked."""
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list of {\"role\", \"content\"} objects")
-    turns = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise BadRequest(f"messages[{i}] must be an object of role and content")
-        role, content = message["role"], message["content"]
-        if role not in _ROLES:
-            raise BadRequest(f"messages[{i}]: unknown role {role!r}; known: {', '.join(_ROLES)}")
-        if not isinstance(content, str):
-            raise BadRequest(f"messages[{i}].content must be a string")
-        if role == "system" and i > 0:
-            raise BadRequest(f"messages[{i}]: a system message may only come first")
-        # The templates render user and assistant turns in turn (as they were trained).
-        expected = "user" if not turns or turns[-1][0] != "user" else "assistant"
-        if role != "system" and role != expected:
-            raise BadRequest(f"messages[{i}]: {role} where the {expected}'s turn comes (user "
-                             "and assistant messages alternate, the user's first)")
-        turns.append((role, content))
-    if turns[-1][0] != "user":
-        raise BadRequest("the last message must be the user's (the assistant answers it)")
-    return turns
-
-
-def parse_chat(body, tokenizer, max_length, session):
-    """(Job, encoder) of a ``POST /chat/completions`` body, rendered by ``session.chat_prompt``
-    (the interactive chat's rendering); ``max_tokens`` defaults to --max-new-tokens."""
-    if session.encoder is None:
-        raise BadRequest("POST /chat/completions needs a chat template: start the server with "
-                         "--prompt-type NAME (megatron_ext/data/instruct/templates.json, or hf)")
-    _known(body, _CHAT_FIELDS)
-    _unsupported(body, _CHAT_UNSUPPORTED)
-    turns = _turns(body.get("messages"))
-    new = _field(body, "max_tokens", session.args.max_new_tokens,
-                 lambda v: _is_int(v) and v >= 1, "max_tokens must be an integer >= 1")
-    params, seed = _openai_sampling(body)
-    logprobs = _field(body, "logprobs", False, lambda v: isinstance(v, bool),
-                      "logprobs must be a boolean")
-    top = _field(body, "top_logprobs", 0, lambda v: _is_int(v) and 0 <= v <= MAX_TOP_LOGPROBS,
-                 f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}]")
-    stops = _stops(body)
-    try:
-        ids = session.chat_prompt(turns)[1]
-    except ValueError as error:  # the template's: a system message it has no place for, ...
-        raise BadRequest(f"messages: {error}") from None
-    _check_length([ids], new, max_length, "max_tokens")
-    return (Job([ids], new, params, seed, top if logprobs else None, stops, chat=True),
-            session.encoder)
-
-
-def chat_answer(job, encoder, results, tokenizer):
-    (ids,), (result,) = job.prompts, results
-    content, kept, cut = encoder.reply(result.tokens, job.stops)
-    logprobs = None
-    if job.logprobs is not None:
-        def entry(token, value):
-            text = tokenizer.detokenize([token])
-            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
-
-        logprobs = {"content": [{**entry(t, v), "top_logprobs": [entry(i, p) for i, p in top]}
-                                for t, v, top in zip(result.tokens[:kept], result.logprobs,
-                                                     result.top_logprobs)]}
-    return {"object": "chat.completion", "created": int(time.time()),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "logprobs": logprobs,
-                         "finish_reason": "stop" if result.stopped or cut else "length"}],
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": kept,
-                      "total_tokens": len(ids) + kept}}
+    return {**head(job, "text_completion"), "choices": choices, "usage": usage(job, generated)}

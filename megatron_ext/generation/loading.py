@@ -101,6 +101,11 @@ def generation_config(args: argparse.Namespace, world_size: int):
             f"{p.tensor_model_parallel_size * p.pipeline_model_parallel_size} ranks "
             f"(--tensor-model-parallel-size {p.tensor_model_parallel_size} x "
             f"--pipeline-model-parallel-size {p.pipeline_model_parallel_size}), not {world_size}")
+    if p.virtual_stages > 1:
+        raise ConfigError("--num-layers-per-virtual-pipeline-stage / --num-virtual-stages-per-"
+                          "pipeline-rank: generation runs one model chunk per pipeline stage; "
+                          "drop them (a torch_dist checkpoint loads at any layout, a torch one "
+                          "converts with convert_ckpt.py)")
     if p.sequence_parallel:
         raise ConfigError("--sequence-parallel splits the sequence over TP ranks; a decoding "
                           "step has one token: leave it off for generation")

@@ -7,6 +7,8 @@ hooks of ours: the loss excludes the padded vocabulary rows (model/vocab.py) and
 weights do not depend on the layout (model/init.py).
 """
 
+from typing import List, Optional
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -51,6 +53,12 @@ def transformer_config(config: Config) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
+        # The interleaved schedule (config/validate_pipeline.py): Megatron-LM batches the
+        # stages' sends and receives only where it does not overlap them.
+        virtual_pipeline_model_parallel_size=p.num_virtual_stages_per_pipeline_rank,
+        microbatch_group_size_per_vp_stage=p.microbatch_group_size_per_virtual_pipeline_stage,
+        overlap_p2p_comm=p.overlap_p2p_comm,
+        batch_p2p_comm=not p.overlap_p2p_comm,
         context_parallel_size=p.context_parallel_size,
         hierarchical_context_parallel_sizes=p.hierarchical_context_parallel_sizes,
         sequence_parallel=p.sequence_parallel,
@@ -76,9 +84,11 @@ def transformer_config(config: Config) -> TransformerConfig:
     )
 
 
-def layer_spec(config: Config, core_config: TransformerConfig) -> TransformerBlockSubmodules:
-    """This pipeline stage's layers (as many as megatron-core's split of ``core_config``
-    gives it, --decoder-first/last-pipeline-num-layers included)."""
+def layer_spec(config: Config, core_config: TransformerConfig,
+               vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The layers of this pipeline stage's model chunk ``vp_stage`` (as many as
+    megatron-core's split of ``core_config`` gives it, --decoder-first/last-pipeline-num-layers
+    and virtual stages included)."""
     spec = get_gpt_layer_local_spec(normalization=config.model.normalization)
     spec.submodules.input_layernorm = Norm
     spec.submodules.pre_mlp_layernorm = Norm
@@ -91,7 +101,7 @@ def layer_spec(config: Config, core_config: TransformerConfig) -> TransformerBlo
     if config.lora.enabled:
         lora.apply_to_spec(spec, config.lora, config.model.swiglu)
     return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(core_config),
+        layer_specs=[spec] * get_num_layers_to_build(core_config, vp_stage=vp_stage),
         layer_norm=Norm,
     )
 
@@ -133,13 +143,25 @@ class GPTModel(CoreGPTModel):
         return super().compute_language_model_loss(labels, logits)
 
 
-def build_model(config: Config, vocab_size: int, pre_process=None, post_process=None) -> GPTModel:
-    """The model chunk of this pipeline stage (the whole model without PP), initialized from
-    ``--seed`` alike in every layout."""
+def build_model_chunks(config: Config, vocab_size: int) -> List[GPTModel]:
+    """This pipeline stage's model chunks: one, or one per virtual stage (the interleaved
+    schedule), the embedding on chunk 0 of the first stage and the loss on the last chunk of
+    the last stage."""
+    chunks = config.parallel.virtual_stages
+    return [build_model(config, vocab_size, vp_stage=stage if chunks > 1 else None)
+            for stage in range(chunks)]
+
+
+def build_model(config: Config, vocab_size: int, pre_process=None, post_process=None,
+                vp_stage: Optional[int] = None) -> GPTModel:
+    """The model chunk ``vp_stage`` of this pipeline stage (the whole model without PP),
+    initialized from ``--seed`` alike in every layout."""
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage()
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage()
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                             vp_stage=vp_stage)
     m, p = config.model, config.parallel
     padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by,
                                p.tensor_model_parallel_size)
@@ -147,7 +169,7 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
     core_config = transformer_config(config)
     model = GPTModel(
         config=core_config,
-        transformer_layer_spec=layer_spec(config, core_config),
+        transformer_layer_spec=layer_spec(config, core_config, vp_stage),
         vocab_size=padded,
         unpadded_vocab_size=vocab_size,
         max_sequence_length=m.max_position_embeddings,
@@ -159,6 +181,7 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
         rotary_base=m.rotary_base,
         rope_scaling=m.use_rope_scaling,
         rope_scaling_factor=m.rope_scaling_factor,
+        vp_stage=vp_stage,
     )
     initialize_parameters(
         model, model.config, seed=config.training.seed, vocab_size=vocab_size,
@@ -167,6 +190,7 @@ def build_model(config: Config, vocab_size: int, pre_process=None, post_process=
         tp_size=p.tensor_model_parallel_size,
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         pp_size=p.pipeline_model_parallel_size,
+        vp_stage=vp_stage or 0,
     )
     # 16-bit: every weight in params_dtype, as Megatron-LM's Float16Module casts the model
     # (megatron-core builds the learned position table as a plain fp32 torch Embedding).

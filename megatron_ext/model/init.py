@@ -65,13 +65,16 @@ def _init_method(name: str, config: TransformerConfig):
 @torch.no_grad()
 def initialize_parameters(model: torch.nn.Module, config: TransformerConfig, *, seed: int,
                           vocab_size: int, padded_vocab_size: int, tied_embeddings: bool,
-                          tp_rank: int, tp_size: int, pp_rank: int, pp_size: int) -> None:
-    """Fill every parameter of ``model`` (the chunk of rank (tp_rank, pp_rank)) in place."""
+                          tp_rank: int, tp_size: int, pp_rank: int, pp_size: int,
+                          vp_stage: int = 0) -> None:
+    """Fill every parameter of ``model`` (rank (tp_rank, pp_rank)'s model chunk ``vp_stage``)
+    in place."""
     swiglu = config.gated_linear_unit
     for local, param in model.named_parameters():
         name = global_name(local, config.num_layers, pp_rank, pp_size,
                            config.num_layers_in_first_pipeline_stage,
-                           config.num_layers_in_last_pipeline_stage)
+                           config.num_layers_in_last_pipeline_stage, vp_stage,
+                           config.virtual_pipeline_model_parallel_size or 1)
         split = tp_split(name, swiglu)
         if split is not None and not hasattr(param, "tensor_model_parallel"):
             # megatron-core (0.16) marks TP-split weights inside its initialization functions,

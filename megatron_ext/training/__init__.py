@@ -31,7 +31,7 @@ def die_with_launcher() -> None:
     that setting, so it is set again in each child the rank forks: megatron-core's
     ``--async-save`` writer, orphaned mid-write, blocks forever holding its copy of the
     checkpoint in memory (its half-written directory is never published, so nothing is lost).
-    It lives here, the first thing ``pretrain`` does, and not in platform.py (adaptations of
+    It lives here, the first thing ``pretrain`` does, and not in platform/ (adaptations of
     megatron-core to CPU): it concerns the launcher, on any device. Where prctl does not exist
     (not Linux) it does nothing: the launcher's own shutdown is all there is.
     """

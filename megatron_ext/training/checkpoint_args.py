@@ -34,6 +34,7 @@ LAYOUT = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
 # Megatron-LM takes neither uneven-split flag; here the split is part of the layout taken (at
 # the saved PP, a torch-format checkpoint loads at its own split only).
 LAYOUT_IF_NOT_GIVEN = ("num_layers_per_virtual_pipeline_stage",
+                       "num_virtual_stages_per_pipeline_rank",
                        "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers")
 
 

@@ -156,7 +156,7 @@ def adopt_schedule(trainer, optimizer_state, source) -> None:
     keeps the one chosen (0.16-0.18 load the saved ones; 0.19 matches saved groups to this
     run's by them). Without either, a difference is an error: check_schedule has compared
     --lr/--min-lr/--weight-decay, so here it is --decoupled-lr or --decoupled-min-lr. The saved
-    groups lose the marks 0.16-0.18 need and 0.19 refuses (platform.py)."""
+    groups lose the marks 0.16-0.18 need and 0.19 refuses (platform/checkpoint.py)."""
     t = trainer.config.training
     saved = list(_saved_param_groups(optimizer_state))
     platform.unmark_saved_decoupled_lr_groups(saved)  # saved on megatron-core 0.16-0.18

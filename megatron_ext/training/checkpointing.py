@@ -76,8 +76,10 @@ def save_checkpoint(trainer) -> None:
             "iteration": iteration,
             "consumed_samples": trainer.consumed_samples,
             "consumed_valid_samples": trainer.consumed_valid_samples,
-            "model": {k: v for k, v in ckpt.model_state_dict(trainer.model[0].module).items()
-                      if saved is None or saved(k)},
+            # Megatron-LM's model0, model1, ... with virtual stages (one per model chunk).
+            **{key: {k: v for k, v in ckpt.model_state_dict(chunk.module).items()
+                     if saved is None or saved(k)}
+               for key, chunk in zip(ckpt.model_keys(len(trainer.model)), trainer.model)},
             "optimizer": trainer.optimizer.state_dict(),
             "opt_param_scheduler": trainer.scheduler.state_dict(),
             "rng_state": rng_states,
@@ -196,8 +198,9 @@ def _load(trainer, root, part, weights_only: bool) -> None:
     payload = ckpt.load_rank_file(path)
     check_compatible(payload.get("args"), trainer.config, trainer.vocab_size, path)
     lora_checkpoint.check_part(trainer, part, payload.get("lora"), path)
-    ckpt.load_model_state_dict(trainer.model[0].module, payload["model"], path,
-                               lora_checkpoint.keys(part))
+    # check_compatible compared the model chunks per stage (the pipeline split).
+    for key, chunk in zip(ckpt.model_keys(len(trainer.model)), trainer.model):
+        ckpt.load_model_state_dict(chunk.module, payload[key], path, lora_checkpoint.keys(part))
     weights_only = weights_only or c.finetune or iteration == ckpt.RELEASE
     if not weights_only:
         data_resume.warn_data_changes(payload.get("args"), trainer.config,

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from megatron_ext.checkpoint.format import CheckpointError
 from megatron_ext.config import ConfigError
 from megatron_ext.training import data
+from megatron_ext.training.evaluation import eval_mode
 from megatron_ext.training.logs import log_once
 
 logger = logging.getLogger("megatron_ext")
@@ -172,18 +173,12 @@ class CoBaSchedule:
         self.valid_samples = int(state["valid_samples"])
 
     def _measure(self, trainer, batches: int) -> torch.Tensor:
-        trainer._sync_params()
-        for chunk in trainer.model:
-            chunk.eval()
         totals = 0
-        with torch.no_grad():
+        with eval_mode(trainer), torch.no_grad():
             for _ in range(batches):
                 trainer._forward_backward(self.iterator, forward_only=True)
                 totals = totals + trainer.task_totals
         self.valid_samples += batches * trainer.config.training.global_batch_size
-        for chunk in trainer.model:
-            chunk.train()
-        trainer._resume_param_overlap()
         return torch.where(totals[1] > 0, totals[0] / totals[1].clamp(min=1),
                            torch.full_like(totals[0], math.nan))
 

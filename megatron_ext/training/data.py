@@ -191,3 +191,9 @@ def cyclic_iterator(dataset, micro_batch_size: int, dp_rank: int, dp_size: int,
         yield from data_iterator(dataset, start, micro_batch_size, dp_rank, dp_size,
                                  num_workers)
         start = 0
+
+
+def per_chunk(chunks: int, make_iterator):
+    """The iterator ``make_iterator`` builds, or one per model chunk: megatron-core's
+    interleaved schedule reads each micro-batch once per chunk (as Megatron-LM's iterators)."""
+    return make_iterator() if chunks == 1 else [make_iterator() for _ in range(chunks)]

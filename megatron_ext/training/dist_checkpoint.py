@@ -85,10 +85,13 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
     topology = trainer.topology
     metadata = dict(metadata, dp_cp_group=parallel_state.get_data_parallel_group(
         with_context_parallel=True))
-    model = trainer.model[0].module.sharded_state_dict(metadata=metadata)
+    # One entry per model chunk (Megatron-LM's model0, model1, ... with virtual stages); the
+    # tensors inside are keyed by global layer number, so any layout loads them.
     wanted = lora_checkpoint.keys(part)
-    if wanted is not None:
-        model = {k: v for k, v in model.items() if wanted(k)}
+    models = {}
+    for key, chunk in zip(ckpt.model_keys(len(trainer.model)), trainer.model):
+        model = chunk.module.sharded_state_dict(metadata=metadata)
+        models[key] = model if wanted is None else {k: v for k, v in model.items() if wanted(k)}
     state = {
         "args": _saved_args(trainer),
         "checkpoint_version": ckpt.CHECKPOINT_VERSION,
@@ -97,7 +100,7 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         "consumed_valid_samples": trainer.consumed_valid_samples,
         # Megatron-LM's key, which its loader reads; nothing here counts FLOPs across runs.
         "num_floating_point_operations_so_far": 0,
-        "model": model,
+        **models,
     }
     if trainer.config.lora.enabled and not is_loading:
         state["lora"] = lora_checkpoint.metadata(trainer)
@@ -105,7 +108,7 @@ def _sharded_state_dict(trainer, metadata, *, optimizer: bool, rng: bool, is_loa
         state.update(coba.checkpoint_entry(trainer))  # non-sharded, as the scalars above
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(
-            state["model"], is_loading=is_loading, metadata=metadata)
+            models, is_loading=is_loading, metadata=metadata)
         state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     if rng:
         # Megatron-LM's: one entry per (pp, tp) rank; data- and context-parallel ranks hold
@@ -200,6 +203,11 @@ def saved_args(directory):
     return dist_format.load_common_state_dict(directory).get("args")
 
 
+def _layout_text(tp: int, pp: int, chunks) -> str:
+    """TP=a PP=b, and the model chunks per stage of the interleaved schedule."""
+    return f"TP={tp} PP={pp}" + (f" x {chunks} model chunks" if (chunks or 1) > 1 else "")
+
+
 def load(trainer, iteration, root, part=None, weights_only: bool = False) -> None:
     """Resume from the torch_dist checkpoint of ``iteration`` in ``root`` at this run's
     TP/PP/DP (the RNG states only at the layout they were saved with); ``part`` of the model
@@ -212,6 +220,8 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
     saved_layout = (saved_value(saved_args, "tensor_model_parallel_size") or 1,
                     saved_value(saved_args, "pipeline_model_parallel_size"))
+    saved_at = _layout_text(*saved_layout,
+                            saved_value(saved_args, "virtual_pipeline_model_parallel_size"))
     # The layers of each PP stage, not the PP size alone: an uneven split moves layers.
     same_layout = (saved_layout[0], pipeline_split(saved_args)) \
         == (topology.tensor_parallel, run_pipeline_split(trainer.config))
@@ -229,10 +239,10 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         check_precision(trainer, saved_args, directory)
         check_schedule(trainer, common["opt_param_scheduler"], directory)
     if load_rng and not same_layout:
-        log_once(logger, logging.WARNING,
-                 f"{directory} was saved at TP={saved_layout[0]} PP={saved_layout[1]}, this run "
-                 f"has TP={topology.tensor_parallel} PP={topology.pipeline_parallel}: RNG states "
-                 f"not restored")
+        here = _layout_text(topology.tensor_parallel, topology.pipeline_parallel,
+                            topology.virtual_pipeline)
+        log_once(logger, logging.WARNING, f"{directory} was saved at {saved_at}, this run has "
+                 f"{here}: RNG states not restored")
         load_rng = False
     content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
     saved_distributed = getattr(saved_args, "use_distributed_optimizer", None)
@@ -244,13 +254,15 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         platform.torch_adam_state_allocated(distributed_optimizers(trainer.optimizer))
     sharded = _sharded_state_dict(trainer, metadata, optimizer=load_optim, rng=load_rng,
                                   is_loading=True, part=part)
+    model_keys = ckpt.model_keys(len(trainer.model))
     if switched:
         m = trainer.config.model
-        optimizer_switch.rename(sharded["optimizer"], sharded["model"], bool(saved_distributed),
-                                fp32=not (m.bf16 or m.fp16))
+        optimizer_switch.rename(sharded["optimizer"], {k: sharded[k] for k in model_keys},
+                                bool(saved_distributed), fp32=not (m.bf16 or m.fp16))
     state = dist_format.load(sharded, directory, strict=c.dist_ckpt_strictness)
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
-    trainer.model[0].module.load_state_dict(state["model"], strict=part is None)
+    for key, chunk in zip(model_keys, trainer.model):
+        chunk.module.load_state_dict(state[key], strict=part is None)
     if load_optim:
         optimizer_state = state["optimizer"]
         if switched:
@@ -279,5 +291,5 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         "consumed_samples", getattr(saved_args, "consumed_train_samples", 0))
     trainer.consumed_valid_samples = state.get(
         "consumed_valid_samples", getattr(saved_args, "consumed_valid_samples", 0))
-    logger.info(f"resumed from {directory} (torch_dist, saved at TP={saved_layout[0]} "
-                f"PP={saved_layout[1]}) at iteration {trainer.iteration}{fresh_on_resume(c)}")
+    logger.info(f"resumed from {directory} (torch_dist, saved at {saved_at}) at iteration "
+                f"{trainer.iteration}{fresh_on_resume(c)}")

@@ -53,8 +53,10 @@ def _options(config: Config) -> list:
     for flag, value in (("--target-decoder-first-pipeline-num-layers",
                          p.decoder_first_pipeline_num_layers),
                         ("--target-decoder-last-pipeline-num-layers",
-                         p.decoder_last_pipeline_num_layers)):
-        if value is not None:  # the run's uneven split (the cache's record holds it)
+                         p.decoder_last_pipeline_num_layers),
+                        ("--target-num-virtual-stages-per-pipeline-rank",
+                         p.num_virtual_stages_per_pipeline_rank)):
+        if value is not None:  # the run's uneven split, its chunks (the cache's record holds it)
             argv += [flag, str(value)]
     if ms.model_type_hf is not None:
         argv += ["--model-type-hf", HF_MODEL_TYPES[ms.model_type_hf]]

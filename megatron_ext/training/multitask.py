@@ -152,7 +152,10 @@ class MultiTask:
         self.weights = fixed_weights(task_weights, names)
 
     def prepare(self, iterator, num_microbatches: int):
-        """This rank's micro-batches of the global batch, each with ``task_scale`` added."""
+        """This rank's micro-batches of the global batch, each with ``task_scale`` added (one
+        iterator of them per model chunk where ``iterator`` is a list: data.per_chunk)."""
+        if isinstance(iterator, list):
+            return [self.prepare(chunk, num_microbatches) for chunk in iterator]
         batches = [next(iterator) for _ in range(num_microbatches)]
         n = len(self.names)
         counts = torch.zeros(2, n, dtype=torch.float64)  # trained tokens, conversations

@@ -15,7 +15,9 @@ from megatron_ext import platform
 from megatron_ext.config import Config
 
 
-def wrap_ddp(config: Config, module) -> DistributedDataParallel:
+def wrap_ddp(config: Config, module, chunk: int = 0) -> DistributedDataParallel:
+    """megatron-core's DDP around model chunk ``chunk``; chunks after the first reduce their
+    gradients in one bucket, as Megatron-LM's (the interleaved schedule overlaps the first's)."""
     p, t, m = config.parallel, config.training, config.model
     ddp_config = DistributedDataParallelConfig(
         # Megatron-LM: --grad-reduce-in-bf16 keeps bf16 gradients for the reduction.
@@ -24,7 +26,7 @@ def wrap_ddp(config: Config, module) -> DistributedDataParallel:
         overlap_param_gather=p.overlap_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
     )
-    return DistributedDataParallel(module.config, ddp_config, module)
+    return DistributedDataParallel(module.config, ddp_config, module, disable_bucketing=chunk > 0)
 
 
 def build_optimizer(config: Config, model: list):

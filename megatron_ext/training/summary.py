@@ -58,10 +58,12 @@ class RankParams:
     unique_trainable: int = 0  # of ``unique``
 
 
-def count_parameters(module: torch.nn.Module, rank: int, tp: int, pp: int, dp: int,
+def count_parameters(chunks: List[torch.nn.Module], rank: int, tp: int, pp: int, dp: int,
                      cp: int = 0) -> RankParams:
+    """The counts of a rank's model chunks (one, or one per virtual stage)."""
     local = unique = embedding = output = trainable = unique_trainable = 0
-    for name, param in module.named_parameters():
+    named = [item for chunk in chunks for item in chunk.named_parameters()]
+    for name, param in named:
         local += param.numel()
         trainable += param.numel() if param.requires_grad else 0
         if not (param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param)):
@@ -122,10 +124,10 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     tokens = t.micro_batch_size * m.seq_length // cp
     gathered_kv = 2 * e * kv / tp * t.micro_batch_size * m.seq_length if cp > 1 else 0
     per_layer = per_token * tokens + (4 * m.seq_length * m.kv_channels * e if rope else 0)
-    held = _stage_layers(config, stage)
+    held = [i for chunk in _stage_layers(config, stage) for i in chunk]
     layers = len(held)
     schemes = p.cp_comm_type * (m.num_layers // len(p.cp_comm_type))  # one per layer
-    allgather_layers = schemes[held.start:held.stop].count(CP_ALLGATHER)
+    allgather_layers = [schemes[i] for i in held].count(CP_ALLGATHER)
     if m.recompute_granularity == "full":
         # Each recomputed chunk keeps its input; backward rebuilds one chunk at a time.
         chunk = m.recompute_num_layers
@@ -139,15 +141,25 @@ def activation_bytes(config: Config, vocab_size: int, stage: int) -> int:
     return int(per_stage)
 
 
-def _stage_layers(config: Config, stage: int) -> range:
-    p = config.parallel
-    return stage_layers(config.model.num_layers, stage, p.pipeline_model_parallel_size,
-                        p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers)
+def _stage_layers(config: Config, stage: int) -> List[range]:
+    """The layers of each model chunk of ``stage``."""
+    p, vp = config.parallel, config.parallel.virtual_stages
+    return [stage_layers(config.model.num_layers, stage, p.pipeline_model_parallel_size,
+                         p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers,
+                         chunk, vp) for chunk in range(vp)]
 
 
-def in_flight_microbatches(config: Config, stage: int, num_microbatches: int) -> int:
-    """Micro-batches whose activations a 1F1B stage holds at its peak."""
-    return min(config.parallel.pipeline_model_parallel_size - stage, num_microbatches)
+def in_flight_microbatches(config: Config, stage: int, num_microbatches: int) -> float:
+    """Micro-batches whose activations (of all the stage's layers) a 1F1B stage holds at its
+    peak; interleaved, the chunk-micro-batches of megatron-core's warmup plus one, in whole
+    micro-batches (a chunk holds 1 / chunks of the layers)."""
+    p, vp = config.parallel, config.parallel.virtual_stages
+    pp = p.pipeline_model_parallel_size
+    if vp == 1:
+        return min(pp - stage, num_microbatches)
+    group = p.microbatch_group_size_per_virtual_pipeline_stage or pp
+    warmup = (pp - stage - 1) * 2 + (vp - 1) * group
+    return min(warmup + 1, num_microbatches * vp) / vp
 
 
 # ------------------------------------------------------------------------------------ report
@@ -228,9 +240,8 @@ def _layout_lines(config: Config, ranks: List[RankParams]) -> List[str]:
              f"{context}; distributed optimizer {'on' if p.use_distributed_optimizer else 'off'}"]
     for stage in range(pp):
         on_stage = [r for r in ranks if r.pp == stage]
-        held = _stage_layers(config, stage)
-        first, last = held.start + 1, held.stop
-        parts = [f"layers {first}-{last}" if last > first else f"layer {first}"]
+        parts = [", ".join(f"layers {held.start + 1}-{held.stop}" if len(held) > 1
+                           else f"layer {held.stop}" for held in _stage_layers(config, stage))]
         if stage == 0:
             parts.insert(0, "embedding")
         if stage == pp - 1:
@@ -339,8 +350,8 @@ def _memory_lines(config: Config, vocab_size: int, ranks: List[RankParams],
         total = sum(state.values()) + acts
         lines.append(f"  stage {stage}: weights {_bytes(state['weights'])} + gradients "
                      f"{_bytes(state['gradients'])} + optimizer {_bytes(state['optimizer'])} + "
-                     f"activations {_bytes(acts)} ({flight} micro-batch"
-                     f"{'es' if flight > 1 else ''}) = {_bytes(total)}")
+                     f"activations {_bytes(acts)} ({flight:g} micro-batch"
+                     f"{'es' if flight != 1 else ''}) = {_bytes(total)}")
     return lines
 
 
@@ -356,9 +367,9 @@ def summary_lines(config: Config, vocab_size: int, module: torch.nn.Module,
             + _memory_lines(config, vocab_size, ranks, num_microbatches) + ["-" * 100])
 
 
-def gather_parameters(module: torch.nn.Module, topology) -> List[RankParams]:
+def gather_parameters(chunks: List[torch.nn.Module], topology) -> List[RankParams]:
     """Every rank's counts, on every rank (one all_gather_object, called by all ranks)."""
-    mine = count_parameters(module, dist.get_rank(), topology.tp_rank, topology.pp_rank,
+    mine = count_parameters(chunks, dist.get_rank(), topology.tp_rank, topology.pp_rank,
                             topology.dp_rank, topology.cp_rank)
     everyone: List[RankParams] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -368,7 +379,7 @@ def gather_parameters(module: torch.nn.Module, topology) -> List[RankParams]:
 def log_summary(trainer) -> Tuple[List[RankParams], List[str]]:
     """Gather the counts and print the summary on rank 0; returns both (for tests)."""
     module = trainer.model[0].module
-    ranks = gather_parameters(module, trainer.topology)
+    ranks = gather_parameters([chunk.module for chunk in trainer.model], trainer.topology)
     lines = summary_lines(trainer.config, trainer.vocab_size, module, ranks,
                           trainer.num_microbatches(), trainer.train_ds, trainer.valid_ds)
     if dist.get_rank() == 0:

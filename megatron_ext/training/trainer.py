@@ -1,4 +1,5 @@
-"""The training loop: megatron-core model, DDP, optimizer, schedules, evaluation and logging.
+"""The training loop: megatron-core model, DDP, optimizer, schedules and logging (evaluation:
+``evaluation.py``).
 
 ``Trainer.__init__`` is the recipe, in order; ``train`` runs it. The entry script supplies the
 forward step (batch -> model -> loss function), as in Megatron-LM's ``pretrain_gpt.py``.
@@ -26,11 +27,11 @@ from megatron_ext.config import Config, ConfigError
 from megatron_ext.config.schedule import BatchSizeSchedule, parse_step_schedule
 from megatron_ext.config.validate_compat import check_padded_vocab_size
 from megatron_ext.model import lora
-from megatron_ext.model.gpt import build_model
+from megatron_ext.model.gpt import build_model_chunks
 from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
-from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume, hf2mg,
-                                   multitask, shard_checks, summary)
+from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume,
+                                   evaluation, hf2mg, multitask, shard_checks, summary)
 from megatron_ext.training.early_exit import EarlyExit
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
@@ -73,14 +74,7 @@ class Trainer:
         #    the vocabulary padded as the checkpoint is.
         checkpoint_checks.check_checkpoints(config)
         checkpointing.adopt_saved_vocab_padding(config, self.vocab_size)
-        self.eval_prompts = None
-        if config.logging.eval_prompts:
-            from megatron_ext.generation.eval_prompts import EvalPrompts
-
-            m = config.model
-            self.eval_prompts = EvalPrompts(
-                config.logging.eval_prompts, self.tokenizer,
-                m.max_position_embeddings if m.position_embedding_type == "learned_absolute" else None)
+        self.eval_prompts = evaluation.eval_prompts(config, self.tokenizer)
         # 2. Topology and process groups (flags were validated before this point). The runtime
         #    RNG (dropout) is seeded per pipeline stage as in Megatron-LM, so that stages do not
         #    repeat each other's masks; the initial weights do not depend on it (model/init.py).
@@ -88,19 +82,25 @@ class Trainer:
         self.topology.initialize(config.parallel.distributed_backend,
                                  timeout_minutes=config.parallel.distributed_timeout_minutes)
         platform.manual_seed(config.training.seed + 100 * self.topology.pp_rank)
-        # 3. Model chunk of this stage, on the device, wrapped in megatron-core DDP.
-        module = build_model(config, self.vocab_size).to(platform.device())
-        if init_state_dict is not None:
-            self._load_full_state_dict(module, init_state_dict)
-        if config.lora.enabled:
-            lora.freeze_base(module)  # before DDP: no gradient buffers, no optimizer state
-        self.model_config = module.config
-        self.model = [wrap_ddp(config, module)]
-        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples).
+        # 3. Model chunks of this stage (one per virtual stage of the interleaved schedule), on
+        #    the device, each wrapped in megatron-core DDP.
+        modules = [chunk.to(platform.device())
+                   for chunk in build_model_chunks(config, self.vocab_size)]
+        for stage, module in enumerate(modules):
+            if init_state_dict is not None:
+                self._load_full_state_dict(module, init_state_dict, stage)
+            if config.lora.enabled:
+                lora.freeze_base(module)  # before DDP: no gradient buffers, no optimizer state
+        self.model_config = modules[0].config
+        self.model = [wrap_ddp(config, module, stage) for stage, module in enumerate(modules)]
+        # 4. Optimizer and learning-rate schedule (megatron-core's, counted in samples), over
+        #    all chunks.
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
-        # 5. megatron-core's hooks: grad sync at the end of the step, loss scaling.
-        self.model_config.no_sync_func = self.model[0].no_sync
+        # 5. megatron-core's hooks: grad sync at the end of the step (each chunk's), loss
+        #    scaling.
+        self.model_config.no_sync_func = ([chunk.no_sync for chunk in self.model]
+                                          if len(self.model) > 1 else self.model[0].no_sync)
         self.model_config.finalize_model_grads_func = finalize_model_grads
         self.model_config.grad_scale_func = self.optimizer.scale_loss
         # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load (with
@@ -122,13 +122,9 @@ class Trainer:
             t.global_batch_size, t.rampup_batch_size,
             parse_step_schedule(t.step_batch_size_schedule, m.seq_length)
             if t.step_batch_size_schedule else None)
-        l = config.logging
-        # Validation batches advance from one evaluation to the next, as in Megatron-LM.
-        evals = (t.train_iters // l.eval_interval + 1) * l.eval_iters if l.eval_interval else 0
         self.train_ds, self.valid_ds, self.test_ds = data.build_datasets(
             config, self.tokenizer.eod, self.vocab_size,
-            [t.train_samples, evals * t.global_batch_size, l.eval_iters * t.global_batch_size],
-            split_matrix,
+            [t.train_samples, *evaluation.eval_samples(config)], split_matrix,
         )
         self.forward_step = functools.partial(forward_step, config, self.tokenizer.eod)
         self.valid_iterators = None  # one per validation dataset, from the first evaluation
@@ -167,11 +163,12 @@ class Trainer:
                     first_stage_layers=p.decoder_first_pipeline_num_layers,
                     last_stage_layers=p.decoder_last_pipeline_num_layers)
 
-    def _load_full_state_dict(self, module, full: Dict[str, torch.Tensor]) -> None:
+    def _load_full_state_dict(self, module, full: Dict[str, torch.Tensor], vp_stage: int) -> None:
         topo = self.topology
         shard = shard_state_dict(
             full, **self._shard_args(), tp_rank=topo.tp_rank, tp_size=topo.tensor_parallel,
-            pp_rank=topo.pp_rank, pp_size=topo.pipeline_parallel,
+            pp_rank=topo.pp_rank, pp_size=topo.pipeline_parallel, vp_stage=vp_stage,
+            vp_size=topo.virtual_pipeline,
             vocab_rows=padded_vocab_size(self.vocab_size, self.config.model.make_vocab_size_divisible_by,
                                          topo.tensor_parallel),
         )
@@ -184,18 +181,21 @@ class Trainer:
                              f"unexpected {unexpected}")
 
     def full_state_dict(self) -> Optional[Dict[str, torch.Tensor]]:
-        """All TP/PP shards gathered and merged (TP1/PP1 names) on global rank 0, else None."""
+        """All TP/PP shards (each chunk's) gathered and merged (TP1/PP1 names) on global rank 0,
+        else None."""
         topo = self.topology
-        local = None
+        local = []
         if topo.dp_rank == 0:
-            local = ((topo.tp_rank, topo.pp_rank),
-                     {k: v.detach().cpu() for k, v in self.model[0].module.state_dict().items()
-                      if isinstance(v, torch.Tensor)})
+            local = [((topo.tp_rank, topo.pp_rank, stage),
+                      {k: v.detach().cpu() for k, v in chunk.module.state_dict().items()
+                       if isinstance(v, torch.Tensor)})
+                     for stage, chunk in enumerate(self.model)]
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         if dist.get_rank() != 0:
             return None
-        return merge_state_dicts(dict(g for g in gathered if g is not None), **self._shard_args())
+        return merge_state_dicts(dict(entry for g in gathered for entry in g),
+                                 **self._shard_args())
 
     # -- steps -------------------------------------------------------------------------------
     def num_microbatches(self, global_batch_size: Optional[int] = None) -> int:
@@ -266,76 +266,27 @@ class Trainer:
         if self.config.training.empty_unused_memory_level >= level and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _sync_params(self) -> None:
+    def sync_params(self) -> None:
         """With --overlap-param-gather the updated parameters arrive at the next forward's
         pre-hooks; evaluation and saving need them now (Megatron-LM disables the hooks)."""
         if self.config.parallel.overlap_param_gather:
             for chunk in self.model:
                 chunk.disable_forward_pre_hook(param_sync=True)
 
-    def _resume_param_overlap(self) -> None:
+    def resume_param_overlap(self) -> None:
         if self.config.parallel.overlap_param_gather:
             for chunk in self.model:
                 chunk.enable_forward_pre_hook()
 
-    @torch.no_grad()
     def evaluate(self, split: str = "valid", final: bool = False):
-        """Mean per-token loss over ``--eval-iters`` global batches of the validation split
-        (each evaluation continuing where the last one stopped, across a resume too) or of the
-        test split (from its start); with ``--multiple-validation-sets`` a loss per validation
-        dataset, in a list. A validation also answers ``--eval-prompts``."""
-        if split == "valid" and self.eval_prompts is not None:
-            self.eval_prompts.run(self.model[0].module, self.iteration, self.metrics)
-        dataset = self.valid_ds if split == "valid" else self.test_ds
-        if dataset is None or not self.config.logging.eval_iters:
-            return None
-        t, topo, d = self.config.training, self.topology, self.config.data
-        if split == "test":
-            return self._evaluate_batches(data.cyclic_iterator(
-                dataset, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-                num_workers=d.num_workers), split, final)
-        datasets = dataset if d.multiple_validation_sets else [dataset]
-        if self.valid_iterators is None:
-            self.valid_iterators = [data.cyclic_iterator(
-                ds, t.micro_batch_size, topo.dp_rank, topo.data_parallel,
-                self.consumed_valid_samples, d.num_workers) for ds in datasets]
-        # Megatron-LM's labels: validation-0, validation-1 ... or --validation-set-names.
-        suffixes = ([f"-{name}" for name in d.validation_set_names or range(len(datasets))]
-                    if d.multiple_validation_sets else [""])
-        losses = [self._evaluate_batches(iterator, split, final, suffix)
-                  for iterator, suffix in zip(self.valid_iterators, suffixes)]
-        # Every dataset reads as many batches: one count is the position in each.
-        self.consumed_valid_samples += self.config.logging.eval_iters * t.global_batch_size
-        return losses if d.multiple_validation_sets else losses[0]
-
-    def _evaluate_batches(self, iterator, split: str, final: bool, suffix: str = "") -> float:
-        """The loss of ``--eval-iters`` global batches of ``iterator``, logged."""
-        t = self.config.training
-        if t.manual_gc:
-            gc.collect()
-        self._sync_params()
-        for chunk in self.model:
-            chunk.eval()
-        loss_sum, tokens, task_totals = 0.0, 0, None
-        for _ in range(self.config.logging.eval_iters):
-            loss, count = self._forward_backward(iterator, forward_only=True)
-            loss_sum, tokens = loss_sum + loss * count, tokens + count
-            if self.task_totals is not None:
-                task_totals = self.task_totals + (0 if task_totals is None else task_totals)
-        for chunk in self.model:
-            chunk.train()
-        self._resume_param_overlap()
-        if t.manual_gc:
-            gc.collect()
-        loss = loss_sum / max(tokens, 1)
-        self.metrics.log_eval(self.iteration, loss, split, final, task_totals, suffix)
-        return loss
+        """``evaluation.evaluate``: the loss of the validation (or test) split, logged."""
+        return evaluation.evaluate(self, split, final)
 
     def train(self) -> List[Dict[str, float]]:
         t, l, c = self.config.training, self.config.logging, self.config.checkpoint
-        iterator = data.data_iterator(self.train_ds, self.consumed_samples, t.micro_batch_size,
-                                      self.topology.dp_rank, self.topology.data_parallel,
-                                      self.config.data.num_workers)
+        iterator = data.per_chunk(len(self.model), functools.partial(
+            data.data_iterator, self.train_ds, self.consumed_samples, t.micro_batch_size,
+            self.topology.dp_rank, self.topology.data_parallel, self.config.data.num_workers))
         for chunk in self.model:
             chunk.train()
         profiler = StepProfiler(l.profile_step_start, l.profile_step_end,
@@ -368,9 +319,9 @@ class Trainer:
             exiting = self.exits.reason(self.iteration)
             last = bool(exiting) or self.iteration == t.train_iters
             if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
-                self._sync_params()
+                self.sync_params()
                 checkpointing.save_checkpoint(self)
-                self._resume_param_overlap()
+                self.resume_param_overlap()
             if c.async_save:
                 checkpointing.finalize_saves()
             if exiting:
@@ -382,8 +333,8 @@ class Trainer:
                 window_start = time.perf_counter()
         checkpointing.finalize_saves(blocking=True)
         profiler.stop()
-        self._sync_params()  # the model holds the final weights when training returns
-        self._resume_param_overlap()
+        self.sync_params()  # the model holds the final weights when training returns
+        self.resume_param_overlap()
         if t.manual_gc:
             gc.enable()
         if self.iteration == start_iteration:

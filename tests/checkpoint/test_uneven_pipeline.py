@@ -26,25 +26,33 @@ def _layouts():
         for pp in (2, 3, 4):
             for first in (None, 1, 2, 3):
                 for last in (None, 1, 2, 3):
-                    if split_problem(layers, pp, first, last) is None:
-                        yield layers, pp, first, last
+                    for vp in (1, 2, 3):
+                        if split_problem(layers, pp, first, last, vp_size=vp) is None:
+                            yield layers, pp, first, last, vp
 
 
 def test_stage_layers_is_megatron_cores_split():
-    """Every split validate accepts is the one megatron-core builds (offset, layer count)."""
+    """Every split validate accepts is the one megatron-core builds (offset, layer count), for
+    each model chunk of the interleaved schedule too."""
     layouts = list(_layouts())
-    assert len(layouts) > 20 and any(f or l for _, _, f, l in layouts)
-    for layers, pp, first, last in layouts:
+    assert len(layouts) > 20 and any(f or l for _, _, f, l, _ in layouts)
+    assert any(vp > 1 and (f or l) for _, _, f, l, vp in layouts)
+    for layers, pp, first, last, vp in layouts:
         config = TransformerConfig(num_layers=layers, hidden_size=8, num_attention_heads=1,
                                    pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32,
                                    num_layers_in_first_pipeline_stage=first,
-                                   num_layers_in_last_pipeline_stage=last)
-        got = [stage_layers(layers, rank, pp, first, last) for rank in range(pp)]
-        core = [range(get_transformer_layer_offset(config, pp_rank=rank),
-                      get_transformer_layer_offset(config, pp_rank=rank)
-                      + get_num_layers_to_build(config, pp_rank=rank)) for rank in range(pp)]
-        assert got == core, (layers, pp, first, last)
-        assert got[0].start == 0 and got[-1].stop == layers
+                                   num_layers_in_last_pipeline_stage=last,
+                                   virtual_pipeline_model_parallel_size=vp if vp > 1 else None)
+        chunks = [(rank, stage) for stage in range(vp) for rank in range(pp)]
+        got = [stage_layers(layers, rank, pp, first, last, stage, vp) for rank, stage in chunks]
+        stages = [dict(pp_rank=rank, vp_stage=stage if vp > 1 else None)
+                  for rank, stage in chunks]
+        core = [range(get_transformer_layer_offset(config, **at),
+                      get_transformer_layer_offset(config, **at)
+                      + get_num_layers_to_build(config, **at)) for at in stages]
+        assert got == core, (layers, pp, first, last, vp)
+        # In schedule order (chunk 0 of every stage, then chunk 1 ...) the layers follow on.
+        assert [i for r in got for i in r] == list(range(layers))
 
 
 @pytest.mark.parametrize("first, last, expected", [

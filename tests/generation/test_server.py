@@ -15,43 +15,18 @@ import socket
 import subprocess
 import sys
 import threading
-import urllib.error
-import urllib.request
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 import torch
 
-from tests.checkpoint.conftest import make_hf_model, run_convert
+from tests.generation.serving import (CHAT_TEMPLATE, EOD, FLAGS, TIMEOUT_S, USER, Server, env,
+                                      request)
 from tests.launcher import ROOT, free_port
 
-TIMEOUT_S = 120
-EOD = 249  # NullTokenizer --vocab-size 249: ids 0..248, EOD 249 (the HF model's vocabulary 250)
-FLAGS = ["--tokenizer-type", "NullTokenizer", "--vocab-size", str(EOD)]
 PROMPTS = ["1 2 3 4 5", "200 17 9"]
 SAMPLED = {"temperature": 0.8, "top_k": 5, "random_seed": 7}  # /api's fields
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """(HF model dir, the same model converted to torch_dist: loads at TP 1 and 2)."""
-    root = tmp_path_factory.mktemp("server")
-    hf = make_hf_model(root / "hf")
-    run_convert("hf", "mg", hf, root / "mg", "--ckpt-format", "torch_dist")
-    return hf, root / "mg"
-
-
-@pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    from transformers import AutoModelForCausalLM
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(checkpoint[0], dtype=torch.float32,
-                                                    attn_implementation="eager").eval()
 
 
 @pytest.fixture(scope="module")
@@ -61,77 +36,9 @@ def cli_sampled(checkpoint):
            "--max-new-tokens", str(NEW), "--temperature", "0.8", "--top-k", "5", "--seed", "7",
            "--prompt", PROMPTS[0], "--prompt", PROMPTS[1]]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S,
-                            env={**_env(), "MASTER_PORT": str(free_port())})
+                            env={**env(), "MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.splitlines()
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
-def _request(url, method, path, body):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT_S) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-class Server:
-    """``generate_gpt.py --port 0`` under torchrun; ``url`` once it announces its port."""
-
-    def __init__(self, nproc, load, *extra):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-             f"{ROOT}/generate_gpt.py", "--load", str(load), *FLAGS, "--port", "0",
-             "--host", "127.0.0.1", *extra],
-            cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
-        self.log, lines = [], queue.Queue()
-        threading.Thread(target=self._read, args=(lines,), daemon=True).start()
-        try:
-            while True:  # bounded: each wait ends at the timeout or at the server's exit
-                line = lines.get(timeout=TIMEOUT_S)
-                assert line is not None, "server exited:\n" + "".join(self.log[-60:])
-                found = re.search(r"serving on (http://127\.0\.0\.1:\d+)", line)
-                if found:
-                    self.url = found.group(1)
-                    break
-        except BaseException:
-            self.kill()
-            raise
-
-    def _read(self, lines):
-        for line in self.proc.stderr:
-            self.log.append(line)
-            lines.put(line)
-        lines.put(None)
-
-    def request(self, method, path, body):
-        return _request(self.url, method, path, body)
-
-    def stop(self) -> int:
-        """SIGTERM to rank 0 (as a scheduler stops a job's main process): every rank exits."""
-        rank0 = [p for p in psutil.Process(self.proc.pid).children()
-                 if p.environ().get("RANK") == "0"]
-        assert len(rank0) == 1
-        rank0[0].send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=TIMEOUT_S)
-        finally:
-            self.kill()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 def _hf_logprobs(hf, tokens):
@@ -166,15 +73,12 @@ BAD_REQUESTS = [  # (method, path, body, part of the message)
      "tokens_to_generate=0 implies logprobs should be True"),
     ("PUT", "/api", {"prompts": ["1"], "top-k": 2}, "unknown field(s) top-k"),
     ("PUT", "/api", b"{not json", "Expecting property name"),
-    ("POST", "/v1/completions", {"prompt": "1", "n": 2}, "n=2 is not supported"),
+    ("POST", "/v1/completions", {"prompt": "1", "n": 2, "best_of": 1},
+     "best_of must be an integer >= n (2)"),
     ("POST", "/completions", {"prompt": [1, 250]}, "prompt token ids must be in [0, 250)"),
     ("POST", "/chat/completions", {"messages": [{"role": "user", "content": "1"}]},
      "start the server with --prompt-type NAME"),
 ]
-# A chat template NullTokenizer can tokenize (numbers): system, user, assistant markers.
-CHAT_TEMPLATE = {"system": "{content} 10 ", "user": "{content} 11", "assistant_prefix": " 12 ",
-                 "assistant": "{content} 13{eos}"}
-USER = {"role": "user", "content": "1 2 3"}
 BAD_CHATS = [  # (messages, part of the message)
     ([], "messages must be a non-empty list"),
     ([{"role": "tool", "content": "1"}], "messages[0]: unknown role 'tool'"),
@@ -280,7 +184,7 @@ def test_chat_completions_answer_as_interactive_chat(checkpoint, hf_model, tmp_p
         [sys.executable, f"{ROOT}/generate_gpt.py", "--load", str(checkpoint[1]), *FLAGS, *chat,
          "--interactive", "--system", "9 9"], input=USER["content"] + "\n", cwd=ROOT,
         capture_output=True, text=True, timeout=TIMEOUT_S,
-        env={**_env(), "MASTER_PORT": str(free_port())})
+        env={**env(), "MASTER_PORT": str(free_port())})
     assert cli.returncode == 0, cli.stderr[-3000:]
     expected = cli.stdout.split("\n")[0]  # the answer's line (a chat answer has no newline)
     server = Server(1, checkpoint[1], *chat)
@@ -347,7 +251,7 @@ def _serve_in_process(argv, requests):
     def client():
         try:
             url = urls.get(timeout=TIMEOUT_S)
-            answers.extend(_request(url, *request) for request in requests)
+            answers.extend(request(url, *asked) for asked in requests)
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -237,6 +237,27 @@ def _task_weights_flag(prefix, by_name):
     return ["--task-weights", ",".join(str(WEIGHTS[n]) for n in read_tasks(prefix) if n)]
 
 
+@pytest.mark.parametrize("mode", ["case3", "case4"])
+def test_modes_under_the_interleaved_schedule(data, mode):
+    """4 layers at PP2 x VPP2 (each model chunk reads the global batch through its own
+    iterator, the task counts taken per chunk alike) == one process: lm loss, task losses,
+    gradients."""
+    four = list(data["argv"])
+    four[four.index("--num-layers") + 1] = "4"
+    argv = four + ["--data-path", data["packed"], "--micro-batch-size", "1",
+                   "--global-batch-size", str(PACKED_ROWS), "--weighted-loss-mode", mode]
+    loss, _, ref_grads, initial, ref_tasks = launch(_one_global_batch, 1, argv, 1, None)[0]
+    run = launch(_one_global_batch, 2, argv + ["--pipeline-model-parallel-size", "2",
+                                               "--num-virtual-stages-per-pipeline-rank", "2"],
+                 2, initial)[0]
+    assert run[0] == pytest.approx(loss, rel=LOSS_RTOL)
+    assert run[4].keys() == ref_tasks.keys() == set(TASKS)
+    for task, value in ref_tasks.items():
+        assert run[4][task] == pytest.approx(value, rel=LOSS_RTOL), task
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(run[2][name], grad, rtol=0, atol=GRAD_ATOL, msg=name)
+
+
 @pytest.mark.parametrize("mode,world_size,micro_batch,by_name", [
     ("case3", 1, 2, False), ("case4", 2, 1, False), ("case3", 1, 2, True)])
 def test_fixed_task_weights_weigh_the_task_losses(data, single, reference, mode, world_size,

@@ -88,16 +88,17 @@ def data(tmp_path_factory, char_tokenizer_dir):
 def _gathered_grads(trainer):
     """main_grad of every parameter, TP/PP shards merged (TP1/PP1 names), on global rank 0."""
     topo = trainer.topology
-    local = None
+    local = []
     if topo.dp_rank == 0:
-        local = ((topo.tp_rank, topo.pp_rank),
-                 {name: p.main_grad.detach().clone()
-                  for name, p in trainer.model[0].module.named_parameters()})
+        local = [((topo.tp_rank, topo.pp_rank, stage),
+                  {name: p.main_grad.detach().clone()
+                   for name, p in chunk.module.named_parameters()})
+                 for stage, chunk in enumerate(trainer.model)]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     if dist.get_rank() != 0:
         return None
-    return merge_state_dicts(dict(g for g in gathered if g is not None),
+    return merge_state_dicts(dict(entry for g in gathered for entry in g),
                              **trainer._shard_args())
 
 
@@ -109,8 +110,8 @@ def _one_global_batch(argv, world_size, init_state_dict):
     initial = trainer.full_state_dict()
     t, topo = config.training, trainer.topology
     assert len(trainer.train_ds) == t.global_batch_size
-    iterator = training_data.data_iterator(trainer.train_ds, 0, t.micro_batch_size,
-                                           topo.dp_rank, topo.data_parallel)
+    iterator = training_data.per_chunk(len(trainer.model), lambda: training_data.data_iterator(
+        trainer.train_ds, 0, t.micro_batch_size, topo.dp_rank, topo.data_parallel))
     for chunk in trainer.model:
         chunk.zero_grad_buffer()
         chunk.train()

@@ -42,7 +42,7 @@ def _run(python, *args):
     "--ckpt-format torch_dist",
     "--ckpt-format torch",
     # Param groups of other rates: 0.19 matches saved ones to its own by them, 0.16-0.18 by
-    # marks (megatron_ext/platform.py); the distributed optimizer matches them alike.
+    # marks (megatron_ext/platform/checkpoint.py); the distributed optimizer matches them alike.
     "--ckpt-format torch_dist --decoupled-lr 5e-3",
 ])
 def test_checkpoint_resumes_under_the_other_megatron_core(tmp_path, flags):

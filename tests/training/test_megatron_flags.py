@@ -84,9 +84,9 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "all-to-all within groups of A, the ring across B) with A x B = --context-parallel-size 4"),
     ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 "
      "1 2", "--hierarchical-context-parallel-sizes 2 1 2: a2a+p2p takes two sizes"),
-    ("--context-parallel-size 4 --hierarchical-context-parallel-sizes 2 2",
-     "--hierarchical-context-parallel-sizes is for --cp-comm-type a2a+p2p (no other scheme "
-     "uses the sub-groups); drop it or pass --cp-comm-type a2a+p2p"),
+    ("--context-parallel-size 4 --hierarchical-context-parallel-sizes 2 1",
+     "--hierarchical-context-parallel-sizes 2 1: sizes >= 1 whose product is "
+     "--context-parallel-size 4"),
     ("--context-parallel-size 4 --cp-comm-type a2a+p2p --hierarchical-context-parallel-sizes 2 "
      "2 --attention-dropout 0.1", "--cp-comm-type a2a+p2p (ring attention) has no attention "
      "dropout: pass --attention-dropout 0 (now 0.1"),
@@ -96,8 +96,8 @@ def test_sample_based_schedule_is_derived_as_megatron_lm_does():
      "--num-query-groups 1 / --tensor-model-parallel-size 1 = 1 is not divisible by the "
      "all-to-all size 2 (the first of --hierarchical-context-parallel-sizes 2 2); change them "
      "or use --cp-comm-type allgather"),
-    ("--cp-comm-type a2a allgather a2a", "--cp-comm-type has 3 values: give one, or one per "
-     "layer (--num-layers 2)"),
+    ("--context-parallel-size 2 --cp-comm-type a2a allgather a2a", "--cp-comm-type has 3 "
+     "values: give one, or one per layer (--num-layers 2)"),
     ("--context-parallel-size 2 --cp-comm-type a2a --group-query-attention --num-query-groups 1",
      "--cp-comm-type a2a splits the heads of each tensor-parallel rank over the CP ranks: "
      "--num-query-groups 1 / --tensor-model-parallel-size 1 = 1 is not divisible by "
@@ -114,6 +114,20 @@ def test_refusals_are_one_line_with_the_way_out(extra, expected):
         _parse(extra.split(), world_size=2 if "overlap" in extra else
                4 if "parallel-size" in extra else 1)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_context_parallel_checks_are_megatron_lms():
+    """Megatron-LM checks --cp-comm-type's per-layer length only with CP (a script sweeping
+    --context-parallel-size keeps its list at 1), and accepts hierarchical sizes for any
+    scheme when their product is the CP size: so do we, saying the sub-groups are unused."""
+    config = _parse("--cp-comm-type a2a allgather a2a".split())
+    assert config.parallel.cp_comm_type == ["a2a", "allgather", "a2a"]
+    config = _parse("--context-parallel-size 4 --cp-comm-type p2p --attention-dropout 0 "
+                    "--hierarchical-context-parallel-sizes 2 2".split(), world_size=4)
+    assert config.parallel.hierarchical_context_parallel_sizes == [2, 2]
+    assert [n for n in config.notices if n.startswith("--hierarchical-context-parallel-sizes")
+            ] == ["--hierarchical-context-parallel-sizes 2 2 without --cp-comm-type a2a+p2p: "
+                  "megatron-core builds the CP sub-groups, no layer's scheme uses them"]
 
 
 def test_adapted_flags_are_noted_once():

@@ -33,8 +33,10 @@ VALUES = {
     "--make-vocab-size-divisible-by": "1", "--max-position-embeddings": "4096",
     "--micro-batch-size": "1", "--min-lr": "1e-8", "--model-type-hf": "llama2",
     "--norm-epsilon": "1e-5", "--normalization": "RMSNorm", "--num-attention-heads": "8",
-    "--num-layer-list": "1,3", "--num-layers": "4",
-    "--num-layers-per-virtual-pipeline-stage": "4", "--num-query-groups": "2",
+    # An even list: their qwen25 script's --num-layers-per-virtual-pipeline-stage takes no
+    # uneven split (Megatron-LM's rule; the uneven mapping: test_refusals_name_the_way_out).
+    "--num-layer-list": "2,2", "--num-layers": "4",
+    "--num-layers-per-virtual-pipeline-stage": "1", "--num-query-groups": "2",
     "--original-max-position-embeddings": "8192", "--padded-vocab-size": "152064",
     "--pipeline-model-parallel-size": "2", "--position-embedding-type": "rope",
     "--prompt-type": "qwen", "--recompute-activation-function-num-layers": "16",
@@ -49,6 +51,9 @@ VALUES = {
 # What a flag needs beside it (as in their scripts).
 CONTEXT = {
     "--num-layer-list": ["--num-layers", "4", "--pipeline-model-parallel-size", "2"],
+    "--num-layers-per-virtual-pipeline-stage": ["--num-layers", "4",
+                                                "--pipeline-model-parallel-size", "2",
+                                                "--global-batch-size", "8"],
     "--num-query-groups": ["--group-query-attention"],
     "--group-query-attention": ["--num-query-groups", "2"],
     "--overlap-param-gather": ["--use-distributed-optimizer", "--overlap-grad-reduce"],
@@ -63,7 +68,8 @@ CONTEXT = {
     "--enable-hf2mg-convert": ["--load", "{hf}"],
 }
 WORLD = {"--context-parallel-size": 2, "--tensor-model-parallel-size": 2,
-         "--pipeline-model-parallel-size": 2, "--num-layer-list": 2}
+         "--pipeline-model-parallel-size": 2, "--num-layer-list": 2,
+         "--num-layers-per-virtual-pipeline-stage": 2}
 
 
 def _hf_dir(path):
@@ -178,17 +184,58 @@ def test_refusals_name_the_way_out(extra, expected):
     ("--context-parallel-algo ulysses_cp_algo", ["a2a"]),
     ("--context-parallel-algo megatron_cp_algo --attention-dropout 0", ["p2p"]),
     ("--context-parallel-algo megatron_cp_algo", ["allgather"]),  # dropout 0.1: no ring
-    ("--context-parallel-algo hybrid_cp_algo", ["allgather"]),
+    ("--context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2 --attention-dropout 0",
+     ["a2a+p2p"]),
+    ("--context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2", ["allgather"]),
+    ("--context-parallel-algo hybrid_adaptive_cp_algo", ["allgather"]),
     ("--context-parallel-algo ulysses_cp_algo --cp-comm-type allgather", ["allgather"]),
+    ("--context-parallel-algo hybrid_cp_algo --cp-comm-type a2a", ["a2a"]),
 ])
 def test_context_parallel_algo_runs_as_our_cp_comm_type(extra, scheme):
-    """Ulysses is our a2a, Megatron's ring our p2p (allgather with attention dropout, which the
-    ring lacks), the hybrids allgather; an explicit --cp-comm-type wins."""
-    config = parse_args(BASE + MOCK + ["--context-parallel-size", "2"] + extra.split(),
-                        world_size=2)
+    """Ulysses is our a2a, Megatron's ring our p2p, the hybrid (Ulysses within groups of
+    --ulysses-degree-in-cp, the ring across them) our a2a+p2p, the rings allgather with
+    attention dropout (which they lack), the other hybrid allgather; an explicit
+    --cp-comm-type wins."""
+    config = parse_args(BASE + MOCK + ["--context-parallel-size", "4"] + extra.split(),
+                        world_size=4)
     assert config.parallel.cp_comm_type == scheme
+    # hybrid_cp_algo's groups are megatron-core's hierarchical CP groups [U, CP / U].
+    assert config.parallel.hierarchical_context_parallel_sizes == (
+        [2, 2] if scheme == ["a2a+p2p"] else None)
     [said] = _said(config, "--context-parallel-algo")
     assert f"--cp-comm-type {scheme[0]}" in said
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("--context-parallel-size 4 --context-parallel-algo hybrid_cp_algo", "--context-parallel-algo "
+     "hybrid_cp_algo needs --ulysses-degree-in-cp U (the all-to-all within groups of U CP ranks, "
+     "the ring across --context-parallel-size 4 / U of them)"),
+    ("--context-parallel-size 4 --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 3",
+     "--ulysses-degree-in-cp 3 does not divide --context-parallel-size 4"),
+    ("--context-parallel-size 4 --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2 "
+     "--hierarchical-context-parallel-sizes 4 1", "--hierarchical-context-parallel-sizes 4 1 "
+     "differs from --context-parallel-algo hybrid_cp_algo's 2 2 (--ulysses-degree-in-cp 2)"),
+    ("--context-parallel-size 4 --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 4 "
+     "--attention-dropout 0 --group-query-attention --num-query-groups 2", "--cp-comm-type "
+     "a2a+p2p (--context-parallel-algo hybrid_cp_algo) splits the heads of each tensor-parallel "
+     "rank over the CP ranks: --num-query-groups 2 / --tensor-model-parallel-size 1 = 2 is not "
+     "divisible by the all-to-all size 4"),
+])
+def test_hybrid_cp_algo_refusals_name_the_flag(extra, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_args(BASE + MOCK + extra.split(), world_size=4)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_ulysses_degree_is_checked_only_with_hybrid_cp_and_context_parallelism():
+    """As MindSpeed-LLM: without CP a script's degree is not checked; without hybrid_cp_algo
+    it has no effect, said once."""
+    config = parse_args(BASE + MOCK + "--context-parallel-algo hybrid_cp_algo "
+                        "--ulysses-degree-in-cp 8 --attention-dropout 0".split())
+    assert config.parallel.hierarchical_context_parallel_sizes == [1, 1]
+    config = parse_args(BASE + MOCK + ["--ulysses-degree-in-cp", "2"])
+    assert _said(config, "--ulysses-degree-in-cp") == [
+        "--ulysses-degree-in-cp 2: no effect without --context-parallel-algo hybrid_cp_algo"]
 
 
 def test_ulysses_needs_heads_divisible_by_cp_and_names_the_way_out():

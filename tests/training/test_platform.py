@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext import platform
+from megatron_ext.platform import cpu as platform_cpu
 from tests.launcher import launch
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
@@ -92,8 +93,8 @@ def test_nested_wrapped_calls_keep_cuda_names_until_the_outer_returns():
             converted = torch.zeros(1).type(torch.float64)  # a conversion, not a name
             return converted.dtype, converted.device.type
 
-    platform._with_cuda_tensor_names(Probe, "inner")
-    platform._with_cuda_tensor_names(Probe, "outer")
+    platform_cpu._with_cuda_tensor_names(Probe, "inner")
+    platform_cpu._with_cuda_tensor_names(Probe, "outer")
     Probe().outer()
     assert seen == {"inner": ("torch.cuda.FloatTensor", True),
                     "after_inner": "torch.cuda.FloatTensor"}
@@ -103,7 +104,7 @@ def test_nested_wrapped_calls_keep_cuda_names_until_the_outer_returns():
     assert seen["after_inner"] == "torch.cuda.FloatTensor"
     _assert_originals()
     # .type(dtype) still converts inside (only the name query is changed).
-    platform._with_cuda_tensor_names(Probe, "convert")
+    platform_cpu._with_cuda_tensor_names(Probe, "convert")
     assert Probe().convert() == (torch.float64, "cpu")
 
 

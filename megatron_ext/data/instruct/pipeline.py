@@ -114,12 +114,16 @@ class ConversationEncoder:
             return list(self.hf(text, add_special_tokens=False)["input_ids"])
         return [int(i) for i in self._encode_template(turns)[0]]
 
+    def stop_texts(self, stops: Sequence[str] = ()) -> List[str]:
+        """The texts that end an answer: the template's stop text and ``stops`` (a request's)."""
+        return [s for s in (self.template.stop if self.template is not None else None, *stops)
+                if s]
+
     def reply(self, new_ids: Sequence[int], stops: Sequence[str] = ()) -> Tuple[str, int, bool]:
         """(text, tokens kept, stopped) of generated ids as an assistant's answer: cut before
         the first of the template's stop text and ``stops`` (a request's)."""
         text = self.tokenizer.detokenize(list(new_ids))
-        stops = [s for s in (self.template.stop if self.template is not None else None,
-                             *stops) if s]
+        stops = self.stop_texts(stops)
         cut = min((text.find(s) for s in stops if s in text), default=-1)
         if cut < 0:
             return text, len(new_ids), False
