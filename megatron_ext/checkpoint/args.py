@@ -7,6 +7,7 @@ generation and ``--use-checkpoint-args`` set flags from them (``fill_flags``).
 """
 
 import argparse
+import logging
 import os
 from typing import Optional
 
@@ -15,6 +16,8 @@ import torch
 from megatron_ext.checkpoint.format import CheckpointError
 from megatron_ext.checkpoint.sharding import stage_layers
 from megatron_ext.config import default_ffn_hidden_size
+
+logger = logging.getLogger("megatron_ext")
 
 
 def padded_vocab_size(vocab_size: int, make_divisible_by: int, tensor_parallel_size: int) -> int:
@@ -351,9 +354,11 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
             problems.append(f"{what}: {_show(flag, attr, saved)} in the checkpoint, "
                             f"{_show(flag, attr, mine)} in this run")
     split = pipeline_split(saved_args)
+    # Another --num-layers splits otherwise too: said above, not as another TP/PP.
     if not reshardable and split is not None and split != pipeline_split(run) \
             and saved_value(saved_args, "pipeline_model_parallel_size") \
-            == run["pipeline_model_parallel_size"]:
+            == run["pipeline_model_parallel_size"] \
+            and saved_value(saved_args, "num_layers") == run["num_layers"]:
         problems.append(f"other TP/PP: the checkpoint's stages hold {_chunk_sizes(split)} "
                         f"layers, this run's {_chunk_sizes(pipeline_split(run))} (--decoder-"
                         f"first/last-pipeline-num-layers, --num-virtual-stages-per-pipeline-"
@@ -380,6 +385,7 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
             f"{run['make_vocab_size_divisible_by']} x TP {run['tensor_model_parallel_size']})"
             + padding_hint(vocab_size, saved_padded, run["tensor_model_parallel_size"])
         )
+    _warn_tokenizer_change(saved_args, config, vocab_size, path)
     if problems:
         hint = ""
         if any(p.startswith("other TP/PP") for p in problems):
@@ -387,3 +393,20 @@ def check_compatible(saved_args: Optional[argparse.Namespace], config, vocab_siz
                     "--target-tensor-parallel-size/--target-pipeline-parallel-size")
         raise CheckpointError(f"checkpoint {path} does not fit this run: "
                               + "; ".join(problems) + hint)
+
+
+def _warn_tokenizer_change(saved_args, config, vocab_size: Optional[int], path) -> None:
+    """Another tokenizer whose vocabulary pads to the same rows loads without an error (as in
+    Megatron-LM, which compares no tokenizer), but its ids name other tokens than the ones the
+    weights were trained on: said, with the saved flags."""
+    saved_type, saved_vocab = (saved_value(saved_args, "tokenizer_type"),
+                               saved_value(saved_args, "vocab_size"))
+    changed = (saved_type is not None and saved_type != config.data.tokenizer_type) or \
+        (saved_vocab is not None and vocab_size is not None and saved_vocab != vocab_size)
+    if changed:
+        logger.warning(
+            f"checkpoint {path} was trained with "
+            f"{f'--tokenizer-type {saved_type}' if saved_type else 'another tokenizer'} "
+            f"(vocabulary {saved_vocab}), this run has --tokenizer-type {config.data.tokenizer_type} "
+            f"(vocabulary {vocab_size}): the weights are loaded, but their token ids now stand "
+            f"for other text; pass the checkpoint's tokenizer flags if that is not intended")

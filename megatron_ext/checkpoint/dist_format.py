@@ -13,10 +13,17 @@ group); the stacked layers are read once, so the peak memory is about the model'
 Writing goes through megatron-core's ``dist_checkpointing.save`` on a one-process gloo group,
 each layer under the key and offset GPTModel gives it, so megatron-core (and Megatron-LM) load
 the result at any TP/PP.
+
+The non-sharded part (args, iteration, optimizer param groups, ...) is ``common.pt`` up to
+megatron-core 0.18; 0.19 writes it into the ``.distcp`` files instead, as the ShardedObject
+``common_state``, and reads both. ``load_common_state_dict`` and ``load`` read both on 0.16-0.18
+too, so a checkpoint saved on 0.19 resumes, converts and generates there.
 """
 
 import argparse
 import contextlib
+import inspect
+import io
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -63,15 +70,71 @@ def is_dist_checkpoint(directory: Path) -> bool:
     return dist_checkpointing.check_is_distributed_checkpoint(str(directory))
 
 
+# megatron-core 0.19's ShardedObject("common_state", data, (1,), (0,)): its unique key.
+_COMMON_STATE_KEY = "common_state/shard_0_1"
+
+
+def _reads_common_pt_only() -> bool:
+    """megatron-core 0.16-0.18: ``dist_checkpointing.load`` reads the common state through a
+    common strategy, whose torch one reads ``common.pt`` alone (0.19 took the argument away with
+    the strategy, reading either layout itself)."""
+    from megatron.core import dist_checkpointing
+
+    return "common_strategy" in inspect.signature(dist_checkpointing.load).parameters
+
+
+def _common_in_distcp(directory) -> bool:
+    return _reads_common_pt_only() and not (Path(directory) / "common.pt").is_file()
+
+
+def _read_common_state(directory) -> dict:
+    """The common state a megatron-core 0.19+ save keeps in the ``.distcp`` files."""
+    state = {_COMMON_STATE_KEY: io.BytesIO()}
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=True)
+    except Exception as exc:  # no such key: neither layout holds it
+        raise fmt.CheckpointError(
+            f"checkpoint {directory} has neither common.pt nor a common_state entry in its "
+            f".distcp files ({type(exc).__name__}): it is incomplete or not a megatron-core "
+            f"torch_dist checkpoint") from None
+    data = state[_COMMON_STATE_KEY]
+    if isinstance(data, io.BytesIO):
+        data.seek(0)
+        data = torch.load(data, map_location="cpu")  # as megatron-core reads common.pt
+    return data[0]  # saved as a one-element list (megatron-core's ShardedObject data)
+
+
+def load_common_state_dict(directory) -> dict:
+    """megatron-core's ``dist_checkpointing.load_common_state_dict``, for either layout."""
+    from megatron.core import dist_checkpointing
+
+    if _common_in_distcp(directory):
+        return _read_common_state(directory)
+    return dist_checkpointing.load_common_state_dict(str(directory))
+
+
+def load(sharded_state_dict, directory, **kwargs):
+    """megatron-core's ``dist_checkpointing.load``, for either layout of the common state."""
+    from megatron.core import dist_checkpointing
+
+    if _common_in_distcp(directory):
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+        class CommonInDistcp(TorchCommonLoadStrategy):
+            def load_common(self, checkpoint_dir):
+                return _read_common_state(checkpoint_dir)
+
+        kwargs["common_strategy"] = CommonInDistcp()
+    return dist_checkpointing.load(sharded_state_dict, str(directory), **kwargs)
+
+
 class DistSource:
     """A torch_dist iteration directory as full (TP=1) tensors, one layer at a time."""
 
     def __init__(self, load_dir: Path, iteration, it_dir: Path, adapters: bool = False):
         """``adapters``: a LoRA checkpoint (layers' adapters only, training/lora_checkpoint.py)."""
-        from megatron.core import dist_checkpointing
-
         self.path, self.iteration, self.dir = load_dir, iteration, it_dir
-        common = dist_checkpointing.load_common_state_dict(str(it_dir))
+        common = load_common_state_dict(it_dir)
         self.args = common.get("args")
         if not isinstance(self.args, argparse.Namespace):
             raise ConversionError(f"{it_dir}/common.pt has no 'args': the model shape is unknown")

@@ -19,11 +19,10 @@ import json
 from pathlib import Path
 
 import torch
-from megatron.core import dist_checkpointing
 
 from megatron_ext.checkpoint import format as fmt
 from megatron_ext.checkpoint.args import saved_value
-from megatron_ext.checkpoint.dist_format import is_dist_checkpoint
+from megatron_ext.checkpoint.dist_format import is_dist_checkpoint, load_common_state_dict
 from megatron_ext.checkpoint.hf import ConversionError, qkv_from_megatron
 from megatron_ext.model.lora import adapter_key, merge_into
 
@@ -61,7 +60,7 @@ def saved_metadata(load_dir: Path):
         return None
     directory = fmt.iteration_dir(load_dir, iteration)
     if is_dist_checkpoint(directory):
-        return dist_checkpointing.load_common_state_dict(str(directory)).get("lora")
+        return load_common_state_dict(directory).get("lora")
     first = sorted(directory.glob("mp_rank_*/" + fmt.RANK_FILENAME))
     return fmt.load_rank_file(first[0]).get("lora") if first else None
 

@@ -35,6 +35,11 @@ class TrainingConfig:
         None, "Save and exit when the iteration is a multiple of this.")
     exit_duration_in_mins: Optional[int] = flag(
         None, "Save and exit once training has run this many minutes.")
+    exit_signal_handler: bool = flag(
+        False, "On --exit-signal (SIGTERM) to any rank: finish the iteration, save and exit.")
+    exit_signal: str = flag(
+        "SIGTERM", "The signal --exit-signal-handler acts on.",
+        choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT"])
     calculate_per_token_loss: bool = flag(
         False, "Average the loss over all tokens of the global batch; without it, each "
         "micro-batch's per-token mean is averaged over micro-batches and data-parallel ranks.",

@@ -12,9 +12,8 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
 
-from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.checkpoint import dist_format, format as ckpt
 from megatron_ext.checkpoint.args import (check_compatible, divisible_by_padding_to, fill_flags,
                                           fill_tokenizer_flags, saved_value)
 from megatron_ext.config import ConfigError, ModelConfig, config_from_namespace, validate
@@ -148,7 +147,7 @@ def _load(model, config, vocab_size: int, root, iteration, found: str, saved, to
         check_compatible(saved, config, vocab_size, directory, reshardable=True)
         sharded = model.sharded_state_dict(metadata={"singleton_local_shards": False})
         sharded = {k: v for k, v in sharded.items() if keys is None or keys(k)}
-        state = dist_checkpointing.load({"model": sharded}, str(directory))
+        state = dist_format.load({"model": sharded}, directory)
         model.load_state_dict(state["model"], strict=keys is None)
     else:
         path = ckpt.rank_file(root, iteration, topology.tp_rank, topology.pp_rank,

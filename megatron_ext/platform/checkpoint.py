@@ -87,8 +87,8 @@ def unmark_saved_decoupled_lr_groups(saved_groups) -> None:
     ``mark_decoupled_lr_groups`` marked, and 0.19, whose groups all keep megatron-core's False
     (told apart by max_lr instead), finds no group for it ("Could not find parameter group with
     key ..."). Unmarked, it matches its group by max_lr. On 0.16-0.18 nothing changes: there the
-    marks are the ones this run's groups carry. (0.16-0.18 cannot read 0.19's torch_dist
-    checkpoints at all: 0.19 writes no common.pt.)"""
+    marks are the ones this run's groups carry. (0.16-0.18 read 0.19's torch_dist checkpoints,
+    which have no common.pt, through checkpoint/dist_format.py.)"""
     if not _groups_keyed_by_max_lr():
         return
     for group in saved_groups:

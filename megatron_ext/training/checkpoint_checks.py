@@ -11,7 +11,8 @@ resume:
 - the tracker's iteration directory exists and is a checkpoint of either format;
 - torch: each rank file's zip directory is readable (a truncated file has none), and each has
   its distrib_optim.pt where the args say the distributed optimizer saved it;
-- torch_dist: each ``.distcp`` file is as long as the ``.metadata`` index says.
+- torch_dist: megatron-core's ``metadata.json`` is there, and each ``.distcp`` file is as long
+  as the ``.metadata`` index says.
 
 ``--pretrained-checkpoint`` gets the same checks where it is the checkpoint loaded (``--load``
 holds none yet), and then takes ``--load``'s place with ``--finetune``, as in Megatron-LM.
@@ -52,6 +53,11 @@ def _check_zip(path: Path) -> None:
 def _check_dist_files(directory: Path) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
+    if not (directory / "metadata.json").is_file():  # else it would be read as torch format
+        raise ckpt.CheckpointError(
+            f"checkpoint {directory} has a .metadata but no metadata.json, which megatron-core "
+            f"writes last: the save did not finish, or it was copied in part; copy it again, or "
+            f"point {ckpt.tracker_file(directory.parent)} at a complete iteration")
     try:
         metadata = FileSystemReader(str(directory)).read_metadata()
     except Exception as exc:  # truncated pickle, I/O error

@@ -6,6 +6,8 @@ The layout is Megatron-LM's::
     DIR/iter_0000100/common.pt                what is not sharded: args, checkpoint_version,
                                               iteration, optimizer param groups,
                                               opt_param_scheduler, consumed samples, ...
+                                              (megatron-core 0.19: in the .distcp files,
+                                              read on 0.16-0.18 too: checkpoint/dist_format.py)
     DIR/iter_0000100/__0_0.distcp ...         model and optimizer tensors, RNG states
     DIR/iter_0000100/.metadata                torch.distributed.checkpoint's index of them
     DIR/iter_0000100/metadata.json            megatron-core's format marker, written last
@@ -38,7 +40,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from megatron_ext import platform
-from megatron_ext.checkpoint import format as ckpt
+from megatron_ext.checkpoint import dist_format, format as ckpt
 from megatron_ext.checkpoint.args import (check_compatible, model_args_namespace,
                                           pipeline_split, run_pipeline_split, saved_value)
 from megatron_ext.training import coba, data_resume, lora_checkpoint, optimizer_switch
@@ -198,7 +200,7 @@ def _optimizer_metadata(trainer, content: dict, saved_args, directory, same_layo
 
 def saved_args(directory):
     """The ``args`` of the torch_dist checkpoint in ``directory`` (None if it saved none)."""
-    return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
+    return dist_format.load_common_state_dict(directory).get("args")
 
 
 def _layout_text(tp: int, pp: int, chunks) -> str:
@@ -212,7 +214,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
     only, and the weights alone with ``weights_only`` (training/lora_checkpoint.py)."""
     c, topology = trainer.config.checkpoint, trainer.topology
     directory = ckpt.iteration_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(directory))
+    common = dist_format.load_common_state_dict(directory)
     saved_args = common.get("args")
     check_compatible(saved_args, trainer.config, trainer.vocab_size, directory, reshardable=True)
     lora_checkpoint.check_part(trainer, part, common.get("lora"), directory)
@@ -257,7 +259,7 @@ def load(trainer, iteration, root, part=None, weights_only: bool = False) -> Non
         m = trainer.config.model
         optimizer_switch.rename(sharded["optimizer"], {k: sharded[k] for k in model_keys},
                                 bool(saved_distributed), fp32=not (m.bf16 or m.fp16))
-    state = dist_checkpointing.load(sharded, str(directory), strict=c.dist_ckpt_strictness)
+    state = dist_format.load(sharded, directory, strict=c.dist_ckpt_strictness)
     # dist_checkpointing loads every key asked for (or fails); a part leaves the rest out.
     for key, chunk in zip(model_keys, trainer.model):
         chunk.module.load_state_dict(state[key], strict=part is None)

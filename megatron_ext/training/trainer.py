@@ -32,6 +32,7 @@ from megatron_ext.parallel import ParallelTopology
 from megatron_ext.tokenizer import build_tokenizer, vocab_size_note
 from megatron_ext.training import (checkpoint_checks, checkpointing, data, data_resume,
                                    evaluation, hf2mg, multitask, shard_checks, summary)
+from megatron_ext.training.early_exit import EarlyExit
 from megatron_ext.training.logs import log_once
 from megatron_ext.training.metrics import MetricsLogger
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
@@ -51,7 +52,7 @@ class Trainer:
         init_state_dict: Optional[Dict[str, torch.Tensor]] = None,
     ):
         self.config = config
-        self.start_time = time.time()  # --exit-duration-in-mins counts from here
+        self.exits = EarlyExit(config.training)
         world_size = world_size or int(os.environ.get("WORLD_SIZE", "1"))
         # 1. Tokenizer: its EOD delimits documents, its size fixes the embedding. Loaded before
         #    any process group exists, so a bad tokenizer file fails every rank alike.
@@ -107,7 +108,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_valid_samples = 0  # Megatron-LM's: where the next evaluation starts
-        self.exited = False  # stopped by --exit-interval (to be resumed)
+        self.exited = False  # stopped early (early_exit.py), to be resumed
         self.coba = None
         self.coba_checkpoint = None  # (source, its CoBa state or None) once resumed: coba.py
         if config.mindspeed.enable_hf2mg_convert:
@@ -315,11 +316,8 @@ class Trainer:
                 window = []
             if l.eval_interval and self.iteration % l.eval_interval == 0:
                 self.evaluate()
-            # Megatron-LM's --exit-interval and --exit-duration-in-mins: stop (after saving) to
-            # resume later with the same flags.
-            exiting = ((bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
-                       or self._out_of_time())
-            last = exiting or self.iteration == t.train_iters
+            exiting = self.exits.reason(self.iteration)
+            last = bool(exiting) or self.iteration == t.train_iters
             if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
                 self.sync_params()
                 checkpointing.save_checkpoint(self)
@@ -327,8 +325,7 @@ class Trainer:
             if c.async_save:
                 checkpointing.finalize_saves()
             if exiting:
-                logger.info(f"exiting at iteration {self.iteration} (--exit-interval or "
-                            f"--exit-duration-in-mins)")
+                logger.info(f"exiting at iteration {self.iteration} ({exiting})")
                 self.exited = True
                 break
             if not window:
@@ -345,16 +342,7 @@ class Trainer:
                         f"{t.train_iters}")
         return self.history
 
-    def _out_of_time(self) -> bool:
-        """--exit-duration-in-mins, decided alike on every rank (the slowest clock wins)."""
-        limit = self.config.training.exit_duration_in_mins
-        if not limit:  # as Megatron-LM: 0 means no limit
-            return False
-        over = torch.tensor([float(time.time() - self.start_time > 60 * limit)],
-                            device=platform.device())
-        dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        return bool(over.item())
-
     def close(self) -> None:
+        self.exits.close()
         self.metrics.close()
         self.topology.destroy()

@@ -1,6 +1,7 @@
 """Megatron checkpoint layout: names, tracker, atomic rank files, self-describing args."""
 
 import argparse
+import re
 
 import pytest
 import torch
@@ -93,6 +94,10 @@ def test_check_compatible_names_file_and_flags():
     assert "ck/mp_rank_00_000/x.pt" in msg
     assert "other hidden size: --hidden-size 64 in the checkpoint, --hidden-size 128 in this run" in msg
     assert "other number of query groups (GQA): --num-query-groups 2" in msg
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(saved, _config("--num-layers 2"), 250, "x.pt")
+    assert "other number of layers: --num-layers 4 in the checkpoint, --num-layers 2" in str(err.value)
+    assert "TP/PP" not in str(err.value) and "reshard" not in str(err.value)
 
     other = parse_args(("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --group-query-attention "
                         "--num-query-groups 2 --seq-length 16 --position-embedding-type rope "
@@ -138,3 +143,19 @@ def test_check_compatible_reads_megatron_lm_args():
                       "--tokenizer-type NullTokenizer --vocab-size 250 --tensor-model-parallel-size 2 "
                       "--pipeline-model-parallel-size 2").split(), world_size=4)
     check_compatible(saved, cfg, 250, "x.pt")
+
+
+def test_another_tokenizer_padding_alike_loads_with_a_warning(caplog):
+    """Megatron-LM compares no tokenizer: a checkpoint of another tokenizer whose vocabulary
+    pads to the same rows loads, and here the log says its ids now name other text."""
+    saved = model_args_namespace(_config(), 250)
+    check_compatible(saved, _config(), 250, "ck/x.pt")
+    assert "token ids now stand for other text" not in caplog.text
+    check_compatible(saved, _config(), 251, "ck/x.pt")  # 251 pads to 256 rows too
+    assert re.search(r"checkpoint ck/x\.pt was trained with --tokenizer-type NullTokenizer "
+                     r"\(vocabulary 250\), this run has --tokenizer-type NullTokenizer "
+                     r"\(vocabulary 251\)", caplog.text), caplog.text
+    caplog.clear()
+    saved.tokenizer_type = "GPTSentencePieceTokenizer"
+    check_compatible(saved, _config(), 250, "ck/x.pt")
+    assert "--tokenizer-type GPTSentencePieceTokenizer (vocabulary 250)" in caplog.text

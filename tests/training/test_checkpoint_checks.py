@@ -103,6 +103,15 @@ def test_truncated_files_are_named(saved, tmp_path):
                     rf"{shard.name} has {size // 2} bytes, its \.metadata needs {size}")
 
 
+def test_torch_dist_without_its_format_marker_is_named(saved, tmp_path):
+    """Without metadata.json (megatron-core's, written last) the loader would take the
+    directory for a torch-format checkpoint and say it holds no mp_rank_* directories."""
+    root = _copy(saved, "torch_dist", tmp_path)
+    (root / "iter_0000002" / "metadata.json").unlink()
+    _pretrain_stops(["--load", str(root)], r"iter_0000002 has a \.metadata but no metadata\.json"
+                                           r", which megatron-core writes last")
+
+
 def test_rank_file_missing_is_not_taken_for_another_layout(tmp_path):
     """A TP=2 torch checkpoint without its second rank's directory (copied in part): said so,
     not read as a TP=1 checkpoint to reshard."""

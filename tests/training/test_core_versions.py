@@ -56,3 +56,21 @@ def test_checkpoint_resumes_under_the_other_megatron_core(tmp_path, flags):
     resumed_there = _run(OTHER, *fmt, "--train-iters", "4", "--load", str(tmp_path))
     assert [i for i, _ in resumed_here] == [3, 4]
     assert resumed_there == resumed_here, (here, there)
+
+
+@pytest.mark.skipif(not OTHER, reason="MEGATRON_EXT_OTHER_CORE_PYTHON is not set")
+@pytest.mark.parametrize("flags", [
+    "--ckpt-format torch_dist",
+    "--ckpt-format torch_dist --use-distributed-optimizer --tensor-model-parallel-size 1",
+])
+def test_checkpoint_of_the_other_megatron_core_resumes_here(tmp_path, flags):
+    """The other direction: megatron-core 0.19 keeps the common state (args, iteration, param
+    groups) in the .distcp files, where 0.16-0.18 look for common.pt
+    (megatron_ext/checkpoint/dist_format.py)."""
+    fmt = flags.split()
+    _run(OTHER, *fmt, "--train-iters", "4", "--exit-interval", "2", "--save", str(tmp_path),
+         "--save-interval", "2")
+    resumed_there = _run(OTHER, *fmt, "--train-iters", "4", "--load", str(tmp_path))
+    resumed_here = _run(sys.executable, *fmt, "--train-iters", "4", "--load", str(tmp_path))
+    assert [i for i, _ in resumed_there] == [3, 4]
+    assert resumed_here == resumed_there, (_core_version(OTHER), _core_version(sys.executable))

@@ -1,17 +1,22 @@
 """Megatron-LM training flags keep their numbers: per-micro-batch vs per-token loss averaging
 against a direct computation; overlapped gradient reduce / parameter gather, and the
 sample-based schedule, against the runs without them; bf16 gradient reduction within bf16
-rounding of the fp32 reduction."""
+rounding of the fp32 reduction; a SIGTERM under --exit-signal-handler saves and stops, and the
+resume continues the uninterrupted run's curve."""
+
+import os
+import signal
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import pretrain_gpt
 from megatron_ext.config import parse_args
 from megatron_ext.training import data
 from megatron_ext.training.trainer import Trainer
 from tests.launcher import launch
-from tests.training.test_checkpointing import _train_with_weights
+from tests.training.test_checkpointing import _train, _train_with_weights
 
 TINY = (
     "--num-layers 2 --hidden-size 32 --num-attention-heads 4 --seq-length 32 "
@@ -125,7 +130,7 @@ def _model_flags_and_exit_duration(argv, save):
     with torch.no_grad():
         norm.weight.copy_(initial)
     # --exit-duration-in-mins 1, one minute already spent: save and stop after the first step.
-    trainer.start_time -= 61
+    trainer.exits.start_time -= 61
     steps = len(trainer.train())
     trainer.close()
     return bool((initial == 0).all()), same_output, rotary_dims, steps
@@ -140,3 +145,29 @@ def test_rotary_percent_layernorm_1p_and_exit_duration(tmp_path):
     assert rotary_dims == 8 // 2  # head size 32 / 4 = 8, half of it rotated
     assert steps == 1
     assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+
+
+def _terminated_on_rank_1(argv, world_size):
+    """Trains after a real SIGTERM to rank 1 alone (a scheduler's, during the first step):
+    (losses, whether the run stopped early)."""
+    trainer = Trainer(parse_args(argv, world_size=world_size), pretrain_gpt.forward_step,
+                      world_size=world_size)
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    losses = [step["lm loss"] for step in trainer.train()]
+    exited = trainer.exited
+    trainer.close()
+    return losses, exited
+
+
+def test_sigterm_with_exit_signal_handler_saves_exits_and_resumes(tmp_path):
+    """Megatron-LM's --exit-signal-handler: the signal to one rank stops every rank after the
+    iteration, with a checkpoint of it; the resumed curve is the uninterrupted one."""
+    argv = TINY + "--micro-batch-size 2 --global-batch-size 4 --train-iters 3".split()
+    uninterrupted = launch(_train, 2, argv, 2)[0]
+    stopped = launch(_terminated_on_rank_1, 2, argv + ["--save", str(tmp_path),
+                                                      "--exit-signal-handler"], 2)
+    assert [(len(losses), exited) for losses, exited in stopped] == [(1, True), (1, True)]
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    resumed = launch(_train, 2, argv + ["--load", str(tmp_path)], 2)[0]
+    assert stopped[0][0] + resumed == uninterrupted
