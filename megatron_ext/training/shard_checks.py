@@ -172,8 +172,8 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
                 f"({meta.tokenizer_type}), the run's is {eod} ({tokenizer_flags(config)}): "
                 f"{flags} would find no document boundaries; train with the shard's tokenizer")
         if meta.eod_appended is False:
-            _warn(f"{shard.prefix} was written without --append-eod: {flags} find no "
-                  f"EOD between its documents, which attend to each other")
+            raise _no_document_end(config, shard, f"its {META_SUFFIX} says it was written "
+                                                  f"without --append-eod")
         return
     occurrences, ending = facts["eod_counts"][str(eod)]
     nonempty = int(np.count_nonzero(shard.document_tokens))
@@ -181,13 +181,20 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
     found = (f"the run's EOD id {eod} ({tokenizer_flags(config)}) occurs {occurrences} times "
              f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
     if ending == 0:  # where the id occurs, it is text of another tokenizer, not an EOD
-        raise ShardError(
-            f"{shard.where}: {found}: {flags} would find no document's end; "
-            f"train with the tokenizer the shard was made with (an EOD appended by "
-            f"preprocess_data.py --append-eod)")
+        raise _no_document_end(config, shard, found)
     if 2 * ending < nonempty:
         _warn(f"{shard.prefix}: {found}; was it written with --append-eod and this "
               f"tokenizer?")
+
+
+def _no_document_end(config: Config, shard: Shard, found: str) -> ShardError:
+    """A shard without the run's EOD after its documents: the EOD flags would run it as one
+    document (with or without a metadata file saying so, the same error)."""
+    flags = _eod_flags(config)
+    return ShardError(
+        f"{shard.where}: {found}: {flags} would find no document's end (its documents would "
+        f"attend to each other); write the shard again with preprocess_data.py --append-eod "
+        f"and this run's tokenizer, or train without {flags}")
 
 
 def split_documents(split: str, shards: List[Shard]) -> List[List[Optional[Tuple[int, int]]]]:
