@@ -253,21 +253,21 @@ def plan_splits(config: Config, shards: List[Shard],
                 f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
                 f"and {tokens or 'no'} tokens{_why(least)} ({table}); give the {name} split a "
                 f"larger part{hint}")
-        _warn_short(config, name, [(shard.prefix, row[i]) for shard, row in zip(shards, counts)])
+        _warn_short(config, [(f"--split {d.split}: the {name} split of {shard.prefix}", row[i])
+                             for shard, row in zip(shards, counts)], "give the split a larger part")
     return matrix
 
 
-def _warn_short(config: Config, split: str, counts) -> None:
+def _warn_short(config: Config, counts, remedy: str) -> None:
     """megatron-core fills a sample of a dataset shorter than one by repeating its documents
-    (more epochs): say so, the loss of such a split is over the same text again and again."""
+    (more epochs): say so, the loss of such a split is over the same text again and again.
+    ``counts``: (how the message names the dataset's split, (documents, tokens))."""
     sample = config.model.seq_length + 1
-    short = next(((p, c) for p, c in counts if c[1] < sample), None)
+    short = next(((label, c) for label, c in counts if c[1] < sample), None)
     if short is not None and not config.data.is_instruction_dataset:
-        prefix, (docs, tokens) = short
-        _warn(f"--split {config.data.split}: the {split} split of {prefix} holds {tokens} tokens "
-              f"({docs} documents), less than one sample of --seq-length "
-              f"{config.model.seq_length} + 1: each sample repeats them; give the split a "
-              f"larger part")
+        label, (docs, tokens) = short
+        _warn(f"{label} holds {tokens} tokens ({docs} documents), less than one sample of "
+              f"--seq-length {config.model.seq_length} + 1: each sample repeats them; {remedy}")
 
 
 def _least_tokens(config: Config, blend) -> int:
@@ -302,6 +302,8 @@ def _plan_per_split(config: Config, per_split) -> List[Optional[Tuple[float, flo
             raise ShardError(f"{empty.where}: its {empty.num_documents} documents hold "
                              f"{int(empty.document_tokens.sum()) or 'no'} tokens{_why(least)}; "
                              f"remove it from the {SPLITS[i]} datasets")
+        _warn_short(config, [(shard.where, (shard.num_documents, int(shard.document_tokens.sum())))
+                             for shard in shards], f"give the {SPLITS[i]} datasets more text")
         matrix.append((0.0, 1.0))
     return matrix
 
