@@ -1,7 +1,8 @@
 """The tokenizer of a Hugging Face output (``convert_ckpt.py --save-model-type hf``).
 
-With ``--tokenizer-model PATH`` its files are copied in (``hf_io.tokenizer_files``). Without it
-the checkpoint's own tokenizer is used, the one its ``args`` name as Megatron-LM saves them
+With ``--tokenizer-model PATH`` its files are copied in (``hf_io.tokenizer_files``), but for a
+SentencePiece model file alone, exported as the checkpoint's own below. Without it the
+checkpoint's own tokenizer is used, the one its ``args`` name as Megatron-LM saves them
 (``tokenizer_type``, ``tokenizer_model``, ``checkpoint/args.py``), so that the HF folder
 encodes text as the model was trained on:
 
@@ -55,12 +56,17 @@ class TokenizerExport:
 
 def tokenizer_export(tokenizer_model: Optional[Path], args) -> TokenizerExport:
     """What the HF output gets: ``--tokenizer-model``'s files, else the checkpoint's tokenizer."""
+    kind, path = saved_value(args, "tokenizer_type"), saved_value(args, "tokenizer_model")
     if tokenizer_model is not None:
         files = tokenizer_files(tokenizer_model)
+        # A SentencePiece model alone has no tokenizer_config.json to say how to load it:
+        # exported as the checkpoint's, else transformers converts it to a fast tokenizer.
+        sp = _sentencepiece(tokenizer_model) if files == [tokenizer_model] else None
+        if sp is not None:
+            return _sentencepiece_export(tokenizer_model, sp, kind, "--tokenizer-model")
         return TokenizerExport([(f, f.name) for f in files], None,
                                f"tokenizer: {', '.join(f.name for f in files)} of "
                                f"--tokenizer-model {tokenizer_model}")
-    kind, path = saved_value(args, "tokenizer_type"), saved_value(args, "tokenizer_model")
     if kind is None:
         return TokenizerExport([], None, f"tokenizer: none written (the checkpoint's args "
                                          f"name no tokenizer); {WAY_OUT}")
@@ -81,20 +87,42 @@ def tokenizer_export(tokenizer_model: Optional[Path], args) -> TokenizerExport:
         return TokenizerExport([(f, f.name) for f in files], None,
                                f"tokenizer: the checkpoint's {kind} {path} "
                                f"({', '.join(f.name for f in files)})")
-    return TokenizerExport(
-        [(Path(path), "tokenizer.model")], _sentencepiece_config(path, SENTENCEPIECE_TYPES[kind]),
-        f"tokenizer: the checkpoint's {kind} {path} as tokenizer.model, loaded by transformers "
-        f">= 5 as SentencePieceBackend (legacy), which encodes as sentencepiece and "
-        f"megatron_ext do, repeated spaces included (a fast LlamaTokenizer converted from it "
-        f"may not); only text that spells a special token differs (a token there, plain text "
-        f"here); transformers 4: LlamaTokenizer.from_pretrained(DIR, legacy=True, "
-        f"use_fast=False)")
+    sp = _sentencepiece(Path(path))
+    if sp is None:
+        return TokenizerExport([], None, f"tokenizer: none written (the checkpoint's "
+                                         f"--tokenizer-model {path} is not a SentencePiece "
+                                         f"model); {WAY_OUT}")
+    return _sentencepiece_export(Path(path), sp, kind, f"the checkpoint's {kind}")
 
 
-def _sentencepiece_config(path: str, add_bos: bool) -> dict:
+def _sentencepiece(path: Path):
+    """The SentencePiece model in file ``path``, or None where it holds none."""
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    if not path.is_file():
+        return None
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (RuntimeError, OSError):
+        return None
+
+
+def _sentencepiece_export(path: Path, sp, kind: Optional[str], source: str) -> TokenizerExport:
+    """``path`` as tokenizer.model with the tokenizer_config.json that loads it as sentencepiece
+    encodes; BOS first as the checkpoint's --tokenizer-type adds it (none for another type)."""
+    add_bos = SENTENCEPIECE_TYPES.get(kind, False)
+    return TokenizerExport(
+        [(path, "tokenizer.model")], _sentencepiece_config(sp, add_bos),
+        f"tokenizer: {source} {path} as tokenizer.model ({'with' if add_bos else 'no'} BOS, "
+        f"as --tokenizer-type {kind if kind in SENTENCEPIECE_TYPES else 'SentencePieceTokenizer'}),"
+        f" loaded by transformers >= 5 as SentencePieceBackend (legacy), which encodes as "
+        f"sentencepiece and megatron_ext do, repeated spaces included (a fast LlamaTokenizer "
+        f"converted from it may not); only text that spells a special token differs (a token "
+        f"there, plain text here); transformers 4: LlamaTokenizer.from_pretrained(DIR, "
+        f"legacy=True, use_fast=False)")
+
+
+def _sentencepiece_config(sp, add_bos: bool) -> dict:
     # transformers 5 adds BOS by special_tokens_pattern; 4's LlamaTokenizer by add_bos_token.
     config = {"tokenizer_class": "SentencePieceBackend", "legacy": True,
               "add_bos_token": add_bos, "add_eos_token": False}

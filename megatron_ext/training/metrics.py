@@ -66,15 +66,18 @@ class MetricsLogger:
     def log_train(self, iteration: int, window: List[Dict[str, float]],
                   seconds_per_iter: float) -> None:
         """Megatron-LM's iteration line for the steps since the last one (loss averaged over
-        them, skipped and NaN steps counted), then our fields."""
+        them, skipped and NaN steps counted), then our fields, over the same steps: the tokens
+        trained in them and the rate of the tokens they processed (with a batch-size ramp-up
+        the steps' batches differ; Megatron-LM's throughput takes the last step's)."""
         if not self.enabled:
             return
         t, stats = self.config.training, window[-1]
-        tokens = stats["global_batch_size"] * self.config.model.seq_length
-        tokens_per_s = tokens / seconds_per_iter
+        tokens = sum(s["global_batch_size"] for s in window) * self.config.model.seq_length
+        tokens_per_s = tokens / (seconds_per_iter * len(window))
         tflops = tokens_per_s * self.flops_per_token / self.world_size / 1e12
         advanced = [s for s in window if not s["skipped"]]
         loss = sum(s["lm loss"] for s in advanced) / max(len(advanced), 1)
+        trained = sum(s["trained_tokens"] for s in advanced)
         fields = [
             f"iteration {iteration:8d}/{t.train_iters:8d}",
             f"consumed samples: {stats['consumed_samples']:12d}",
@@ -101,7 +104,7 @@ class MetricsLogger:
             f"number of skipped iterations: {sum(s['skipped'] for s in window):3d}",
             f"number of nan iterations: {sum(s['nan'] for s in window):3d}",
             # Ours, after Megatron-LM's.
-            f"trained tokens: {stats['trained_tokens']:d}",
+            f"trained tokens: {trained:d}",
             f"tokens/s: {tokens_per_s:.0f}",
             f"TFLOP/s/device: {tflops:.3g}",
         ]
@@ -113,7 +116,7 @@ class MetricsLogger:
             "grad-norm": stats["grad_norm"], "loss-scale": stats["loss_scale"],
             "batch-size": stats["global_batch_size"],
             "consumed-samples": stats["consumed_samples"],
-            "trained-tokens": stats["trained_tokens"], "iteration-time": seconds_per_iter,
+            "trained-tokens": trained, "iteration-time": seconds_per_iter,
             "tokens-per-sec": tokens_per_s, "throughput": tflops,
             **({"mfu": 100 * tflops / self.peak} if self.peak else {}), **tasks,
         })

@@ -172,8 +172,8 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
                 f"({meta.tokenizer_type}), the run's is {eod} ({tokenizer_flags(config)}): "
                 f"{flags} would find no document boundaries; train with the shard's tokenizer")
         if meta.eod_appended is False:
-            _warn(f"{shard.prefix} was written without --append-eod: {flags} find no "
-                  f"EOD between its documents, which attend to each other")
+            raise _no_document_end(config, shard, f"its {META_SUFFIX} says it was written "
+                                                  f"without --append-eod")
         return
     occurrences, ending = facts["eod_counts"][str(eod)]
     nonempty = int(np.count_nonzero(shard.document_tokens))
@@ -181,13 +181,20 @@ def check_tokens(config: Config, shard: Shard, meta: Optional[ShardMeta], tokeni
     found = (f"the run's EOD id {eod} ({tokenizer_flags(config)}) occurs {occurrences} times "
              f"and ends {ending} of its {nonempty} non-empty documents (most end: {common})")
     if ending == 0:  # where the id occurs, it is text of another tokenizer, not an EOD
-        raise ShardError(
-            f"{shard.where}: {found}: {flags} would find no document's end; "
-            f"train with the tokenizer the shard was made with (an EOD appended by "
-            f"preprocess_data.py --append-eod)")
+        raise _no_document_end(config, shard, found)
     if 2 * ending < nonempty:
         _warn(f"{shard.prefix}: {found}; was it written with --append-eod and this "
               f"tokenizer?")
+
+
+def _no_document_end(config: Config, shard: Shard, found: str) -> ShardError:
+    """A shard without the run's EOD after its documents: the EOD flags would run it as one
+    document (with or without a metadata file saying so, the same error)."""
+    flags = _eod_flags(config)
+    return ShardError(
+        f"{shard.where}: {found}: {flags} would find no document's end (its documents would "
+        f"attend to each other); write the shard again with preprocess_data.py --append-eod "
+        f"and this run's tokenizer, or train without {flags}")
 
 
 def split_documents(split: str, shards: List[Shard]) -> List[List[Optional[Tuple[int, int]]]]:
@@ -246,21 +253,21 @@ def plan_splits(config: Config, shards: List[Shard],
                 f"--split {d.split} leaves the {name} split of {prefix} with {docs} documents "
                 f"and {tokens or 'no'} tokens{_why(least)} ({table}); give the {name} split a "
                 f"larger part{hint}")
-        _warn_short(config, name, [(shard.prefix, row[i]) for shard, row in zip(shards, counts)])
+        _warn_short(config, [(f"--split {d.split}: the {name} split of {shard.prefix}", row[i])
+                             for shard, row in zip(shards, counts)], "give the split a larger part")
     return matrix
 
 
-def _warn_short(config: Config, split: str, counts) -> None:
+def _warn_short(config: Config, counts, remedy: str) -> None:
     """megatron-core fills a sample of a dataset shorter than one by repeating its documents
-    (more epochs): say so, the loss of such a split is over the same text again and again."""
+    (more epochs): say so, the loss of such a split is over the same text again and again.
+    ``counts``: (how the message names the dataset's split, (documents, tokens))."""
     sample = config.model.seq_length + 1
-    short = next(((p, c) for p, c in counts if c[1] < sample), None)
+    short = next(((label, c) for label, c in counts if c[1] < sample), None)
     if short is not None and not config.data.is_instruction_dataset:
-        prefix, (docs, tokens) = short
-        _warn(f"--split {config.data.split}: the {split} split of {prefix} holds {tokens} tokens "
-              f"({docs} documents), less than one sample of --seq-length "
-              f"{config.model.seq_length} + 1: each sample repeats them; give the split a "
-              f"larger part")
+        label, (docs, tokens) = short
+        _warn(f"{label} holds {tokens} tokens ({docs} documents), less than one sample of "
+              f"--seq-length {config.model.seq_length} + 1: each sample repeats them; {remedy}")
 
 
 def _least_tokens(config: Config, blend) -> int:
@@ -295,6 +302,8 @@ def _plan_per_split(config: Config, per_split) -> List[Optional[Tuple[float, flo
             raise ShardError(f"{empty.where}: its {empty.num_documents} documents hold "
                              f"{int(empty.document_tokens.sum()) or 'no'} tokens{_why(least)}; "
                              f"remove it from the {SPLITS[i]} datasets")
+        _warn_short(config, [(shard.where, (shard.num_documents, int(shard.document_tokens.sum())))
+                             for shard in shards], f"give the {SPLITS[i]} datasets more text")
         matrix.append((0.0, 1.0))
     return matrix
 

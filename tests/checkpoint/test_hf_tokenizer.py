@@ -94,6 +94,29 @@ def test_sentencepiece_export_encodes_as_ours(hf_llama, tmp_path, capsys, normal
         assert differ and all(text.startswith(" ") for text in differ), differ
 
 
+@pytest.mark.parametrize("tokenizer_type", ["Llama2Tokenizer", "GPTSentencePieceTokenizer"])
+def test_explicit_sentencepiece_model_is_exported_as_the_checkpoints(hf_llama, tmp_path,
+                                                                      capsys, tokenizer_type):
+    """--tokenizer-model naming a bare SentencePiece file (any name) writes what the
+    checkpoint's own tokenizer would: tokenizer.model and the same tokenizer_config.json."""
+    model = _sentencepiece(tmp_path, "nmt_nfkc")  # sentencepiece's defaults: spaces folded
+    bare = tmp_path / "bare" / "spm.model"
+    bare.parent.mkdir()
+    bare.write_bytes(model.read_bytes())
+    mg = _mg_checkpoint(hf_llama, tmp_path, tokenizer_type, model)
+    implicit = run_convert("mg", "hf", mg, tmp_path / "implicit")
+    explicit = run_convert("mg", "hf", mg, tmp_path / "explicit", "--tokenizer-model", bare)
+    assert f"tokenizer: --tokenizer-model {bare} as tokenizer.model" in capsys.readouterr().err
+    names = sorted(n for n in os.listdir(explicit) if n.startswith("tokenizer"))
+    assert names == ["tokenizer.model", "tokenizer_config.json"]
+    for name in names:
+        assert (explicit / name).read_bytes() == (implicit / name).read_bytes(), name
+    ours = build_tokenizer(tokenizer_type, str(model))
+    theirs = _auto_tokenizer(explicit)
+    for text in _corpus(50) + SPACED:
+        assert theirs(text).input_ids == ours.tokenize(text), repr(text)
+
+
 def test_hf_tokenizer_files_are_copied(hf_llama, tmp_path, capsys):
     source = make_tokenizer_json(tmp_path / "tok" / "tokenizer.json")
     out = run_convert("mg", "hf", _mg_checkpoint(hf_llama, tmp_path, "HuggingFaceTokenizer",

@@ -7,6 +7,7 @@ sample; and against single-dataset runs, of which an unweighted blend is one epo
 
 import collections
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -159,6 +160,23 @@ def test_unweighted_blend_with_a_dataset_shorter_than_a_sample_is_refused(tmp_pa
                                          r"the unweighted blend"):
         _ours([flag, shards["A"], short, "--eval-iters", "0", *split], [8, 0, 0])
     _ours([flag, "1", shards["A"], "1", short, "--eval-iters", "0", *split], [8, 0, 0])
+
+
+def test_a_per_split_dataset_shorter_than_a_sample_is_said(tmp_path, shards, caplog):
+    """A --valid-data-path dataset of 12 tokens (< --seq-length 16 + 1): megatron-core fills
+    each validation sample by repeating it, which is said as for a --split part that short."""
+    short = _write(str(tmp_path / "short_text_document"), [[1, 2, 3]] * 3)  # 12 tokens
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        config, ours = _ours(["--train-data-path", shards["A"], "--valid-data-path", short])
+    assert (f"--valid-data-path {short} holds 12 tokens (3 documents), less than one sample of "
+            f"--seq-length {SEQ} + 1: each sample repeats them") in caplog.text, caplog.text
+    reference = _megatron_core(config, split=None, blend_per_split=[([shards["A"]], None),
+                                                                     ([short], None), None])
+    assert _rows(ours[1]) == _rows(reference[1]) and len(_rows(ours[1])[0]) == SEQ + 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megatron_ext"):
+        _ours(["--train-data-path", shards["A"], "--valid-data-path", shards["B"]])
+    assert "less than one sample" not in caplog.text, caplog.text
 
 
 def test_data_path_without_split_is_cut_by_the_legacy_default_and_said(shards):

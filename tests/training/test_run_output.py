@@ -174,3 +174,28 @@ def test_plot_names_a_path_without_curves(tmp_path):
     assert done.returncode != 0
     assert f"{tmp_path / 'empty.log'}: no lm loss" in done.stderr
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_a_log_interval_line_sums_up_its_steps(tmp_path):
+    """--log-interval 2 against 1 of the same run, with a batch-size ramp-up (global batches of
+    2, 4, 4, 4 samples): each line of 2 steps has their mean loss and the sum of their trained
+    tokens, and its tokens/s are the tokens of both batches over both steps' time."""
+    flags = TINY + ["--global-batch-size", "4", "--rampup-batch-size", "2", "2", "2",
+                    "--train-iters", "4", "--eval-iters", "0", "--eod-mask-loss"]
+    lines = {}
+    for interval in (1, 2):
+        result = _torchrun(1, flags + ["--log-interval", str(interval)], RUN_TIMEOUT_S)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        lines[interval] = _console(result.stdout)
+    each, pairs = lines[1], lines[2]
+    assert [each[i]["global batch size"] for i in (1, 2, 3, 4)] == [2, 4, 4, 4]
+    assert sorted(pairs) == [2, 4]
+    for end in (2, 4):
+        steps = (each[end - 1], each[end])
+        assert pairs[end]["lm loss"] == pytest.approx(sum(s["lm loss"] for s in steps) / 2,
+                                                      rel=1e-5)
+        assert pairs[end]["trained tokens"] == sum(s["trained tokens"] for s in steps)
+        assert pairs[end]["consumed samples"] == each[end]["consumed samples"]
+        seconds = 2 * pairs[end]["elapsed time per iteration (ms)"] / 1000
+        tokens = 16 * sum(s["global batch size"] for s in steps)  # --seq-length 16
+        assert pairs[end]["tokens/s"] == pytest.approx(tokens / seconds, rel=0.02, abs=1)
