@@ -98,9 +98,20 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
         # 5. megatron-core's hooks: grad sync at the end of the step (each chunk's), loss
-        #    scaling.
-        self.model_config.no_sync_func = ([chunk.no_sync for chunk in self.model]
-                                          if len(self.model) > 1 else self.model[0].no_sync)
+        #    scaling. With --overlap-grad-reduce the pipeline schedules start a chunk's reduce
+        #    once its last backward is done, and with --overlap-param-gather the interleaved
+        #    one starts a chunk's all-gather just before its first forward (Megatron-LM's
+        #    align_grad_reduce and align_param_gather, its defaults).
+        def per_chunk(hook):
+            hooks = [getattr(chunk, hook) for chunk in self.model]
+            return hooks if len(hooks) > 1 else hooks[0]
+
+        p = config.parallel
+        self.model_config.no_sync_func = per_chunk("no_sync")
+        if p.overlap_grad_reduce:
+            self.model_config.grad_sync_func = per_chunk("start_grad_sync")
+        if p.overlap_param_gather and len(self.model) > 1:
+            self.model_config.param_sync_func = per_chunk("start_param_sync")
         self.model_config.finalize_model_grads_func = finalize_model_grads
         self.model_config.grad_scale_func = self.optimizer.scale_loss
         # 6. Resume (model, optimizer, scheduler, RNG, position in the data) from --load (with

@@ -66,6 +66,9 @@ def _assert_same(reference, run):
     # TP inside the chunks, the other flag.
     (TIED, 4, "--tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 "
               "--num-virtual-stages-per-pipeline-rank 2 --sequence-parallel".split()),
+    # Data parallel with the gradient all-reduce overlapped, each chunk's started by the
+    # schedule (grad_sync_func); all-reduced, the last step's gradients are whole on each rank.
+    (MODEL, 4, VPP2 + ["--overlap-grad-reduce"]),
 ])
 def test_interleaved_schedule_matches_single_process(model, world_size, flags):
     reference = launch(_train_with_grads, 1, model + BATCH, 1)[0]
